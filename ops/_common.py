@@ -1,0 +1,102 @@
+"""Shared plumbing for the op families: which implementation runs, and argument checks."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Iterator, Optional
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_MODES = ("auto", "triton", "reference")
+_mode = os.environ.get("OMNI_COMPILE_KERNELS", "auto")
+if _mode not in _MODES:
+    raise ValueError(f"OMNI_COMPILE_KERNELS must be one of {_MODES}, got {_mode!r}")
+
+
+def triton_interpreting() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1`` before import)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@contextlib.contextmanager
+def kernel_backend(mode: str) -> Iterator[None]:
+    """Choose the implementation the ops run: ``"auto"`` (Triton on CUDA, reference on CPU),
+    ``"triton"`` (Triton everywhere; on CPU tensors this needs ``TRITON_INTERPRET=1``), or
+    ``"reference"`` (the fp32 PyTorch reference everywhere: slow, but independent of the kernels)."""
+    global _mode
+    if mode not in _MODES:
+        raise ValueError(f"kernel_backend mode must be one of {_MODES}, got {mode!r}")
+    if mode == "triton" and not triton_interpreting() and not torch.cuda.is_available():
+        raise RuntimeError("kernel_backend('triton') on a machine without CUDA needs TRITON_INTERPRET=1")
+    old, _mode = _mode, mode
+    try:
+        yield
+    finally:
+        _mode = old
+
+
+def use_triton(t: torch.Tensor) -> bool:
+    if _mode == "reference":
+        return False
+    if t.device.type == "cuda":
+        return True
+    return _mode == "triton" and t.device.type == "cpu" and triton_interpreting()
+
+
+def check_float(name: str, t, dims: int, dtype: Optional[torch.dtype] = None, device=None) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float16, bfloat16 or float32, got {t.dtype}")
+    if dtype is not None and t.dtype != dtype:
+        raise TypeError(f"{name} has dtype {t.dtype} but must match the other inputs ({dtype})")
+    if t.dim() != dims:
+        raise ValueError(f"{name} must be {dims}-D, got shape {list(t.shape)}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name} is on {t.device} but the other inputs are on {device}")
+    if t.numel() and t.stride(-1) != 1:
+        raise ValueError(f"{name} must have a contiguous last dimension (stride 1), got strides {t.stride()}")
+
+
+def check_head_dim(name: str, head_dim: int) -> None:
+    if not isinstance(head_dim, int) or head_dim < 16 or head_dim > 128 or head_dim % 8:
+        raise ValueError(f"{name} must be a multiple of 8 from 16 to 128 (e.g. 64, 72, 80, 96, 128), got {head_dim!r}")
+
+
+def check_symbols_device(symbols, device) -> None:
+    if symbols.device != device:
+        raise ValueError(f"symbols are on {symbols.device} but the inputs are on {device}; use symbols.to(device)")
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+# ------------------------------------------------------------------------------------------------
+# Triton helpers shared by the kernels
+# ------------------------------------------------------------------------------------------------
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+
+@triton.jit
+def load_reuse_bit(ReuseBits, bh, qb, n_qbytes, mask):
+    """Reuse bit of (batch*H + head ``bh``, query block ``qb``) from bytes packed little-endian along
+    the query-block axis (``ReuseBits [B, H, n_qbytes]`` uint8 contiguous). Masked lanes read 1."""
+    byte = tl.load(ReuseBits + bh * n_qbytes + (qb >> 3), mask=mask, other=255)
+    return (byte.to(tl.int32) >> (qb & 7)) & 1
+
+
+@triton.jit
+def grouped_tile(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
+    """Map a linear program id to (pid_m, pid_n) in groups of GROUP_M row tiles, so programs that run
+    together share weight tiles in L2."""
+    width = GROUP_M * num_pid_n
+    group = pid // width
+    first_m = group * GROUP_M
+    size_m = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % size_m
+    pid_n = (pid % width) // size_m
+    return pid_m, pid_n

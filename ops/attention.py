@@ -1,0 +1,336 @@
+"""``flashomni::sparse_attention``: softmax attention that reads sparse symbols.
+
+For every (batch, head, query block) tile the symbols say *reuse* (no work, output zeros: the runtime
+fills the cached value) or *compute*; a computed tile visits only its kept key blocks, and the softmax runs
+over those keys alone, exactly as if the skipped blocks were masked with -inf. A computed row whose key
+blocks are all skipped has no keys: its output is zeros and its log-sum-exp -inf.
+
+Three implementations of one function:
+
+* :func:`sparse_attention_reference` - fp32 PyTorch, the CPU path and the tests' yardstick;
+* :func:`_sparse_attention_kernel` - Triton (FlashAttention-2 style online softmax), the CUDA path, and
+  under ``TRITON_INTERPRET=1`` also runnable on CPU tensors;
+* the registered custom op ``torch.ops.flashomni.sparse_attention`` that dispatches between them, with a
+  fake (meta) implementation for torch.compile.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple, Union
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import (
+    check_float,
+    check_head_dim,
+    check_symbols_device,
+    next_pow2,
+    triton_interpreting,
+    use_triton,
+)
+from .symbols import Symbols, block_count, scale_or_default, unpack_bits
+
+_LOG2E = 1.4426950408889634
+_LN2 = 0.6931471805599453
+
+
+# ------------------------------------------------------------------------------------------------
+# Reference
+# ------------------------------------------------------------------------------------------------
+def sparse_attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    reuse_bits: torch.Tensor,
+    skip_bits: torch.Tensor,
+    block_q: int,
+    block_kv: int,
+    scale: float,
+    compute_dtype: torch.dtype = torch.float32,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Dense masked attention in ``compute_dtype``; returns ``(out in q.dtype, lse fp32)``.
+
+    Skipped scores are replaced (``torch.where``), never added to, and values of key blocks a tile does
+    not keep are zeroed before the product, so NaN/inf in skipped keys or values cannot leak.
+    """
+    B, H, Sq, D = q.shape
+    Skv = k.shape[2]
+    n_q, n_k = block_count(Sq, block_q), block_count(Skv, block_kv)
+    reuse = unpack_bits(reuse_bits, n_q)  # [B,H,nQ]
+    skip = unpack_bits(skip_bits, n_k)  # [B,H,nQ,nK]
+    keep = ~skip & ~reuse.unsqueeze(-1)  # [B,H,nQ,nK]
+    qf, kf, vf = q.to(compute_dtype), k.to(compute_dtype), v.to(compute_dtype)
+    out = torch.zeros(B, H, Sq, D, dtype=compute_dtype, device=q.device)
+    lse = torch.full((B, H, Sq), float("-inf"), dtype=torch.float32, device=q.device)
+    key_block = torch.arange(Skv, device=q.device) // block_kv
+    for qb in range(n_q):
+        rows = slice(qb * block_q, min(Sq, (qb + 1) * block_q))
+        keep_cols = keep[:, :, qb, key_block]  # [B,H,Skv]
+        s = torch.einsum("bhqd,bhkd->bhqk", qf[:, :, rows], kf) * scale
+        s = torch.where(keep_cols.unsqueeze(2), s, float("-inf"))
+        m = s.amax(-1, keepdim=True)
+        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+        p = torch.exp(s - m)
+        l = p.sum(-1, keepdim=True)
+        vm = torch.where(keep_cols.unsqueeze(-1), vf, torch.zeros_like(vf))
+        o = torch.einsum("bhqk,bhkd->bhqd", p, vm) / torch.where(l > 0, l, torch.ones_like(l))
+        has = (l > 0).squeeze(-1)
+        out[:, :, rows] = torch.where(has.unsqueeze(-1), o, torch.zeros_like(o))
+        lse[:, :, rows] = torch.where(has, (m + torch.log(l)).squeeze(-1).float(), float("-inf"))
+    return out.to(q.dtype), lse
+
+
+# ------------------------------------------------------------------------------------------------
+# Triton kernel
+# ------------------------------------------------------------------------------------------------
+@triton.jit
+def _attn_tile(
+    acc,
+    m_i,
+    l_i,
+    q,
+    K,
+    V,
+    start_n,
+    seq_kv,
+    qk_scale,
+    stride_ks,
+    stride_vs,
+    offs_n,
+    offs_d,
+    HEAD_DIM: tl.constexpr,
+    EVEN_D: tl.constexpr,
+    MASK_KV: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    cols = start_n + offs_n
+    k_mask = offs_d[:, None] < HEAD_DIM
+    v_mask = offs_d[None, :] < HEAD_DIM
+    if MASK_KV:
+        k_mask = k_mask & (cols[None, :] < seq_kv)
+        v_mask = v_mask & (cols[:, None] < seq_kv)
+    k_ptrs = K + cols[None, :] * stride_ks + offs_d[:, None]
+    v_ptrs = V + cols[:, None] * stride_vs + offs_d[None, :]
+    if EVEN_D and not MASK_KV:
+        kt = tl.load(k_ptrs)
+    else:
+        kt = tl.load(k_ptrs, mask=k_mask, other=0.0)
+    if IEEE:
+        qk = tl.dot(q, kt, input_precision="ieee")
+    else:
+        qk = tl.dot(q, kt)
+    qk = qk * qk_scale
+    if MASK_KV:
+        qk = tl.where(cols[None, :] < seq_kv, qk, float("-inf"))
+    # m_i starts finite (-1e30), so a fully masked tile gives exp2(-inf) = 0, never NaN
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    p = tl.math.exp2(qk - m_new[:, None])
+    alpha = tl.math.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if EVEN_D and not MASK_KV:
+        v = tl.load(v_ptrs)
+    else:
+        v = tl.load(v_ptrs, mask=v_mask, other=0.0)
+    if IEEE:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+    else:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _sparse_attention_kernel(
+    Q,
+    K,
+    V,
+    Out,
+    Lse,
+    KvIdx,
+    KvCnt,
+    qk_scale,
+    stride_qb,
+    stride_qh,
+    stride_qs,
+    stride_kb,
+    stride_kh,
+    stride_ks,
+    stride_vb,
+    stride_vh,
+    stride_vs,
+    stride_ob,
+    stride_oh,
+    stride_os,
+    H,
+    seq_q,
+    seq_kv,
+    n_qb,
+    n_kb,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    SYM_BLOCK_Q: tl.constexpr,
+    SYM_BLOCK_KV: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    KV_PARTIAL: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    """Block-sparse attention forward.
+
+    Grid: ``(cdiv(seq_q, BLOCK_M), B * H)``; program ``(m, bh)`` owns query rows
+    ``[m*BLOCK_M, (m+1)*BLOCK_M)`` of batch ``bh // H``, head ``bh % H``. ``BLOCK_M`` divides the symbol
+    block ``SYM_BLOCK_Q``, so each program lies in exactly one query block ``qb``.
+
+    Layouts: ``Q [B, H, seq_q, HEAD_DIM]``, ``K, V [B, H, seq_kv, HEAD_DIM]`` with any strides but a unit
+    last stride; ``Out`` likewise; ``Lse [B, H, seq_q]`` fp32 contiguous (natural log).
+    ``KvIdx [B, H, n_qb, n_kb]`` int32: the kept key blocks of tile ``qb`` first, ascending;
+    ``KvCnt [B, H, n_qb]`` int32: how many (0 for reused tiles). ``SYM_BLOCK_KV`` is a multiple of
+    ``BLOCK_N``; a kept key block is walked in ``SYM_BLOCK_KV // BLOCK_N`` sub-tiles. Only the last key
+    block can be partial (``KV_PARTIAL``); it is the last entry of a list when kept, and only that
+    iteration pays for bounds masks.
+    """
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    start_m = pid_m * BLOCK_M
+    qb = start_m // SYM_BLOCK_Q
+    tile = pid_bh * n_qb + qb
+    cnt = tl.load(KvCnt + tile)
+    idx_row = KvIdx + tile.to(tl.int64) * n_kb
+
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
+    q_ptrs = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :]
+    q_mask = (offs_m[:, None] < seq_q) & (offs_d[None, :] < HEAD_DIM)
+    q = tl.load(q_ptrs, mask=q_mask, other=0.0)
+    k_base = K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
+    v_base = V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
+
+    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    n_full = cnt
+    if KV_PARTIAL:
+        last = tl.load(idx_row + tl.maximum(cnt - 1, 0))
+        n_full = cnt - ((cnt > 0) & (last == n_kb - 1)).to(tl.int32)
+    for i in range(0, n_full):
+        kb = tl.load(idx_row + i)
+        for j in tl.static_range(SYM_BLOCK_KV // BLOCK_N):
+            acc, m_i, l_i = _attn_tile(
+                acc, m_i, l_i, q, k_base, v_base, kb * SYM_BLOCK_KV + j * BLOCK_N, seq_kv, qk_scale,
+                stride_ks, stride_vs, offs_n, offs_d, HEAD_DIM, EVEN_D, False, IEEE,
+            )
+    if KV_PARTIAL:
+        if n_full < cnt:
+            for j in tl.static_range(SYM_BLOCK_KV // BLOCK_N):
+                acc, m_i, l_i = _attn_tile(
+                    acc, m_i, l_i, q, k_base, v_base, (n_kb - 1) * SYM_BLOCK_KV + j * BLOCK_N, seq_kv,
+                    qk_scale, stride_ks, stride_vs, offs_n, offs_d, HEAD_DIM, EVEN_D, True, IEEE,
+                )
+
+    has = l_i > 0.0
+    l_safe = tl.where(has, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    o_ptrs = Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :]
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=q_mask)
+    lse = tl.where(has, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+    tl.store(Lse + pid_bh.to(tl.int64) * seq_q + offs_m, lse, mask=offs_m < seq_q)
+
+
+def attention_config(head_dim: int, block_q: int, block_kv: int, dtype: torch.dtype) -> dict:
+    """Tile shape and launch parameters (chosen by the GPU sweep in ``omni_compile.bench``)."""
+    wide = dtype == torch.float32
+    block_m = min(block_q, 64 if wide else 128)
+    block_n = min(block_kv, 32 if wide else (64 if head_dim > 64 else 128))
+    if triton_interpreting():
+        return dict(BLOCK_M=block_m, BLOCK_N=block_n)
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4 if wide else 8, num_stages=2 if wide else 3)
+
+
+def _launch_attention(q, k, v, kv_indices, kv_counts, block_q, block_kv, scale, config=None):
+    B, H, Sq, D = q.shape
+    Skv = k.shape[2]
+    out = torch.empty(B, H, Sq, D, dtype=q.dtype, device=q.device)
+    lse = torch.empty(B, H, Sq, dtype=torch.float32, device=q.device)
+    cfg = dict(config or attention_config(D, block_q, block_kv, q.dtype))
+    grid = (triton.cdiv(Sq, cfg["BLOCK_M"]), B * H)
+    _sparse_attention_kernel[grid](
+        q, k, v, out, lse, kv_indices, kv_counts, scale * _LOG2E,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        H, Sq, Skv, block_count(Sq, block_q), block_count(Skv, block_kv),
+        HEAD_DIM=D, BLOCK_D=max(16, next_pow2(D)), SYM_BLOCK_Q=block_q, SYM_BLOCK_KV=block_kv,
+        KV_PARTIAL=Skv % block_kv != 0, IEEE=q.dtype == torch.float32, **cfg,
+    )
+    return out, lse
+
+
+# ------------------------------------------------------------------------------------------------
+# Custom op
+# ------------------------------------------------------------------------------------------------
+@torch.library.custom_op("flashomni::sparse_attention", mutates_args=())
+def sparse_attention_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    reuse_bits: torch.Tensor,
+    skip_bits: torch.Tensor,
+    kv_indices: torch.Tensor,
+    kv_counts: torch.Tensor,
+    block_q: int,
+    block_kv: int,
+    scale: float,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Registered op. ``kv_indices``/``kv_counts`` are ``Symbols.kv_schedule()`` of the same bits."""
+    if use_triton(q):
+        return _launch_attention(q, k, v, kv_indices, kv_counts, block_q, block_kv, scale)
+    return sparse_attention_reference(q, k, v, reuse_bits, skip_bits, block_q, block_kv, scale)
+
+
+@sparse_attention_op.register_fake
+def _(q, k, v, reuse_bits, skip_bits, kv_indices, kv_counts, block_q, block_kv, scale):
+    B, H, Sq, D = q.shape
+    return q.new_empty(B, H, Sq, D), q.new_empty(B, H, Sq, dtype=torch.float32)
+
+
+def sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    symbols: Symbols,
+    scale: Optional[float] = None,
+    return_lse: bool = False,
+) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+    """Attention over ``q [B, H, Sq, D]``, ``k, v [B, H, Skv, D]`` that does only the work ``symbols`` keep.
+
+    Returns ``out [B, H, Sq, D]`` (contiguous, dtype of ``q``), and with ``return_lse=True`` also the
+    natural-log log-sum-exp ``[B, H, Sq]`` fp32 (-inf on reused tiles and rows with no kept key).
+    ``scale`` defaults to ``1/sqrt(D)``.
+    """
+    check_float("q", q, 4)
+    check_float("k", k, 4, q.dtype, q.device)
+    check_float("v", v, 4, q.dtype, q.device)
+    B, H, Sq, D = q.shape
+    check_head_dim("q.shape[-1] (head dim)", D)
+    if k.shape[:2] != (B, H) or k.shape[-1] != D:
+        raise ValueError(f"k must have shape [B={B}, H={H}, Skv, D={D}], got {list(k.shape)}")
+    if v.shape != k.shape:
+        raise ValueError(f"v must have the shape of k {list(k.shape)}, got {list(v.shape)}")
+    if not isinstance(symbols, Symbols):
+        raise TypeError(f"symbols must be a Symbols, got {type(symbols).__name__}")
+    symbols.check_for("symbols", B, H, Sq, k.shape[2])
+    check_symbols_device(symbols, q.device)
+    idx, cnt = symbols.kv_schedule()
+    out, lse = sparse_attention_op(
+        q, k, v, symbols.reuse_bits, symbols.skip_bits, idx, cnt, symbols.block_q, symbols.block_kv,
+        scale_or_default(scale, D),
+    )
+    return (out, lse) if return_lse else out

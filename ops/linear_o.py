@@ -1,0 +1,217 @@
+"""``flashomni::sparse_linear_o``: the output projection that reduces only over computed heads (GEMM-O).
+
+``y = b + cache_bias + sum_{h computed} a[:, h] @ W[:, h].T`` for ``a [B, S, H*D]``, ``W [Cout, H*D]``.
+Because the projection is linear, the reused heads' share of the reduction can be computed once (on an
+update step) by :func:`cache_bias_for` and added back as a bias on dispatch steps; a Taylor forecast of the
+cached features is linear too, so its terms can be cached as biases the same way.
+
+One Triton kernel serves both: ``select_reused=False`` reduces over computed heads (GEMM-O proper),
+``select_reused=True`` over reused heads (the cache bias).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from ._common import check_float, grouped_tile, load_reuse_bit, triton_interpreting, use_triton
+from .linear_q import check_projection
+from .symbols import Symbols, row_head_selection
+
+
+def sparse_linear_o_reference(a, weight, bias, cache_bias, reuse_bits, block_q, seq_q, head_dim, row_offset, select_reused):
+    """fp32: zero the unselected head slices of ``a`` (``torch.where``), project, add bias terms."""
+    sel = row_head_selection(reuse_bits, block_q, seq_q, a.shape[1], row_offset, select_reused)
+    sel = sel.repeat_interleave(head_dim, dim=-1)
+    af = torch.where(sel, a.float(), torch.zeros((), dtype=torch.float32, device=a.device))
+    y = F.linear(af, weight.float(), None if bias is None else bias.float())
+    if cache_bias is not None:
+        y = y + cache_bias.float()
+    return y.to(a.dtype)
+
+
+@triton.jit
+def _sparse_linear_o_kernel(
+    A, W, Bias, CacheBias, Y, ReuseBits, HeadIdx, HeadCnt,
+    S, N, H, n_qbytes, row_offset,
+    stride_ab, stride_as, stride_wn, stride_cb, stride_cs, stride_yb, stride_ys,
+    HEAD_DIM: tl.constexpr,
+    SYM_BLOCK_Q: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_CACHE: tl.constexpr,
+    STRADDLE: tl.constexpr,
+    SELECT_BIT: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    """GEMM-O. Grid: ``(cdiv(S, BLOCK_M) * cdiv(N, BLOCK_N), B)``, tiles grouped by ``GROUP_M`` rows.
+
+    Layouts: ``A [B, S, H*HEAD_DIM]``, ``W [N, H*HEAD_DIM]``, ``CacheBias [B, S, N]`` (any float dtype),
+    ``Y [B, S, N]`` - all with unit last stride; ``Bias [N]``; ``ReuseBits [B, H, n_qbytes]`` uint8.
+    ``HeadIdx [B, T, H]`` / ``HeadCnt [B, T]`` int32 (T = cdiv(S, BLOCK_M)): for row tile ``t`` the heads to
+    reduce over, ascending, and how many. The reduction walks (head, k-chunk) pairs of that list, so a
+    skipped head costs nothing. When a row tile straddles two query blocks (``STRADDLE``), each row also
+    masks the heads its own block does not select (bit == ``SELECT_BIT`` selects).
+    """
+    pid = tl.program_id(0)
+    b = tl.program_id(1)
+    num_pid_m = tl.cdiv(S, BLOCK_M)
+    pid_m, pid_n = grouped_tile(pid, num_pid_m, tl.cdiv(N, BLOCK_N), GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    rows = offs_m % S
+    cols = offs_n % N
+    tile = b * num_pid_m + pid_m
+    cnt = tl.load(HeadCnt + tile)
+    head_list = HeadIdx + tile.to(tl.int64) * H
+    CHUNKS: tl.constexpr = (HEAD_DIM + BLOCK_K - 1) // BLOCK_K
+    EVEN_K: tl.constexpr = HEAD_DIM % BLOCK_K == 0
+    a_rows = A + b.to(tl.int64) * stride_ab + rows[:, None].to(tl.int64) * stride_as
+    w_rows = W + cols[None, :].to(tl.int64) * stride_wn
+    qb = (rows + row_offset) // SYM_BLOCK_Q
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for it in range(0, cnt * CHUNKS):
+        h = tl.load(head_list + it // CHUNKS)
+        kk = (it % CHUNKS) * BLOCK_K + offs_k
+        col_k = h * HEAD_DIM + kk
+        if STRADDLE:
+            row_sel = load_reuse_bit(ReuseBits, b * H + h, qb, n_qbytes, rows >= 0) == SELECT_BIT
+            a_mask = row_sel[:, None] & (kk[None, :] < HEAD_DIM)
+            a = tl.load(a_rows + col_k[None, :], mask=a_mask, other=0.0)
+        elif EVEN_K:
+            a = tl.load(a_rows + col_k[None, :])
+        else:
+            a = tl.load(a_rows + col_k[None, :], mask=kk[None, :] < HEAD_DIM, other=0.0)
+        if EVEN_K:
+            wt = tl.load(w_rows + col_k[:, None])
+        else:
+            wt = tl.load(w_rows + col_k[:, None], mask=kk[:, None] < HEAD_DIM, other=0.0)
+        if IEEE:
+            acc = tl.dot(a, wt, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, wt, acc)
+    if HAS_BIAS:
+        acc += tl.load(Bias + cols).to(tl.float32)[None, :]
+    out_mask = (offs_m[:, None] < S) & (offs_n[None, :] < N)
+    if HAS_CACHE:
+        c_ptrs = CacheBias + b.to(tl.int64) * stride_cb + offs_m[:, None].to(tl.int64) * stride_cs + offs_n[None, :]
+        acc += tl.load(c_ptrs, mask=out_mask, other=0.0).to(tl.float32)
+    y_ptrs = Y + b.to(tl.int64) * stride_yb + offs_m[:, None].to(tl.int64) * stride_ys + offs_n[None, :]
+    tl.store(y_ptrs, acc.to(Y.dtype.element_ty), mask=out_mask)
+
+
+def linear_o_config(head_dim: int, block_q: int, dtype: torch.dtype) -> dict:
+    """Tile shape; ``BLOCK_M`` never exceeds ``block_q`` so aligned row tiles never straddle blocks."""
+    wide = dtype == torch.float32
+    block_k = 64 if head_dim % 64 == 0 and not wide else 32
+    cfg = dict(BLOCK_M=min(block_q, 64 if wide else 128), BLOCK_N=64 if wide else 128, BLOCK_K=block_k, GROUP_M=8)
+    if triton_interpreting():
+        return cfg
+    return dict(cfg, num_warps=4 if wide else 8, num_stages=3 if wide else 4)
+
+
+def _launch_linear_o(a, weight, bias, cache_bias, reuse_bits, head_indices, head_counts, block_q, head_dim,
+                     row_offset, block_m, select_reused, config=None):
+    B, S, _ = a.shape
+    N = weight.shape[0]
+    y = torch.empty(B, S, N, dtype=a.dtype, device=a.device)
+    cfg = dict(config or linear_o_config(head_dim, block_q, a.dtype))
+    if cfg["BLOCK_M"] != block_m:
+        raise ValueError(f"head schedule was built for block_m={block_m}, kernel uses {cfg['BLOCK_M']}")
+    grid = (triton.cdiv(S, block_m) * triton.cdiv(N, cfg["BLOCK_N"]), B)
+    straddle = not (row_offset % block_m == 0 and block_q % block_m == 0)
+    dummy = weight
+    _sparse_linear_o_kernel[grid](
+        a, weight, bias if bias is not None else dummy, cache_bias if cache_bias is not None else dummy, y,
+        reuse_bits, head_indices, head_counts,
+        S, N, reuse_bits.shape[1], reuse_bits.shape[2], row_offset,
+        a.stride(0), a.stride(1), weight.stride(0),
+        cache_bias.stride(0) if cache_bias is not None else 0, cache_bias.stride(1) if cache_bias is not None else 0,
+        y.stride(0), y.stride(1),
+        HEAD_DIM=head_dim, SYM_BLOCK_Q=block_q, HAS_BIAS=bias is not None, HAS_CACHE=cache_bias is not None,
+        STRADDLE=straddle, SELECT_BIT=1 if select_reused else 0, IEEE=a.dtype == torch.float32, **cfg,
+    )
+    return y
+
+
+@torch.library.custom_op("flashomni::sparse_linear_o", mutates_args=())
+def sparse_linear_o_op(
+    a: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    cache_bias: Optional[torch.Tensor],
+    reuse_bits: torch.Tensor,
+    head_indices: torch.Tensor,
+    head_counts: torch.Tensor,
+    block_q: int,
+    seq_q: int,
+    head_dim: int,
+    row_offset: int,
+    block_m: int,
+    select_reused: bool,
+) -> torch.Tensor:
+    """Registered op; ``head_indices``/``head_counts`` are ``Symbols.head_schedule(S, row_offset,
+    block_m, select_reused)`` of the same bits."""
+    if use_triton(a):
+        return _launch_linear_o(a, weight, bias, cache_bias, reuse_bits, head_indices, head_counts, block_q,
+                                head_dim, row_offset, block_m, select_reused)
+    return sparse_linear_o_reference(a, weight, bias, cache_bias, reuse_bits, block_q, seq_q, head_dim, row_offset,
+                                     select_reused)
+
+
+@sparse_linear_o_op.register_fake
+def _(a, weight, bias, cache_bias, reuse_bits, head_indices, head_counts, block_q, seq_q, head_dim, row_offset,
+      block_m, select_reused):
+    return a.new_empty(a.shape[0], a.shape[1], weight.shape[0])
+
+
+def _call(a, weight, bias, cache_bias, symbols, head_dim, row_offset, select_reused):
+    check_projection("a", a, weight, bias, symbols, head_dim, row_offset, weight_in_dim=True)
+    if cache_bias is not None:
+        check_float("cache_bias", cache_bias, 3, device=a.device)
+        want = [a.shape[0], a.shape[1], weight.shape[0]]
+        if list(cache_bias.shape) != want:
+            raise ValueError(f"cache_bias must have shape {want}, got {list(cache_bias.shape)}")
+    block_m = linear_o_config(head_dim, symbols.block_q, a.dtype)["BLOCK_M"]
+    idx, cnt = symbols.head_schedule(a.shape[1], row_offset, block_m, select_reused)
+    return sparse_linear_o_op(
+        a, weight, bias, cache_bias, symbols.reuse_bits, idx, cnt, symbols.block_q, symbols.seq_q, head_dim,
+        row_offset, block_m, select_reused,
+    )
+
+
+def sparse_linear_o(
+    a: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    symbols: Symbols,
+    head_dim: int,
+    cache_bias: Optional[torch.Tensor] = None,
+    row_offset: int = 0,
+) -> torch.Tensor:
+    """GEMM-O: the output projection reduced over the head slices of computed tiles, plus ``cache_bias``.
+
+    ``a [B, S, H*head_dim]`` (attention output, heads flattened), ``weight [Cout, H*head_dim]``,
+    ``cache_bias [B, S, Cout]`` or None (any float dtype; fp32 keeps more of the cached part's precision).
+    ``sparse_linear_o(a, W, b, s, d, cache_bias_for(a, W, s, d)) == F.linear(a, W, b)`` up to rounding.
+    """
+    return _call(a, weight, bias, cache_bias, symbols, head_dim, row_offset, select_reused=False)
+
+
+def cache_bias_for(
+    a: torch.Tensor,
+    weight: torch.Tensor,
+    symbols: Symbols,
+    head_dim: int,
+    row_offset: int = 0,
+) -> torch.Tensor:
+    """The projection of the reused head slices of ``a`` (no bias): what GEMM-O adds back for them."""
+    return _call(a, weight, None, None, symbols, head_dim, row_offset, select_reused=True)

@@ -1,0 +1,183 @@
+"""``flashomni::sparse_linear_q``: the query projection that skips reused (query block, head) tiles.
+
+``y = x @ W.T + b`` for ``x [B, S, Cin]``, ``W [H*D, Cin]``. Output column ``c`` belongs to head
+``c // D``; row ``r`` is query position ``r + row_offset`` of the symbols' sequence (in joint text+image
+attention the image projection only sees the image rows, which sit after the text tokens). Where the
+(query block, head) tile is reused, ``y`` is zero and no matrix work is done for a GEMM tile made only of
+such elements. Skipping is valid because everything between this projection and the attention kernel is
+per-(token, head) local, and the attention kernel never reads the rows of a reused tile.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from ._common import check_float, check_head_dim, check_symbols_device, grouped_tile, load_reuse_bit, triton_interpreting, use_triton
+from .symbols import Symbols, row_head_selection
+
+
+def sparse_linear_q_reference(x, weight, bias, reuse_bits, block_q, seq_q, head_dim, row_offset):
+    """fp32 ``F.linear``, then zeros on reused tiles via ``torch.where`` (NaN inputs there cannot leak)."""
+    y = F.linear(x.float(), weight.float(), None if bias is None else bias.float())
+    sel = row_head_selection(reuse_bits, block_q, seq_q, x.shape[1], row_offset, select_reused=False)
+    sel = sel.repeat_interleave(head_dim, dim=-1)  # [B, S, H*D]
+    return torch.where(sel, y, torch.zeros_like(y)).to(x.dtype)
+
+
+@triton.jit
+def _sparse_linear_q_kernel(
+    X, W, Bias, Y, ReuseBits,
+    S, N, K, H, n_qbytes, row_offset,
+    stride_xb, stride_xs, stride_wn, stride_yb, stride_ys,
+    HEAD_DIM: tl.constexpr,
+    SYM_BLOCK_Q: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    """GEMM-Q. Grid: ``(cdiv(S, BLOCK_M) * cdiv(N, BLOCK_N), B)``, tiles grouped by ``GROUP_M`` rows.
+
+    Layouts: ``X [B, S, K]`` (unit last stride), ``W [N, K]`` (unit last stride), ``Bias [N]``,
+    ``Y [B, S, N]`` (unit last stride), ``ReuseBits [B, H, n_qbytes]`` uint8 contiguous. A tile is
+    computed when any of its (row, column) elements belongs to a computed (query block, head); the
+    epilogue then writes zeros on the reused elements, so tiles need not align with blocks or heads.
+    """
+    pid = tl.program_id(0)
+    b = tl.program_id(1)
+    pid_m, pid_n = grouped_tile(pid, tl.cdiv(S, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    in_bounds = (offs_m[:, None] < S) & (offs_n[None, :] < N)
+    qb = (offs_m + row_offset) // SYM_BLOCK_Q
+    head = offs_n // HEAD_DIM
+    reused = load_reuse_bit(ReuseBits, b * H + head[None, :], qb[:, None], n_qbytes, in_bounds)
+    computed = reused == 0
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    if tl.max(computed.to(tl.int32)) > 0:
+        rows = offs_m % S  # clamped: out-of-range rows are computed on valid memory and never stored
+        cols = offs_n % N
+        offs_k = tl.arange(0, BLOCK_K)
+        x_ptrs = X + b.to(tl.int64) * stride_xb + rows[:, None].to(tl.int64) * stride_xs + offs_k[None, :]
+        w_ptrs = W + cols[None, :].to(tl.int64) * stride_wn + offs_k[:, None]
+        for k in range(0, tl.cdiv(K, BLOCK_K)):
+            if EVEN_K:
+                xa = tl.load(x_ptrs)
+                wt = tl.load(w_ptrs)
+            else:
+                xa = tl.load(x_ptrs, mask=offs_k[None, :] < K - k * BLOCK_K, other=0.0)
+                wt = tl.load(w_ptrs, mask=offs_k[:, None] < K - k * BLOCK_K, other=0.0)
+            if IEEE:
+                acc = tl.dot(xa, wt, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(xa, wt, acc)
+            x_ptrs += BLOCK_K
+            w_ptrs += BLOCK_K
+        if HAS_BIAS:
+            acc += tl.load(Bias + cols).to(tl.float32)[None, :]
+    acc = tl.where(computed, acc, 0.0)
+    y_ptrs = Y + b.to(tl.int64) * stride_yb + offs_m[:, None].to(tl.int64) * stride_ys + offs_n[None, :]
+    tl.store(y_ptrs, acc.to(Y.dtype.element_ty), mask=in_bounds)
+
+
+def linear_q_config(dtype: torch.dtype) -> dict:
+    if dtype == torch.float32:
+        cfg = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8)
+        return cfg if triton_interpreting() else dict(cfg, num_warps=4, num_stages=3)
+    cfg = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8)
+    return cfg if triton_interpreting() else dict(cfg, num_warps=8, num_stages=4)
+
+
+def _launch_linear_q(x, weight, bias, reuse_bits, block_q, head_dim, row_offset, config=None):
+    B, S, K = x.shape
+    N = weight.shape[0]
+    y = torch.empty(B, S, N, dtype=x.dtype, device=x.device)
+    cfg = dict(config or linear_q_config(x.dtype))
+    grid = (triton.cdiv(S, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]), B)
+    _sparse_linear_q_kernel[grid](
+        x, weight, bias if bias is not None else weight, y, reuse_bits,
+        S, N, K, reuse_bits.shape[1], reuse_bits.shape[2], row_offset,
+        x.stride(0), x.stride(1), weight.stride(0), y.stride(0), y.stride(1),
+        HEAD_DIM=head_dim, SYM_BLOCK_Q=block_q, HAS_BIAS=bias is not None,
+        EVEN_K=K % cfg["BLOCK_K"] == 0, IEEE=x.dtype == torch.float32, **cfg,
+    )
+    return y
+
+
+@torch.library.custom_op("flashomni::sparse_linear_q", mutates_args=())
+def sparse_linear_q_op(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    reuse_bits: torch.Tensor,
+    block_q: int,
+    seq_q: int,
+    head_dim: int,
+    row_offset: int,
+) -> torch.Tensor:
+    if use_triton(x):
+        return _launch_linear_q(x, weight, bias, reuse_bits, block_q, head_dim, row_offset)
+    return sparse_linear_q_reference(x, weight, bias, reuse_bits, block_q, seq_q, head_dim, row_offset)
+
+
+@sparse_linear_q_op.register_fake
+def _(x, weight, bias, reuse_bits, block_q, seq_q, head_dim, row_offset):
+    return x.new_empty(x.shape[0], x.shape[1], weight.shape[0])
+
+
+def check_projection(name_x, x, weight, bias, symbols, head_dim, row_offset, weight_in_dim):
+    """Checks shared by GEMM-Q and GEMM-O; returns the number of heads."""
+    check_float(name_x, x, 3)
+    check_float("weight", weight, 2, x.dtype, x.device)
+    if bias is not None:
+        check_float("bias", bias, 1, x.dtype, x.device)
+    check_head_dim("head_dim", head_dim)
+    if weight.shape[1] != x.shape[2]:
+        in_name = "H*D" if weight_in_dim else "Cin"
+        raise ValueError(f"weight must have shape [{'Cout' if weight_in_dim else 'H*D'}, {in_name}={x.shape[2]}], got {list(weight.shape)}")
+    if not isinstance(symbols, Symbols):
+        raise TypeError(f"symbols must be a Symbols, got {type(symbols).__name__}")
+    check_symbols_device(symbols, x.device)
+    hd = weight.shape[0] if not weight_in_dim else weight.shape[1]
+    if hd % head_dim:
+        raise ValueError(f"weight's head axis ({hd}) is not a multiple of head_dim={head_dim}")
+    heads = hd // head_dim
+    if not isinstance(row_offset, int) or row_offset < 0:
+        raise ValueError(f"row_offset must be a non-negative int, got {row_offset!r}")
+    if symbols.batch != x.shape[0] or symbols.heads != heads:
+        raise ValueError(
+            f"symbols were built for (batch, heads) = ({symbols.batch}, {symbols.heads}), "
+            f"but {name_x} and weight give ({x.shape[0]}, {heads})"
+        )
+    if x.shape[1] + row_offset > symbols.seq_q:
+        raise ValueError(
+            f"{name_x} rows + row_offset = {x.shape[1]} + {row_offset} exceed symbols.seq_q = {symbols.seq_q}"
+        )
+    return heads
+
+
+def sparse_linear_q(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    symbols: Symbols,
+    head_dim: int,
+    row_offset: int = 0,
+) -> torch.Tensor:
+    """GEMM-Q: ``F.linear(x, weight, bias)`` on computed (query block, head) tiles, zeros on reused ones.
+
+    ``x [B, S, Cin]``, ``weight [H*head_dim, Cin]``; row ``r`` of ``x`` is query position ``r + row_offset``
+    of the sequence ``symbols`` describe (``S + row_offset <= symbols.seq_q``).
+    """
+    check_projection("x", x, weight, bias, symbols, head_dim, row_offset, weight_in_dim=False)
+    return sparse_linear_q_op(
+        x, weight, bias, symbols.reuse_bits, symbols.block_q, symbols.seq_q, head_dim, row_offset
+    )

@@ -1,0 +1,150 @@
+"""``flashomni::pooled_scores``: the block-level attention estimate policies read on update steps.
+
+Queries and keys are mean-pooled over their blocks (a partial last block is averaged over its real rows),
+and for each pooled query block a softmax over key blocks of ``scale * q_mean . k_mean + log(n_k)`` gives
+``[B, H, nQ, nK]`` (fp32, rows sum to 1). The ``log(n_k)`` term (``n_k`` = rows in key block ``k``) makes a
+partial last key block weigh by its size, as the mass of ``n_k`` keys with equal logits would; with equal
+block sizes it cancels.
+
+Cost: one read of q and k (memory-bound pooling) plus an ``nQ x nK x D`` product, small next to one dense
+attention at the same length.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import check_float, check_head_dim, next_pow2, use_triton
+from .symbols import block_count, check_block_size, scale_or_default
+
+
+def _block_means(x: torch.Tensor, block: int):
+    B, H, S, D = x.shape
+    n = block_count(S, block)
+    pad = n * block - S
+    xf = torch.nn.functional.pad(x.float(), (0, 0, 0, pad)) if pad else x.float()
+    sums = xf.reshape(B, H, n, block, D).sum(3)
+    counts = torch.full((n,), float(block), device=x.device)
+    counts[-1] = S - block * (n - 1)
+    return sums / counts[:, None], counts
+
+
+def pooled_scores_reference(q, k, block_q, block_kv, scale):
+    qm, _ = _block_means(q, block_q)
+    km, kc = _block_means(k, block_kv)
+    logits = torch.einsum("bhqd,bhkd->bhqk", qm, km) * scale + torch.log(kc)
+    return torch.softmax(logits, dim=-1)
+
+
+@triton.jit
+def _block_mean_kernel(
+    X, Out, S, n_blocks, stride_xb, stride_xh, stride_xs, H,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, SYM_BLOCK: tl.constexpr, CHUNK: tl.constexpr,
+):
+    """Grid ``(n_blocks, B*H)``. ``X [B, H, S, HEAD_DIM]`` (unit last stride) -> ``Out [B*H, n_blocks,
+    HEAD_DIM]`` fp32 contiguous: the mean of each block's rows."""
+    blk = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    offs_d = tl.arange(0, BLOCK_D)
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    base = X + b.to(tl.int64) * stride_xb + h.to(tl.int64) * stride_xh
+    for r in tl.static_range(0, SYM_BLOCK, CHUNK):
+        rows = blk * SYM_BLOCK + r + tl.arange(0, CHUNK)
+        x = tl.load(base + rows[:, None].to(tl.int64) * stride_xs + offs_d[None, :],
+                    mask=(rows[:, None] < S) & (offs_d[None, :] < HEAD_DIM), other=0.0)
+        acc += tl.sum(x.to(tl.float32), 0)
+    count = tl.minimum(S - blk * SYM_BLOCK, SYM_BLOCK).to(tl.float32)
+    tl.store(Out + (bh.to(tl.int64) * n_blocks + blk) * HEAD_DIM + offs_d, acc / count, mask=offs_d < HEAD_DIM)
+
+
+@triton.jit
+def _block_softmax_kernel(
+    QM, KM, Out, n_q, n_k, seq_kv, scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, SYM_BLOCK_KV: tl.constexpr, CHUNK_K: tl.constexpr,
+):
+    """Grid ``(n_q, B*H)``. ``QM [B*H, n_q, HEAD_DIM]``, ``KM [B*H, n_k, HEAD_DIM]`` fp32 block means ->
+    ``Out [B*H, n_q, n_k]`` fp32: softmax over key blocks of ``scale * qm.km + log(block rows)``; two
+    passes over the key blocks (max and sum, then normalised write), ``CHUNK_K`` blocks at a time."""
+    qi = tl.program_id(0)
+    bh = tl.program_id(1)
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d < HEAD_DIM
+    qm = tl.load(QM + (bh.to(tl.int64) * n_q + qi) * HEAD_DIM + offs_d, mask=dmask, other=0.0)
+    km_base = KM + bh.to(tl.int64) * n_k * HEAD_DIM
+    m = tl.full([CHUNK_K], float("-inf"), dtype=tl.float32)
+    s = tl.zeros([CHUNK_K], dtype=tl.float32)
+    for c in range(0, n_k, CHUNK_K):
+        kb = c + tl.arange(0, CHUNK_K)
+        valid = kb < n_k
+        km = tl.load(km_base + kb[:, None] * HEAD_DIM + offs_d[None, :], mask=valid[:, None] & dmask[None, :], other=0.0)
+        rows = tl.minimum(seq_kv - kb * SYM_BLOCK_KV, SYM_BLOCK_KV).to(tl.float32)
+        logit = tl.sum(km * qm[None, :], 1) * scale + tl.log(tl.where(valid, rows, 1.0))
+        logit = tl.where(valid, logit, float("-inf"))
+        m_new = tl.maximum(m, logit)
+        # a lane that has seen no valid block keeps m = -inf; subtract 0 there so nothing computes inf - inf
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        s = s * tl.exp(m - m_ref) + tl.exp(logit - m_ref)
+        m = m_new
+    m_all = tl.max(m, 0)
+    total = tl.sum(s * tl.exp(m - m_all), 0)
+    out_row = Out + (bh.to(tl.int64) * n_q + qi) * n_k
+    for c in range(0, n_k, CHUNK_K):
+        kb = c + tl.arange(0, CHUNK_K)
+        valid = kb < n_k
+        km = tl.load(km_base + kb[:, None] * HEAD_DIM + offs_d[None, :], mask=valid[:, None] & dmask[None, :], other=0.0)
+        rows = tl.minimum(seq_kv - kb * SYM_BLOCK_KV, SYM_BLOCK_KV).to(tl.float32)
+        logit = tl.sum(km * qm[None, :], 1) * scale + tl.log(tl.where(valid, rows, 1.0))
+        tl.store(out_row + kb, tl.exp(logit - m_all) / total, mask=valid)
+
+
+def _launch_pooled(q, k, block_q, block_kv, scale):
+    B, H, Sq, D = q.shape
+    Skv = k.shape[2]
+    n_q, n_k = block_count(Sq, block_q), block_count(Skv, block_kv)
+    bd = max(16, next_pow2(D))
+    qm = torch.empty(B * H, n_q, D, dtype=torch.float32, device=q.device)
+    km = torch.empty(B * H, n_k, D, dtype=torch.float32, device=q.device)
+    for x, out, n, blk in ((q, qm, n_q, block_q), (k, km, n_k, block_kv)):
+        _block_mean_kernel[(n, B * H)](
+            x, out, x.shape[2], n, x.stride(0), x.stride(1), x.stride(2), H,
+            HEAD_DIM=D, BLOCK_D=bd, SYM_BLOCK=blk, CHUNK=min(blk, 32),
+        )
+    scores = torch.empty(B, H, n_q, n_k, dtype=torch.float32, device=q.device)
+    _block_softmax_kernel[(n_q, B * H)](
+        qm, km, scores, n_q, n_k, Skv, scale, HEAD_DIM=D, BLOCK_D=bd, SYM_BLOCK_KV=block_kv, CHUNK_K=32,
+    )
+    return scores
+
+
+@torch.library.custom_op("flashomni::pooled_scores", mutates_args=())
+def pooled_scores_op(q: torch.Tensor, k: torch.Tensor, block_q: int, block_kv: int, scale: float) -> torch.Tensor:
+    if use_triton(q):
+        return _launch_pooled(q, k, block_q, block_kv, scale)
+    return pooled_scores_reference(q, k, block_q, block_kv, scale)
+
+
+@pooled_scores_op.register_fake
+def _(q, k, block_q, block_kv, scale):
+    B, H, Sq, _ = q.shape
+    return q.new_empty(B, H, block_count(Sq, block_q), block_count(k.shape[2], block_kv), dtype=torch.float32)
+
+
+def pooled_scores(
+    q: torch.Tensor, k: torch.Tensor, block_q: int, block_kv: int, scale: Optional[float] = None
+) -> torch.Tensor:
+    """Block-level attention estimate ``[B, H, nQ, nK]`` fp32 from block-mean-pooled ``q`` and ``k``
+    (softmax over key blocks; see the module docstring). ``scale`` defaults to ``1/sqrt(D)``."""
+    check_float("q", q, 4)
+    check_float("k", k, 4, q.dtype, q.device)
+    check_head_dim("q.shape[-1] (head dim)", q.shape[-1])
+    if k.shape[:2] != q.shape[:2] or k.shape[-1] != q.shape[-1]:
+        raise ValueError(f"k must have shape [B, H, Skv, D] matching q {list(q.shape)}, got {list(k.shape)}")
+    check_block_size("block_q", block_q)
+    check_block_size("block_kv", block_kv)
+    return pooled_scores_op(q, k, block_q, block_kv, scale_or_default(scale, q.shape[-1]))

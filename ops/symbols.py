@@ -1,0 +1,366 @@
+"""Sparse symbols: the compact, bit-packed description of which attention work to do.
+
+For one attention call over ``q: [B, H, Sq, D]`` and ``k, v: [B, H, Skv, D]`` the sequence axes are cut
+into query blocks of ``block_q`` rows and key blocks of ``block_kv`` rows (the last block of each may be
+partial). Two bit fields describe the work:
+
+* **reuse** ``[B, H, nQ]`` - 1 means the (query block, head) tile is reused from a cache: the kernels do no
+  matrix work for it and write zeros there (the runtime supplies the cached value).
+* **skip** ``[B, H, nQ, nK]`` - 1 means that key block is left out of the softmax of that tile, exactly as if
+  its scores were -inf.
+
+Both are stored bit-packed along their **last axis** with the semantics of
+``numpy.packbits(bits, axis=-1, bitorder="little")``: entry ``j`` lives in bit ``j % 8`` of byte ``j // 8``,
+and the last byte is padded with zero bits. ``docs/symbols.md`` states the format.
+
+The kernels read a *schedule* decoded from the bits (which key blocks each tile visits, which heads each
+row block reduces over). Decoding costs a few small kernels, so it is done once per ``Symbols`` object and
+cached: symbols change only on update steps, while dispatch steps call the kernels many times.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+
+__all__ = ["Symbols", "pack_bits", "unpack_bits", "block_count", "check_block_size"]
+
+_BIT_WEIGHTS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+def block_count(seq: int, block: int) -> int:
+    """Number of blocks of ``block`` rows covering ``seq`` rows (the last one may be partial)."""
+    return -(-seq // block)
+
+
+def check_block_size(name: str, value: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < 16 or value > 256 or value & (value - 1):
+        raise ValueError(f"{name} must be a power of two from 16 to 256, got {value}")
+    return value
+
+
+def pack_bits(bits: torch.Tensor) -> torch.Tensor:
+    """Pack a boolean tensor along its last axis, as ``numpy.packbits(bits, -1, bitorder="little")``."""
+    n = bits.shape[-1]
+    nbytes = block_count(n, 8)
+    pad = nbytes * 8 - n
+    b = bits.to(torch.uint8)
+    if pad:
+        b = torch.nn.functional.pad(b, (0, pad))
+    b = b.reshape(*bits.shape[:-1], nbytes, 8)
+    weights = torch.tensor(_BIT_WEIGHTS, dtype=torch.uint8, device=bits.device)
+    # sum in int32: a uint8 sum would be fine numerically, but int32 avoids any promotion surprises
+    return (b.to(torch.int32) * weights.to(torch.int32)).sum(-1).to(torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, n: int) -> torch.Tensor:
+    """Inverse of :func:`pack_bits`: the first ``n`` bits along the last axis, as a bool tensor."""
+    shifts = torch.arange(8, dtype=torch.int32, device=packed.device)
+    bits = (packed.to(torch.int32).unsqueeze(-1) >> shifts) & 1
+    return bits.reshape(*packed.shape[:-1], packed.shape[-1] * 8)[..., :n].bool()
+
+
+class Symbols:
+    """Reuse and skip bits for one attention call (see the module docstring for the format).
+
+    Build with :meth:`from_dense` (from boolean masks) or :meth:`dense` (everything computed).
+    ``density()`` is the fraction of attention work (query rows x key columns, partial blocks weighted
+    by their real size) that remains after reuse and skipping.
+    """
+
+    __slots__ = (
+        "reuse_bits",
+        "skip_bits",
+        "block_q",
+        "block_kv",
+        "seq_q",
+        "seq_kv",
+        "_kv_schedule",
+        "_head_schedules",
+    )
+
+    def __init__(
+        self,
+        reuse_bits: torch.Tensor,
+        skip_bits: torch.Tensor,
+        block_q: int,
+        block_kv: int,
+        seq_q: int,
+        seq_kv: int,
+    ):
+        check_block_size("block_q", block_q)
+        check_block_size("block_kv", block_kv)
+        for name, v in (("seq_q", seq_q), ("seq_kv", seq_kv)):
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        n_q, n_k = block_count(seq_q, block_q), block_count(seq_kv, block_kv)
+        for name, t in (("reuse_bits", reuse_bits), ("skip_bits", skip_bits)):
+            if not isinstance(t, torch.Tensor) or t.dtype != torch.uint8:
+                raise TypeError(f"{name} must be a torch.uint8 tensor")
+        if reuse_bits.dim() != 3 or reuse_bits.shape[-1] != block_count(n_q, 8):
+            raise ValueError(
+                f"reuse_bits must have shape [B, H, {block_count(n_q, 8)}] for seq_q={seq_q}, "
+                f"block_q={block_q}; got {list(reuse_bits.shape)}"
+            )
+        expect = [*reuse_bits.shape[:2], n_q, block_count(n_k, 8)]
+        if list(skip_bits.shape) != expect:
+            raise ValueError(f"skip_bits must have shape {expect}; got {list(skip_bits.shape)}")
+        if skip_bits.device != reuse_bits.device:
+            raise ValueError("reuse_bits and skip_bits must be on the same device")
+        self.reuse_bits = reuse_bits.contiguous()
+        self.skip_bits = skip_bits.contiguous()
+        self.block_q, self.block_kv = block_q, block_kv
+        self.seq_q, self.seq_kv = seq_q, seq_kv
+        self._kv_schedule: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+        self._head_schedules: dict = {}
+
+    # ---- construction -------------------------------------------------------------------------
+    @classmethod
+    def from_dense(
+        cls,
+        reuse: torch.Tensor,
+        skip: torch.Tensor,
+        block_q: int,
+        block_kv: int,
+        seq_q: int,
+        seq_kv: int,
+    ) -> "Symbols":
+        """From boolean masks ``reuse [B, H, nQ]`` and ``skip [B, H, nQ, nK]`` (True = reuse / skip)."""
+        check_block_size("block_q", block_q)
+        check_block_size("block_kv", block_kv)
+        n_q, n_k = block_count(seq_q, block_q), block_count(seq_kv, block_kv)
+        if reuse.dim() != 3 or reuse.shape[-1] != n_q:
+            raise ValueError(f"reuse must have shape [B, H, {n_q}] (nQ = ceil({seq_q}/{block_q})), got {list(reuse.shape)}")
+        if list(skip.shape) != [*reuse.shape[:2], n_q, n_k]:
+            raise ValueError(
+                f"skip must have shape {[*reuse.shape[:2], n_q, n_k]} (nK = ceil({seq_kv}/{block_kv})), got {list(skip.shape)}"
+            )
+        if reuse.dtype != torch.bool or skip.dtype != torch.bool:
+            raise TypeError("reuse and skip must be bool tensors")
+        return cls(pack_bits(reuse), pack_bits(skip), block_q, block_kv, seq_q, seq_kv)
+
+    @classmethod
+    def dense(
+        cls,
+        batch: int,
+        heads: int,
+        seq_q: int,
+        seq_kv: int,
+        block_q: int = 128,
+        block_kv: int = 128,
+        device=None,
+    ) -> "Symbols":
+        """All tiles computed, no key block skipped: the kernels then equal dense attention."""
+        n_q, n_k = block_count(seq_q, block_q), block_count(seq_kv, block_kv)
+        reuse = torch.zeros(batch, heads, block_count(n_q, 8), dtype=torch.uint8, device=device)
+        skip = torch.zeros(batch, heads, n_q, block_count(n_k, 8), dtype=torch.uint8, device=device)
+        return cls(reuse, skip, block_q, block_kv, seq_q, seq_kv)
+
+    # ---- shape -------------------------------------------------------------------------------
+    @property
+    def batch(self) -> int:
+        return self.reuse_bits.shape[0]
+
+    @property
+    def heads(self) -> int:
+        return self.reuse_bits.shape[1]
+
+    @property
+    def num_q_blocks(self) -> int:
+        return block_count(self.seq_q, self.block_q)
+
+    @property
+    def num_kv_blocks(self) -> int:
+        return block_count(self.seq_kv, self.block_kv)
+
+    @property
+    def device(self) -> torch.device:
+        return self.reuse_bits.device
+
+    # ---- views -------------------------------------------------------------------------------
+    def to_dense(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(reuse [B, H, nQ], skip [B, H, nQ, nK])`` as bool tensors."""
+        return (
+            unpack_bits(self.reuse_bits, self.num_q_blocks),
+            unpack_bits(self.skip_bits, self.num_kv_blocks),
+        )
+
+    def _block_sizes(self):
+        dev = self.device
+        rows = torch.full((self.num_q_blocks,), self.block_q, dtype=torch.float64, device=dev)
+        rows[-1] = self.seq_q - self.block_q * (self.num_q_blocks - 1)
+        cols = torch.full((self.num_kv_blocks,), self.block_kv, dtype=torch.float64, device=dev)
+        cols[-1] = self.seq_kv - self.block_kv * (self.num_kv_blocks - 1)
+        return rows, cols
+
+    def work_mask(self) -> torch.Tensor:
+        """``[B, H, nQ, nK]`` bool: True where a (query block, key block) product is computed."""
+        reuse, skip = self.to_dense()
+        return ~reuse.unsqueeze(-1) & ~skip
+
+    def density(self) -> float:
+        """Fraction of the dense attention work (rows x keys) that remains, in [0, 1]."""
+        rows, cols = self._block_sizes()
+        work = self.work_mask().double()
+        done = torch.einsum("bhqk,q,k->", work, rows, cols)
+        return float(done) / (self.batch * self.heads * self.seq_q * self.seq_kv)
+
+    def reuse_fraction(self) -> float:
+        """Fraction of query rows (over all heads and batch items) whose tile is reused."""
+        rows, _ = self._block_sizes()
+        reuse = unpack_bits(self.reuse_bits, self.num_q_blocks).double()
+        return float(torch.einsum("bhq,q->", reuse, rows)) / (self.batch * self.heads * self.seq_q)
+
+    # ---- moves -------------------------------------------------------------------------------
+    def to(self, device) -> "Symbols":
+        """A copy on ``device`` (bits stay uint8: symbols have no floating dtype to move)."""
+        if isinstance(device, torch.dtype):
+            raise TypeError("Symbols hold bits (uint8); only a device move is meaningful")
+        device = torch.device(device)
+        if device == self.device:
+            return self
+        return Symbols(
+            self.reuse_bits.to(device),
+            self.skip_bits.to(device),
+            self.block_q,
+            self.block_kv,
+            self.seq_q,
+            self.seq_kv,
+        )
+
+    def cpu(self) -> "Symbols":
+        return self.to("cpu")
+
+    def cuda(self, device=None) -> "Symbols":
+        return self.to(torch.device("cuda", device) if isinstance(device, int) else (device or "cuda"))
+
+    def __or__(self, other: "Symbols") -> "Symbols":
+        """Union of two strategies: reused where either reuses, skipped where either skips."""
+        if not isinstance(other, Symbols):
+            return NotImplemented
+        same = (
+            self.block_q == other.block_q
+            and self.block_kv == other.block_kv
+            and self.seq_q == other.seq_q
+            and self.seq_kv == other.seq_kv
+            and self.reuse_bits.shape == other.reuse_bits.shape
+        )
+        if not same:
+            raise ValueError("can only combine Symbols of the same shape and block sizes")
+        return Symbols(
+            self.reuse_bits | other.reuse_bits,
+            self.skip_bits | other.skip_bits,
+            self.block_q,
+            self.block_kv,
+            self.seq_q,
+            self.seq_kv,
+        )
+
+    def __eq__(self, other) -> bool:
+        if not isinstance(other, Symbols):
+            return NotImplemented
+        return (
+            (self.block_q, self.block_kv, self.seq_q, self.seq_kv)
+            == (other.block_q, other.block_kv, other.seq_q, other.seq_kv)
+            and self.reuse_bits.shape == other.reuse_bits.shape
+            and bool(torch.equal(self.reuse_bits.cpu(), other.reuse_bits.cpu()))
+            and bool(torch.equal(self.skip_bits.cpu(), other.skip_bits.cpu()))
+        )
+
+    __hash__ = None  # mutable tensors inside
+
+    # ---- schedules the kernels read ----------------------------------------------------------
+    def kv_schedule(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(kv_indices [B, H, nQ, nK] int32, kv_counts [B, H, nQ] int32)``.
+
+        For each tile the kept key blocks come first in ascending order; ``kv_counts`` says how many.
+        A reused tile has count 0. Cached on this object.
+        """
+        if self._kv_schedule is None:
+            reuse, skip = self.to_dense()
+            keep = ~skip & ~reuse.unsqueeze(-1)
+            # stable sort of "not kept" puts kept blocks first, in ascending block order
+            order = torch.sort((~keep).to(torch.int8), dim=-1, stable=True).indices
+            self._kv_schedule = (
+                order.to(torch.int32).contiguous(),
+                keep.sum(-1, dtype=torch.int32).contiguous(),
+            )
+        return self._kv_schedule
+
+    def row_selection(self, seq: int, row_offset: int, select_reused: bool) -> torch.Tensor:
+        """``[B, seq, H]`` bool: row ``r`` (query position ``r + row_offset``) selects head ``h``.
+
+        Selects computed heads, or reused heads when ``select_reused``.
+        """
+        return row_head_selection(self.reuse_bits, self.block_q, self.seq_q, seq, row_offset, select_reused)
+
+    def head_schedule(self, seq: int, row_offset: int, block_m: int, select_reused: bool = False):
+        """``(head_indices [B, T, H] int32, head_counts [B, T] int32)`` for row tiles of ``block_m``.
+
+        Row tile ``t`` covers rows ``[t*block_m, (t+1)*block_m)`` of an operand whose row ``r`` is query
+        position ``r + row_offset``; its list holds the heads selected by any of its rows (computed heads,
+        or reused ones when ``select_reused``), ascending. Cached per argument tuple.
+        """
+        key = (seq, row_offset, block_m, bool(select_reused))
+        hit = self._head_schedules.get(key)
+        if hit is not None:
+            return hit
+        sel = self.row_selection(seq, row_offset, select_reused)  # [B, seq, H]
+        n_tiles = block_count(seq, block_m)
+        pad = n_tiles * block_m - seq
+        if pad:
+            sel = torch.nn.functional.pad(sel, (0, 0, 0, pad))
+        any_sel = sel.reshape(self.batch, n_tiles, block_m, self.heads).any(2)  # [B, T, H]
+        order = torch.sort((~any_sel).to(torch.int8), dim=-1, stable=True).indices
+        out = (order.to(torch.int32).contiguous(), any_sel.sum(-1, dtype=torch.int32).contiguous())
+        self._head_schedules[key] = out
+        return out
+
+    def check_for(self, name: str, batch: int, heads: int, seq_q: int, seq_kv: Optional[int] = None):
+        """Raise ValueError (naming ``name``) unless these symbols describe this call's shape."""
+        got = (self.batch, self.heads, self.seq_q) + ((self.seq_kv,) if seq_kv is not None else ())
+        want = (batch, heads, seq_q) + ((seq_kv,) if seq_kv is not None else ())
+        if got != want:
+            fields = "(batch, heads, seq_q" + (", seq_kv)" if seq_kv is not None else ")")
+            raise ValueError(f"{name} were built for {fields} = {got}, but the call has {want}")
+
+    # ---- repr --------------------------------------------------------------------------------
+    def __repr__(self) -> str:
+        head = (
+            f"Symbols(batch={self.batch}, heads={self.heads}, seq_q={self.seq_q}, seq_kv={self.seq_kv}, "
+            f"block_q={self.block_q}, block_kv={self.block_kv}, blocks={self.num_q_blocks}x{self.num_kv_blocks}, "
+            f"density={self.density():.3f}, reused={self.reuse_fraction():.3f}, device={self.device})"
+        )
+        if self.batch * self.heads > 4 or self.num_q_blocks > 16 or self.num_kv_blocks > 32:
+            return head
+        reuse, skip = self.to_dense()
+        lines = [head, "  rows: query blocks; '#' computed, '.' skipped key block, 'R' reused tile"]
+        for b in range(self.batch):
+            for h in range(self.heads):
+                lines.append(f"  [b={b}, h={h}]")
+                for qb in range(self.num_q_blocks):
+                    if reuse[b, h, qb]:
+                        row = "R" * self.num_kv_blocks
+                    else:
+                        row = "".join("." if s else "#" for s in skip[b, h, qb].tolist())
+                    lines.append(f"    q{qb:<3d} {row}")
+        return "\n".join(lines)
+
+
+def row_head_selection(
+    reuse_bits: torch.Tensor, block_q: int, seq_q: int, seq: int, row_offset: int, select_reused: bool
+) -> torch.Tensor:
+    """``[B, seq, H]`` bool from packed reuse bits: which heads row ``r`` (position ``r + row_offset``)
+    selects - its computed heads, or its reused heads when ``select_reused``."""
+    reuse = unpack_bits(reuse_bits, block_count(seq_q, block_q))
+    pos = torch.arange(seq, device=reuse_bits.device) + row_offset
+    per_row = reuse[:, :, pos // block_q]  # [B, H, seq]
+    return (per_row if select_reused else ~per_row).transpose(1, 2)
+
+
+def scale_or_default(scale: Optional[float], head_dim: int) -> float:
+    return 1.0 / math.sqrt(head_dim) if scale is None else float(scale)

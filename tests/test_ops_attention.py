@@ -1,0 +1,183 @@
+"""sparse_attention: all-compute equals SDPA, random symbols equal a masked fp64 golden, garbage in
+skipped/reused places never leaks, batch/head invariance, odd and degenerate shapes, bad input, opcheck.
+
+Every numeric property runs on both implementations: the fp32 reference and the Triton kernel (in the
+CPU interpreter on CI; fp16/fp32 there because the interpreter's bf16 dot is broken)."""
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from omni_compile.ops import Symbols, sparse_attention
+from omni_compile.ops.attention import sparse_attention_op
+
+from _golden import IMPLS, dtype_attention, golden_attention, impl_context, max_err, poison_like, tolerance
+
+HEAD_DIMS = [64, 72, 80, 96, 128]
+
+
+@st.composite
+def attention_case(draw, dtypes=(torch.float16, torch.float32)):
+    B = draw(st.integers(1, 2))
+    H = draw(st.integers(1, 2))
+    D = draw(st.sampled_from(HEAD_DIMS))
+    bq = draw(st.sampled_from([16, 32, 64, 128]))
+    bkv = draw(st.sampled_from([16, 32, 64, 128]))
+    sq = draw(st.integers(1, 3 * bq + 5))
+    skv = draw(st.integers(1, 3 * bkv + 5))
+    sq, skv = min(sq, 200), min(skv, 200)
+    dtype = draw(st.sampled_from(dtypes))
+    p_reuse = draw(st.sampled_from([0.0, 0.3, 1.0]))
+    p_skip = draw(st.sampled_from([0.0, 0.5, 0.9, 1.0]))
+    seed = draw(st.integers(0, 2**31))
+    return B, H, D, bq, bkv, sq, skv, dtype, p_reuse, p_skip, seed
+
+
+def make(case, device="cpu"):
+    B, H, D, bq, bkv, sq, skv, dtype, p_reuse, p_skip, seed = case
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, H, sq, D, generator=g).to(device, dtype)
+    k = torch.randn(B, H, skv, D, generator=g).to(device, dtype)
+    v = torch.randn(B, H, skv, D, generator=g).to(device, dtype)
+    nq, nk = -(-sq // bq), -(-skv // bkv)
+    reuse = torch.rand(B, H, nq, generator=g) < p_reuse
+    skip = torch.rand(B, H, nq, nk, generator=g) < p_skip
+    return q, k, v, Symbols.from_dense(reuse, skip, bq, bkv, sq, skv).to(device)
+
+
+def check_against_golden(q, k, v, s, impl, scale=None):
+    with impl_context(impl):
+        out, lse = sparse_attention(q, k, v, s, scale=scale, return_lse=True)
+    gold, gold_lse = golden_attention(q, k, v, s, scale)
+    ref_err = max_err(dtype_attention(q, k, v, s, scale), gold)
+    tol = tolerance(ref_err, q.dtype, gold.abs().max().item() if gold.numel() else 1.0)
+    assert out.shape == q.shape and out.dtype == q.dtype and out.is_contiguous()
+    assert torch.isfinite(out).all()
+    assert max_err(out, gold) <= tol, (max_err(out, gold), tol)
+    finite = torch.isfinite(gold_lse)
+    assert torch.equal(torch.isfinite(lse.cpu()), finite)
+    lse_tol = 1e-4 if q.dtype == torch.float32 else 1e-2
+    assert max_err(lse.cpu()[finite], gold_lse[finite]) <= lse_tol
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@given(case=attention_case())
+def test_random_symbols_match_masked_golden(impl, case):
+    check_against_golden(*make(case), impl)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("D", HEAD_DIMS)
+def test_all_compute_equals_dense_sdpa(impl, D):
+    g = torch.Generator().manual_seed(D)
+    q, k, v = (torch.randn(1, 2, s, D, generator=g).half() for s in (77, 130, 130))
+    s = Symbols.dense(1, 2, 77, 130, 32, 64)
+    with impl_context(impl):
+        out = sparse_attention(q, k, v, s)
+    gold = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double())
+    ref_err = max_err(torch.nn.functional.scaled_dot_product_attention(q, k, v), gold)
+    assert max_err(out, gold) <= tolerance(ref_err, q.dtype, gold.abs().max().item())
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@given(case=attention_case(dtypes=(torch.float16,)))
+def test_garbage_in_skipped_and_reused_places_never_leaks(impl, case):
+    q, k, v, s = make(case)
+    reuse, skip = s.to_dense()
+    # a key block skipped by every tile, and the query rows of every reused tile, are filled with NaN
+    dead_kb = skip.shape[-1] - 1
+    skip[..., dead_kb] = True
+    s = Symbols.from_dense(reuse, skip, s.block_q, s.block_kv, s.seq_q, s.seq_kv)
+    cols = (torch.arange(s.seq_kv) // s.block_kv == dead_kb).view(1, 1, -1, 1)
+    rows = reuse[:, :, torch.arange(s.seq_q) // s.block_q].unsqueeze(-1)
+    with impl_context(impl):
+        clean = sparse_attention(q, k, v, s)
+        dirty = sparse_attention(poison_like(q, rows), poison_like(k, cols), poison_like(v, cols), s)
+    assert torch.equal(clean, dirty)
+    assert torch.isfinite(dirty).all()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_all_skipped_and_all_reused_give_zeros(impl):
+    q, k, v = (torch.randn(2, 2, 50, 64).half() for _ in range(3))
+    nq, nk = 4, 2
+    for reuse_p, skip_p in ((0.0, 1.0), (1.0, 0.0)):
+        s = Symbols.from_dense(
+            torch.full((2, 2, nq), bool(reuse_p)), torch.full((2, 2, nq, nk), bool(skip_p)), 16, 32, 50, 50
+        )
+        with impl_context(impl):
+            out, lse = sparse_attention(q, k, v, s, return_lse=True)
+        assert torch.equal(out, torch.zeros_like(out))
+        assert torch.isneginf(lse).all()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_one_block_and_text_boundary_inside_a_block(impl):
+    # 13 "text" tokens then 50 "vision" tokens with block 32: the boundary sits inside block 0
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 1, 63, 64, generator=g).half() for _ in range(3))
+    skip = torch.tensor([[[[False, True], [True, False]]]])
+    s = Symbols.from_dense(torch.tensor([[[False, False]]]), skip, 32, 32, 63, 63)
+    check_against_golden(q, k, v, s, impl)
+    one = Symbols.dense(1, 1, 10, 10, 16, 16)
+    check_against_golden(q[:, :, :10], k[:, :, :10], v[:, :, :10], one, impl)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_batch_and_head_invariance(impl):
+    case = (2, 3, 64, 32, 32, 90, 70, torch.float16, 0.3, 0.5, 7)
+    q, k, v, s = make(case)
+    reuse, skip = s.to_dense()
+    with impl_context(impl):
+        full = sparse_attention(q, k, v, s)
+        perm = torch.tensor([2, 0, 1])
+        sp = Symbols.from_dense(reuse[:, perm], skip[:, perm], 32, 32, 90, 70)
+        permuted = sparse_attention(q[:, perm], k[:, perm], v[:, perm], sp)
+        one = sparse_attention(q[1:], k[1:], v[1:], Symbols.from_dense(reuse[1:], skip[1:], 32, 32, 90, 70))
+    assert torch.equal(permuted, full[:, perm])
+    assert torch.equal(one, full[1:])
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_strided_views_from_bshd_layout(impl):
+    # diffusers builds q/k/v as [B, S, H, D] viewed as [B, H, S, D]: strided, not contiguous
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 70, 2, 64, generator=g).half().transpose(1, 2) for _ in range(3))
+    s = Symbols.from_dense(torch.tensor([[[False, True, False]] * 2]), torch.rand(1, 2, 3, 3) < 0.4, 32, 32, 70, 70)
+    check_against_golden(q, k, v, s, impl, scale=0.3)
+
+
+def test_bad_input_raises_naming_the_argument():
+    q = torch.randn(1, 2, 40, 64)
+    s = Symbols.dense(1, 2, 40, 40, 16, 16)
+    with pytest.raises(ValueError, match="k must have shape"):
+        sparse_attention(q, torch.randn(1, 3, 40, 64), torch.randn(1, 3, 40, 64), s)
+    with pytest.raises(ValueError, match="v must have the shape of k"):
+        sparse_attention(q, q, torch.randn(1, 2, 41, 64), s)
+    with pytest.raises(ValueError, match="symbols were built for"):
+        sparse_attention(q, q, q, Symbols.dense(1, 2, 48, 40, 16, 16))
+    with pytest.raises(TypeError, match="k has dtype"):
+        sparse_attention(q, q.half(), q, s)
+    with pytest.raises(TypeError, match="q must be float16, bfloat16 or float32"):
+        sparse_attention(q.double(), q.double(), q.double(), s)
+    with pytest.raises(ValueError, match="head dim"):
+        sparse_attention(q[..., :12], q[..., :12], q[..., :12], s)
+    with pytest.raises(ValueError, match="contiguous last dimension"):
+        sparse_attention(q.transpose(2, 3)[:, :, :40, :40].transpose(2, 3).contiguous().transpose(2, 3), q, q, s)
+    with pytest.raises(TypeError, match="symbols must be a Symbols"):
+        sparse_attention(q, q, q, None)
+
+
+def test_opcheck():
+    q, k, v, s = make((1, 2, 64, 16, 32, 40, 50, torch.float32, 0.3, 0.5, 1))
+    idx, cnt = s.kv_schedule()
+    torch.library.opcheck(
+        sparse_attention_op, (q, k, v, s.reuse_bits, s.skip_bits, idx, cnt, 16, 32, 0.125)
+    )
+
+
+def test_traces_under_torch_compile_without_graph_break():
+    q, k, v, s = make((1, 2, 64, 16, 32, 40, 50, torch.float32, 0.3, 0.5, 2))
+    fn = torch.compile(lambda q, k, v: sparse_attention(q, k, v, s) * 2, backend="aot_eager", fullgraph=True)
+    assert torch.allclose(fn(q, k, v), sparse_attention(q, k, v, s) * 2)

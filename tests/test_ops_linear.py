@@ -1,0 +1,152 @@
+"""GEMM-Q and GEMM-O: equal F.linear on computed tiles, zeros / cache bias elsewhere, no leaks of
+garbage from reused slices, row offsets and tiles that straddle blocks or heads, bad input, opcheck."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+
+from omni_compile.ops import Symbols, cache_bias_for, sparse_linear_o, sparse_linear_q
+from omni_compile.ops.linear_o import sparse_linear_o_op
+from omni_compile.ops.linear_q import sparse_linear_q_op
+
+from _golden import EPS, IMPLS, impl_context, max_err, poison_like
+
+
+@st.composite
+def projection_case(draw):
+    B = draw(st.integers(1, 2))
+    H = draw(st.integers(1, 3))
+    D = draw(st.sampled_from([64, 72, 80, 96, 128]))
+    bq = draw(st.sampled_from([16, 32, 64, 128]))
+    S = draw(st.integers(1, 150))
+    offset = draw(st.sampled_from([0, 0, 5, 16, 77]))
+    cin = draw(st.integers(8, 80))
+    cout = draw(st.integers(8, 90))
+    dtype = draw(st.sampled_from([torch.float16, torch.float32]))
+    p_reuse = draw(st.sampled_from([0.0, 0.5, 1.0]))
+    has_bias = draw(st.booleans())
+    seed = draw(st.integers(0, 2**31))
+    return B, H, D, bq, S, offset, cin, cout, dtype, p_reuse, has_bias, seed
+
+
+def make(case):
+    B, H, D, bq, S, offset, cin, cout, dtype, p_reuse, has_bias, seed = case
+    g = torch.Generator().manual_seed(seed)
+    seq_q = S + offset + 3
+    nq = -(-seq_q // bq)
+    reuse = torch.rand(B, H, nq, generator=g) < p_reuse
+    s = Symbols.from_dense(reuse, torch.zeros(B, H, nq, 1, dtype=torch.bool), bq, 16, seq_q, 16)
+    x = torch.randn(B, S, cin, generator=g).to(dtype)
+    wq = (torch.randn(H * D, cin, generator=g) / cin**0.5).to(dtype)
+    bq_ = torch.randn(H * D, generator=g).to(dtype) if has_bias else None
+    a = torch.randn(B, S, H * D, generator=g).to(dtype)
+    wo = (torch.randn(cout, H * D, generator=g) / (H * D) ** 0.5).to(dtype)
+    bo = torch.randn(cout, generator=g).to(dtype) if has_bias else None
+    computed = ~reuse[:, :, (torch.arange(S) + offset) // bq].transpose(1, 2)  # [B, S, H]
+    return s, x, wq, bq_, a, wo, bo, computed, D, offset
+
+
+def linear_tol(x, w, bias, gold):
+    """The dtype's own F.linear error (CPU F.linear in that dtype) sets the scale."""
+    own = max_err(F.linear(x, w, bias), gold)
+    return 4 * own + 2 * EPS[x.dtype] * max(1.0, gold.abs().max().item() if gold.numel() else 1.0)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@given(case=projection_case())
+def test_gemm_q_equals_linear_on_computed_tiles(impl, case):
+    s, x, w, b, _, _, _, computed, D, off = make(case)
+    with impl_context(impl):
+        y = sparse_linear_q(x, w, b, s, D, row_offset=off)
+    gold = F.linear(x.double(), w.double(), None if b is None else b.double())
+    mask = computed.repeat_interleave(D, -1)
+    gold = torch.where(mask, gold, torch.zeros((), dtype=torch.float64))
+    assert y.shape == gold.shape and y.dtype == x.dtype
+    assert torch.equal(y[~mask], torch.zeros_like(y[~mask]))  # reused tiles are exactly zero
+    assert max_err(y, gold) <= linear_tol(x, w, b, gold)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@given(case=projection_case())
+def test_gemm_o_with_cache_bias_reproduces_linear(impl, case):
+    s, _, _, _, a, w, b, computed, D, off = make(case)
+    with impl_context(impl):
+        cb = cache_bias_for(a, w, s, D, row_offset=off)
+        y = sparse_linear_o(a, w, b, s, D, cb, row_offset=off)
+        y32 = sparse_linear_o(a, w, b, s, D, cb.float(), row_offset=off)
+    gold = F.linear(a.double(), w.double(), None if b is None else b.double())
+    tol = linear_tol(a, w, b, gold)
+    assert max_err(y, gold) <= 2 * tol  # two roundings of partial sums (cache bias, then output)
+    assert max_err(y32, gold) <= 2 * tol
+    # the cache bias alone is the projection of the reused slices
+    sel = (~computed).repeat_interleave(D, -1)
+    gold_cb = F.linear(torch.where(sel, a.double(), torch.zeros((), dtype=torch.float64)), w.double())
+    assert max_err(cb, gold_cb) <= linear_tol(a, w, None, gold_cb)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@given(case=projection_case())
+def test_garbage_in_reused_slices_never_leaks(impl, case):
+    s, x, wq, bq_, a, wo, bo, computed, D, off = make(case)
+    reused_rows = (~computed).repeat_interleave(D, -1)  # [B,S,H*D] for a
+    x_rows_all_reused = (~computed).all(-1, keepdim=True)  # GEMM-Q: a row with no computed head
+    with impl_context(impl):
+        y_clean = sparse_linear_o(a, wo, bo, s, D, row_offset=off)
+        y_dirty = sparse_linear_o(poison_like(a, reused_rows), wo, bo, s, D, row_offset=off)
+        q_clean = sparse_linear_q(x, wq, bq_, s, D, row_offset=off)
+        q_dirty = sparse_linear_q(poison_like(x, x_rows_all_reused), wq, bq_, s, D, row_offset=off)
+    assert torch.equal(y_clean, y_dirty)
+    assert torch.equal(q_clean, q_dirty)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_all_reused_gives_bias_plus_cache_bias_and_no_compute_gives_zero_q(impl):
+    B, H, D, S = 1, 2, 64, 40
+    s = Symbols.from_dense(torch.ones(B, H, 3, dtype=torch.bool), torch.zeros(B, H, 3, 1, dtype=torch.bool), 16, 16, S, 16)
+    a = torch.randn(B, S, H * D)
+    w = torch.randn(24, H * D)
+    b = torch.randn(24)
+    cb = torch.randn(B, S, 24)
+    with impl_context(impl):
+        y = sparse_linear_o(a, w, b, s, D, cb)
+        q = sparse_linear_q(torch.randn(B, S, 24), torch.randn(H * D, 24), None, s, D)
+    assert torch.allclose(y, b + cb, atol=1e-6)
+    assert torch.equal(q, torch.zeros_like(q))
+
+
+def test_bad_input_raises_naming_the_argument():
+    s = Symbols.dense(1, 2, 40, 16, 16, 16)
+    x = torch.randn(1, 40, 32)
+    w = torch.randn(128, 32)
+    with pytest.raises(ValueError, match="head_dim"):
+        sparse_linear_q(x, w, None, s, 12)
+    with pytest.raises(ValueError, match="not a multiple of head_dim"):
+        sparse_linear_q(x, torch.randn(120, 32), None, s, 64)
+    with pytest.raises(ValueError, match="weight must have shape"):
+        sparse_linear_q(x, torch.randn(128, 31), None, s, 64)
+    with pytest.raises(ValueError, match="row_offset"):
+        sparse_linear_q(x, w, None, s, 64, row_offset=1)
+    with pytest.raises(ValueError, match="symbols were built for"):
+        sparse_linear_q(x, torch.randn(192, 32), None, s, 64)
+    with pytest.raises(TypeError, match="bias has dtype"):
+        sparse_linear_q(x, w, torch.randn(128).half(), s, 64)
+    a = torch.randn(1, 40, 128)
+    with pytest.raises(ValueError, match="cache_bias must have shape"):
+        sparse_linear_o(a, torch.randn(8, 128), None, s, 64, torch.randn(1, 40, 9))
+    with pytest.raises(ValueError, match="weight must have shape"):
+        sparse_linear_o(a, torch.randn(8, 64), None, s, 64)
+
+
+def test_opcheck():
+    s, x, wq, bq_, a, wo, bo, _, D, off = make((1, 2, 64, 16, 40, 5, 24, 30, torch.float32, 0.5, True, 0))
+    torch.library.opcheck(sparse_linear_q_op, (x, wq, bq_, s.reuse_bits, s.block_q, s.seq_q, D, off))
+    cb = cache_bias_for(a, wo, s, D, row_offset=off)
+    from omni_compile.ops.linear_o import linear_o_config
+
+    bm = linear_o_config(D, s.block_q, a.dtype)["BLOCK_M"]
+    idx, cnt = s.head_schedule(a.shape[1], off, bm, False)
+    torch.library.opcheck(
+        sparse_linear_o_op, (a, wo, bo, cb, s.reuse_bits, idx, cnt, s.block_q, s.seq_q, D, off, bm, False)
+    )

@@ -1,0 +1,158 @@
+"""The symbol format: bit-exact packing (numpy.packbits little-endian), round trips, schedules, repr."""
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from omni_compile.ops import Symbols, pack_bits, unpack_bits
+
+BLOCKS = st.sampled_from([16, 32, 64, 128, 256])
+
+
+@st.composite
+def dense_symbols(draw, max_blocks=11):
+    B = draw(st.integers(1, 2))
+    H = draw(st.integers(1, 3))
+    bq, bkv = draw(BLOCKS), draw(BLOCKS)
+    sq = draw(st.integers(1, bq * max_blocks))
+    skv = draw(st.integers(1, bkv * max_blocks))
+    nq, nk = -(-sq // bq), -(-skv // bkv)
+    p_reuse = draw(st.sampled_from([0.0, 0.3, 1.0]))
+    p_skip = draw(st.sampled_from([0.0, 0.5, 1.0]))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**31)))
+    reuse = torch.rand(B, H, nq, generator=g) < p_reuse
+    skip = torch.rand(B, H, nq, nk, generator=g) < p_skip
+    return reuse, skip, bq, bkv, sq, skv
+
+
+@given(st.lists(st.integers(1, 4), min_size=0, max_size=2), st.integers(1, 77), st.integers(0, 2**31))
+def test_pack_bits_is_numpy_packbits_little(lead, n, seed):
+    g = torch.Generator().manual_seed(seed)
+    bits = torch.rand(*lead, n, generator=g) < 0.5
+    packed = pack_bits(bits)
+    want = np.packbits(bits.numpy(), axis=-1, bitorder="little")
+    assert packed.dtype == torch.uint8
+    assert np.array_equal(packed.numpy(), want)
+    assert torch.equal(unpack_bits(packed, n), bits)
+
+
+@given(dense_symbols())
+def test_from_dense_round_trip_and_layout(case):
+    reuse, skip, bq, bkv, sq, skv = case
+    s = Symbols.from_dense(reuse, skip, bq, bkv, sq, skv)
+    r2, k2 = s.to_dense()
+    assert torch.equal(r2, reuse) and torch.equal(k2, skip)
+    # the stored bytes are exactly numpy.packbits(..., axis=-1, bitorder="little")
+    assert np.array_equal(s.reuse_bits.numpy(), np.packbits(reuse.numpy(), axis=-1, bitorder="little"))
+    assert np.array_equal(s.skip_bits.numpy(), np.packbits(skip.numpy(), axis=-1, bitorder="little"))
+
+
+def _dense_work(reuse, skip, bq, bkv, sq, skv):
+    rows = torch.arange(sq) // bq
+    cols = torch.arange(skv) // bkv
+    keep = ~skip & ~reuse.unsqueeze(-1)
+    return keep[:, :, rows][:, :, :, cols]  # [B,H,sq,skv]
+
+
+@given(dense_symbols(max_blocks=6))
+def test_density_counts_real_work(case):
+    reuse, skip, bq, bkv, sq, skv = case
+    s = Symbols.from_dense(reuse, skip, bq, bkv, sq, skv)
+    work = _dense_work(reuse, skip, bq, bkv, sq, skv)
+    assert s.density() == pytest.approx(work.double().mean().item(), abs=1e-12)
+    reused_rows = reuse[:, :, torch.arange(sq) // bq].double().mean().item()
+    assert s.reuse_fraction() == pytest.approx(reused_rows, abs=1e-12)
+
+
+@given(dense_symbols())
+def test_kv_schedule_lists_kept_blocks_in_order(case):
+    reuse, skip, bq, bkv, sq, skv = case
+    s = Symbols.from_dense(reuse, skip, bq, bkv, sq, skv)
+    idx, cnt = s.kv_schedule()
+    keep = ~skip & ~reuse.unsqueeze(-1)
+    assert idx.dtype == torch.int32 and cnt.dtype == torch.int32
+    assert torch.equal(cnt, keep.sum(-1).int())
+    for b, h, q in [(0, 0, 0), (reuse.shape[0] - 1, reuse.shape[1] - 1, reuse.shape[2] - 1)]:
+        n = int(cnt[b, h, q])
+        assert idx[b, h, q, :n].tolist() == torch.nonzero(keep[b, h, q]).flatten().tolist()
+    assert s.kv_schedule() is s.kv_schedule()  # decoded once, cached
+
+
+@given(dense_symbols(max_blocks=5), st.integers(0, 100), st.sampled_from([16, 64, 128]), st.booleans())
+def test_head_schedule_is_union_over_tile_rows(case, offset, block_m, select_reused):
+    reuse, skip, bq, bkv, sq, skv = case
+    sq2 = sq + offset
+    nq = -(-sq2 // bq)
+    reuse = torch.cat([reuse, torch.ones(*reuse.shape[:2], nq - reuse.shape[2], dtype=torch.bool)], -1)
+    skip = torch.zeros(*reuse.shape, 1, dtype=torch.bool)
+    s = Symbols.from_dense(reuse, skip, bq, 16, sq2, 16)
+    idx, cnt = s.head_schedule(sq, offset, block_m, select_reused)
+    B, H = reuse.shape[:2]
+    for b in range(B):
+        for t in range(-(-sq // block_m)):
+            rows = torch.arange(t * block_m, min(sq, (t + 1) * block_m)) + offset
+            sel = reuse[b][:, rows // bq]
+            sel = sel if select_reused else ~sel
+            want = torch.nonzero(sel.any(1)).flatten().tolist()
+            assert idx[b, t, : int(cnt[b, t])].tolist() == want
+
+
+def test_dense_constructor_and_union():
+    s = Symbols.dense(2, 3, 300, 200, 64, 32)
+    assert s.density() == 1.0 and s.reuse_fraction() == 0.0
+    reuse = torch.zeros(2, 3, 5, dtype=torch.bool)
+    reuse[0, 1, 2] = True
+    skip = torch.zeros(2, 3, 5, 7, dtype=torch.bool)
+    skip[1, 2, :, 3] = True
+    a = Symbols.from_dense(reuse, torch.zeros_like(skip), 64, 32, 300, 200)
+    b = Symbols.from_dense(torch.zeros_like(reuse), skip, 64, 32, 300, 200)
+    r, k = (a | b).to_dense()
+    assert torch.equal(r, reuse) and torch.equal(k, skip)
+    assert (a | b) == Symbols.from_dense(reuse, skip, 64, 32, 300, 200)
+    with pytest.raises(ValueError, match="same shape"):
+        a | Symbols.dense(2, 3, 300, 200, 64, 64)
+
+
+def test_repr_grid_small_and_summary_large():
+    reuse = torch.tensor([[[False, True]]])
+    skip = torch.tensor([[[[False, True, False], [False, False, False]]]])
+    text = repr(Symbols.from_dense(reuse, skip, 16, 16, 20, 40))
+    assert "q0   #.#" in text and "q1   RRR" in text and "density=" in text
+    big = repr(Symbols.dense(1, 24, 4608, 4608))
+    assert "\n" not in big and "blocks=36x36" in big and "density=1.000" in big
+
+
+def test_device_move_keeps_bits():
+    s = Symbols.from_dense(torch.rand(1, 2, 3) < 0.5, torch.rand(1, 2, 3, 4) < 0.5, 16, 16, 40, 60)
+    assert s.to("cpu") is s and s.cpu() is s
+    with pytest.raises(TypeError, match="device move"):
+        s.to(torch.float16)
+    if torch.cuda.is_available():
+        g = s.cuda()
+        assert g.device.type == "cuda" and g.cpu() == s
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc, match",
+    [
+        (dict(block_q=48), ValueError, "block_q must be a power of two"),
+        (dict(block_kv=512), ValueError, "block_kv must be a power of two"),
+        (dict(reuse=torch.zeros(1, 2, 4, dtype=torch.bool)), ValueError, "reuse must have shape"),
+        (dict(skip=torch.zeros(1, 2, 3, 5, dtype=torch.bool)), ValueError, "skip must have shape"),
+        (dict(reuse=torch.zeros(1, 2, 3)), TypeError, "bool"),
+    ],
+)
+def test_from_dense_rejects_bad_input(kwargs, exc, match):
+    args = dict(
+        reuse=torch.zeros(1, 2, 3, dtype=torch.bool),
+        skip=torch.zeros(1, 2, 3, 4, dtype=torch.bool),
+        block_q=16,
+        block_kv=16,
+        seq_q=40,
+        seq_kv=60,
+    )
+    args.update(kwargs)
+    with pytest.raises(exc, match=match):
+        Symbols.from_dense(**args)
