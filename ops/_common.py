@@ -100,3 +100,10 @@ def grouped_tile(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
     pid_m = first_m + (pid % width) % size_m
     pid_n = (pid % width) // size_m
     return pid_m, pid_n
+
+
+def op_for_call(op, impl):
+    """The registered op while torch.compile traces (so graphs hold ``flashomni::*`` nodes), the plain
+    implementation in eager mode: the dispatcher round trip costs ~10-20 us a call on the host, as much
+    as a small sparse kernel runs."""
+    return op if torch.compiler.is_compiling() else impl

@@ -16,7 +16,6 @@ Three implementations of one function:
 
 from __future__ import annotations
 
-import math
 from typing import Optional, Tuple, Union
 
 import torch
@@ -24,6 +23,7 @@ import triton
 import triton.language as tl
 
 from ._common import (
+    op_for_call,
     check_float,
     check_head_dim,
     check_symbols_device,
@@ -247,7 +247,7 @@ def attention_config(head_dim: int, block_q: int, block_kv: int, dtype: torch.dt
     """Tile shape and launch parameters (chosen by the GPU sweep in ``omni_compile.bench``)."""
     wide = dtype == torch.float32
     block_m = min(block_q, 64 if wide else 128)
-    block_n = min(block_kv, 32 if wide else (64 if head_dim > 64 else 128))
+    block_n = min(block_kv, 32 if wide else 128)
     if triton_interpreting():
         return dict(BLOCK_M=block_m, BLOCK_N=block_n)
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4 if wide else 8, num_stages=2 if wide else 3)
@@ -276,8 +276,7 @@ def _launch_attention(q, k, v, kv_indices, kv_counts, block_q, block_kv, scale, 
 # ------------------------------------------------------------------------------------------------
 # Custom op
 # ------------------------------------------------------------------------------------------------
-@torch.library.custom_op("flashomni::sparse_attention", mutates_args=())
-def sparse_attention_op(
+def _sparse_attention_op_impl(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -293,6 +292,9 @@ def sparse_attention_op(
     if use_triton(q):
         return _launch_attention(q, k, v, kv_indices, kv_counts, block_q, block_kv, scale)
     return sparse_attention_reference(q, k, v, reuse_bits, skip_bits, block_q, block_kv, scale)
+
+
+sparse_attention_op = torch.library.custom_op("flashomni::sparse_attention", _sparse_attention_op_impl, mutates_args=())
 
 
 @sparse_attention_op.register_fake
@@ -329,7 +331,7 @@ def sparse_attention(
     symbols.check_for("symbols", B, H, Sq, k.shape[2])
     check_symbols_device(symbols, q.device)
     idx, cnt = symbols.kv_schedule()
-    out, lse = sparse_attention_op(
+    out, lse = op_for_call(sparse_attention_op, _sparse_attention_op_impl)(
         q, k, v, symbols.reuse_bits, symbols.skip_bits, idx, cnt, symbols.block_q, symbols.block_kv,
         scale_or_default(scale, D),
     )

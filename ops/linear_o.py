@@ -18,7 +18,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._common import check_float, grouped_tile, load_reuse_bit, triton_interpreting, use_triton
+from ._common import op_for_call, check_float, grouped_tile, load_reuse_bit, triton_interpreting, use_triton
 from .linear_q import check_projection
 from .symbols import Symbols, row_head_selection
 
@@ -32,6 +32,28 @@ def sparse_linear_o_reference(a, weight, bias, cache_bias, reuse_bits, block_q, 
     if cache_bias is not None:
         y = y + cache_bias.float()
     return y.to(a.dtype)
+
+
+@triton.jit
+def _reduce_head_chunk(acc, a_rows, w_rows, ReuseBits, bh, qb, rows, n_qbytes, head_col, kk,
+                       HEAD_DIM: tl.constexpr, STRADDLE: tl.constexpr, SELECT_BIT: tl.constexpr,
+                       EVEN_K: tl.constexpr, IEEE: tl.constexpr):
+    """acc += a[:, head_col + kk] @ w[:, head_col + kk].T for one chunk ``kk`` of one head's slice."""
+    col_k = head_col + kk
+    if STRADDLE:
+        row_sel = load_reuse_bit(ReuseBits, bh, qb, n_qbytes, rows >= 0) == SELECT_BIT
+        a = tl.load(a_rows + col_k[None, :], mask=row_sel[:, None] & (kk[None, :] < HEAD_DIM), other=0.0)
+    elif EVEN_K:
+        a = tl.load(a_rows + col_k[None, :])
+    else:
+        a = tl.load(a_rows + col_k[None, :], mask=kk[None, :] < HEAD_DIM, other=0.0)
+    if EVEN_K:
+        wt = tl.load(w_rows + col_k[:, None])
+    else:
+        wt = tl.load(w_rows + col_k[:, None], mask=kk[:, None] < HEAD_DIM, other=0.0)
+    if IEEE:
+        return tl.dot(a, wt, acc, input_precision="ieee")
+    return tl.dot(a, wt, acc)
 
 
 @triton.jit
@@ -49,6 +71,7 @@ def _sparse_linear_o_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
+    NESTED: tl.constexpr,
     IEEE: tl.constexpr,
 ):
     """GEMM-O. Grid: ``(cdiv(S, BLOCK_M) * cdiv(N, BLOCK_N), B)``, tiles grouped by ``GROUP_M`` rows.
@@ -58,7 +81,8 @@ def _sparse_linear_o_kernel(
     ``HeadIdx [B, T, H]`` / ``HeadCnt [B, T]`` int32 (T = cdiv(S, BLOCK_M)): for row tile ``t`` the heads to
     reduce over, ascending, and how many. The reduction walks (head, k-chunk) pairs of that list, so a
     skipped head costs nothing. When a row tile straddles two query blocks (``STRADDLE``), each row also
-    masks the heads its own block does not select (bit == ``SELECT_BIT`` selects).
+    masks the heads its own block does not select (bit == ``SELECT_BIT`` selects). ``NESTED`` walks heads
+    in a dynamic loop with the chunks of a head unrolled; otherwise one flat loop over (head, chunk).
     """
     pid = tl.program_id(0)
     b = tl.program_id(1)
@@ -77,33 +101,27 @@ def _sparse_linear_o_kernel(
     a_rows = A + b.to(tl.int64) * stride_ab + rows[:, None].to(tl.int64) * stride_as
     w_rows = W + cols[None, :].to(tl.int64) * stride_wn
     qb = (rows + row_offset) // SYM_BLOCK_Q
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for it in range(0, cnt * CHUNKS):
-        h = tl.load(head_list + it // CHUNKS)
-        kk = (it % CHUNKS) * BLOCK_K + offs_k
-        col_k = h * HEAD_DIM + kk
-        if STRADDLE:
-            row_sel = load_reuse_bit(ReuseBits, b * H + h, qb, n_qbytes, rows >= 0) == SELECT_BIT
-            a_mask = row_sel[:, None] & (kk[None, :] < HEAD_DIM)
-            a = tl.load(a_rows + col_k[None, :], mask=a_mask, other=0.0)
-        elif EVEN_K:
-            a = tl.load(a_rows + col_k[None, :])
-        else:
-            a = tl.load(a_rows + col_k[None, :], mask=kk[None, :] < HEAD_DIM, other=0.0)
-        if EVEN_K:
-            wt = tl.load(w_rows + col_k[:, None])
-        else:
-            wt = tl.load(w_rows + col_k[:, None], mask=kk[:, None] < HEAD_DIM, other=0.0)
-        if IEEE:
-            acc = tl.dot(a, wt, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(a, wt, acc)
-    if HAS_BIAS:
-        acc += tl.load(Bias + cols).to(tl.float32)[None, :]
     out_mask = (offs_m[:, None] < S) & (offs_n[None, :] < N)
+    # the accumulator starts from the bias terms (as in the paper's GEMM-O): loaded before the loop they
+    # occupy the accumulator's registers instead of a second tile's in the epilogue
     if HAS_CACHE:
         c_ptrs = CacheBias + b.to(tl.int64) * stride_cb + offs_m[:, None].to(tl.int64) * stride_cs + offs_n[None, :]
-        acc += tl.load(c_ptrs, mask=out_mask, other=0.0).to(tl.float32)
+        acc = tl.load(c_ptrs, mask=out_mask, other=0.0).to(tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    if HAS_BIAS:
+        acc += tl.load(Bias + cols).to(tl.float32)[None, :]
+    if NESTED:
+        for i in range(0, cnt):
+            h = tl.load(head_list + i)
+            for c in tl.static_range(CHUNKS):
+                acc = _reduce_head_chunk(acc, a_rows, w_rows, ReuseBits, b * H + h, qb, rows, n_qbytes, h * HEAD_DIM,
+                                         c * BLOCK_K + offs_k, HEAD_DIM, STRADDLE, SELECT_BIT, EVEN_K, IEEE)
+    else:
+        for it in range(0, cnt * CHUNKS):
+            h = tl.load(head_list + it // CHUNKS)
+            acc = _reduce_head_chunk(acc, a_rows, w_rows, ReuseBits, b * H + h, qb, rows, n_qbytes, h * HEAD_DIM,
+                                     (it % CHUNKS) * BLOCK_K + offs_k, HEAD_DIM, STRADDLE, SELECT_BIT, EVEN_K, IEEE)
     y_ptrs = Y + b.to(tl.int64) * stride_yb + offs_m[:, None].to(tl.int64) * stride_ys + offs_n[None, :]
     tl.store(y_ptrs, acc.to(Y.dtype.element_ty), mask=out_mask)
 
@@ -112,7 +130,8 @@ def linear_o_config(head_dim: int, block_q: int, dtype: torch.dtype) -> dict:
     """Tile shape; ``BLOCK_M`` never exceeds ``block_q`` so aligned row tiles never straddle blocks."""
     wide = dtype == torch.float32
     block_k = 64 if head_dim % 64 == 0 and not wide else 32
-    cfg = dict(BLOCK_M=min(block_q, 64 if wide else 128), BLOCK_N=64 if wide else 128, BLOCK_K=block_k, GROUP_M=8)
+    cfg = dict(BLOCK_M=min(block_q, 64 if wide else 128), BLOCK_N=64 if wide else 128, BLOCK_K=block_k, GROUP_M=8,
+               NESTED=False)
     if triton_interpreting():
         return cfg
     return dict(cfg, num_warps=4 if wide else 8, num_stages=3 if wide else 4)
@@ -142,8 +161,7 @@ def _launch_linear_o(a, weight, bias, cache_bias, reuse_bits, head_indices, head
     return y
 
 
-@torch.library.custom_op("flashomni::sparse_linear_o", mutates_args=())
-def sparse_linear_o_op(
+def _sparse_linear_o_op_impl(
     a: torch.Tensor,
     weight: torch.Tensor,
     bias: Optional[torch.Tensor],
@@ -167,6 +185,9 @@ def sparse_linear_o_op(
                                      select_reused)
 
 
+sparse_linear_o_op = torch.library.custom_op("flashomni::sparse_linear_o", _sparse_linear_o_op_impl, mutates_args=())
+
+
 @sparse_linear_o_op.register_fake
 def _(a, weight, bias, cache_bias, reuse_bits, head_indices, head_counts, block_q, seq_q, head_dim, row_offset,
       block_m, select_reused):
@@ -182,7 +203,7 @@ def _call(a, weight, bias, cache_bias, symbols, head_dim, row_offset, select_reu
             raise ValueError(f"cache_bias must have shape {want}, got {list(cache_bias.shape)}")
     block_m = linear_o_config(head_dim, symbols.block_q, a.dtype)["BLOCK_M"]
     idx, cnt = symbols.head_schedule(a.shape[1], row_offset, block_m, select_reused)
-    return sparse_linear_o_op(
+    return op_for_call(sparse_linear_o_op, _sparse_linear_o_op_impl)(
         a, weight, bias, cache_bias, symbols.reuse_bits, idx, cnt, symbols.block_q, symbols.seq_q, head_dim,
         row_offset, block_m, select_reused,
     )

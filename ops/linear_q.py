@@ -17,7 +17,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._common import check_float, check_head_dim, check_symbols_device, grouped_tile, load_reuse_bit, triton_interpreting, use_triton
+from ._common import op_for_call, check_float, check_head_dim, check_symbols_device, grouped_tile, load_reuse_bit, triton_interpreting, use_triton
 from .symbols import Symbols, row_head_selection
 
 
@@ -93,7 +93,7 @@ def linear_q_config(dtype: torch.dtype) -> dict:
         cfg = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8)
         return cfg if triton_interpreting() else dict(cfg, num_warps=4, num_stages=3)
     cfg = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8)
-    return cfg if triton_interpreting() else dict(cfg, num_warps=8, num_stages=4)
+    return cfg if triton_interpreting() else dict(cfg, num_warps=8, num_stages=3)
 
 
 def _launch_linear_q(x, weight, bias, reuse_bits, block_q, head_dim, row_offset, config=None):
@@ -112,8 +112,7 @@ def _launch_linear_q(x, weight, bias, reuse_bits, block_q, head_dim, row_offset,
     return y
 
 
-@torch.library.custom_op("flashomni::sparse_linear_q", mutates_args=())
-def sparse_linear_q_op(
+def _sparse_linear_q_op_impl(
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: Optional[torch.Tensor],
@@ -126,6 +125,9 @@ def sparse_linear_q_op(
     if use_triton(x):
         return _launch_linear_q(x, weight, bias, reuse_bits, block_q, head_dim, row_offset)
     return sparse_linear_q_reference(x, weight, bias, reuse_bits, block_q, seq_q, head_dim, row_offset)
+
+
+sparse_linear_q_op = torch.library.custom_op("flashomni::sparse_linear_q", _sparse_linear_q_op_impl, mutates_args=())
 
 
 @sparse_linear_q_op.register_fake
@@ -178,6 +180,6 @@ def sparse_linear_q(
     of the sequence ``symbols`` describe (``S + row_offset <= symbols.seq_q``).
     """
     check_projection("x", x, weight, bias, symbols, head_dim, row_offset, weight_in_dim=False)
-    return sparse_linear_q_op(
+    return op_for_call(sparse_linear_q_op, _sparse_linear_q_op_impl)(
         x, weight, bias, symbols.reuse_bits, symbols.block_q, symbols.seq_q, head_dim, row_offset
     )

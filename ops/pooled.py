@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_float, check_head_dim, next_pow2, use_triton
+from ._common import op_for_call, check_float, check_head_dim, next_pow2, use_triton
 from .symbols import block_count, check_block_size, scale_or_default
 
 
@@ -122,11 +122,13 @@ def _launch_pooled(q, k, block_q, block_kv, scale):
     return scores
 
 
-@torch.library.custom_op("flashomni::pooled_scores", mutates_args=())
-def pooled_scores_op(q: torch.Tensor, k: torch.Tensor, block_q: int, block_kv: int, scale: float) -> torch.Tensor:
+def _pooled_scores_op_impl(q: torch.Tensor, k: torch.Tensor, block_q: int, block_kv: int, scale: float) -> torch.Tensor:
     if use_triton(q):
         return _launch_pooled(q, k, block_q, block_kv, scale)
     return pooled_scores_reference(q, k, block_q, block_kv, scale)
+
+
+pooled_scores_op = torch.library.custom_op("flashomni::pooled_scores", _pooled_scores_op_impl, mutates_args=())
 
 
 @pooled_scores_op.register_fake
@@ -147,4 +149,4 @@ def pooled_scores(
         raise ValueError(f"k must have shape [B, H, Skv, D] matching q {list(q.shape)}, got {list(k.shape)}")
     check_block_size("block_q", block_q)
     check_block_size("block_kv", block_kv)
-    return pooled_scores_op(q, k, block_q, block_kv, scale_or_default(scale, q.shape[-1]))
+    return op_for_call(pooled_scores_op, _pooled_scores_op_impl)(q, k, block_q, block_kv, scale_or_default(scale, q.shape[-1]))

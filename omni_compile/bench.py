@@ -1,0 +1,344 @@
+"""GPU benchmark of the sparse ops against the anchors, measured side by side in one run.
+
+``python -m omni_compile.bench --out DIR [--parts attention,gemm,pooled,sweep] [--seqs 4608,16896]``
+
+Every timed kernel is also checked against the fp32 reference on the same inputs, so a fast wrong kernel
+shows up as a failed check (the table's ``ok`` column and a non-zero exit code). Writes ``DIR/bench.json``
+and ``DIR/bench.md``, and prints the markdown tables last.
+
+Timing: ``triton.testing.do_bench`` medians (ms). Attention TFLOP/s counts ``4*B*H*Sq*Skv*D`` times the
+fraction of kept work (so a sparse kernel is credited only for what it computes). FlexAttention gets the
+identical block mask as *full* blocks (its fastest form, no ``mask_mod``); cuDNN and FlashAttention-2 are
+dense SDPA.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from .ops import Symbols, cache_bias_for, pooled_scores, sparse_attention, sparse_linear_o, sparse_linear_q
+from .ops.attention import _launch_attention, sparse_attention_reference
+from .ops.linear_q import sparse_linear_q_reference
+
+B, H, D = 1, 24, 128
+BLOCK = 128
+
+
+def bench_ms(fn, warmup=25, rep=100):
+    import triton
+
+    return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
+
+
+def graph_ms(fn):
+    """Kernel time without host overhead: replays of a captured CUDA graph (what reduce-overhead gets)."""
+    import triton
+
+    try:
+        return float(triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median"))
+    except Exception as e:  # capture can fail on some builds; the column then says nan
+        print(f"  cudagraph timing failed: {e!r}", file=sys.stderr)
+        return float("nan")
+
+
+def rel_err(out, ref):
+    out, ref = out.float(), ref.float()
+    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def make_symbols(S, keep_fraction, reuse_fraction=0.0, seed=0, device="cuda"):
+    """Random block mask keeping ``keep_fraction`` of key blocks per tile (exact count per row, at least 1)
+    and reusing ``reuse_fraction`` of (query block, head) tiles."""
+    g = torch.Generator().manual_seed(seed)
+    n = -(-S // BLOCK)
+    kept = max(1, round(keep_fraction * n))
+    order = torch.rand(B, H, n, n, generator=g).argsort(-1)
+    skip = torch.ones(B, H, n, n, dtype=torch.bool)
+    skip.scatter_(-1, order[..., :kept], False)
+    reuse = torch.zeros(B, H, n, dtype=torch.bool)
+    if reuse_fraction > 0:
+        r = round(reuse_fraction * n)
+        reuse.scatter_(-1, torch.rand(B, H, n, generator=g).argsort(-1)[..., :r], True)
+    return Symbols.from_dense(reuse, skip, BLOCK, BLOCK, S, S).to(device)
+
+
+def flex_runner(q, k, v, sym):
+    from torch.nn.attention.flex_attention import BlockMask
+
+    idx, cnt = sym.kv_schedule()
+    zeros = torch.zeros_like(cnt)
+    bm = BlockMask.from_kv_blocks(zeros, idx, cnt, idx, BLOCK_SIZE=BLOCK, mask_mod=None, seq_lengths=(q.shape[2], k.shape[2]))
+    fn = _compiled_flex()
+    return lambda: fn(q, k, v, block_mask=bm)
+
+
+_FLEX = None
+
+
+def _compiled_flex():
+    global _FLEX
+    if _FLEX is None:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        _FLEX = torch.compile(flex_attention, dynamic=False)
+    return _FLEX
+
+
+def sdpa_backend_runner(q, k, v, backend):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    be = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION}[backend]
+
+    def run():
+        with sdpa_kernel([be]):
+            return F.scaled_dot_product_attention(q, k, v)
+
+    return run
+
+
+def part_attention(seqs, densities, reuse_sweep, rows):
+    for S in seqs:
+        g = torch.Generator(device="cuda").manual_seed(S)
+        q, k, v = (torch.randn(B, H, S, D, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(3))
+        flops_dense = 4 * B * H * S * S * D
+        dense = {}
+        for be in ("cudnn", "flash"):
+            try:
+                dense[be] = bench_ms(sdpa_backend_runner(q, k, v, be))
+            except Exception as e:  # a backend missing on this build is reported, not fatal
+                dense[be] = float("nan")
+                print(f"  SDPA {be} unavailable: {e!r}", file=sys.stderr)
+        settings = [(d, 0.0) for d in densities] + [(d, r) for d, r in reuse_sweep]
+        own_dense = None
+        for keep, reuse in settings:
+            sym = make_symbols(S, keep, reuse)
+            dens = sym.density()
+            out = sparse_attention(q, k, v, sym)
+            ref, _ = sparse_attention_reference(q, k, v, sym.reuse_bits, sym.skip_bits, BLOCK, BLOCK, D**-0.5)
+            err = rel_err(out, ref)
+            t = bench_ms(lambda: sparse_attention(q, k, v, sym))
+            tg = graph_ms(lambda: sparse_attention(q, k, v, sym))
+            flex_ms, flex_err = float("nan"), float("nan")
+            if reuse == 0.0:
+                try:
+                    run = flex_runner(q, k, v, sym)
+                    flex_err = rel_err(run(), ref)
+                    flex_ms = bench_ms(run)
+                except Exception as e:
+                    print(f"  flex failed at S={S}: {e!r}", file=sys.stderr)
+            if keep == 1.0 and reuse == 0.0:
+                own_dense = t
+            row = dict(
+                part="attention", S=S, keep=keep, reuse=reuse, density=dens, ms=t, graph_ms=tg,
+                graph_tflops=flops_dense * dens / tg / 1e9,
+                tflops=flops_dense * dens / t / 1e9, err=err, ok=err < 2e-2,
+                cudnn_ms=dense["cudnn"], flash_ms=dense["flash"], flex_ms=flex_ms, flex_err=flex_err,
+                vs_cudnn=dense["cudnn"] / t, vs_flex=flex_ms / t,
+                speedup_vs_own_dense=(own_dense / t) if own_dense else float("nan"),
+                cudnn_tflops=flops_dense / dense["cudnn"] / 1e9,
+                flex_tflops=flops_dense * dens / flex_ms / 1e9,
+            )
+            rows.append(row)
+            print(f"  attn S={S} keep={keep} reuse={reuse} density={dens:.3f}: {t:.3f} ms "
+                  f"{row['tflops']:.0f} TF/s | cuDNN {dense['cudnn']:.3f} | flex {flex_ms:.3f} | err {err:.1e}")
+        del q, k, v
+        torch.cuda.empty_cache()
+
+
+def part_gemm(shapes, reuses, rows):
+    for (M, K, N, label) in shapes:
+        g = torch.Generator(device="cuda").manual_seed(M + N)
+        x = torch.randn(1, M, K, device="cuda", dtype=torch.bfloat16, generator=g)
+        wq = torch.randn(N, K, device="cuda", dtype=torch.bfloat16, generator=g) / K**0.5
+        bias = torch.randn(N, device="cuda", dtype=torch.bfloat16, generator=g)
+        a = torch.randn(1, M, N, device="cuda", dtype=torch.bfloat16, generator=g)
+        wo = torch.randn(K, N, device="cuda", dtype=torch.bfloat16, generator=g) / N**0.5
+        heads = N // D
+        lin_q = bench_ms(lambda: F.linear(x, wq, bias))
+        lin_o = bench_ms(lambda: F.linear(a, wo, bias))
+        n = -(-M // BLOCK)
+        for r in reuses:
+            gen = torch.Generator().manual_seed(int(r * 100))
+            reuse = torch.zeros(1, heads, n, dtype=torch.bool)
+            cnt = round(r * n)
+            if cnt:
+                reuse.scatter_(-1, torch.rand(1, heads, n, generator=gen).argsort(-1)[..., :cnt], True)
+            sym = Symbols.from_dense(reuse, torch.zeros(1, heads, n, 1, dtype=torch.bool), BLOCK, BLOCK, M, BLOCK).to("cuda")
+            computed = 1.0 - sym.reuse_fraction()
+            yq = sparse_linear_q(x, wq, bias, sym, D)
+            refq = sparse_linear_q_reference(x, wq, bias, sym.reuse_bits, BLOCK, M, D, 0)
+            errq = rel_err(yq, refq) if computed > 0 else float(yq.abs().max())
+            tq = bench_ms(lambda: sparse_linear_q(x, wq, bias, sym, D))
+            tqg = graph_ms(lambda: sparse_linear_q(x, wq, bias, sym, D))
+            cb = cache_bias_for(a, wo, sym, D)
+            yo = sparse_linear_o(a, wo, bias, sym, D, cb)
+            erro = rel_err(yo, F.linear(a.float(), wo.float(), bias.float()))
+            to = bench_ms(lambda: sparse_linear_o(a, wo, bias, sym, D, cb))
+            tog = graph_ms(lambda: sparse_linear_o(a, wo, bias, sym, D, cb))
+            ideal_o = 1.0 / max(computed, 1e-9)
+            for op, t, tg, lin, err in (("gemm_q", tq, tqg, lin_q, errq), ("gemm_o", to, tog, lin_o, erro)):
+                rows.append(dict(
+                    part="gemm", op=op, shape=label, M=M, K=K if op == "gemm_q" else N, N=N if op == "gemm_q" else K,
+                    reuse=r, computed=computed, ms=t, graph_ms=tg, cublas_ms=lin, speedup=lin / t,
+                    graph_speedup=lin / tg, graph_of_ideal=(lin / tg) / ideal_o,
+                    time_over_f_cublas=t / (computed * lin) if computed > 0 else float("nan"),
+                    ideal=ideal_o, of_ideal=(lin / t) / ideal_o, err=err, ok=err < 2e-2,
+                    tflops=2 * M * K * N * computed / t / 1e9,
+                ))
+                print(f"  {op} {label} reuse={r}: {t:.3f} ms vs cuBLAS {lin:.3f} ms "
+                      f"(x{lin / t:.2f}, ideal x{ideal_o:.2f}) err {err:.1e}")
+        del x, wq, a, wo
+        torch.cuda.empty_cache()
+
+
+def part_pooled(seqs, rows):
+    for S in seqs:
+        q, k = (torch.randn(B, H, S, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        t = bench_ms(lambda: pooled_scores(q, k, BLOCK, BLOCK))
+        tg = graph_ms(lambda: pooled_scores(q, k, BLOCK, BLOCK))
+        dense = bench_ms(sdpa_backend_runner(q, k, q, "cudnn"))
+        from .ops.pooled import pooled_scores_reference
+
+        err = rel_err(pooled_scores(q, k, BLOCK, BLOCK), pooled_scores_reference(q, k, BLOCK, BLOCK, D**-0.5))
+        rows.append(dict(part="pooled", S=S, ms=t, graph_ms=tg, cudnn_ms=dense, fraction=t / dense,
+                         graph_fraction=tg / dense, err=err, ok=err < 1e-3))
+        print(f"  pooled S={S}: {t:.4f} ms = {100 * t / dense:.2f}% of one dense attention, err {err:.1e}")
+
+
+def part_sweep(rows):
+    """Tile configs for the kernels, on realistic symbols; informs the defaults in ``ops/``."""
+    S = 16896
+    q, k, v = (torch.randn(B, H, S, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    for keep in (1.0, 0.2):
+        sym = make_symbols(S, keep)
+        idx, cnt = sym.kv_schedule()
+        ref = _launch_attention(q, k, v, idx, cnt, BLOCK, BLOCK, D**-0.5)[0]
+        for bm, bn, w, st in [(128, 128, 8, 3), (128, 128, 8, 4), (128, 64, 8, 3)]:
+            cfg = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st)
+            try:
+                out = _launch_attention(q, k, v, idx, cnt, BLOCK, BLOCK, D**-0.5, cfg)[0]
+                t = bench_ms(lambda: _launch_attention(q, k, v, idx, cnt, BLOCK, BLOCK, D**-0.5, cfg))
+                err = rel_err(out, ref)
+            except Exception as e:
+                t, err = float("nan"), float("nan")
+                print(f"  sweep attn {cfg} failed: {e!r}", file=sys.stderr)
+            rows.append(dict(part="sweep", op="attention", keep=keep, cfg=str(cfg), ms=t, err=err,
+                             tflops=4 * B * H * S * S * D * sym.density() / t / 1e9))
+            print(f"  sweep attn keep={keep} {cfg}: {t:.3f} ms err {err:.1e}")
+    del q, k, v
+    from .ops.linear_o import _launch_linear_o
+
+    M, K, N = 4608, 3072, 3072
+    a = torch.randn(1, M, K, device="cuda", dtype=torch.bfloat16)
+    w_ = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) / K**0.5
+    for r in (0.0, 0.5):
+        sym = make_symbols(M, 1.0, reuse_fraction=r)
+        sym = Symbols(sym.reuse_bits, sym.skip_bits, BLOCK, BLOCK, M, M)
+        cb = torch.randn(1, M, N, device="cuda", dtype=torch.bfloat16)
+        bias = torch.randn(N, device="cuda", dtype=torch.bfloat16)
+        sel = sym.row_selection(M, 0, False).repeat_interleave(D, -1)
+        ref = F.linear(torch.where(sel, a, 0).float(), w_.float(), bias.float()) + cb.float()
+        for nested in (False, True):
+            for bn, w, st in [(128, 8, 3), (128, 8, 4), (128, 4, 4)]:
+                cfg = dict(BLOCK_M=128, BLOCK_N=bn, BLOCK_K=64, GROUP_M=8, NESTED=nested, num_warps=w, num_stages=st)
+                idx, cnt = sym.head_schedule(M, 0, 128, False)
+                run = lambda: _launch_linear_o(a, w_, bias, cb, sym.reuse_bits, idx, cnt, BLOCK, D, 0, 128, False, cfg)
+                try:
+                    err = rel_err(run(), ref)
+                    t = bench_ms(run)
+                except Exception as e:
+                    t, err = float("nan"), float("nan")
+                    print(f"  sweep gemm_o {cfg} failed: {e!r}", file=sys.stderr)
+                f = 1.0 - sym.reuse_fraction()
+                rows.append(dict(part="sweep", op=f"gemm_o reuse {r}", cfg=str(cfg), ms=t, err=err,
+                                 tflops=2 * M * K * N * f / t / 1e9))
+                print(f"  sweep gemm_o reuse={r} {cfg}: {t:.3f} ms err {err:.1e}")
+
+
+def markdown(rows):
+    out = []
+    att = [r for r in rows if r["part"] == "attention"]
+    if att:
+        out += ["### Attention (B=1, H=24, D=128, bf16, 128x128 blocks)", "",
+                "| S | kept key blocks | reuse | density | sparse_attention ms | graph-replay ms | TFLOP/s (kept) | cuDNN SDPA ms | FA2 SDPA ms | FlexAttention ms | vs cuDNN | vs Flex | vs own dense | rel err | ok |",
+                "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|:-:|"]
+        for r in att:
+            out.append(f"| {r['S']} | {r['keep']:.2f} | {r['reuse']:.2f} | {r['density']:.3f} | {r['ms']:.3f} | {r['graph_ms']:.3f} | {r['tflops']:.0f} | "
+                       f"{r['cudnn_ms']:.3f} | {r['flash_ms']:.3f} | {r['flex_ms']:.3f} | {r['vs_cudnn']:.2f} | {r['vs_flex']:.2f} | "
+                       f"{r['speedup_vs_own_dense']:.2f} | {r['err']:.1e} | {'yes' if r['ok'] else 'NO'} |")
+        out.append("")
+    gem = [r for r in rows if r["part"] == "gemm"]
+    if gem:
+        out += ["### GEMM-Q / GEMM-O (bf16, head_dim 128, 128-row blocks) vs F.linear (cuBLAS)", "",
+                "| op | M x K x N | reuse | computed | ms | graph-replay ms | cuBLAS ms | speedup | ideal | of ideal | of ideal (graph) | t / (f * cuBLAS) | rel err | ok |",
+                "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|:-:|"]
+        for r in gem:
+            out.append(f"| {r['op']} | {r['M']}x{r['K']}x{r['N']} | {r['reuse']:.2f} | {r['computed']:.2f} | {r['ms']:.3f} | {r['graph_ms']:.3f} | "
+                       f"{r['cublas_ms']:.3f} | {r['speedup']:.2f} | {r['ideal']:.2f} | {r['of_ideal']:.2f} | {r['graph_of_ideal']:.2f} | "
+                       f"{r['time_over_f_cublas']:.2f} | {r['err']:.1e} | {'yes' if r['ok'] else 'NO'} |")
+        out.append("")
+    pool = [r for r in rows if r["part"] == "pooled"]
+    if pool:
+        out += ["### Symbol-generation input: pooled_scores", "", "| S | ms | graph-replay ms | cuDNN dense attention ms | fraction | fraction (graph) | rel err |",
+                "|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in pool:
+            out.append(f"| {r['S']} | {r['ms']:.4f} | {r['graph_ms']:.4f} | {r['cudnn_ms']:.3f} | {100 * r['fraction']:.2f} % | "
+                       f"{100 * r['graph_fraction']:.2f} % | {r['err']:.1e} |")
+        out.append("")
+    sw = [r for r in rows if r["part"] == "sweep"]
+    if sw:
+        out += ["### Tile-config sweep", "", "| op | keep | config | ms | TFLOP/s | rel err |", "|---|---:|---|---:|---:|---:|"]
+        for r in sw:
+            out.append(f"| {r['op']} | {r.get('keep', '')} | `{r['cfg']}` | {r['ms']:.3f} | {r['tflops']:.0f} | {r.get('err', float('nan')):.1e} |")
+        out.append("")
+    return "\n".join(out)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="out/bench")
+    ap.add_argument("--parts", default="attention,gemm,pooled")
+    ap.add_argument("--seqs", default="4608,16896")
+    ap.add_argument("--densities", default="1.0,0.5,0.2,0.1")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("omni_compile.bench needs a CUDA GPU (it times Triton kernels against cuDNN/cuBLAS)", file=sys.stderr)
+        return 2
+    os.makedirs(args.out, exist_ok=True)
+    seqs = [int(s) for s in args.seqs.split(",")]
+    dens = [float(d) for d in args.densities.split(",")]
+    parts = args.parts.split(",")
+    rows = []
+    t0 = time.time()
+    env = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=__import__("triton").__version__)
+    print(f"bench on {env}")
+    if "sweep" in parts:
+        part_sweep(rows)
+    if "attention" in parts:
+        part_attention(seqs, dens, [(0.5, 0.5), (0.2, 0.5)], rows)
+    if "gemm" in parts:
+        part_gemm([(4608, 3072, 3072, "FLUX q/o"), (33792, 3072, 3072, "HunyuanVideo q/o")], [0.0, 0.5, 0.75, 0.9], rows)
+    if "pooled" in parts:
+        part_pooled(seqs, rows)
+    md = markdown(rows)
+    with open(os.path.join(args.out, "bench.json"), "w") as f:
+        json.dump(dict(env=env, seconds=time.time() - t0, rows=rows), f, indent=1)
+    with open(os.path.join(args.out, "bench.md"), "w") as f:
+        f.write(f"Device: {env}\n\n" + md)
+    print(md)
+    bad = [r for r in rows if r.get("ok") is False]
+    if bad:
+        print(f"{len(bad)} timed kernels FAILED their correctness check", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,93 @@
+"""The Triton kernels on the GPU at realistic shapes, bf16 and fp16, against the fp32 reference
+(skipped without CUDA). Tolerances: bf16/fp16 operands give relative errors of 1e-3..1e-2."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from omni_compile.ops import Symbols, cache_bias_for, pooled_scores, sparse_attention, sparse_linear_o, sparse_linear_q
+from omni_compile.ops.attention import sparse_attention_reference
+from omni_compile.ops.pooled import pooled_scores_reference
+
+pytestmark = pytest.mark.gpu
+DT = [torch.bfloat16, torch.float16]
+
+
+def rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
+
+
+def rand_symbols(B, H, Sq, Skv, bq, bkv, p_reuse, p_skip, seed):
+    g = torch.Generator().manual_seed(seed)
+    nq, nk = -(-Sq // bq), -(-Skv // bkv)
+    return Symbols.from_dense(
+        torch.rand(B, H, nq, generator=g) < p_reuse, torch.rand(B, H, nq, nk, generator=g) < p_skip, bq, bkv, Sq, Skv
+    ).cuda()
+
+
+@pytest.mark.parametrize("dtype", DT)
+@pytest.mark.parametrize(
+    "S, Skv, D, bq, bkv, p_reuse, p_skip",
+    [(4608, 4608, 128, 128, 128, 0.0, 0.0), (4608, 4608, 128, 128, 128, 0.3, 0.7), (4685, 4685, 128, 128, 128, 0.2, 0.5),
+     (4096, 333, 72, 64, 32, 0.1, 0.3), (1000, 1000, 64, 256, 64, 0.0, 0.9), (777, 777, 96, 16, 256, 0.5, 0.5)],
+)
+def test_attention_realistic(dtype, S, Skv, D, bq, bkv, p_reuse, p_skip):
+    B, H = 1, 24 if S >= 4096 else 3
+    q = torch.randn(B, S, H, D, device="cuda", dtype=dtype).transpose(1, 2)  # diffusers' strided layout
+    k, v = (torch.randn(B, H, Skv, D, device="cuda", dtype=dtype) for _ in range(2))
+    s = rand_symbols(B, H, S, Skv, bq, bkv, p_reuse, p_skip, S + D)
+    out, lse = sparse_attention(q, k, v, s, return_lse=True)
+    ref, ref_lse = sparse_attention_reference(q, k, v, s.reuse_bits, s.skip_bits, bq, bkv, D**-0.5)
+    assert torch.isfinite(out).all()
+    assert rel(out, ref) < 1e-2
+    fin = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), fin)
+    assert (lse[fin] - ref_lse[fin]).abs().max().item() < 2e-2
+    if p_skip == 0.0 and p_reuse == 0.0:
+        sd = F.scaled_dot_product_attention(q, k, v)
+        assert rel(out, sd) < 1e-2
+
+
+@pytest.mark.parametrize("dtype", DT)
+def test_attention_nan_in_skipped_blocks_does_not_leak(dtype):
+    B, H, S, D = 1, 8, 2048, 128
+    q, k, v = (torch.randn(B, H, S, D, device="cuda", dtype=dtype) for _ in range(3))
+    s = rand_symbols(B, H, S, S, 128, 128, 0.3, 0.5, 1)
+    reuse, skip = s.to_dense()
+    skip[..., 5] = True
+    s = Symbols.from_dense(reuse.cpu(), skip.cpu(), 128, 128, S, S).cuda()
+    clean = sparse_attention(q, k, v, s)
+    k2, v2 = k.clone(), v.clone()
+    k2[:, :, 640:768] = float("nan")
+    v2[:, :, 640:768] = float("nan")
+    q2 = torch.where(reuse[:, :, torch.arange(S, device="cuda") // 128].unsqueeze(-1), float("nan"), q)
+    assert torch.equal(sparse_attention(q2, k2, v2, s), clean)
+
+
+@pytest.mark.parametrize("dtype", DT)
+@pytest.mark.parametrize("M, K, N, D, off, p", [(4608, 3072, 3072, 128, 0, 0.5), (4096, 3072, 3072, 128, 512, 0.75),
+                                                (1000, 1152, 1152, 72, 77, 0.3)])
+def test_gemms_realistic(dtype, M, K, N, D, off, p):
+    H = N // D
+    s = rand_symbols(1, H, M + off, 16, 128, 16, p, 0.0, M)
+    x = torch.randn(1, M, K, device="cuda", dtype=dtype)
+    w = torch.randn(N, K, device="cuda", dtype=dtype) / K**0.5
+    b = torch.randn(N, device="cuda", dtype=dtype)
+    y = sparse_linear_q(x, w, b, s, D, row_offset=off)
+    reuse, _ = s.to_dense()
+    sel = (~reuse[:, :, (torch.arange(M, device="cuda") + off) // 128]).transpose(1, 2).repeat_interleave(D, -1)
+    ref = torch.where(sel, F.linear(x.float(), w.float(), b.float()), 0.0)
+    assert rel(y, ref) < 1e-2 and torch.equal(y[~sel], torch.zeros_like(y[~sel]))
+    a = torch.randn(1, M, N, device="cuda", dtype=dtype)
+    wo = torch.randn(K, N, device="cuda", dtype=dtype) / N**0.5
+    bo = torch.randn(K, device="cuda", dtype=dtype)
+    cb = cache_bias_for(a, wo, s, D, row_offset=off)
+    assert rel(sparse_linear_o(a, wo, bo, s, D, cb, row_offset=off), F.linear(a.float(), wo.float(), bo.float())) < 1e-2
+    assert rel(sparse_linear_o(a, wo, bo, s, D, cb.float(), row_offset=off), F.linear(a.float(), wo.float(), bo.float())) < 1e-2
+
+
+@pytest.mark.parametrize("dtype", DT)
+def test_pooled_realistic(dtype):
+    q, k = (torch.randn(1, 24, 4685, 128, device="cuda", dtype=dtype) * 2 for _ in range(2))
+    p = pooled_scores(q, k, 128, 128)
+    assert rel(p, pooled_scores_reference(q, k, 128, 128, 128**-0.5)) < 1e-4
