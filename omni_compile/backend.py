@@ -1,0 +1,173 @@
+"""The ``flashomni`` torch.compile backend.
+
+Registered through the ``torch_dynamo_backends`` entry point (pyproject.toml), so
+``torch.compile(model, backend="flashomni")`` works without importing this package. For each graph Dynamo
+hands over (the torch-level graph, design.md fact 2) it
+
+1. finds every SDPA call and classifies it (``passes.find_sites``, ``passes.classify``),
+2. walks back to the q/k/v projections and forward to the output projections (``passes.walk``),
+3. rewrites supported sites into the site ops (``passes.rewrite`` → ``omni_compile.runtime``),
+4. hands the graph to Inductor (``compile_fx``), or runs it as is with ``use_inductor=False``.
+
+Options (``torch.compile(..., options={...})``): any :class:`OmniConfig` field, or ``"state"`` (an
+:class:`OmniState`, whose config then applies). Unknown names raise ``ValueError`` before any work.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Optional
+
+import torch
+from torch import fx
+
+from .config import OmniConfig
+from .state import OmniState, SiteRecord, set_last_state, summarize
+
+log = logging.getLogger("omni_compile")
+
+VALID_OPTIONS = OmniConfig.field_names() + ("state",)
+
+
+def _site_ops():
+    from . import runtime  # noqa: F401  (registers the ops)
+    from omni_compile.passes import SiteOps
+
+    return SiteOps(
+        attention=torch.ops.flashomni.site_attention.default,
+        linear_q=torch.ops.flashomni.site_linear_q.default,
+        linear_o=torch.ops.flashomni.site_linear_o.default,
+    )
+
+
+def resolve_options(options: Optional[dict]) -> OmniState:
+    """Validate backend options and return the state to use (the user's, or a new one)."""
+    if options is None:
+        options = {}
+    if not isinstance(options, dict):
+        raise TypeError(f"flashomni: options must be a dict, got {type(options).__name__}")
+    unknown = sorted(set(options) - set(VALID_OPTIONS))
+    if unknown:
+        raise ValueError(
+            f"flashomni: unknown option(s) {unknown}; valid options are: {', '.join(VALID_OPTIONS)}"
+        )
+    opts = dict(options)
+    state = opts.pop("state", None)
+    if state is not None:
+        if not isinstance(state, OmniState):
+            raise TypeError(f"flashomni: options['state'] must be an OmniState, got {type(state).__name__}")
+        if opts:
+            raise ValueError(
+                f"flashomni: options {sorted(opts)} given together with 'state'; set them in the state's "
+                "OmniConfig instead"
+            )
+        return state
+    return OmniState(OmniConfig(**opts))
+
+
+def apply_passes(gm: fx.GraphModule, state: OmniState) -> list:
+    """Find, classify and rewrite the attention sites of ``gm`` in place; returns their records."""
+    from omni_compile import passes as P
+
+    cfg = state.config
+    sites = P.find_sites(gm)
+    if not sites:
+        return []
+    text_len = P.text_length(gm)
+    plans = []
+    claimed: dict = {}
+    for site in sites:
+        rec = SiteRecord(name=site.name, batch=site.batch, heads=site.heads, head_dim=site.head_dim,
+                         seq_q=site.seq_q, seq_kv=site.seq_kv, mask=site.mask_kind)
+        walk = None
+        if site.reject is None or site.heads:
+            walk = P.SiteWalk()
+            walk.q_projections, walk.gemm_q, walk.gemm_q_reason, _ = P.walk_q(site.q, site.heads, site.head_dim, site.seq_q)
+            walk.k_projections = P.walk_kv(site.k, site.heads, site.head_dim)
+            walk.v_projections = P.walk_kv(site.v, site.heads, site.head_dim)
+            walk.out_projections, walk.gemm_o, walk.gemm_o_reason = P.walk_out(
+                site.node, site.heads, site.head_dim, site.seq_q, site.batch)
+            for flag, projs in (("gemm_q", walk.q_projections), ("gemm_o", walk.out_projections)):
+                if getattr(walk, flag):
+                    lins = [p.node for p in projs]
+                    if any(n in claimed for n in lins):
+                        setattr(walk, flag, False)
+                        setattr(walk, flag + "_reason", "projection already rewritten for another site")
+                    else:
+                        claimed.update({n: site.name for n in lins})
+        if walk is not None:
+            rec.kind, rec.segments, rec.kv_segments = P.classify(site, walk, text_len)
+            rec.q_projections = [(p.name, p.row_offset) for p in walk.q_projections]
+            rec.out_projections = [(p.name, p.row_offset, p.rows, p.col_offset) for p in walk.out_projections]
+        else:
+            rec.kind = "cross" if site.seq_q != site.seq_kv else "self"
+            rec.segments = [("vision", 0, site.seq_q)]
+            rec.kv_segments = [("vision", 0, site.seq_kv)]
+        if site.reject is not None:
+            rec.reason = site.reject
+        elif not cfg.attention:
+            rec.reason = "attention rewriting disabled (OmniConfig.attention=False)"
+        if rec.reason is None:
+            rec.rewritten = True
+            rec.gemm_q = walk.gemm_q and cfg.gemm_q
+            rec.gemm_o = walk.gemm_o and cfg.gemm_o
+            rec.gemm_q_reason = walk.gemm_q_reason if not walk.gemm_q else (None if cfg.gemm_q else "disabled (OmniConfig.gemm_q=False)")
+            rec.gemm_o_reason = walk.gemm_o_reason if not walk.gemm_o else (None if cfg.gemm_o else "disabled (OmniConfig.gemm_o=False)")
+        else:
+            rec.gemm_q_reason = rec.gemm_o_reason = "site not rewritten"
+            log.debug("flashomni: site %s left dense: %s", rec.name, rec.reason)
+        plans.append((site, walk, state.register(rec)))
+
+    ops = _site_ops()
+    for site, walk, rec in plans:
+        if not rec.rewritten:
+            continue
+        P.rewrite_attention(gm, site, ops, state.id, rec.site_id)
+        if rec.gemm_q:
+            for proj in walk.q_projections:
+                P.rewrite_linear_q(gm, proj, site, ops, state.id, rec.site_id)
+        elif rec.gemm_q_reason:
+            log.debug("flashomni: site %s: no GEMM-Q: %s", rec.name, rec.gemm_q_reason)
+        if rec.gemm_o:
+            for proj in walk.out_projections:
+                P.rewrite_linear_o(gm, proj, site, ops, state.id, rec.site_id)
+        elif rec.gemm_o_reason:
+            log.debug("flashomni: site %s: no GEMM-O: %s", rec.name, rec.gemm_o_reason)
+    gm.graph.lint()
+    gm.recompile()
+    return [rec for _, _, rec in plans]
+
+
+def flashomni(gm: fx.GraphModule, example_inputs, options: Optional[dict] = None, mode: Optional[str] = None):
+    """torch.compile backend: rewrite attention sites into the FlashOmni ops, then compile with Inductor."""
+    state = resolve_options(options)
+    set_last_state(state)
+    t0 = time.perf_counter()
+    records = apply_passes(gm, state)
+    t_pass = time.perf_counter() - t0
+    if records:
+        log.info("flashomni: %s", summarize(records))
+    else:
+        log.info("flashomni: no attention sites; graph left unchanged (compiled as with Inductor)"
+                 if state.config.use_inductor else "flashomni: no attention sites; graph left unchanged")
+    entry = {"sites": len(records), "rewritten": sum(r.rewritten for r in records), "pass_seconds": t_pass}
+    state.compiles.append(entry)
+    if not state.config.use_inductor:
+        compiled = gm.forward
+        entry["compile_seconds"] = t_pass
+    else:
+        from torch._inductor.compile_fx import compile_fx
+
+        patches = None
+        if mode and mode != "default":
+            patches = torch._inductor.list_mode_options(mode)
+        t1 = time.perf_counter()
+        compiled = compile_fx(gm, example_inputs, config_patches=patches) if patches else compile_fx(gm, example_inputs)
+        entry["compile_seconds"] = t_pass + time.perf_counter() - t1
+
+    def run(*args):
+        return compiled(*args)
+
+    run._omni_state = state  # keeps the state (looked up by id in the site ops) alive with the graph
+    return run

@@ -1,0 +1,119 @@
+"""Pass 3: classify a site as ``joint`` / ``self`` / ``cross`` and find its text/vision token split.
+
+* **cross**: keys come from other tokens than the queries (their projections read a different tensor),
+  e.g. PixArt/Wan/LTX ``attn2`` (image queries, text keys).
+* **joint**: queries and keys are one sequence that holds both text and vision tokens: separate text and
+  image projections concatenated along tokens (FLUX/SD3/HunyuanVideo double-stream blocks), or one
+  projection of ``cat([text, image])`` hidden states (FLUX/HunyuanVideo single-stream, CogVideoX).
+* **self**: everything else (DiT, PixArt ``attn1``, SD3.5 ``attn2``, HunyuanVideo's token refiner over text).
+
+Which tokens are text: a projection named like a context projection (``add_q_proj``…), or a stream
+whose length equals the text length (the ``encoder_hidden_states`` input's sequence length). Segments are
+``(modality, start, stop)`` over the attention's query (and key) sequence.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from torch import fx
+
+from ._fx import linear_args, op_name, static_shape
+
+_TEXT_HINTS = ("add_q_proj", "add_k_proj", "add_v_proj", "context", "txt", "text", "encoder")
+_PASS_THROUGH = {
+    "layer_norm", "rms_norm", "group_norm", "mul", "add", "sub", "truediv", "div", "to", "float", "type",
+    "type_as", "contiguous", "clone", "silu", "gelu", "dropout", "half", "bfloat16",
+}
+
+
+def text_length(gm: fx.GraphModule) -> Optional[int]:
+    """Sequence length of the text-encoder input (a placeholder named like ``encoder_hidden_states``)."""
+    for n in gm.graph.nodes:
+        if n.op != "placeholder":
+            continue
+        low = n.name.lower()
+        if "encoder_hidden_states" in low or "prompt_embeds" in low or "context" in low:
+            shp = static_shape(n)
+            if shp is not None and len(shp) == 3:
+                return shp[1]
+    return None
+
+
+def _token_parts(x: fx.Node) -> Optional[list]:
+    """Lengths of the token-axis ``cat`` parts that ``x`` [B, S, C] comes from, walking back through
+    per-token ops (norms, modulation, casts); None when no such cat is found."""
+    shp = static_shape(x)
+    if shp is None or len(shp) != 3:
+        return None
+    n = x
+    for _ in range(64):
+        name = op_name(n)
+        if name in ("cat", "concat"):
+            dim = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim", 0)
+            if dim % 3 == 1:
+                parts = n.args[0] if n.args else n.kwargs["tensors"]
+                lens = [static_shape(p)[1] if static_shape(p) else None for p in parts]
+                return None if None in lens else lens
+            return None
+        if name not in _PASS_THROUGH:
+            return None
+        main = None
+        for a in n.all_input_nodes:
+            if static_shape(a) == shp:
+                main = a
+                break
+        if main is None:
+            return None
+        n = main
+    return None
+
+
+def _modality(name: str, length: int, text_len: Optional[int]) -> str:
+    low = name.lower()
+    if any(h in low.rsplit(".", 1)[-1] for h in _TEXT_HINTS):
+        return "text"
+    if text_len is not None and length == text_len:
+        return "text"
+    return "vision"
+
+
+def classify(site, walk, text_len: Optional[int]):
+    """(kind, segments, kv_segments) for a site, from its walk (projections) and the text length."""
+    segs: list = []
+    qp = walk.q_projections if walk is not None else []
+    kp = walk.k_projections if walk is not None else []
+    if len(qp) > 1 and all(p.row_offset is not None for p in qp):
+        for p in sorted(qp, key=lambda p: p.row_offset):
+            segs.append((_modality(p.name, p.rows, text_len), p.row_offset, p.row_offset + p.rows))
+    elif len(qp) > 1:
+        # projection order in the sequence unknown (GEMM-Q walk failed): assume the graph's cat order
+        off = 0
+        for p in qp:
+            segs.append((_modality(p.name, p.rows, text_len), off, off + p.rows))
+            off += p.rows
+    elif len(qp) == 1:
+        lens = _token_parts(linear_args(qp[0].node)[0])
+        if lens and len(lens) > 1 and sum(lens) == site.seq_q:
+            off = 0
+            for n in lens:
+                segs.append(("text" if n == text_len else "vision", off, off + n))
+                off += n
+        else:
+            segs.append((_modality(qp[0].name, site.seq_q, text_len), 0, site.seq_q))
+    if not segs or segs[-1][2] != site.seq_q:
+        segs = [("text" if site.seq_q == text_len else "vision", 0, site.seq_q)]
+
+    q_in = {linear_args(p.node)[0] for p in qp}
+    k_in = {linear_args(p.node)[0] for p in kp}
+    if q_in and k_in:
+        cross = not k_in <= q_in
+    else:
+        cross = site.seq_q != site.seq_kv
+    if cross:
+        kname = kp[0].name if kp else ""
+        kv = [(_modality(kname, site.seq_kv, text_len), 0, site.seq_kv)]
+        return "cross", segs, kv
+    mods = {s[0] for s in segs}
+    kind = "joint" if {"text", "vision"} <= mods else "self"
+    return kind, segs, list(segs)

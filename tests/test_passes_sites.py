@@ -1,0 +1,133 @@
+"""The passes on hand-written attention modules: why a site stays dense, when GEMM-Q/GEMM-O are
+refused, and the layout tracker's rules (no diffusers, so these run in a few seconds)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from omni_compile import OmniConfig, OmniState
+from omni_compile.passes import _layout as L
+
+
+@pytest.fixture(autouse=True)
+def _reset_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+class Attn(nn.Module):
+    """Plain self-attention with switches for the unsupported variants."""
+
+    def __init__(self, dim=32, heads=2, variant="plain"):
+        super().__init__()
+        self.h, self.variant = heads, variant
+        self.to_q, self.to_k, self.to_v = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.to_out = nn.Linear(dim, dim)
+        self.norm_all = nn.RMSNorm(dim)
+
+    def forward(self, x, mask=None):
+        B, S, C = x.shape
+        q = self.to_q(x)
+        if self.variant == "norm_all_heads":
+            q = self.norm_all(q)
+        split = lambda t: t.view(B, S, self.h, -1).transpose(1, 2)  # noqa: E731
+        q, k, v = split(q), split(self.to_k(x)), split(self.to_v(x))
+        kw = {}
+        if self.variant == "causal":
+            kw["is_causal"] = True
+        if self.variant == "dropout":
+            kw["dropout_p"] = 0.1
+        if self.variant == "mean_over_tokens":
+            q = q - q.mean(dim=2, keepdim=True)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **kw)
+        o = o.transpose(1, 2).reshape(B, S, C)
+        y = self.to_out(o)
+        if self.variant == "out_leak":
+            y = y + o.sum(-1, keepdim=True)
+        return y
+
+
+def _compile(model, *args):
+    st = OmniState(OmniConfig(use_inductor=False, block_q=16, block_kv=16))
+    with torch.no_grad():
+        out = torch.compile(model, backend="flashomni", options={"state": st})(*args)
+    return st, out
+
+
+@pytest.mark.parametrize(
+    "variant, dtype, reason",
+    [
+        ("causal", torch.float32, "causal attention is not supported"),
+        ("dropout", torch.float32, "dropout is not supported"),
+        ("plain", torch.float64, "dtype torch.float64 is not supported"),
+    ],
+)
+def test_unsupported_sites_stay_dense(variant, dtype, reason):
+    model = Attn(variant=variant).to(dtype).eval()
+    if variant == "dropout":
+        model.train()
+    x = torch.randn(2, 24, 32, dtype=dtype)
+    st, _ = _compile(model, x)
+    (site,) = st.sites
+    assert not site.rewritten and reason in site.reason and site.calls == 0
+
+
+def test_general_mask_stays_dense_and_key_padding_is_rewritten():
+    model = Attn().eval()
+    x = torch.randn(2, 24, 32)
+    full = torch.rand(2, 2, 24, 24) > 0.3
+    st, out = _compile(model, x, full)
+    assert not st.sites[0].rewritten and "not a key-padding mask" in st.sites[0].reason
+    torch.testing.assert_close(out, model(x, full))
+    torch._dynamo.reset()
+    kp = torch.ones(2, 1, 1, 24, dtype=torch.bool)
+    kp[0, ..., 20:] = False
+    kp[1, ..., 17:] = False
+    st, out = _compile(model, x, kp)
+    (site,) = st.sites
+    assert site.rewritten and site.mask == "key_padding" and site.fallbacks == 0
+    with torch.no_grad():
+        torch.testing.assert_close(out, model(x, kp), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "variant, q_ok, o_ok, why",
+    [
+        ("plain", True, True, None),
+        ("norm_all_heads", False, True, "spans heads"),
+        ("mean_over_tokens", False, True, "reduces over tokens"),
+        ("out_leak", True, False, "reduces over tokens or heads"),
+    ],
+)
+def test_gemm_validity(variant, q_ok, o_ok, why):
+    model = Attn(variant=variant).eval()
+    x = torch.randn(1, 24, 32)
+    st, out = _compile(model, x)
+    (site,) = st.sites
+    assert site.rewritten and site.gemm_q == q_ok and site.gemm_o == o_ok
+    if why:
+        assert why in (site.gemm_q_reason if not q_ok else site.gemm_o_reason)
+    with torch.no_grad():
+        torch.testing.assert_close(out, model(x), rtol=1e-4, atol=1e-4)
+
+
+def test_layout_regroup_and_rules():
+    lay = ((L.Atom("B", 2),), (L.s_atom("q", 0, 24),), (L.h_atom(4), L.Atom("D", 16)))
+    # unflatten heads, then RoPE-style split of D into (8, 2): tokens and heads stay intact
+    u = L.regroup(lay, (2, 24, 4, 16), "t")
+    assert u[2] == (L.h_atom(4),)
+    r = L.regroup(u, (2, 24, 4, 8, 2), "t")
+    assert r[2] == (L.h_atom(4),) and r[1] == (L.s_atom("q", 0, 24),)
+    # splitting the heads axis into (2, 32) mixes heads with the head dim; re-merging restores it
+    m = L.regroup(lay, (2, 24, 2, 32), "t")
+    assert m[2] == (L.h_atom(2, 2),) and L.regroup(m, (2, 24, 64), "t") == L.regroup(lay, (2, 24, 64), "t")
+    with pytest.raises(L.NotLocal, match="splits the token axis"):
+        L.regroup(lay, (2, 4, 6, 64), "t")
+    # token concatenation and slicing back
+    cat = L.concat_parts([(L.s_atom("txt", 0, 8),), (L.s_atom("img", 0, 16),)])
+    assert L.slice_group(cat, 8, 24, "t") == (L.s_atom("img", 0, 16),)
+    assert L.slice_group(cat, 0, 8, "t") == (L.s_atom("txt", 0, 8),)
