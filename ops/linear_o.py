@@ -134,7 +134,8 @@ def linear_o_config(head_dim: int, block_q: int, dtype: torch.dtype) -> dict:
                NESTED=False)
     if triton_interpreting():
         return cfg
-    return dict(cfg, num_warps=4 if wide else 8, num_stages=3 if wide else 4)
+    # 4 warps: with a cache bias, 8 warps ran at 0.37 ms vs 0.23 ms (4608x3072x3072, H100 sweep)
+    return dict(cfg, num_warps=4, num_stages=3 if wide else 4)
 
 
 def _launch_linear_o(a, weight, bias, cache_bias, reuse_bits, head_indices, head_counts, block_q, head_dim,

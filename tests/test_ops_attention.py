@@ -177,7 +177,14 @@ def test_opcheck():
     )
 
 
-def test_traces_under_torch_compile_without_graph_break():
+def test_traces_under_torch_compile_as_the_registered_op():
     q, k, v, s = make((1, 2, 64, 16, 32, 40, 50, torch.float32, 0.3, 0.5, 2))
-    fn = torch.compile(lambda q, k, v: sparse_attention(q, k, v, s) * 2, backend="aot_eager", fullgraph=True)
+    targets = []
+
+    def backend(gm, example_inputs):
+        targets.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return gm.forward
+
+    fn = torch.compile(lambda q, k, v: sparse_attention(q, k, v, s) * 2, backend=backend, fullgraph=True)
     assert torch.allclose(fn(q, k, v), sparse_attention(q, k, v, s) * 2)
+    assert any("flashomni.sparse_attention" in t for t in targets), targets
