@@ -64,6 +64,18 @@ def _block_mean_kernel(
 
 
 @triton.jit
+def _chunk_logits(km_base, qm, c, n_k, seq_kv, scale, offs_d, dmask,
+                  HEAD_DIM: tl.constexpr, SYM_BLOCK_KV: tl.constexpr, CHUNK_K: tl.constexpr):
+    """Logits of key blocks ``c .. c+CHUNK_K`` (``-inf`` past ``n_k``) and their indices."""
+    kb = c + tl.arange(0, CHUNK_K)
+    valid = kb < n_k
+    km = tl.load(km_base + kb[:, None] * HEAD_DIM + offs_d[None, :], mask=valid[:, None] & dmask[None, :], other=0.0)
+    rows = tl.minimum(seq_kv - kb * SYM_BLOCK_KV, SYM_BLOCK_KV).to(tl.float32)
+    logit = tl.sum(km * qm[None, :], 1) * scale + tl.log(tl.where(valid, rows, 1.0))
+    return tl.where(valid, logit, float("-inf")), kb, valid
+
+
+@triton.jit
 def _block_softmax_kernel(
     QM, KM, Out, n_q, n_k, seq_kv, scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, SYM_BLOCK_KV: tl.constexpr, CHUNK_K: tl.constexpr,
@@ -80,12 +92,7 @@ def _block_softmax_kernel(
     m = tl.full([CHUNK_K], float("-inf"), dtype=tl.float32)
     s = tl.zeros([CHUNK_K], dtype=tl.float32)
     for c in range(0, n_k, CHUNK_K):
-        kb = c + tl.arange(0, CHUNK_K)
-        valid = kb < n_k
-        km = tl.load(km_base + kb[:, None] * HEAD_DIM + offs_d[None, :], mask=valid[:, None] & dmask[None, :], other=0.0)
-        rows = tl.minimum(seq_kv - kb * SYM_BLOCK_KV, SYM_BLOCK_KV).to(tl.float32)
-        logit = tl.sum(km * qm[None, :], 1) * scale + tl.log(tl.where(valid, rows, 1.0))
-        logit = tl.where(valid, logit, float("-inf"))
+        logit, kb, valid = _chunk_logits(km_base, qm, c, n_k, seq_kv, scale, offs_d, dmask, HEAD_DIM, SYM_BLOCK_KV, CHUNK_K)
         m_new = tl.maximum(m, logit)
         # a lane that has seen no valid block keeps m = -inf; subtract 0 there so nothing computes inf - inf
         m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -95,11 +102,7 @@ def _block_softmax_kernel(
     total = tl.sum(s * tl.exp(m - m_all), 0)
     out_row = Out + (bh.to(tl.int64) * n_q + qi) * n_k
     for c in range(0, n_k, CHUNK_K):
-        kb = c + tl.arange(0, CHUNK_K)
-        valid = kb < n_k
-        km = tl.load(km_base + kb[:, None] * HEAD_DIM + offs_d[None, :], mask=valid[:, None] & dmask[None, :], other=0.0)
-        rows = tl.minimum(seq_kv - kb * SYM_BLOCK_KV, SYM_BLOCK_KV).to(tl.float32)
-        logit = tl.sum(km * qm[None, :], 1) * scale + tl.log(tl.where(valid, rows, 1.0))
+        logit, kb, valid = _chunk_logits(km_base, qm, c, n_k, seq_kv, scale, offs_d, dmask, HEAD_DIM, SYM_BLOCK_KV, CHUNK_K)
         tl.store(out_row + kb, tl.exp(logit - m_all) / total, mask=valid)
 
 
