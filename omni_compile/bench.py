@@ -212,54 +212,60 @@ def part_pooled(seqs, rows):
         print(f"  pooled S={S}: {t:.4f} ms = {100 * t / dense:.2f}% of one dense attention, err {err:.1e}")
 
 
+def _sweep_row(rows, op, cfg, run, ref, flops, keep=""):
+    try:
+        err = rel_err(run(), ref)
+        t = bench_ms(run)
+    except Exception as e:
+        t, err = float("nan"), float("nan")
+        print(f"  sweep {op} {cfg} failed: {e!r}", file=sys.stderr)
+    rows.append(dict(part="sweep", op=op, keep=keep, cfg=str(cfg), ms=t, err=err, tflops=flops / t / 1e9))
+    print(f"  sweep {op} {keep} {cfg}: {t:.3f} ms err {err:.1e}")
+
+
 def part_sweep(rows):
-    """Tile configs for the kernels, on realistic symbols; informs the defaults in ``ops/``."""
+    """Tile configs and load paths (pointer vs TMA descriptors) on realistic symbols; informs the
+    defaults in ``ops/``."""
+    from .ops.linear_o import _launch_linear_o
+    from .ops.linear_q import _launch_linear_q
+
     S = 16896
     q, k, v = (torch.randn(B, H, S, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     for keep in (1.0, 0.2):
         sym = make_symbols(S, keep)
         idx, cnt = sym.kv_schedule()
-        ref = _launch_attention(q, k, v, idx, cnt, BLOCK, BLOCK, D**-0.5)[0]
-        for bm, bn, w, st in [(128, 128, 8, 3), (128, 128, 8, 4), (128, 64, 8, 3)]:
-            cfg = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st)
-            try:
-                out = _launch_attention(q, k, v, idx, cnt, BLOCK, BLOCK, D**-0.5, cfg)[0]
-                t = bench_ms(lambda: _launch_attention(q, k, v, idx, cnt, BLOCK, BLOCK, D**-0.5, cfg))
-                err = rel_err(out, ref)
-            except Exception as e:
-                t, err = float("nan"), float("nan")
-                print(f"  sweep attn {cfg} failed: {e!r}", file=sys.stderr)
-            rows.append(dict(part="sweep", op="attention", keep=keep, cfg=str(cfg), ms=t, err=err,
-                             tflops=4 * B * H * S * S * D * sym.density() / t / 1e9))
-            print(f"  sweep attn keep={keep} {cfg}: {t:.3f} ms err {err:.1e}")
+        ref = sparse_attention_reference(q, k, v, sym.reuse_bits, sym.skip_bits, BLOCK, BLOCK, D**-0.5)[0]
+        for bn, w, st in [(128, 8, 3), (64, 8, 3)]:
+            for tma in (False, True):
+                cfg = dict(BLOCK_M=128, BLOCK_N=bn, num_warps=w, num_stages=st, USE_TMA=tma)
+                run = lambda: _launch_attention(q, k, v, idx, cnt, BLOCK, BLOCK, D**-0.5, cfg)[0]
+                _sweep_row(rows, "attention", cfg, run, ref, 4 * B * H * S * S * D * sym.density(), keep)
     del q, k, v
-    from .ops.linear_o import _launch_linear_o
-
     M, K, N = 4608, 3072, 3072
-    a = torch.randn(1, M, K, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(1, M, K, device="cuda", dtype=torch.bfloat16)
     w_ = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) / K**0.5
+    dense = Symbols.dense(1, N // D, M, BLOCK, BLOCK, BLOCK, device="cuda")
+    ref = F.linear(x.float(), w_.float())
+    for bn, w, st in [(128, 8, 3), (256, 8, 3), (256, 8, 4)]:
+        for tma in (False, True):
+            cfg = dict(BLOCK_M=128, BLOCK_N=bn, BLOCK_K=64, GROUP_M=8, num_warps=w, num_stages=st, USE_TMA=tma)
+            run = lambda: _launch_linear_q(x, w_, None, dense.reuse_bits, BLOCK, D, 0, cfg)
+            _sweep_row(rows, "gemm_q", cfg, run, ref, 2 * M * K * N)
     for r in (0.0, 0.5):
         sym = make_symbols(M, 1.0, reuse_fraction=r)
         sym = Symbols(sym.reuse_bits, sym.skip_bits, BLOCK, BLOCK, M, M)
         cb = torch.randn(1, M, N, device="cuda", dtype=torch.bfloat16)
         bias = torch.randn(N, device="cuda", dtype=torch.bfloat16)
         sel = sym.row_selection(M, 0, False).repeat_interleave(D, -1)
-        ref = F.linear(torch.where(sel, a, 0).float(), w_.float(), bias.float()) + cb.float()
-        for nested in (False, True):
-            for bn, w, st in [(128, 8, 3), (128, 8, 4), (128, 4, 4)]:
-                cfg = dict(BLOCK_M=128, BLOCK_N=bn, BLOCK_K=64, GROUP_M=8, NESTED=nested, num_warps=w, num_stages=st)
-                idx, cnt = sym.head_schedule(M, 0, 128, False)
-                run = lambda: _launch_linear_o(a, w_, bias, cb, sym.reuse_bits, idx, cnt, BLOCK, D, 0, 128, False, cfg)
-                try:
-                    err = rel_err(run(), ref)
-                    t = bench_ms(run)
-                except Exception as e:
-                    t, err = float("nan"), float("nan")
-                    print(f"  sweep gemm_o {cfg} failed: {e!r}", file=sys.stderr)
-                f = 1.0 - sym.reuse_fraction()
-                rows.append(dict(part="sweep", op=f"gemm_o reuse {r}", cfg=str(cfg), ms=t, err=err,
-                                 tflops=2 * M * K * N * f / t / 1e9))
-                print(f"  sweep gemm_o reuse={r} {cfg}: {t:.3f} ms err {err:.1e}")
+        ref = F.linear(torch.where(sel, x, 0).float(), w_.float(), bias.float()) + cb.float()
+        idx, cnt = sym.head_schedule(M, 0, 128, False)
+        f = 1.0 - sym.reuse_fraction()
+        for bn, w, st, regs in [(128, 4, 3, False), (128, 4, 3, True), (128, 8, 3, True), (256, 8, 3, True)]:
+            for tma in (False, True):
+                cfg = dict(BLOCK_M=128, BLOCK_N=bn, BLOCK_K=64, GROUP_M=8, num_warps=w, num_stages=st, USE_TMA=tma,
+                           HEADS_IN_REGISTERS=regs)
+                run = lambda: _launch_linear_o(x, w_, bias, cb, sym.reuse_bits, idx, cnt, BLOCK, D, 0, 128, False, cfg)
+                _sweep_row(rows, f"gemm_o reuse {r}", cfg, run, ref, 2 * M * K * N * f)
 
 
 def markdown(rows):

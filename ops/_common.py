@@ -45,6 +45,55 @@ def use_triton(t: torch.Tensor) -> bool:
     return _mode == "triton" and t.device.type == "cpu" and triton_interpreting()
 
 
+_tma = os.environ.get("OMNI_COMPILE_TMA", "auto")
+
+
+@contextlib.contextmanager
+def tensor_memory_accelerator(mode: str) -> Iterator[None]:
+    """Whether the kernels load tiles through tensor descriptors (Hopper's TMA engine): ``"auto"`` (the
+    GEMMs on CUDA when the inputs qualify, where the H100 sweep measured it faster; attention keeps pointer
+    loads, measured faster; off in Triton's CPU interpreter), ``"on"`` (every kernel, also in the
+    interpreter, which emulates descriptors: how CI tests that path), ``"off"`` (plain pointer loads)."""
+    global _tma
+    if mode not in ("auto", "on", "off"):
+        raise ValueError(f"tensor_memory_accelerator mode must be 'auto', 'on' or 'off', got {mode!r}")
+    old, _tma = _tma, mode
+    try:
+        yield
+    finally:
+        _tma = old
+
+
+def tma_mode() -> str:
+    return _tma
+
+
+def tma_enabled() -> bool:
+    if _tma == "off" or _TensorDescriptor is None:
+        return False
+    return _tma == "on" or not triton_interpreting()
+
+
+def tma_compatible(t: torch.Tensor) -> bool:
+    """TMA needs a 16-byte aligned base and 16-byte multiples for every stride but the last (1)."""
+    size = t.element_size()
+    return (
+        t.data_ptr() % 16 == 0
+        and t.stride(-1) == 1
+        and all((st * size) % 16 == 0 for st in t.stride()[:-1])
+    )
+
+
+def make_descriptor(t: torch.Tensor, block_shape):
+    return _TensorDescriptor(t, list(t.shape), list(t.stride()), list(block_shape))
+
+
+try:  # host-side tensor descriptors: triton >= 3.3
+    from triton.tools.tensor_descriptor import TensorDescriptor as _TensorDescriptor
+except ImportError:  # pragma: no cover - older triton: pointer loads only
+    _TensorDescriptor = None
+
+
 def check_float(name: str, t, dims: int, dtype: Optional[torch.dtype] = None, device=None) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")

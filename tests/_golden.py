@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from omni_compile.ops import kernel_backend
+from omni_compile.ops._common import tensor_memory_accelerator
 
 EPS = {torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7, torch.float32: 2.0**-23}
 
@@ -55,11 +56,19 @@ def tolerance(ref_err, dtype, magnitude):
     return 4.0 * ref_err + 2.0 * EPS[dtype] * max(1.0, magnitude)
 
 
-IMPLS = ["reference", "triton"]
+IMPLS = ["reference", "triton", "triton-tma"]
 
 
+@contextlib.contextmanager
 def impl_context(impl):
-    return kernel_backend(impl) if impl == "triton" else kernel_backend("reference")
+    """``reference``: the fp32 PyTorch path; ``triton``: the kernels with plain pointer loads;
+    ``triton-tma``: the kernels loading through tensor descriptors where the inputs qualify."""
+    if impl == "reference":
+        with kernel_backend("reference"):
+            yield
+        return
+    with kernel_backend("triton"), tensor_memory_accelerator("on" if impl == "triton-tma" else "off"):
+        yield
 
 
 def poison_like(t, where_mask):

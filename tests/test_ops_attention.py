@@ -188,3 +188,17 @@ def test_traces_under_torch_compile_as_the_registered_op():
     fn = torch.compile(lambda q, k, v: sparse_attention(q, k, v, s) * 2, backend=backend, fullgraph=True)
     assert torch.allclose(fn(q, k, v), sparse_attention(q, k, v, s) * 2)
     assert any("flashomni.sparse_attention" in t for t in targets), targets
+
+
+def test_tma_path_is_taken_when_forced(monkeypatch):
+    import omni_compile.ops.attention as A
+
+    made = []
+    real = A.make_descriptor
+    monkeypatch.setattr(A, "make_descriptor", lambda t, shape: made.append(shape) or real(t, shape))
+    q, k, v, s = make((1, 2, 64, 32, 64, 100, 90, torch.float16, 0.3, 0.5, 3))
+    with impl_context("triton-tma"):
+        out = sparse_attention(q, k, v, s)
+    with impl_context("triton"):
+        plain = sparse_attention(q, k, v, s)
+    assert len(made) == 3 and torch.equal(out, plain)

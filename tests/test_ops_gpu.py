@@ -9,8 +9,16 @@ from omni_compile.ops import Symbols, cache_bias_for, pooled_scores, sparse_atte
 from omni_compile.ops.attention import sparse_attention_reference
 from omni_compile.ops.pooled import pooled_scores_reference
 
+from omni_compile.ops._common import tensor_memory_accelerator
+
 pytestmark = pytest.mark.gpu
 DT = [torch.bfloat16, torch.float16]
+
+
+@pytest.fixture(params=["off", "auto"], ids=["pointer-loads", "tma-when-eligible"])
+def load_path(request):
+    with tensor_memory_accelerator(request.param):
+        yield request.param
 
 
 def rel(a, b):
@@ -31,7 +39,7 @@ def rand_symbols(B, H, Sq, Skv, bq, bkv, p_reuse, p_skip, seed):
     [(4608, 4608, 128, 128, 128, 0.0, 0.0), (4608, 4608, 128, 128, 128, 0.3, 0.7), (4685, 4685, 128, 128, 128, 0.2, 0.5),
      (4096, 333, 72, 64, 32, 0.1, 0.3), (1000, 1000, 64, 256, 64, 0.0, 0.9), (777, 777, 96, 16, 256, 0.5, 0.5)],
 )
-def test_attention_realistic(dtype, S, Skv, D, bq, bkv, p_reuse, p_skip):
+def test_attention_realistic(load_path, dtype, S, Skv, D, bq, bkv, p_reuse, p_skip):
     B, H = 1, 24 if S >= 4096 else 3
     q = torch.randn(B, S, H, D, device="cuda", dtype=dtype).transpose(1, 2)  # diffusers' strided layout
     k, v = (torch.randn(B, H, Skv, D, device="cuda", dtype=dtype) for _ in range(2))
@@ -49,7 +57,7 @@ def test_attention_realistic(dtype, S, Skv, D, bq, bkv, p_reuse, p_skip):
 
 
 @pytest.mark.parametrize("dtype", DT)
-def test_attention_nan_in_skipped_blocks_does_not_leak(dtype):
+def test_attention_nan_in_skipped_blocks_does_not_leak(load_path, dtype):
     B, H, S, D = 1, 8, 2048, 128
     q, k, v = (torch.randn(B, H, S, D, device="cuda", dtype=dtype) for _ in range(3))
     s = rand_symbols(B, H, S, S, 128, 128, 0.3, 0.5, 1)
@@ -67,7 +75,7 @@ def test_attention_nan_in_skipped_blocks_does_not_leak(dtype):
 @pytest.mark.parametrize("dtype", DT)
 @pytest.mark.parametrize("M, K, N, D, off, p", [(4608, 3072, 3072, 128, 0, 0.5), (4096, 3072, 3072, 128, 512, 0.75),
                                                 (1000, 1152, 1152, 72, 77, 0.3)])
-def test_gemms_realistic(dtype, M, K, N, D, off, p):
+def test_gemms_realistic(load_path, dtype, M, K, N, D, off, p):
     H = N // D
     s = rand_symbols(1, H, M + off, 16, 128, 16, p, 0.0, M)
     x = torch.randn(1, M, K, device="cuda", dtype=dtype)

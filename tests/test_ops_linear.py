@@ -22,7 +22,7 @@ def projection_case(draw):
     bq = draw(st.sampled_from([16, 32, 64, 128]))
     S = draw(st.integers(1, 150))
     offset = draw(st.sampled_from([0, 0, 5, 16, 77]))
-    cin = draw(st.integers(8, 80))
+    cin = draw(st.one_of(st.integers(8, 80), st.sampled_from([16, 32, 48, 64])))  # multiples of 8: TMA-eligible
     cout = draw(st.integers(8, 90))
     dtype = draw(st.sampled_from([torch.float16, torch.float32]))
     p_reuse = draw(st.sampled_from([0.0, 0.5, 1.0]))
@@ -150,3 +150,34 @@ def test_opcheck():
     torch.library.opcheck(
         sparse_linear_o_op, (a, wo, bo, cb, s.reuse_bits, idx, cnt, s.block_q, s.seq_q, D, off, bm, False)
     )
+
+
+def test_tma_paths_are_taken_when_forced(monkeypatch):
+    import omni_compile.ops.linear_o as LO
+    import omni_compile.ops.linear_q as LQ
+
+    made = []
+    for mod in (LQ, LO):
+        real = mod.make_descriptor
+        monkeypatch.setattr(mod, "make_descriptor", lambda t, shape, real=real: made.append(shape) or real(t, shape))
+    s, x, wq, bq_, a, wo, bo, _, D, off = make((1, 2, 64, 64, 90, 0, 32, 40, torch.float16, 0.5, True, 5))
+    outs = {}
+    for impl in ("triton-tma", "triton"):
+        with impl_context(impl):
+            outs[impl] = (sparse_linear_q(x, wq, bq_, s, D), sparse_linear_o(a, wo, bo, s, D, cache_bias_for(a, wo, s, D)))
+    assert len(made) == 6  # x, W for GEMM-Q; a, W for GEMM-O and for the cache bias
+    for got, want in zip(outs["triton-tma"], outs["triton"]):
+        assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("impl", ["triton", "triton-tma"])
+def test_gemm_o_head_list_in_registers_variant(impl):
+    from omni_compile.ops.linear_o import _launch_linear_o, linear_o_config
+
+    s, _, _, _, a, w, b, computed, D, off = make((2, 3, 64, 32, 70, 0, 16, 40, torch.float16, 0.5, True, 9))
+    cfg = dict(linear_o_config(D, s.block_q, a.dtype), HEADS_IN_REGISTERS=True)
+    idx, cnt = s.head_schedule(a.shape[1], off, cfg["BLOCK_M"], False)
+    with impl_context(impl):
+        y = _launch_linear_o(a, w, b, None, s.reuse_bits, idx, cnt, s.block_q, D, off, cfg["BLOCK_M"], False, cfg)
+        want = sparse_linear_o(a, w, b, s, D, row_offset=off)
+    assert torch.equal(y, want)
