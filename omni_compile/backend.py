@@ -38,6 +38,7 @@ def _site_ops():
         attention=torch.ops.flashomni.site_attention.default,
         linear_q=torch.ops.flashomni.site_linear_q.default,
         linear_o=torch.ops.flashomni.site_linear_o.default,
+        clock=torch.ops.flashomni.step_clock.default,
     )
 
 
@@ -69,6 +70,7 @@ def resolve_options(options: Optional[dict]) -> OmniState:
 def apply_passes(gm: fx.GraphModule, state: OmniState) -> list:
     """Find, classify and rewrite the attention sites of ``gm`` in place; returns their records."""
     from omni_compile import passes as P
+    from omni_compile.passes import _fx
 
     cfg = state.config
     sites = P.find_sites(gm)
@@ -100,6 +102,11 @@ def apply_passes(gm: fx.GraphModule, state: OmniState) -> list:
             rec.kind, rec.segments, rec.kv_segments = P.classify(site, walk, text_len)
             rec.q_projections = [(p.name, p.row_offset) for p in walk.q_projections]
             rec.out_projections = [(p.name, p.row_offset, p.rows, p.col_offset) for p in walk.out_projections]
+            rec.out_features = {}
+            for p in walk.out_projections:
+                w_shape = _fx.static_shape(_fx.linear_args(p.node)[1])
+                if w_shape is not None:
+                    rec.out_features[(p.row_offset, p.col_offset)] = (p.rows, w_shape[0])
         else:
             rec.kind = "cross" if site.seq_q != site.seq_kv else "self"
             rec.segments = [("vision", 0, site.seq_q)]
@@ -120,18 +127,25 @@ def apply_passes(gm: fx.GraphModule, state: OmniState) -> list:
         plans.append((site, walk, state.register(rec)))
 
     ops = _site_ops()
+    clock = None
+    if any(rec.rewritten for _, _, rec in plans):
+        ts = P.timestep_input(gm)
+        if ts is not None:
+            clock = P.insert_clock(gm, ts, ops, state.id)
+        else:
+            log.debug("flashomni: graph has no timestep input; its sites follow the clock of another graph")
     for site, walk, rec in plans:
         if not rec.rewritten:
             continue
-        P.rewrite_attention(gm, site, ops, state.id, rec.site_id)
+        P.rewrite_attention(gm, site, ops, state.id, rec.site_id, clock)
         if rec.gemm_q:
             for proj in walk.q_projections:
-                P.rewrite_linear_q(gm, proj, site, ops, state.id, rec.site_id)
+                P.rewrite_linear_q(gm, proj, site, ops, state.id, rec.site_id, clock)
         elif rec.gemm_q_reason:
             log.debug("flashomni: site %s: no GEMM-Q: %s", rec.name, rec.gemm_q_reason)
         if rec.gemm_o:
             for proj in walk.out_projections:
-                P.rewrite_linear_o(gm, proj, site, ops, state.id, rec.site_id)
+                P.rewrite_linear_o(gm, proj, site, ops, state.id, rec.site_id, clock)
         elif rec.gemm_o_reason:
             log.debug("flashomni: site %s: no GEMM-O: %s", rec.name, rec.gemm_o_reason)
     gm.graph.lint()

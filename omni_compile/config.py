@@ -1,20 +1,30 @@
-"""``OmniConfig``: every knob of the ``flashomni`` backend, each with its trade-off."""
+"""``OmniConfig``: every knob of the ``flashomni`` backend, each with its trade-off.
+
+Invalid values raise ``ValueError`` at construction, naming the field and its valid range.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Optional
 
-#: Policies the runtime implements today. Issue 4 adds "flashomni" and "fixed".
-POLICIES = ("dense",)
+#: Policies the runtime implements (``omni_compile.policy``).
+POLICIES = ("flashomni", "dense", "fixed")
 
 
 @dataclass
 class OmniConfig:
-    policy: str = "dense"
-    """How symbols are chosen. ``"dense"``: every tile computed, no key block skipped — the rewritten
-    graph then equals the model (use it for equivalence tests and as the quality reference); costs the
-    full attention and projections every step. Valid: ``"dense"``."""
+    policy: str = "flashomni"
+    """How symbols are chosen on update steps. ``"flashomni"`` (default): the paper's policy — vision
+    query blocks that feed the text little and are little guided by it are reused (``tau_q``), and per
+    computed query block the key blocks with the least pooled attention mass are skipped (``tau_kv``);
+    adapts to the content, costs one pooled-score estimate per site per update. ``"dense"``: every tile
+    computed, no key block skipped — the rewritten graph then equals the model (use it for equivalence
+    tests and as the quality reference); costs the full attention and projections every step.
+    ``"fixed"``: reuse/skip the fractions ``reuse_fraction`` / ``skip_fraction`` of tiles picked from
+    ``seed`` regardless of content — controlled density for benchmarks, worse quality than
+    ``"flashomni"`` at the same density. Valid: ``"flashomni"``, ``"dense"``, ``"fixed"``."""
 
     block_q: int = 128
     """Query rows per symbol block. Larger blocks mean fewer symbols and better kernel efficiency, but
@@ -41,7 +51,57 @@ class OmniConfig:
     gemm_o: bool = True
     """Rewrite output projections into GEMM-O: reduce only over computed heads and add a cache bias
     for the reused ones. Off keeps the dense projection; the runtime must then keep the attention
-    output itself for reused tiles (more memory: one [B, S, H*D] cache per site instead of [B, S, C])."""
+    output itself for reused tiles (more memory: ``taylor_order + 1`` tensors of ``[B, H, S, D]`` per
+    site instead of ``taylor_order + 1`` of ``[B, S, C]`` plus ``taylor_order`` of ``[B, S, H*D]``)."""
+
+    interval: int = 5
+    """Steps between two update steps (N in the paper; 6 for HunyuanVideo, 5 in the FLUX prototype).
+    The ``interval - 1`` steps in between are dispatch steps that reuse the symbols and caches: larger
+    means more steps run sparse (faster) but symbols and forecasts go staler (lower quality). ``1``
+    makes every step an update step (dense output). Integer, 1 to 1000."""
+
+    warmup: int = 8
+    """Steps at the start of each generation that run dense (W in the paper, 8); the last of them
+    (step ``warmup - 1``) is the first update step. More warm-up protects the early, fast-changing
+    steps that set the image layout, at the cost of fewer sparse steps. Integer, 1 to 1000."""
+
+    taylor_order: int = 1
+    """Order D of the Taylor forecast of reused tiles between updates (finite differences of the
+    features at the last D + 1 full steps). 0 reuses the last value as is; 1 (paper's HunyuanVideo) and
+    2 (FLUX prototype) extrapolate the trend — better quality at longer intervals, but each order adds
+    a cache tensor per site (memory) and one more term to add on dispatch steps; high orders can
+    overshoot when features change irregularly. Integer, 0 to 2."""
+
+    tau_q: float = 0.5
+    """Caching threshold of the ``"flashomni"`` policy: vision query blocks are reused, lowest score
+    first, while their cumulative share of the metric (vision→text contribution and text→vision
+    guidance) stays at or below ``tau_q``. Higher reuses more blocks (faster, lower quality). 0 reuses
+    nothing. Float, 0 to 1."""
+
+    tau_kv: float = 0.05
+    """Skipping threshold of the ``"flashomni"`` policy: per computed query block, key blocks are
+    skipped, smallest pooled attention mass first, while their cumulative mass stays at or below
+    ``tau_kv`` — so kept blocks carry at least ``1 - tau_kv`` of the estimated mass. Higher skips more
+    (faster, less exact). The paper uses 0.05 (HunyuanVideo), the FLUX prototype 0.15. Float, 0 to
+    less than 1."""
+
+    reuse_fraction: float = 0.5
+    """``policy="fixed"`` only: fraction of each (batch item, head)'s vision query blocks reused on
+    dispatch steps. Text query blocks are never reused. Float, 0 to 1."""
+
+    skip_fraction: float = 0.5
+    """``policy="fixed"`` only: fraction of each computed vision query block's vision key blocks
+    skipped (text key blocks and at least one key block are always kept). Float, 0 to 1."""
+
+    seed: int = 0
+    """``policy="fixed"`` only: seed of the tile choice (with the site id), so a benchmark sees the same
+    tiles every run. Integer, 0 or more."""
+
+    max_cache_mb: Optional[float] = None
+    """Cap on the memory the runtime's caches may hold (MiB, all sites and streams). A site whose
+    caches would exceed it on an update step gets no reused tiles until its next update (it still skips
+    key blocks): memory is bounded, speed and quality degrade gracefully for the sites served last.
+    None: no cap. Float, 0 or more, or None."""
 
     def __post_init__(self) -> None:
         self.validate()
@@ -56,6 +116,25 @@ class OmniConfig:
         for name in ("use_inductor", "attention", "gemm_q", "gemm_o"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"OmniConfig.{name} must be True or False, got {getattr(self, name)!r}")
+        for name, lo, hi in (("interval", 1, 1000), ("warmup", 1, 1000), ("taylor_order", 0, 2)):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < lo or v > hi:
+                raise ValueError(f"OmniConfig.{name} must be an integer from {lo} to {hi}, got {v!r}")
+        for name, hi_open in (("tau_q", False), ("tau_kv", True), ("reuse_fraction", False), ("skip_fraction", False)):
+            v = getattr(self, name)
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and 0.0 <= v and (v < 1.0 if hi_open else v <= 1.0)
+            if not ok:
+                rng = "from 0 to less than 1" if hi_open else "from 0 to 1"
+                raise ValueError(f"OmniConfig.{name} must be a number {rng}, got {v!r}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
+            raise ValueError(f"OmniConfig.seed must be an integer, 0 or more, got {self.seed!r}")
+        m = self.max_cache_mb
+        if m is not None and (not isinstance(m, (int, float)) or isinstance(m, bool) or m < 0 or m != m):
+            raise ValueError(f"OmniConfig.max_cache_mb must be None or a number, 0 or more, got {m!r}")
+
+    @property
+    def max_cache_bytes(self) -> Optional[int]:
+        return None if self.max_cache_mb is None else int(self.max_cache_mb * 2**20)
 
     @classmethod
     def field_names(cls) -> tuple:

@@ -1,17 +1,29 @@
-"""The site ops the passes rewrite into: ``flashomni::site_attention``, ``site_linear_q``, ``site_linear_o``.
+"""The site ops the passes rewrite into, and the update–dispatch runtime behind them.
 
-Each is an opaque ``torch.library.custom_op`` taking plain tensors plus ``state`` / ``site`` ids. At run
-time it finds the :class:`~omni_compile.state.SiteRecord` and decides which symbols and caches to use, then
-calls the ``omni_compile.ops`` kernels. Every decision happens inside the op, so one compiled graph serves
-all steps (no recompiles; design.md fact 5) and per-site state never becomes a graph constant (fact 11).
+Ops: ``flashomni::step_clock(timestep, state)`` (once per model call: places it in the denoising loop,
+``omni_compile.schedule``), ``flashomni::site_attention``, ``site_linear_q``, ``site_linear_o``. Each is an
+opaque ``torch.library.custom_op`` taking plain tensors plus ``state`` / ``site`` ids and the clock's
+output; at run time it finds the :class:`~omni_compile.state.SiteRecord`, the stream's
+:class:`~omni_compile.state.SiteStream`, and what this step does. Every decision happens inside the ops,
+so one compiled graph serves all steps (no recompiles; design.md fact 5) and per-site state never becomes
+a graph constant (fact 11).
 
-Ordering within a site is carried by data: the q projection feeds the attention, whose output feeds the
-output projection. So ``site_linear_q`` for call *n* runs before ``site_attention`` of call *n* (which
-counts the call and stores that call's symbols), and ``site_linear_o`` runs after it. Each site keeps its
-own counters, so ops of different sites may run in any order.
+What a site does at each step (``policy`` other than ``"dense"``; docs/runtime.md):
 
-Today's policy is ``"dense"``: all-compute symbols, so the ops reproduce the model. Issue 4 plugs the
-update/dispatch decisions in here (``_symbols_for_*``), without changing the graph.
+* **dense** (warm-up): everything computed; the last ``taylor_order`` warm-up steps record the features
+  the first update's finite differences need.
+* **update**: q, attention and output projection computed densely (the output is exact); the policy turns
+  pooled scores into new symbols; caches refresh — Taylor factors of the GEMM-O input and, per order, the
+  cache-bias term (the projection of that factor over the heads the new symbols reuse); or, for sites
+  without GEMM-O, the Taylor factors of the attention output.
+* **dispatch**: GEMM-Q skips reused tiles, attention skips reused tiles and skipped key blocks, GEMM-O
+  reduces over computed heads and adds the forecast bias ``Σ_i term_i · x^i / i!`` (``x`` = steps since the
+  update) — no dense projection pass; sites without GEMM-O fill reused tiles with the forecast attention
+  output instead (the attention op returns zeros there).
+
+Ordering within a site is carried by data: the clock feeds every site op; the q projection feeds the
+attention, whose output feeds the output projection. So for one model call ``site_linear_q`` runs before
+``site_attention`` (which builds the update step's symbols) and ``site_linear_o`` after it.
 """
 
 from __future__ import annotations
@@ -21,22 +33,147 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .state import SiteRecord, get_state
+from . import taylor
+from .schedule import DENSE, DISPATCH, UPDATE, step_action
+from .state import SiteRecord, SiteStream, StepRecord, get_state
 
-# ---- policy hooks (dense today) -----------------------------------------------------------------
+# ---- the clock -----------------------------------------------------------------------------------
 
 
-def _symbols_for_attention(state, site: SiteRecord, q, k):
+@torch.library.custom_op("flashomni::step_clock", mutates_args=())
+def step_clock(timestep: torch.Tensor, state: int) -> torch.Tensor:
+    """Place this model call in the denoising loop from its timestep (one host read of one value).
+    Returns ``[generation, step, stream]`` (int64, on the timestep's device): a token the site ops take as
+    an input, so they run after it."""
+    st = get_state(state)
+    t = float(timestep.reshape(-1)[0]) if timestep.numel() else 0.0
+    gen = st.clock.generation
+    pos = st.clock.tick(t)
+    if pos.generation != gen:
+        st.new_generation()
+    return torch.tensor([pos.generation, pos.step, pos.stream], dtype=torch.int64, device=timestep.device)
+
+
+@step_clock.register_fake
+def _(timestep, state):
+    return timestep.new_empty(3, dtype=torch.int64)
+
+
+# ---- where a site stands -------------------------------------------------------------------------
+
+
+def stream_for(state, site: SiteRecord, batch: int, seq_q: int) -> Optional[SiteStream]:
+    """The site's stream state for the current model call, with this step's action decided (once per
+    step; every op of the site in the call reads the same). None: run dense (policy ``"dense"``, no
+    clock, or a site the runtime does not make sparse)."""
+    cfg = state.config
+    if cfg.policy == "dense":
+        return None
+    pos = state.clock.position
+    if pos is None:
+        site.runtime_reason = ("no timestep reached the runtime (no compiled graph takes a 'timestep' input), "
+                               "so steps and CFG streams cannot be told apart: dense")
+        return None
+    if site.mask is not None:
+        site.runtime_reason = "attention mask (key padding): caching over dropped keys not implemented: dense"
+        return None
+    key = (pos.stream, batch, seq_q)
+    ss = site.streams.get(key)
+    if ss is None:
+        ss = site.streams[key] = SiteStream(key)
+    if ss.generation != pos.generation:
+        ss.clear()
+        ss.generation, ss.step = pos.generation, -1
+    if ss.step != pos.step:
+        ss.step = pos.step
+        act = step_action(pos.step, cfg.warmup, cfg.interval)
+        if act == DISPATCH and ss.symbols is None:
+            act = UPDATE  # this stream missed the update (it appeared mid-loop): make one now
+        ss.action = act
+        ss.counts[act] += 1
+    return ss
+
+
+def _observe_on_dense_step(cfg, step: int) -> bool:
+    """Warm-up steps whose features the first update's differences need (the last ``taylor_order``)."""
+    return cfg.taylor_order > 0 and step >= cfg.warmup - 1 - cfg.taylor_order
+
+
+def _fits(state, ss: SiteStream, extra: int) -> bool:
+    cap = state.config.max_cache_bytes
+    return cap is None or state.memory_bytes() + extra <= cap
+
+
+def _cache_estimate(state, site: SiteRecord, batch: int, heads: int, seq_q: int, head_dim: int, itemsize: int) -> int:
+    """Upper bound of what a stream of this site holds after an update (caches, symbols excluded)."""
+    D = state.config.taylor_order
+    if site.gemm_o:
+        total = 0
+        for (ro, _), (rows, cout) in site.out_features.items():
+            total += D * batch * rows * heads * head_dim * itemsize
+            if not _no_bias_terms(state, site, ro, rows):
+                total += (D + 1) * batch * rows * cout * itemsize
+        return total
+    return (D + 1) * batch * heads * seq_q * head_dim * itemsize + batch * heads * seq_q
+
+
+def _layout(state, site: SiteRecord, device):
+    from .policy import block_text_mask
+
+    cache = state.__dict__.setdefault("_layouts", {})
+    key = (site.site_id, str(device), state.config.block_q, state.config.block_kv)
+    hit = cache.get(key)
+    if hit is None:
+        cfg = state.config
+        q_text = block_text_mask(site.segments, site.seq_q, cfg.block_q, device)
+        kv_text = block_text_mask(site.kv_segments, site.seq_kv, cfg.block_kv, device)
+        n_text = sum(1 for j in range(q_text.numel())
+                     if any(m == "text" and a < (j + 1) * cfg.block_q and b > j * cfg.block_q for m, a, b in site.segments))
+        hit = cache[key] = (q_text, kv_text, n_text)
+    return hit
+
+
+def _rows_all_text(site: SiteRecord, row_offset: int, rows: int) -> bool:
+    covered = 0
+    for m, a, b in site.segments:
+        if m == "text":
+            covered += max(0, min(b, row_offset + rows) - max(a, row_offset))
+    return covered == rows
+
+
+def _no_bias_terms(state, site: SiteRecord, row_offset: int, rows: int) -> bool:
+    """The built-in policies never reuse text rows: a projection over text rows only needs no cache bias."""
+    return state.config.policy in ("flashomni", "fixed") and _rows_all_text(site, row_offset, rows)
+
+
+def make_symbols(state, site: SiteRecord, q, k, scale, step: int, timestep: float, allow_reuse: bool = True):
+    """Run the configured policy on an update step and pack its bits (``omni_compile.policy``)."""
+    from omni_compile.ops import Symbols, pooled_scores
+
+    from .policy import NEEDS_SCORES, POLICIES, PolicyInput
+
+    cfg = state.config
     B, H, Sq, _ = q.shape
-    return state.dense_symbols(B, H, Sq, k.shape[2], q.device)
+    Skv = k.shape[2]
+    q_text, kv_text, n_text = _layout(state, site, q.device)
+    scores = square = None
+    if cfg.policy in NEEDS_SCORES:
+        scores = pooled_scores(q, k, cfg.block_q, cfg.block_kv, scale)
+        if site.kind != "cross":
+            square = scores if cfg.block_q == cfg.block_kv else pooled_scores(q, k, cfg.block_q, cfg.block_q, scale)
+    inp = PolicyInput(scores=scores, scores_square=square, kind=site.kind, q_text=q_text, kv_text=kv_text,
+                      batch=B, heads=H, seq_q=Sq, seq_kv=Skv, block_q=cfg.block_q, block_kv=cfg.block_kv,
+                      text_q_blocks=n_text, site_id=site.site_id, step=step, timestep=timestep)
+    reuse, skip = POLICIES[cfg.policy](inp, cfg)
+    if not allow_reuse:
+        reuse = torch.zeros_like(reuse)
+    return Symbols.from_dense(reuse, skip, cfg.block_q, cfg.block_kv, Sq, Skv)
 
 
-def _symbols_for_rows(state, site: SiteRecord, batch: int, heads: int, seq_q: int, device):
-    """Symbols GEMM-Q/GEMM-O read: the site's latest ones when they fit, else all-compute."""
-    sym = site.symbols
-    if sym is not None and sym.batch == batch and sym.heads == heads and sym.seq_q == seq_q and sym.device == device:
-        return sym
-    return state.dense_symbols(batch, heads, seq_q, seq_q, device)
+def _record(state, site: SiteRecord, action: str, sym, work: int) -> None:
+    pos = state.clock.position
+    if pos is not None:
+        state.history.append(StepRecord(pos.generation, pos.step, pos.stream, site.site_id, action, sym, work))
 
 
 # ---- attention ----------------------------------------------------------------------------------
@@ -64,16 +201,69 @@ def run_attention(state, site: SiteRecord, q, k, v, mask, scale):
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     B, H, Sq, D = q.shape
     Skv = k.shape[2]
-    if mask is None:
-        sym = _symbols_for_attention(state, site, q, k)
+    ss = stream_for(state, site, B, Sq) if mask is None else None
+    if ss is None:
+        return _run_attention_dense(state, site, q, k, v, mask, scale)
+    cfg = state.config
+    dense = state.dense_symbols(B, H, Sq, Skv, q.device)
+    step = ss.step
+    if ss.action == DISPATCH:
+        sym = ss.symbols
         site.symbols = sym
+        ss.sparse_calls["attention"] += 1
+        out = sparse_attention(q, k, v, sym, scale)
+        if ss.out_factors is not None:
+            fc = taylor.forecast(ss.out_factors, step - ss.out_step, out.dtype)
+            out = torch.where(ss.reuse_rows, fc, out)
+        _record(state, site, DISPATCH, sym, B * H * Sq * Skv)
+        return out
+    site.symbols = dense
+    out = sparse_attention(q, k, v, dense, scale)
+    if ss.action == UPDATE:
+        need = _cache_estimate(state, site, B, H, Sq, D, out.element_size())
+        old = ss.memory_bytes() - (0 if ss.symbols is None else ss.symbols.reuse_bits.numel() + ss.symbols.skip_bits.numel())
+        cap = cfg.max_cache_bytes
+        ss.capped = cap is not None and state.memory_bytes() - old + need > cap
+        if ss.capped:
+            ss.out_factors = ss.out_step = ss.reuse_rows = None
+            ss.a_factors, ss.a_step, ss.bias_terms = {}, {}, {}
+        pos = state.clock.position
+        ss.symbols = make_symbols(state, site, q, k, scale, step, pos.timestep, allow_reuse=not ss.capped)
+        ss.update_step = step
+        if not site.gemm_o and not ss.capped:
+            _observe_output(cfg, ss, out, step)
+            reuse, _ = ss.symbols.to_dense()
+            ss.reuse_rows = reuse.repeat_interleave(cfg.block_q, dim=-1)[..., :Sq].unsqueeze(-1)
+    elif not site.gemm_o and _observe_on_dense_step(cfg, step):
+        if ss.out_factors is not None or _fits(state, ss, out.numel() * out.element_size() * cfg.taylor_order):
+            _observe_output(cfg, ss, out, step)
+            ss.out_factors = ss.out_factors[: cfg.taylor_order]  # the forecast needs all orders only after updates
+    _record(state, site, ss.action, dense, B * H * Sq * Skv)
+    return out
+
+
+def _observe_output(cfg, ss: SiteStream, out, step: int) -> None:
+    delta = 0 if ss.out_step is None else step - ss.out_step
+    ss.out_factors = taylor.refresh(ss.out_factors, out, delta, cfg.taylor_order)
+    ss.out_step = step
+
+
+def _run_attention_dense(state, site: SiteRecord, q, k, v, mask, scale):
+    """Dense attention through the ops (policy "dense", no clock, masked sites)."""
+    from omni_compile.ops import sparse_attention
+
+    B, H, Sq, D = q.shape
+    Skv = k.shape[2]
+    if mask is None:
+        sym = state.dense_symbols(B, H, Sq, Skv, q.device)
+        site.symbols = sym
+        _record(state, site, DENSE, sym, B * H * Sq * Skv)
         return sparse_attention(q, k, v, sym, scale)
     valid = _key_valid(mask, B, H, Skv)
-    if valid is not None and bool(valid.all()):
-        sym = _symbols_for_attention(state, site, q, k)
-        site.symbols = sym
-        return sparse_attention(q, k, v, sym, scale)
     site.symbols = state.dense_symbols(B, H, Sq, Skv, q.device)
+    _record(state, site, DENSE, site.symbols, B * H * Sq * Skv)
+    if valid is not None and bool(valid.all()):
+        return sparse_attention(q, k, v, site.symbols, scale)
     if valid is None or not bool((valid == valid[:, :1]).all()):
         site.fallbacks += 1
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale).contiguous()
@@ -112,14 +302,15 @@ def site_attention(
     state: int,
     site: int,
     scale: Optional[float],
+    clock: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """Attention of one rewritten site: the symbols the state holds for it decide the work done."""
+    """Attention of one rewritten site: the step's action and the stream's symbols decide the work done."""
     st = get_state(state)
     return run_attention(st, st.site(site), q, k, v, mask, scale)
 
 
 @site_attention.register_fake
-def _(q, k, v, mask, state, site, scale):
+def _(q, k, v, mask, state, site, scale, clock=None):
     B, H, Sq, _ = q.shape
     return q.new_empty(B, H, Sq, v.shape[-1])
 
@@ -137,20 +328,26 @@ def site_linear_q(
     row_offset: int,
     seq_q: int,
     head_dim: int,
+    clock: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """q projection of a site: skips the (query block, head) tiles its symbols reuse."""
+    """q projection of a site: on dispatch steps skips the (query block, head) tiles its symbols reuse."""
     from omni_compile.ops import sparse_linear_q
 
     st = get_state(state)
     rec = st.site(site)
     rec.linear_q_calls += 1
     heads = weight.shape[0] // head_dim
-    sym = _symbols_for_rows(st, rec, x.shape[0], heads, seq_q, x.device)
+    ss = stream_for(st, rec, x.shape[0], seq_q)
+    if ss is not None and ss.action == DISPATCH:
+        sym = ss.symbols
+        ss.sparse_calls["linear_q"] += 1
+    else:
+        sym = st.dense_symbols(x.shape[0], heads, seq_q, seq_q, x.device)
     return sparse_linear_q(x, weight, bias, sym, head_dim, row_offset)
 
 
 @site_linear_q.register_fake
-def _(x, weight, bias, state, site, row_offset, seq_q, head_dim):
+def _(x, weight, bias, state, site, row_offset, seq_q, head_dim, clock=None):
     return x.new_empty(x.shape[0], x.shape[1], weight.shape[0])
 
 
@@ -168,21 +365,59 @@ def site_linear_o(
     col_offset: int,
     seq_q: int,
     head_dim: int,
+    clock: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Output projection of a site over its heads (columns ``col_offset:col_offset+H*D`` of ``weight``):
-    reduces over computed heads only and adds the cache bias of reused ones."""
-    from omni_compile.ops import sparse_linear_o
+    on dispatch steps reduces over computed heads only and adds the forecast cache bias of reused ones."""
+    from omni_compile.ops import cache_bias_for, sparse_linear_o
 
     st = get_state(state)
+    cfg = st.config
     rec = st.site(site)
     rec.linear_o_calls += 1
     width = a.shape[-1]
     w = weight if (col_offset == 0 and weight.shape[1] == width) else weight[:, col_offset:col_offset + width]
     heads = width // head_dim
-    sym = _symbols_for_rows(st, rec, a.shape[0], heads, seq_q, a.device)
-    return sparse_linear_o(a.contiguous(), w, bias, sym, head_dim, None, row_offset)
+    a = a.contiguous()
+    B = a.shape[0]
+    ss = stream_for(st, rec, B, seq_q)
+    key = (row_offset, col_offset)
+    if ss is not None and ss.action == DISPATCH:
+        ss.sparse_calls["linear_o"] += 1
+        terms = ss.bias_terms.get(key)
+        cb = taylor.forecast(terms, ss.step - ss.update_step) if terms else None
+        return sparse_linear_o(a, w, bias, ss.symbols, head_dim, cb, row_offset)
+    dense = st.dense_symbols(B, heads, seq_q, seq_q, a.device)
+    out = sparse_linear_o(a, w, bias, dense, head_dim, None, row_offset)
+    if ss is None:
+        return out
+    D = cfg.taylor_order
+    if ss.action == UPDATE and not ss.capped:
+        old_step = ss.a_step.get(key)
+        factors = taylor.refresh(ss.a_factors.get(key), a, 0 if old_step is None else ss.step - old_step, D)
+        if _no_bias_terms(st, rec, row_offset, a.shape[1]):
+            ss.bias_terms[key] = None  # these policies never reuse text rows: nothing to add back
+        else:
+            ss.bias_terms[key] = [cache_bias_for(f.contiguous(), w, ss.symbols, head_dim, row_offset) for f in factors]
+        _keep_a(ss, key, factors[:D])
+    elif ss.action == DENSE and _observe_on_dense_step(cfg, ss.step):
+        old = ss.a_factors.get(key)
+        if old is not None or _fits(st, ss, a.numel() * a.element_size() * D):
+            old_step = ss.a_step.get(key)
+            factors = taylor.refresh(old, a, 0 if old_step is None else ss.step - old_step, D)
+            _keep_a(ss, key, factors[:D])
+    if key in ss.a_factors:
+        ss.a_step[key] = ss.step
+    return out
+
+
+def _keep_a(ss: SiteStream, key, factors) -> None:
+    if factors:
+        ss.a_factors[key] = factors
+    else:
+        ss.a_factors.pop(key, None)
 
 
 @site_linear_o.register_fake
-def _(a, weight, bias, state, site, row_offset, col_offset, seq_q, head_dim):
+def _(a, weight, bias, state, site, row_offset, col_offset, seq_q, head_dim, clock=None):
     return a.new_empty(a.shape[0], a.shape[1], weight.shape[0])

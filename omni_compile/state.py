@@ -16,9 +16,12 @@ import itertools
 import threading
 import weakref
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from .config import OmniConfig
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .report import Report
 
 _IDS = itertools.count(1)
 _STATES: "weakref.WeakValueDictionary[int, OmniState]" = weakref.WeakValueDictionary()
@@ -56,8 +59,10 @@ class SiteRecord:
     """``(module path, row_offset)`` of each q projection (row_offset None where GEMM-Q is not valid)."""
     out_projections: list = field(default_factory=list)
     """``(module path, row_offset, rows, col_offset)`` of each output projection found."""
+    out_features: dict = field(default_factory=dict)
+    """``(row_offset, col_offset) -> (rows, out_features)`` of each GEMM-O projection (cache sizing)."""
     site_id: int = -1
-    # ---- run-time state (the runtime of issue 4 extends this) ----
+    # ---- run-time state ----
     calls: int = 0
     """Attention calls run through the site op."""
     linear_q_calls: int = 0
@@ -66,6 +71,10 @@ class SiteRecord:
     """Calls that fell back to dense PyTorch attention (mask the ops cannot express)."""
     symbols: object = None
     """Symbols of the latest attention call (``omni_compile.ops.Symbols``)."""
+    streams: dict = field(default_factory=dict)
+    """Run-time state per stream: ``(stream, batch, seq_q) -> SiteStream`` (see ``omni_compile.runtime``)."""
+    runtime_reason: Optional[str] = None
+    """Why the runtime ran this site dense although the policy is sparse (None when it did not)."""
 
     @property
     def text_tokens(self) -> int:
@@ -81,10 +90,73 @@ class SiteRecord:
         return f"<site {self.site_id} {self.name} {self.kind}: {status}>"
 
 
+@dataclass
+class SiteStream:
+    """Run-time state of one site for one stream (and one input shape): symbols, caches, step position.
+
+    Caches (each a list of Taylor factors ``[f_0, …]``, see ``omni_compile.taylor``):
+
+    * ``out_factors``: the attention output ``[B, H, S, D]`` (sites without GEMM-O: reused tiles are
+      filled with its forecast), observed at ``out_step``;
+    * ``a_factors[(row_offset, col_offset)]``: the GEMM-O input ``[B, rows, H*D]``, orders ``< D`` only
+      (kept to difference against at the next full step), observed at ``a_step[...]``;
+    * ``bias_terms[(row_offset, col_offset)]``: GEMM-O cache-bias terms ``[B, rows, C_out]``, one per
+      order, the projections of the ``a`` factors over the reused heads; None when no reused tile falls
+      in the projection's rows.
+    """
+
+    key: tuple
+    generation: int = -1
+    step: int = -1
+    action: str = "dense"
+    symbols: object = None
+    """Symbols the dispatch steps read (built on the last update)."""
+    update_step: Optional[int] = None
+    capped: bool = False
+    """The memory cap denied this stream its caches at the last update (no reused tiles)."""
+    out_factors: Optional[list] = None
+    out_step: Optional[int] = None
+    reuse_rows: Optional[object] = None
+    """``[B, H, S, 1]`` bool: rows of reused tiles (sites without GEMM-O)."""
+    a_factors: dict = field(default_factory=dict)
+    a_step: dict = field(default_factory=dict)
+    bias_terms: dict = field(default_factory=dict)
+    counts: dict = field(default_factory=lambda: {"dense": 0, "update": 0, "dispatch": 0})
+    """Steps of each kind this stream ran (per generation, reset with the caches)."""
+    sparse_calls: dict = field(default_factory=lambda: {"attention": 0, "linear_q": 0, "linear_o": 0})
+    """Op calls that ran with the stored (sparse) symbols, on dispatch steps."""
+
+    def clear(self) -> None:
+        self.symbols = None
+        self.update_step = None
+        self.capped = False
+        self.out_factors = self.out_step = self.reuse_rows = None
+        self.a_factors, self.a_step, self.bias_terms = {}, {}, {}
+        self.counts = {"dense": 0, "update": 0, "dispatch": 0}
+        self.sparse_calls = {"attention": 0, "linear_q": 0, "linear_o": 0}
+
+    def tensors(self) -> list:
+        """Every tensor this stream holds (caches and symbol bits)."""
+        out = []
+        if self.symbols is not None:
+            out += [self.symbols.reuse_bits, self.symbols.skip_bits]
+        if self.reuse_rows is not None:
+            out.append(self.reuse_rows)
+        for fs in [self.out_factors, *self.a_factors.values(), *self.bias_terms.values()]:
+            if fs:
+                out += list(fs)
+        return out
+
+    def memory_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors())
+
+
 class OmniState:
     """Sites, symbols and caches of one compiled model (see the module docstring)."""
 
     def __init__(self, config: Optional[OmniConfig] = None):
+        from .schedule import StepClock
+
         if config is None:
             config = OmniConfig()
         if not isinstance(config, OmniConfig):
@@ -97,6 +169,10 @@ class OmniState:
         self.compiles: list = []
         """One dict per backend call: sites found/rewritten, pass and compile seconds."""
         self._dense_symbols: dict = {}
+        self.clock = StepClock()
+        """Turns the timesteps of successive model calls into (generation, step, stream) positions."""
+        self.history: list = []
+        """One :class:`StepRecord` per (site, stream, step) run through the attention op."""
         _STATES[self.id] = self
 
     # ---- sites ----------------------------------------------------------------------------------
@@ -105,7 +181,7 @@ class OmniState:
         old = self._by_name.get(record.name)
         if old is not None:
             record.site_id = old.site_id
-            for f in ("calls", "linear_q_calls", "linear_o_calls", "fallbacks", "symbols"):
+            for f in ("calls", "linear_q_calls", "linear_o_calls", "fallbacks", "symbols", "streams", "runtime_reason"):
                 setattr(record, f, getattr(old, f))
             self.sites[old.site_id] = record
         else:
@@ -121,11 +197,21 @@ class OmniState:
         return self._by_name[key]
 
     def reset(self) -> None:
-        """Forget run-time state (symbols, counters); the sites found at compile time stay."""
+        """Forget run-time state (symbols, caches, counters, the clock, the history): the next call starts
+        a new generation from a dense step. The sites found at compile time stay."""
         for s in self.sites:
             s.calls = s.linear_q_calls = s.linear_o_calls = s.fallbacks = 0
             s.symbols = None
+            s.streams = {}
+            s.runtime_reason = None
         self._dense_symbols.clear()
+        self.clock.reset()
+        self.history = []
+
+    def new_generation(self) -> None:
+        """Drop every stream's symbols and caches (the clock saw the timestep jump back up)."""
+        for s in self.sites:
+            s.streams = {}
 
     # ---- symbols --------------------------------------------------------------------------------
     def dense_symbols(self, batch: int, heads: int, seq_q: int, seq_kv: int, device):
@@ -139,12 +225,37 @@ class OmniState:
             self._dense_symbols[key] = sym
         return sym
 
-    # ---- reporting ------------------------------------------------------------------------------
+    # ---- memory and reporting -------------------------------------------------------------------
+    def memory_bytes(self) -> int:
+        """Bytes held by every site's caches and symbols, over all streams."""
+        return sum(st.memory_bytes() for s in self.sites for st in s.streams.values())
+
+    def report(self) -> "Report":
+        """Per-site and per-step figures: density of attention work, reused fraction, cache bytes."""
+        from .report import build_report
+
+        return build_report(self)
+
     def summary(self) -> str:
         return summarize(self.sites)
 
     def __repr__(self) -> str:
         return f"OmniState(id={self.id}, policy={self.config.policy!r}, {self.summary()})"
+
+
+@dataclass
+class StepRecord:
+    """What one site did for one stream at one step (figures computed lazily by ``report()``)."""
+
+    generation: int
+    step: int
+    stream: int
+    site_id: int
+    action: str
+    symbols: object
+    """Symbols the attention ran with (dense ones on dense/update steps)."""
+    work: int
+    """Dense attention work of the call, ``B * H * Sq * Skv`` (the weight of its density)."""
 
 
 def summarize(sites) -> str:

@@ -40,6 +40,23 @@ def text_length(gm: fx.GraphModule) -> Optional[int]:
     return None
 
 
+def timestep_input(gm: fx.GraphModule) -> Optional[fx.Node]:
+    """The denoising timestep input: a tensor placeholder named like ``timestep`` (Dynamo names it
+    ``l_timestep_`` or ``l_kwargs_timestep_``; parameter placeholders, whose names hold ``parameters``
+    or ``modules``, are not it) with at most one dimension. None when the graph has none (e.g. a graph
+    after a graph break, or a block compiled on its own)."""
+    for n in gm.graph.nodes:
+        if n.op != "placeholder":
+            continue
+        low = n.name.lower()
+        if "timestep" not in low or "parameters" in low or "modules" in low or "buffers" in low:
+            continue
+        shp = static_shape(n)
+        if shp is not None and len(shp) <= 1:
+            return n
+    return None
+
+
 def _token_parts(x: fx.Node) -> Optional[list]:
     """Lengths of the token-axis ``cat`` parts that ``x`` [B, S, C] comes from, walking back through
     per-token ops (norms, modulation, casts); None when no such cat is found."""

@@ -4,10 +4,13 @@ The ops are handed in (:class:`SiteOps`), so this pass knows nothing of the runt
 op takes the state id and site id as plain ints; at run time it looks up the site's current symbols and
 caches in the state, so one graph serves every denoising step.
 
-* the SDPA node becomes ``attention(q, k, v, mask, state, site, scale)``;
+* a graph with a timestep input gets one ``clock(timestep, state)`` node (:func:`insert_clock`), whose
+  output every site op takes as its last argument ``clock`` (None without one): it orders the clock
+  before the sites, so the runtime knows the step before any site runs;
+* the SDPA node becomes ``attention(q, k, v, mask, state, site, scale, clock)``;
 * each q projection with a valid ``row_offset`` becomes
-  ``linear_q(x, W, b, state, site, row_offset, seq_q, head_dim)`` (GEMM-Q);
-* each output projection becomes ``linear_o(a, W, b, state, site, row_offset, col_offset, seq_q, head_dim)``
+  ``linear_q(x, W, b, state, site, row_offset, seq_q, head_dim, clock)`` (GEMM-Q);
+* each output projection becomes ``linear_o(a, W, b, state, site, row_offset, col_offset, seq_q, head_dim, clock)``
   (GEMM-O). When the linear reads ``cat([..., a, ...], -1)`` (FLUX single blocks: ``[attn ‖ mlp]``), it
   is split by linearity: GEMM-O over the attention columns plus a plain ``linear`` per other part on the
   matching column slice of ``W``, summed.
@@ -30,15 +33,25 @@ class SiteOps:
     attention: Any
     linear_q: Any
     linear_o: Any
+    clock: Any = None
 
 
-def rewrite_attention(gm: fx.GraphModule, site, ops: SiteOps, state_id: int, site_id: int) -> fx.Node:
+def insert_clock(gm: fx.GraphModule, timestep: fx.Node, ops: SiteOps, state_id: int) -> fx.Node:
+    """Add ``clock(timestep, state)`` after the graph's placeholders; returns its node."""
+    g = gm.graph
+    last_ph = [n for n in g.nodes if n.op == "placeholder"][-1]
+    with g.inserting_after(last_ph):
+        node = g.call_function(ops.clock, (timestep, state_id))
+    return node
+
+
+def rewrite_attention(gm: fx.GraphModule, site, ops: SiteOps, state_id: int, site_id: int, clock=None) -> fx.Node:
     g = gm.graph
     node = site.node
     with g.inserting_before(node):
         new = g.call_function(
             ops.attention,
-            (site.q, site.k, site.v, site.mask, state_id, site_id, None if site.scale is None else float(site.scale)),
+            (site.q, site.k, site.v, site.mask, state_id, site_id, None if site.scale is None else float(site.scale), clock),
         )
     new.meta["nn_module_stack"] = node.meta.get("nn_module_stack", {})
     node.replace_all_uses_with(new)
@@ -47,12 +60,12 @@ def rewrite_attention(gm: fx.GraphModule, site, ops: SiteOps, state_id: int, sit
     return new
 
 
-def rewrite_linear_q(gm: fx.GraphModule, proj, site, ops: SiteOps, state_id: int, site_id: int) -> fx.Node:
+def rewrite_linear_q(gm: fx.GraphModule, proj, site, ops: SiteOps, state_id: int, site_id: int, clock=None) -> fx.Node:
     g = gm.graph
     lin = proj.node
     x, w, b = linear_args(lin)
     with g.inserting_before(lin):
-        new = g.call_function(ops.linear_q, (x, w, b, state_id, site_id, proj.row_offset, site.seq_q, site.head_dim))
+        new = g.call_function(ops.linear_q, (x, w, b, state_id, site_id, proj.row_offset, site.seq_q, site.head_dim, clock))
     new.meta["nn_module_stack"] = lin.meta.get("nn_module_stack", {})
     lin.replace_all_uses_with(new)
     g.erase_node(lin)
@@ -60,14 +73,15 @@ def rewrite_linear_q(gm: fx.GraphModule, proj, site, ops: SiteOps, state_id: int
     return new
 
 
-def rewrite_linear_o(gm: fx.GraphModule, proj, site, ops: SiteOps, state_id: int, site_id: int) -> fx.Node:
+def rewrite_linear_o(gm: fx.GraphModule, proj, site, ops: SiteOps, state_id: int, site_id: int, clock=None) -> fx.Node:
     g = gm.graph
     lin = proj.node
     _, w, b = linear_args(lin)
     with g.inserting_before(lin):
         y = g.call_function(
             ops.linear_o,
-            (proj.head_input, w, b, state_id, site_id, proj.row_offset, proj.col_offset, site.seq_q, site.head_dim),
+            (proj.head_input, w, b, state_id, site_id, proj.row_offset, proj.col_offset, site.seq_q, site.head_dim,
+             clock),
         )
         if proj.cat_node is not None:
             parts = proj.cat_node.args[0] if proj.cat_node.args else proj.cat_node.kwargs["tensors"]

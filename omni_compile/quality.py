@@ -1,0 +1,195 @@
+"""Quality of the update–dispatch runtime against the dense loop, on a tiny FLUX (CPU-sized).
+
+    python -m omni_compile.quality            # the table in docs/runtime.md (28- and 50-step loops)
+    python -m omni_compile.quality --steps 28 --quick
+
+Builds a small ``FluxTransformer2DModel`` with re-initialised attention weights (so attention matters,
+design.md fact 8), runs a FLUX-style denoising loop (``FlowMatchEulerDiscreteScheduler``, timesteps /1000
+as FLUX pipelines pass them) once with ``policy="dense"`` and once per setting, and reports the relative
+L2 error and PSNR of the final latent, and the attention density the runtime reports. Needs diffusers
+(the ``models`` extra). Nothing in the library imports this module.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+
+def spread_attention(model: nn.Module, std: float = 0.5, seed: int = 1234) -> None:
+    """Re-initialise q/k/v/out projections so attention logits spread (std ~3): with diffusers' default
+    init a small model's attention is nearly uniform and barely affects its output (design.md fact 8)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, mod in model.named_modules():
+            if isinstance(mod, nn.Linear):
+                leaf = name.rsplit(".", 1)[-1]
+                fan_in = mod.in_features
+                if leaf in ("to_q", "to_k", "add_q_proj", "add_k_proj"):
+                    mod.weight.copy_(torch.randn(mod.weight.shape, generator=g) * (std * 6 / fan_in**0.5))
+                elif leaf in ("to_v", "add_v_proj"):
+                    mod.weight.copy_(torch.randn(mod.weight.shape, generator=g) / fan_in**0.5)
+                elif name.endswith("to_out.0") or leaf == "to_add_out" or (
+                        name.startswith("single_transformer_blocks.") and leaf == "proj_out"):
+                    mod.weight.copy_(torch.randn(mod.weight.shape, generator=g) * (3 / fan_in**0.5))
+
+
+def tiny_flux(side: int = 16, text: int = 32, layers: int = 2, single_layers: int = 4, heads: int = 4,
+              head_dim: int = 32, channels: int = 16, seed: int = 0, device="cpu", dtype=torch.float32):
+    """A small FLUX transformer and a ``make_inputs(latents, timestep, cond)`` for it.
+
+    ``side × side`` image tokens (patch size 1), ``text`` text tokens first (as in FLUX). ``cond`` picks
+    the prompt: 0 = "cond", 1 = "uncond" (two fixed random prompt embeddings).
+    """
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(seed)
+    rope = (head_dim // 4, 3 * head_dim // 8, 3 * head_dim // 8)
+    m = FluxTransformer2DModel(
+        patch_size=1, in_channels=channels, num_layers=layers, num_single_layers=single_layers,
+        attention_head_dim=head_dim, num_attention_heads=heads, joint_attention_dim=64,
+        pooled_projection_dim=32, axes_dims_rope=rope,
+    )
+    spread_attention(m)
+    m = m.eval().to(device=device, dtype=dtype)
+    g = torch.Generator().manual_seed(seed + 1)
+    prompts = [torch.randn(1, text, 64, generator=g) for _ in range(2)]
+    pooled = [torch.randn(1, 32, generator=g) for _ in range(2)]
+    ids = torch.zeros(side * side, 3)
+    ids[:, 1] = torch.arange(side * side) // side
+    ids[:, 2] = torch.arange(side * side) % side
+
+    def make_inputs(latents: torch.Tensor, timestep: torch.Tensor, cond=(0,)):
+        B = latents.shape[0]
+        enc = torch.cat([prompts[c] for c in cond]).to(device=device, dtype=dtype)
+        pool = torch.cat([pooled[c] for c in cond]).to(device=device, dtype=dtype)
+        reps = B // len(cond)
+        return dict(
+            hidden_states=latents,
+            encoder_hidden_states=enc.repeat_interleave(reps, 0),
+            pooled_projections=pool.repeat_interleave(reps, 0),
+            timestep=timestep.to(device=device, dtype=dtype).expand(B),
+            img_ids=ids.to(device=device, dtype=dtype),
+            txt_ids=torch.zeros(text, 3, device=device, dtype=dtype),
+            return_dict=False,
+        )
+
+    info = dict(tokens=side * side, text=text, channels=channels)
+    return m, make_inputs, info
+
+
+def initial_latents(info: dict, batch: int = 1, seed: int = 0, device="cpu", dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, info["tokens"], info["channels"], generator=g).to(device=device, dtype=dtype)
+
+
+def denoise(model, make_inputs, latents: torch.Tensor, steps: int, cfg: str = "none", guidance: float = 3.5,
+            on_step: Optional[Callable[[int, float], None]] = None) -> torch.Tensor:
+    """A FLUX-style flow-matching Euler loop. ``cfg``: ``"none"`` (one call per step), ``"two-call"``
+    (cond then uncond, two calls per step) or ``"batched"`` (one call on ``cat([cond, uncond])``).
+    ``on_step(i, seconds)`` is called after each step."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    sched = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    sched.set_timesteps(steps)
+    x = latents
+    with torch.no_grad():
+        for i, t in enumerate(sched.timesteps):
+            t0 = time.perf_counter()
+            ts = (t / 1000).reshape(1)
+            if cfg == "none":
+                v = model(**make_inputs(x, ts, (0,)))[0]
+            elif cfg == "two-call":
+                vc = model(**make_inputs(x, ts, (0,)))[0]
+                vu = model(**make_inputs(x, ts, (1,)))[0]
+                v = vu + guidance * (vc - vu)
+            elif cfg == "batched":
+                vc, vu = model(**make_inputs(torch.cat([x, x]), ts, (0, 1)))[0].chunk(2)
+                v = vu + guidance * (vc - vu)
+            else:
+                raise ValueError(f"cfg must be 'none', 'two-call' or 'batched', got {cfg!r}")
+            x = sched.step(v, t, x, return_dict=False)[0]
+            if x.is_cuda:
+                torch.cuda.synchronize()
+            if on_step is not None:
+                on_step(i, time.perf_counter() - t0)
+    return x
+
+
+def rel_l2(x: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((x.float() - ref.float()).norm() / ref.float().norm())
+
+
+def psnr(x: torch.Tensor, ref: torch.Tensor) -> float:
+    """PSNR in dB with the reference's peak-to-peak range as the signal range."""
+    ref = ref.float()
+    mse = float(((x.float() - ref) ** 2).mean())
+    rng = float(ref.max() - ref.min())
+    return float("inf") if mse == 0 else 10 * math.log10(rng * rng / mse)
+
+
+SETTINGS = [
+    dict(interval=1),
+    dict(interval=3, taylor_order=0),
+    dict(interval=3, taylor_order=1),
+    dict(interval=5, taylor_order=0),
+    dict(interval=5, taylor_order=1),
+    dict(interval=5, taylor_order=2),
+    dict(interval=5, taylor_order=1, tau_q=0.8),
+    dict(interval=5, taylor_order=1, tau_kv=0.15),
+]
+
+
+def run(steps_list=(28, 50), settings=SETTINGS, warmup: int = 4, block: int = 16, quick: bool = False):
+    import omni_compile
+
+    if quick:
+        model, make_inputs, info = tiny_flux(side=8, text=16, layers=1, single_layers=1, heads=2, head_dim=16)
+    else:  # 144 image + 16 text tokens = 10 blocks of 16 (1 text, 9 vision); 1 double + 3 single blocks
+        model, make_inputs, info = tiny_flux(side=12, text=16, layers=1, single_layers=3, heads=4, head_dim=16)
+    lat = initial_latents(info)
+    base = dict(use_inductor=False, block_q=block, block_kv=block, warmup=warmup)
+    rows = []
+    for steps in steps_list:
+        torch._dynamo.reset()
+        dense = torch.compile(model, backend="flashomni",
+                              options={"state": omni_compile.OmniState(omni_compile.OmniConfig(policy="dense", **base))})
+        ref = denoise(dense, make_inputs, lat, steps)
+        for s in settings:
+            torch._dynamo.reset()
+            state = omni_compile.OmniState(omni_compile.OmniConfig(**{**base, **s}))
+            out = denoise(torch.compile(model, backend="flashomni", options={"state": state}), make_inputs, lat, steps)
+            rep = state.report()
+            rows.append(dict(steps=steps, **{k: s.get(k, getattr(state.config, k)) for k in
+                                              ("interval", "taylor_order", "tau_q", "tau_kv")},
+                             density=rep.density(), rel_l2=rel_l2(out, ref), psnr=psnr(out, ref),
+                             cache_mib=max(1, rep.memory_bytes) / 2**20))
+            print(_row(rows[-1]), flush=True)
+    return rows
+
+
+def _row(r) -> str:
+    p = "inf" if math.isinf(r["psnr"]) else f"{r['psnr']:.1f}"
+    return (f"| {r['steps']} | {r['interval']} | {r['taylor_order']} | {r['tau_q']} | {r['tau_kv']} | "
+            f"{r['density']:.3f} | {r['rel_l2']:.4f} | {p} |")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, nargs="*", default=[28, 50])
+    ap.add_argument("--warmup", type=int, default=4)
+    ap.add_argument("--block", type=int, default=16)
+    ap.add_argument("--quick", action="store_true", help="a smaller model (for a fast look)")
+    args = ap.parse_args(argv)
+    print("| steps | interval | taylor_order | tau_q | tau_kv | attention density | rel. L2 vs dense | PSNR dB |")
+    print("|---|---|---|---|---|---|---|---|")
+    run(args.steps, warmup=args.warmup, block=args.block, quick=args.quick)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,330 @@
+"""The update–dispatch runtime over real denoising loops (tiny FLUX, FlowMatchEulerDiscreteScheduler, CPU).
+
+Counters, not timings: which steps updated, which ops ran with the stored symbols, what the caches hold.
+Almost all tests skip Inductor (``use_inductor=False``); ``test_inductor_sparse_loop`` runs one.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from omni_compile import OmniConfig, OmniState
+from omni_compile.quality import denoise, initial_latents, tiny_flux
+from omni_compile.schedule import step_action
+
+BLOCK = 16
+
+
+@pytest.fixture(autouse=True)
+def _reset_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.fixture(scope="module")
+def flux():
+    # 64 image + 16 text tokens = 5 blocks of 16 (1 text, 4 vision); 1 double-stream + 1 single-stream block
+    model, make_inputs, info = tiny_flux(side=8, text=16, layers=1, single_layers=1, heads=2, head_dim=16)
+    return model, make_inputs, initial_latents(info)
+
+
+def _state(**kw):
+    base = dict(use_inductor=False, block_q=BLOCK, block_kv=BLOCK, warmup=2, interval=3)
+    return OmniState(OmniConfig(**{**base, **kw}))
+
+
+def _compile(model, state):
+    return torch.compile(model, backend="flashomni", options={"state": state})
+
+
+def test_interval_one_and_dense_policy_equal_the_dense_loop(flux):
+    model, make_inputs, lat = flux
+    with torch.no_grad():
+        eager = denoise(model, make_inputs, lat, 6)
+    dense = denoise(_compile(model, _state(policy="dense")), make_inputs, lat, 6)
+    torch.testing.assert_close(dense, eager, rtol=1e-4, atol=1e-4)
+    torch._dynamo.reset()
+    st = _state(interval=1, tau_q=0.9, tau_kv=0.5)
+    every_update = denoise(_compile(model, st), make_inputs, lat, 6)
+    assert torch.equal(every_update, dense)  # bit for bit: update steps compute the exact output
+    rep = st.report()
+    assert [s["action"] for s in rep.steps] == ["dense"] + ["update"] * 5
+    assert all(s.streams for s in st.sites)  # the policy did run (symbols were built)
+    torch._dynamo.reset()
+    sparse = denoise(_compile(model, _state(interval=3, tau_q=0.9, tau_kv=0.5)), make_inputs, lat, 6)
+    assert not torch.equal(sparse, dense)  # a real dispatch step changes the result
+
+
+def test_update_steps_at_configured_steps_and_dispatch_uses_stored_symbols(flux):
+    model, make_inputs, lat = flux
+    st = _state(policy="fixed", reuse_fraction=0.5, skip_fraction=0.5, warmup=3, interval=3)
+    compiled = _compile(model, st)
+    calls = []
+
+    def forward(**kw):
+        calls.append(1)
+        if len(calls) == 1:
+            return compiled(**kw)
+        with torch.compiler.set_stance("fail_on_recompile"):  # one graph serves every step
+            return compiled(**kw)
+
+    steps = 10
+    denoise(lambda **kw: forward(**kw), make_inputs, lat, steps)
+    want = [step_action(i, 3, 3) for i in range(steps)]
+    assert want == ["dense", "dense", "update", "dispatch", "dispatch", "update", "dispatch", "dispatch", "update", "dispatch"]
+    rep = st.report()
+    assert [s["action"] for s in rep.steps] == want
+    assert len(st.compiles) == 1
+    n_dispatch = want.count("dispatch")
+    for site in st.sites:
+        assert site.rewritten and site.gemm_q and site.gemm_o
+        (ss,) = site.streams.values()
+        assert ss.counts == {"dense": 2, "update": 3, "dispatch": n_dispatch}
+        assert ss.sparse_calls == {
+            "attention": n_dispatch,
+            "linear_q": n_dispatch * len(site.q_projections),
+            "linear_o": n_dispatch * len(site.out_projections),
+        }
+        recs = [r for r in st.history if r.site_id == site.site_id]
+        disp = {r.step: r.symbols for r in recs if r.action == "dispatch"}
+        # steps 3, 4 read the symbols built at step 2; 6, 7 those of step 5; 9 the latest (the stream's now)
+        assert disp[3] is disp[4] and disp[6] is disp[7] and disp[9] is ss.symbols
+        assert disp[3] is not disp[6]
+        for sym in disp.values():
+            assert sym.reuse_fraction() > 0.2 and sym.density() < 0.7
+        dense_like = [r.symbols for r in recs if r.action != "dispatch"]
+        assert all(s.density() == 1.0 for s in dense_like)
+
+
+def _cfg_pass(compiled, make_inputs, xs, timesteps, corrupt_after=None, state=None):
+    """Two calls per step (cond, uncond) on given latents; optionally corrupt stream 1's caches after the
+    uncond call of step ``corrupt_after``."""
+    outs = []
+    with torch.no_grad():
+        for i, (x, t) in enumerate(zip(xs, timesteps)):
+            vc = compiled(**make_inputs(x, t, (0,)))[0]
+            vu = compiled(**make_inputs(x, t, (1,)))[0]
+            outs.append((vc.clone(), vu.clone()))
+            if i == corrupt_after:
+                n = 0
+                for site in state.sites:
+                    for key, ss in site.streams.items():
+                        if key[0] == 1:
+                            for terms in ss.bias_terms.values():
+                                for t_ in terms or []:
+                                    t_.add_(10.0)
+                                    n += 1
+                assert n > 0
+    return outs
+
+
+def test_two_call_cfg_streams_are_isolated(flux):
+    model, make_inputs, lat = flux
+    st = _state(policy="fixed", reuse_fraction=0.5, skip_fraction=0.25, warmup=2, interval=3, taylor_order=1)
+    compiled = _compile(model, st)
+    ts = [torch.tensor([t]) for t in (1.0, 0.875, 0.75, 0.625, 0.5, 0.375)]
+    g = torch.Generator().manual_seed(3)
+    xs = [lat + 0.1 * i * torch.randn(lat.shape, generator=g) for i in range(len(ts))]
+    clean = _cfg_pass(compiled, make_inputs, xs, ts)
+    for site in st.sites:
+        assert sorted(k[0] for k in site.streams) == [0, 1]  # cond and uncond: two streams
+        s0 = [v for k, v in site.streams.items() if k[0] == 0][0]
+        s1 = [v for k, v in site.streams.items() if k[0] == 1][0]
+        assert s0.counts == s1.counts == {"dense": 1, "update": 2, "dispatch": 3}
+        for a, b in zip(s0.tensors(), s1.tensors()):
+            assert a.data_ptr() != b.data_ptr()
+    st.reset()
+    dirty = _cfg_pass(compiled, make_inputs, xs, ts, corrupt_after=1, state=st)  # step 1 = first update
+    for i, ((c0, u0), (c1, u1)) in enumerate(zip(clean, dirty)):
+        assert torch.equal(c0, c1), f"cond output changed at step {i}"
+        if i in (2, 3):  # dispatch steps that read the corrupted uncond caches
+            assert not torch.allclose(u0, u1)
+        else:
+            assert torch.equal(u0, u1)
+
+
+def test_batched_cfg_is_one_stream_with_per_item_symbols(flux):
+    model, make_inputs, lat = flux
+    st = _state(warmup=2, interval=3, tau_q=0.7, tau_kv=0.3)
+    out = denoise(_compile(model, st), make_inputs, lat, 6, cfg="batched")
+    assert torch.isfinite(out).all()
+    for site in st.sites:
+        (key,) = site.streams
+        assert key[0] == 0 and key[1] == 2  # one stream, batch of 2 (cond, uncond)
+        reuse, _ = site.streams[key].symbols.to_dense()
+        assert reuse.shape[0] == 2
+    assert st.report().density() < 1.0
+
+
+def test_reset_and_new_generation_reproduce_bit_for_bit(flux):
+    model, make_inputs, lat = flux
+    st = _state(warmup=2, interval=3, taylor_order=2, tau_q=0.7, tau_kv=0.3)
+    compiled = _compile(model, st)
+    first = denoise(compiled, make_inputs, lat, 7)
+    gen0 = st.report()
+    second = denoise(compiled, make_inputs, lat, 7)  # timestep jumps back up: a new generation
+    assert st.clock.generation == 1
+    st.reset()
+    third = denoise(compiled, make_inputs, lat, 7)
+    assert torch.equal(first, second) and torch.equal(first, third)
+    assert [s["action"] for s in st.report().steps] == [s["action"] for s in gen0.steps]
+    assert gen0.density() < 1.0
+
+
+def _expected_bytes(st):
+    D = st.config.taylor_order
+    total = 0
+    for site in st.sites:
+        for (stream, B, S), ss in site.streams.items():
+            sym = ss.symbols
+            total += sym.reuse_bits.numel() + sym.skip_bits.numel()
+            H, hd = site.heads, site.head_dim
+            if site.gemm_o:
+                for (ro, co), (rows, cout) in site.out_features.items():
+                    text_only = all(m == "text" for m, a, b in site.segments if a < ro + rows and b > ro)
+                    total += D * B * rows * H * hd * 4  # GEMM-O input factors f_0..f_{D-1}, fp32
+                    if not text_only:
+                        total += (D + 1) * B * rows * cout * 4  # one cache-bias term per order
+            else:
+                total += (D + 1) * B * H * S * hd * 4 + B * H * S  # attention-output factors + row mask
+    return total
+
+
+@pytest.mark.parametrize("gemm_o, order", [(True, 2), (False, 1)])
+def test_memory_reported_equals_what_the_caches_hold(flux, gemm_o, order):
+    model, make_inputs, lat = flux
+    st = _state(policy="fixed", warmup=2, interval=3, taylor_order=order, gemm_o=gemm_o)
+    denoise(_compile(model, st), make_inputs, lat, 5)  # ends after the 2nd update: every order present
+    assert all(s.gemm_o == gemm_o for s in st.sites)
+    want = _expected_bytes(st)
+    assert st.memory_bytes() == want > 0
+    rep = st.report()
+    assert rep.memory_bytes == want == sum(s["cache_bytes"] for s in rep.sites)
+
+
+def test_memory_cap_bounds_the_caches(flux):
+    model, make_inputs, lat = flux
+    free = _state(policy="fixed", warmup=2, interval=3, taylor_order=1)
+    denoise(_compile(model, free), make_inputs, lat, 5)
+    per_site = [sum(ss.memory_bytes() for ss in s.streams.values()) for s in free.sites]
+    torch._dynamo.reset()
+    cap_mb = (per_site[0] + 64) / 2**20  # room for the first site only
+    st = _state(policy="fixed", warmup=2, interval=3, taylor_order=1, max_cache_mb=cap_mb)
+    out = denoise(_compile(model, st), make_inputs, lat, 5)
+    assert torch.isfinite(out).all()
+    assert st.memory_bytes() <= st.config.max_cache_bytes
+    capped = [ss.capped for s in st.sites for ss in s.streams.values()]
+    assert capped == [False, True]
+    (ss,) = st.sites[1].streams.values()
+    reuse, skip = ss.symbols.to_dense()
+    assert not reuse.any() and skip.any()  # no reused tiles without a cache; skipping needs none
+
+
+def test_attention_output_forecast_without_gemm_o(flux, monkeypatch):
+    """Sites without GEMM-O fill reused tiles with the forecast attention output (order 1, by hand)."""
+    from omni_compile import runtime
+
+    model, make_inputs, lat = flux
+    st = _state(policy="fixed", reuse_fraction=0.5, skip_fraction=0.0, warmup=2, interval=3, taylor_order=1,
+                gemm_o=False, gemm_q=False)
+    seen = {}
+    real = runtime.run_attention
+
+    def spy(state, site, q, k, v, mask, scale):
+        out = real(state, site, q, k, v, mask, scale)
+        seen[(site.site_id, state.clock.position.step)] = out.clone()
+        return out
+
+    monkeypatch.setattr(runtime, "run_attention", spy)
+    denoise(_compile(model, st), make_inputs, lat, 7)
+    for site in st.sites:
+        (ss,) = site.streams.values()
+        rows = ss.reuse_rows  # symbols of the update at step 4
+        assert rows.any()
+        # order 1 at step 6: f0 = O(4), f1 = (O(4) - O(1)) / 3, forecast = f0 + 2 * f1
+        o1, o4, o6 = (seen[(site.site_id, s)] for s in (1, 4, 6))
+        want = o4 + 2 * (o4 - o1) / 3
+        got = o6
+        torch.testing.assert_close(torch.where(rows, got, 0), torch.where(rows, want, 0), rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(torch.where(rows, got, 0), torch.where(rows, o4, 0))  # not plain reuse
+
+
+def test_no_timestep_input_runs_dense_with_a_reason(flux):
+    model, make_inputs, lat = flux
+    st = _state(warmup=1, interval=2)
+
+    def call(**kw):
+        return compiled_block(**kw)
+
+    # a model whose graph takes no timestep: compile one transformer block on its own
+    block = model.single_transformer_blocks[0]
+    compiled_block = torch.compile(block, backend="flashomni", options={"state": st})
+    g = torch.Generator().manual_seed(0)
+    kw = dict(hidden_states=torch.randn(1, 64, 32, generator=g), encoder_hidden_states=torch.randn(1, 16, 32, generator=g),
+              temb=torch.randn(1, 32, generator=g))
+    with torch.no_grad():
+        ref = block(**kw)
+        out = [call(**kw) for _ in range(3)]
+    for o in out:
+        torch.testing.assert_close(o[0], ref[0], rtol=1e-4, atol=1e-4)
+    (site,) = st.sites
+    assert "no timestep" in site.runtime_reason and not site.streams
+
+
+@pytest.mark.slow
+def test_inductor_sparse_loop(flux):
+    """The clock and the site ops keep their order under Inductor; the loop equals the unfused one."""
+    model, make_inputs, lat = flux
+    ref = denoise(_compile(model, _state(warmup=2, interval=3, tau_q=0.7, tau_kv=0.3)), make_inputs, lat, 5)
+    torch._dynamo.reset()
+    st = _state(warmup=2, interval=3, tau_q=0.7, tau_kv=0.3, use_inductor=True)
+    compiled = _compile(model, st)
+    n = []
+
+    def forward(**kw):
+        n.append(1)
+        if len(n) == 1:
+            return compiled(**kw)
+        with torch.compiler.set_stance("fail_on_recompile"):
+            return compiled(**kw)
+
+    out = denoise(lambda **kw: forward(**kw), make_inputs, lat, 5)
+    assert [s["action"] for s in st.report().steps] == ["dense", "update", "dispatch", "dispatch", "update"]
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["sd3", "hunyuan", "wan", "cogvideox", "pixart", "dit", "ltx"])
+def test_sparse_runtime_on_every_family(family):
+    """Each family runs the update–dispatch loop through one graph: masked sites stay dense (with a
+    reason), every other rewritten site dispatches with sparse symbols."""
+    import _tiny_models as T
+
+    model, make_inputs = T.build(family, batch=1)
+    st = _state(policy="fixed", reuse_fraction=0.5, skip_fraction=0.5, warmup=1, interval=2)
+    compiled = _compile(model, st)
+    base = make_inputs(0)
+    outs = []
+    with torch.no_grad():
+        for i, t in enumerate((1.0, 0.75, 0.5, 0.25)):
+            kw = dict(base, timestep=torch.full_like(base["timestep"], t * 1000))
+            if i == 0:
+                outs.append(compiled(**kw)[0])
+            else:
+                with torch.compiler.set_stance("fail_on_recompile"):
+                    outs.append(compiled(**kw)[0])
+    assert all(torch.isfinite(o).all() for o in outs)
+    sparse = 0
+    for s in st.sites:
+        if not s.rewritten:
+            continue
+        if s.mask is not None:
+            assert "mask" in s.runtime_reason and not s.streams
+            continue
+        (ss,) = s.streams.values()
+        assert ss.counts == {"dense": 0, "update": 2, "dispatch": 2}
+        assert ss.sparse_calls["attention"] == 2
+        sparse += 1
+    # HunyuanVideo's rewritten sites all take the text key-padding mask: dense for now (docs/runtime.md)
+    assert sparse == 0 if family == "hunyuan" else sparse >= 1
