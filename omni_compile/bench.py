@@ -148,7 +148,6 @@ def part_attention(seqs, densities, reuse_sweep, rows):
             rows.append(row)
             print(f"  attn S={S} keep={keep} reuse={reuse} density={dens:.3f}: {t:.3f} ms "
                   f"{row['tflops']:.0f} TF/s | cuDNN {dense['cudnn']:.3f} | flex {flex_ms:.3f} | err {err:.1e}")
-        del q, k, v
         torch.cuda.empty_cache()
 
 
@@ -194,7 +193,6 @@ def part_gemm(shapes, reuses, rows):
                 ))
                 print(f"  {op} {label} reuse={r}: {t:.3f} ms vs cuBLAS {lin:.3f} ms "
                       f"(x{lin / t:.2f}, ideal x{ideal_o:.2f}) err {err:.1e}")
-        del x, wq, a, wo
         torch.cuda.empty_cache()
 
 
@@ -240,7 +238,6 @@ def part_sweep(rows):
                 cfg = dict(BLOCK_M=128, BLOCK_N=bn, num_warps=w, num_stages=st, USE_TMA=tma)
                 run = lambda: _launch_attention(q, k, v, idx, cnt, BLOCK, BLOCK, D**-0.5, cfg)[0]
                 _sweep_row(rows, "attention", cfg, run, ref, 4 * B * H * S * S * D * sym.density(), keep)
-    del q, k, v
     M, K, N = 4608, 3072, 3072
     x = torch.randn(1, M, K, device="cuda", dtype=torch.bfloat16)
     w_ = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) / K**0.5
