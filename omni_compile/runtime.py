@@ -194,6 +194,32 @@ def _key_valid(mask: torch.Tensor, B: int, H: int, Skv: int):
     return valid
 
 
+def _dense_attention(state, q, k, v, scale):
+    """Exact attention for dense and update steps. On CUDA PyTorch's SDPA (cuDNN on Hopper) is faster
+    than the Triton kernel with all-compute symbols (0.72x cuDNN dense, docs/benchmarks.md); elsewhere
+    the ops' own path keeps CPU runs on the reference."""
+    if q.is_cuda:
+        return F.scaled_dot_product_attention(q, k, v, scale=scale).contiguous()
+    from omni_compile.ops import sparse_attention
+
+    B, H, Sq, _ = q.shape
+    return sparse_attention(q, k, v, state.dense_symbols(B, H, Sq, k.shape[2], q.device), scale)
+
+
+def _dense_linear(state, x, weight, bias, head_dim, row_offset, seq_q, kind):
+    """Exact projection for dense and update steps: cuBLAS on CUDA (faster than the sparse GEMMs with
+    all-compute symbols), the ops' reference path elsewhere."""
+    if x.is_cuda:
+        return F.linear(x, weight, bias)
+    from omni_compile.ops import sparse_linear_o, sparse_linear_q
+
+    heads = (weight.shape[0] if kind == "q" else x.shape[-1]) // head_dim
+    dense = state.dense_symbols(x.shape[0], heads, seq_q, seq_q, x.device)
+    if kind == "q":
+        return sparse_linear_q(x, weight, bias, dense, head_dim, row_offset)
+    return sparse_linear_o(x, weight, bias, dense, head_dim, None, row_offset)
+
+
 def run_attention(state, site: SiteRecord, q, k, v, mask, scale):
     from omni_compile.ops import sparse_attention
 
@@ -218,7 +244,7 @@ def run_attention(state, site: SiteRecord, q, k, v, mask, scale):
         _record(state, site, DISPATCH, sym, B * H * Sq * Skv)
         return out
     site.symbols = dense
-    out = sparse_attention(q, k, v, dense, scale)
+    out = _dense_attention(state, q, k, v, scale)
     if ss.action == UPDATE:
         need = _cache_estimate(state, site, B, H, Sq, D, out.element_size())
         old = ss.memory_bytes() - (0 if ss.symbols is None else ss.symbols.reuse_bits.numel() + ss.symbols.skip_bits.numel())
@@ -258,12 +284,12 @@ def _run_attention_dense(state, site: SiteRecord, q, k, v, mask, scale):
         sym = state.dense_symbols(B, H, Sq, Skv, q.device)
         site.symbols = sym
         _record(state, site, DENSE, sym, B * H * Sq * Skv)
-        return sparse_attention(q, k, v, sym, scale)
+        return _dense_attention(state, q, k, v, scale)
     valid = _key_valid(mask, B, H, Skv)
     site.symbols = state.dense_symbols(B, H, Sq, Skv, q.device)
     _record(state, site, DENSE, site.symbols, B * H * Sq * Skv)
     if valid is not None and bool(valid.all()):
-        return sparse_attention(q, k, v, site.symbols, scale)
+        return _dense_attention(state, q, k, v, scale)
     if valid is None or not bool((valid == valid[:, :1]).all()):
         site.fallbacks += 1
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale).contiguous()
@@ -336,14 +362,11 @@ def site_linear_q(
     st = get_state(state)
     rec = st.site(site)
     rec.linear_q_calls += 1
-    heads = weight.shape[0] // head_dim
     ss = stream_for(st, rec, x.shape[0], seq_q)
     if ss is not None and ss.action == DISPATCH:
-        sym = ss.symbols
         ss.sparse_calls["linear_q"] += 1
-    else:
-        sym = st.dense_symbols(x.shape[0], heads, seq_q, seq_q, x.device)
-    return sparse_linear_q(x, weight, bias, sym, head_dim, row_offset)
+        return sparse_linear_q(x, weight, bias, ss.symbols, head_dim, row_offset)
+    return _dense_linear(st, x, weight, bias, head_dim, row_offset, seq_q, "q")
 
 
 @site_linear_q.register_fake
@@ -377,7 +400,6 @@ def site_linear_o(
     rec.linear_o_calls += 1
     width = a.shape[-1]
     w = weight if (col_offset == 0 and weight.shape[1] == width) else weight[:, col_offset:col_offset + width]
-    heads = width // head_dim
     a = a.contiguous()
     B = a.shape[0]
     ss = stream_for(st, rec, B, seq_q)
@@ -387,8 +409,7 @@ def site_linear_o(
         terms = ss.bias_terms.get(key)
         cb = taylor.forecast(terms, ss.step - ss.update_step) if terms else None
         return sparse_linear_o(a, w, bias, ss.symbols, head_dim, cb, row_offset)
-    dense = st.dense_symbols(B, heads, seq_q, seq_q, a.device)
-    out = sparse_linear_o(a, w, bias, dense, head_dim, None, row_offset)
+    out = _dense_linear(st, a, w, bias, head_dim, row_offset, seq_q, "o")
     if ss is None:
         return out
     D = cfg.taylor_order
