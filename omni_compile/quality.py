@@ -125,12 +125,43 @@ def rel_l2(x: torch.Tensor, ref: torch.Tensor) -> float:
     return float((x.float() - ref.float()).norm() / ref.float().norm())
 
 
-def psnr(x: torch.Tensor, ref: torch.Tensor) -> float:
-    """PSNR in dB with the reference's peak-to-peak range as the signal range."""
+def psnr(x: torch.Tensor, ref: torch.Tensor, data_range: Optional[float] = None) -> float:
+    """PSNR in dB over the whole tensor; the signal range is ``data_range`` (e.g. 1 for images in [0, 1]),
+    by default the reference's peak-to-peak range."""
     ref = ref.float()
     mse = float(((x.float() - ref) ** 2).mean())
-    rng = float(ref.max() - ref.min())
+    rng = float(ref.max() - ref.min()) if data_range is None else float(data_range)
     return float("inf") if mse == 0 else 10 * math.log10(rng * rng / mse)
+
+
+def ssim(x: torch.Tensor, ref: torch.Tensor, data_range: float = 1.0, window: int = 11, sigma: float = 1.5) -> float:
+    """Mean SSIM (Wang et al. 2004) of images ``[N, C, H, W]`` (or ``[C, H, W]``) against ``ref``: an
+    ``window x window`` Gaussian window (``sigma``), ``C1 = (0.01 L)^2``, ``C2 = (0.03 L)^2`` with
+    ``L = data_range``, statistics over valid window positions only (no padding), the SSIM map averaged
+    over positions, then over channels and images. Computed in fp64 on the inputs' device."""
+    x, ref = x.double(), ref.double()
+    if x.shape != ref.shape:
+        raise ValueError(f"ssim: shapes differ, {tuple(x.shape)} vs {tuple(ref.shape)}")
+    if x.dim() == 3:
+        x, ref = x[None], ref[None]
+    n, c, h, w = x.shape
+    if h < window or w < window:
+        raise ValueError(f"ssim: images {h}x{w} are smaller than the {window}x{window} window")
+    coords = torch.arange(window, dtype=torch.float64, device=x.device) - (window - 1) / 2
+    g = torch.exp(-coords ** 2 / (2 * sigma ** 2))
+    g = g / g.sum()
+    kernel = (g[:, None] * g[None, :]).expand(c, 1, window, window).contiguous()
+
+    def blur(t):
+        return torch.nn.functional.conv2d(t, kernel, groups=c)
+
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    mu_x, mu_y = blur(x), blur(ref)
+    sxx = blur(x * x) - mu_x * mu_x
+    syy = blur(ref * ref) - mu_y * mu_y
+    sxy = blur(x * ref) - mu_x * mu_y
+    smap = ((2 * mu_x * mu_y + c1) * (2 * sxy + c2)) / ((mu_x * mu_x + mu_y * mu_y + c1) * (sxx + syy + c2))
+    return float(smap.mean())
 
 
 SETTINGS = [

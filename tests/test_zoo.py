@@ -6,6 +6,7 @@ CPU, fast: the model tests use the tiny config (same code paths as the shipped ~
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import pytest
@@ -206,3 +207,40 @@ def test_shipped_weights_load_and_sample():
     a = zsampler.sample(zoo.transformer, zoo.text_encoder, caps, config=zoo.config, num_inference_steps=2)
     b = zsampler.sample(zoo.transformer, zoo.text_encoder, caps, config=zoo.config, num_inference_steps=2)
     assert torch.isfinite(a).all() and torch.equal(a, b)
+
+
+# ----------------------------------------------------------------------------------- runtime quality
+
+
+def test_ssim_and_psnr_helpers():
+    from omni_compile.quality import psnr, ssim
+
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    assert ssim(x, x) == pytest.approx(1.0, abs=1e-12) and math.isinf(psnr(x, x, data_range=1.0))
+    g = torch.Generator().manual_seed(1)
+    prev_s, prev_p = 1.0, math.inf
+    for sigma in (0.02, 0.1, 0.3):
+        y = (x + sigma * torch.randn(x.shape, generator=g)).clamp(0, 1)
+        s, p = ssim(y, x), psnr(y, x, data_range=1.0)
+        assert s < prev_s and p < prev_p
+        prev_s, prev_p = s, p
+
+
+def test_zoo_quality_runs_through_the_runtime():
+    from omni_compile.zoo import quality as zq
+
+    torch.manual_seed(0)
+    cfg = zmodel.default_config(tiny=True, image_size=32)  # 256 image + 12 text tokens
+    transformer = zmodel.to_inference(zmodel.build_transformer(cfg["dit"], zero_init=False), "cpu", torch.float32)
+    text_encoder = zmodel.to_inference(zmodel.build_text_encoder(cfg["text_encoder"]), "cpu", torch.float32)
+    zoo = zsampler.Zoo(transformer, text_encoder, cfg, zdata.Tokenizer(cfg["data"]["max_len"]))
+    fixed = dict(policy="fixed", warmup=1, interval=2, taylor_order=1, reuse_fraction=0.3, skip_fraction=0.5)
+    res = zq.run_quality(zdata.eval_captions(1), ["dense", ("fixed", fixed)], steps=3, block=16, zoo=zoo)
+    dense, row = res["rows"]
+    assert dense["ssim"] == 1.0 and math.isinf(dense["psnr"]) and dense["density"] == 1.0
+    assert math.isfinite(row["psnr"]) and math.isfinite(row["ssim"]) and 0 < row["ssim"] <= 1
+    assert row["dispatch_steps"] >= 1 and row["dispatch_density"] < 1 and row["density"] < 1
+    assert 0 <= row["object_accuracy"] <= 1
+    md = zq.markdown(dict(n_captions=1, steps=3, seed=0, cfg="batched", block=16, guidance=4.0, use_inductor=False,
+                          device="cpu", dtype="fp32", settings=["dense", "fixed"]), res["rows"])
+    assert "fixed reuse 0.3" in md
