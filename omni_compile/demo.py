@@ -191,8 +191,11 @@ def main(argv=None):
     state = omni_compile.OmniState(config)
     omni = torch.compile(zoo.transformer, backend="flashomni", options={"state": state})
     t0 = time.perf_counter()
-    zsampler.sample(omni, zoo.text_encoder, captions, **{**kw, "num_inference_steps": 1})  # compile: one graph
-    print(f"flashomni compile + 1 step: {time.perf_counter() - t0:.1f} s; {state.summary()}")
+    # compile (one graph), then run through an update and two dispatch steps so Triton has compiled every
+    # kernel before the timed loop
+    warm = min(steps, config.warmup + 2)
+    zsampler.sample(omni, zoo.text_encoder, captions, **{**kw, "num_inference_steps": warm})
+    print(f"flashomni compile + {warm}-step warm-up: {time.perf_counter() - t0:.1f} s; {state.summary()}")
     state.reset()
     timer = _StepTimer(_Progress(steps, "flashomni"), lambda i: step_action(i, config.warmup, config.interval))
     out = zsampler.sample(omni, zoo.text_encoder, captions, on_step=timer, **kw)

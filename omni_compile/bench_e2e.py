@@ -1,0 +1,432 @@
+"""End-to-end benchmark: a denoising loop of a full-size diffusers DiT, Inductor dense vs ``flashomni``.
+
+``python -m omni_compile.bench_e2e --out DIR --model flux|hunyuan [--steps 50] [--max-steps N]
+[--configs dense,moderate,aggressive]``
+
+The model is built directly on the GPU in bf16 with random weights at its real size (FLUX.1-dev config at
+1024² — 4,096 image + 512 text tokens; HunyuanVideo default config at a 9×90×160 latent — 32,400 video +
+256 text tokens). The loop is an Euler flow-matching loop over ``--steps`` timesteps from 1000 down.
+
+Compiles twice: ``torch.compile(model)`` (Inductor, the baseline) and ``torch.compile(model,
+backend="flashomni")`` once; every flashomni setting then runs on that same compiled graph (the state's
+config is switched and reset between loops — no recompile). Settings (``--configs``):
+
+* ``dense``: ``policy="dense"`` (overhead check: the rewritten graph with every tile computed);
+* ``moderate`` / ``aggressive``: ``policy="fixed"`` with reuse 0.3 / skip 0.5 and reuse 0.5 / skip 0.8,
+  update interval 5, warm-up 8;
+* ``blocks`` / ``blocks_aggressive``: half of the transformer blocks cached on dispatch steps (whole-block
+  caching) without / with the aggressive attention setting (only when the installed runtime has block
+  caching).
+
+Per step it records the wall time (``torch.cuda.synchronize`` after each call) and the step's action
+(dense / update / dispatch); ``--max-steps`` runs only the first N steps of the ``--steps`` schedule and
+projects the loop total from the per-action medians (marked ``projected``). The ideal speedup is computed
+from a profile of one dense step: per kernel class (attention, GEMM-Q sites, GEMM-O sites, other GEMMs,
+rest) its time; a dispatch step ideally saves ``attention × (1 − density) + (GEMM-Q + GEMM-O) × reuse``.
+Correctness in the same run: the ``dense`` setting's final latent against Inductor's (relative L2), and
+every sparse setting's final latent error is reported as its quality figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+SETTINGS: Dict[str, dict] = {
+    "dense": dict(policy="dense"),
+    "moderate": dict(policy="fixed", reuse_fraction=0.3, skip_fraction=0.5),
+    "aggressive": dict(policy="fixed", reuse_fraction=0.5, skip_fraction=0.8),
+    "blocks": dict(policy="dense", block_cache="fixed", block_cache_fraction=0.5),
+    "blocks_aggressive": dict(policy="fixed", reuse_fraction=0.5, skip_fraction=0.8, block_cache="fixed",
+                              block_cache_fraction=0.5),
+}
+
+
+# ---- models ---------------------------------------------------------------------------------------
+
+
+def build_flux(device="cuda", dtype=torch.bfloat16, layers=None, single_layers=None, side=1024):
+    """FLUX.1-dev transformer (11.9 B parameters) with random weights, and its inputs at ``side``²."""
+    from diffusers import FluxTransformer2DModel
+
+    cfg = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+               num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+               axes_dims_rope=(16, 56, 56))
+    if layers is not None:
+        cfg.update(num_layers=layers, num_single_layers=single_layers if single_layers is not None else 2 * layers)
+    model = _build(FluxTransformer2DModel, cfg, device, dtype)
+    h = w = side // 16
+    g = torch.Generator(device="cpu").manual_seed(0)
+    ids = torch.zeros(h * w, 3)
+    ids[:, 1] = torch.arange(h * w) // w
+    ids[:, 2] = torch.arange(h * w) % w
+    static = dict(
+        encoder_hidden_states=torch.randn(1, 512, 4096, generator=g).to(device, dtype),
+        pooled_projections=torch.randn(1, 768, generator=g).to(device, dtype),
+        img_ids=ids.to(device), txt_ids=torch.zeros(512, 3, device=device),
+        guidance=torch.full((1,), 3.5, device=device, dtype=torch.float32), return_dict=False,
+    )
+    latent = torch.randn(1, h * w, 64, generator=g).to(device, dtype)
+
+    def inputs(x, t):
+        return dict(static, hidden_states=x, timestep=t.expand(1).to(dtype) / 1000)
+
+    return model, latent, inputs
+
+
+def build_hunyuan(device="cuda", dtype=torch.bfloat16, layers=None, single_layers=None, frames=9, height=90, width=160):
+    """HunyuanVideo transformer (default config, 12.8 B parameters) with random weights; a
+    ``frames × height × width`` latent (9×90×160: 32,400 video tokens + 256 text tokens)."""
+    from diffusers import HunyuanVideoTransformer3DModel
+
+    cfg = {}
+    if layers is not None:
+        cfg.update(num_layers=layers, num_single_layers=single_layers if single_layers is not None else 2 * layers)
+    model = _build(HunyuanVideoTransformer3DModel, cfg, device, dtype)
+    g = torch.Generator(device="cpu").manual_seed(0)
+    static = dict(
+        encoder_hidden_states=torch.randn(1, 256, 4096, generator=g).to(device, dtype),
+        encoder_attention_mask=torch.ones(1, 256, device=device, dtype=torch.long),
+        pooled_projections=torch.randn(1, 768, generator=g).to(device, dtype),
+        guidance=torch.full((1,), 6000.0, device=device, dtype=dtype), return_dict=False,
+    )
+    latent = torch.randn(1, 16, frames, height, width, generator=g).to(device, dtype)
+
+    def inputs(x, t):
+        return dict(static, hidden_states=x, timestep=t.expand(1).to(dtype))
+
+    return model, latent, inputs
+
+
+def _build(cls, cfg, device, dtype):
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = cls(**cfg)
+    finally:
+        torch.set_default_dtype(prev)
+    return model.eval().requires_grad_(False)
+
+
+MODELS: Dict[str, Callable] = {"flux": build_flux, "hunyuan": build_hunyuan}
+
+
+# ---- the loop -------------------------------------------------------------------------------------
+
+
+def timesteps(steps: int, device) -> torch.Tensor:
+    return torch.linspace(1000.0, 0.0, steps + 1, device=device)
+
+
+@torch.no_grad()
+def run_loop(fn, latent, inputs, steps: int, max_steps: Optional[int] = None):
+    """Euler flow-matching loop; returns (final latent, per-step seconds)."""
+    ts = timesteps(steps, latent.device)
+    x = latent.clone()
+    times = []
+    n = steps if max_steps is None else min(steps, max_steps)
+    for i in range(n):
+        _sync()
+        t0 = time.perf_counter()
+        v = fn(**inputs(x, ts[i]))[0]
+        x = x + (ts[i + 1] - ts[i]) / 1000 * v.to(x.dtype)
+        _sync()
+        times.append(time.perf_counter() - t0)
+    return x, times
+
+
+def _sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def actions(steps: int, warmup: int, interval: int) -> List[str]:
+    from .schedule import step_action
+
+    return [step_action(i, warmup, interval) for i in range(steps)]
+
+
+def loop_total(times: List[float], acts: List[str], steps: int, all_acts: List[str]) -> tuple:
+    """(total seconds for ``steps``, projected?) from measured per-step times: the measured sum when the
+    loop ran every step, else per-action medians times the schedule's counts."""
+    if len(times) == steps:
+        return sum(times), False
+    med = {a: statistics.median([t for t, b in zip(times, acts) if b == a]) for a in set(acts)}
+    fallback = med.get("dispatch", med.get("update", next(iter(med.values()))))
+    return sum(med.get(a, fallback) for a in all_acts), True
+
+
+# ---- profile of one step --------------------------------------------------------------------------
+
+_ATTN = ("fmha", "flash", "attention", "sdpa", "attn")
+_GEMM = ("gemm", "nvjet", "cutlass", "xmma", "sm90_", "sm80_", "matmul", "mm_", "_mm", "linear")
+
+
+def kernel_class(name: str) -> str:
+    n = name.lower()
+    if any(k in n for k in _ATTN):
+        return "attention"
+    if any(k in n for k in _GEMM):
+        return "gemm"
+    return "rest"
+
+
+@torch.no_grad()
+def profile_step(fn, kwargs) -> dict:
+    """Device ms of one call per kernel class, and (flashomni graphs) per site op."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    fn(**kwargs)
+    _sync()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn(**kwargs)
+        _sync()
+    out = {"attention": 0.0, "gemm": 0.0, "rest": 0.0}
+    for e in prof.events():
+        if e.device_type == DeviceType.CUDA:
+            out[kernel_class(e.name)] += e.time_range.elapsed_us() / 1000
+    for avg in prof.key_averages():
+        if avg.key.startswith("flashomni::site_"):
+            out[avg.key.split("::")[1]] = avg.device_time_total / 1000
+    out["total"] = out["attention"] + out["gemm"] + out["rest"]
+    return out
+
+
+@torch.no_grad()
+def profile_actions(fn, latent, inputs, steps: int, done: int, all_acts, out_dir: str, tag: str) -> dict:
+    """Continue the generation past step ``done`` until one dispatch and one update step were profiled.
+    Per profiled step: wall ms, host ms inside each site op, device ms per kernel class; the top of the
+    profiler's table (by self CPU time) goes to ``out_dir/profile_<tag>_<action>.txt``."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    from .schedule import step_action
+
+    cfg_w, cfg_i = _schedule_of(all_acts)
+    t = float(timesteps(steps, latent.device)[done - 1]) if done else 1000.0
+    res, step = {}, done
+    while len(res) < 2 and step < done + 2 * cfg_i + 2:
+        act = step_action(step, cfg_w, cfg_i)
+        t = t * 0.9
+        kw = inputs(latent, torch.tensor(t, device=latent.device))
+        if act in ("dispatch", "update") and act not in res:
+            _sync()
+            t0 = time.perf_counter()
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                fn(**kw)
+                _sync()
+            wall = (time.perf_counter() - t0) * 1000
+            dev = {"attention": 0.0, "gemm": 0.0, "rest": 0.0}
+            for e in prof.events():
+                if e.device_type == DeviceType.CUDA:
+                    dev[kernel_class(e.name)] += e.time_range.elapsed_us() / 1000
+            host = {a.key: a.cpu_time_total / 1000 for a in prof.key_averages() if a.key.startswith("flashomni::")}
+            res[act] = dict(wall_ms=wall, device_ms=dev, host_ms=host)
+            with open(os.path.join(out_dir, f"profile_{tag}_{act}.txt"), "w") as f:
+                f.write(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40))
+                f.write("\n\n")
+                f.write(prof.key_averages().table(sort_by="self_device_time_total", row_limit=25))
+        else:
+            fn(**kw)
+        step += 1
+    return res
+
+
+def _schedule_of(all_acts):
+    warm = all_acts.index("update") + 1 if "update" in all_acts else len(all_acts)
+    nxt = [i for i, a in enumerate(all_acts) if a == "update"]
+    interval = nxt[1] - nxt[0] if len(nxt) > 1 else 5
+    return warm, interval
+
+
+# ---- driver ---------------------------------------------------------------------------------------
+
+
+def configure(state, **changes) -> None:
+    if hasattr(state, "configure"):
+        state.configure(**changes)
+    else:
+        state.config = state.config.replace(**changes)
+        state.reset()
+
+
+def rel_l2(a, b) -> float:
+    a, b = a.float(), b.float()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def dispatch_figures(state) -> dict:
+    """Density of attention work and reused fraction over the loop's dispatch steps (state.report())."""
+    rep = state.report()
+    d = [s for s in rep.steps if s["action"] == "dispatch"]
+    if not d:
+        return {"density": 1.0, "reuse": 0.0}
+    w = [s.get("work", 1) for s in d]
+    tot = sum(w) or 1
+
+    def avg(k, default):
+        return sum(s.get(k, default) * x for s, x in zip(d, w)) / tot
+
+    return {"density": avg("density", 1.0), "reuse": avg("reused", 0.0)}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="out/bench_e2e")
+    ap.add_argument("--model", default="flux", choices=sorted(MODELS))
+    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--max-steps", type=int, default=None, help="run only the first N steps; project the total")
+    ap.add_argument("--configs", default="dense,moderate,aggressive")
+    ap.add_argument("--interval", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=8)
+    ap.add_argument("--layers", type=int, default=None, help="fewer blocks (smoke runs)")
+    ap.add_argument("--no-inductor-baseline", action="store_true")
+    ap.add_argument("--profile", default="aggressive", help="settings whose dispatch/update steps are profiled")
+    ap.add_argument("--cpu-smoke", action="store_true", help="tiny model, fp32, CPU: checks the driver only")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available() and not args.cpu_smoke:
+        print("omni_compile.bench_e2e needs a CUDA GPU (--cpu-smoke runs a tiny model on the CPU)", file=sys.stderr)
+        return 2
+    from . import OmniConfig, OmniState
+
+    os.makedirs(args.out, exist_ok=True)
+    torch.manual_seed(0)
+    t0 = time.perf_counter()
+    if args.cpu_smoke:
+        small = dict(flux=dict(side=128), hunyuan=dict(frames=2, height=16, width=16))[args.model]
+        model, latent, inputs = MODELS[args.model](device="cpu", dtype=torch.float32, layers=args.layers or 1, **small)
+    else:
+        model, latent, inputs = MODELS[args.model](layers=args.layers)
+    res = dict(model=args.model, steps=args.steps, max_steps=args.max_steps, interval=args.interval,
+               warmup=args.warmup, device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", torch=torch.__version__,
+               triton=__import__("triton").__version__, tokens=None, rows=[])
+    print(f"built {args.model} in {time.perf_counter() - t0:.1f} s; "
+          f"{sum(p.numel() for p in model.parameters()) / 1e9:.2f} B params", flush=True)
+    all_acts = actions(args.steps, args.warmup, args.interval)
+    first = inputs(latent, timesteps(args.steps, latent.device)[0])
+
+    def record(name, fn, state=None, compile_s=None):
+        x, times = run_loop(fn, latent, inputs, args.steps, args.max_steps)
+        acts = all_acts[: len(times)] if state is not None else ["dense"] * len(times)
+        total, projected = loop_total(times, acts, args.steps, all_acts if state is not None else ["dense"] * args.steps)
+        per = {a: statistics.median([t for t, b in zip(times, acts) if b == a]) * 1000 for a in set(acts)}
+        row = dict(name=name, total_s=total, projected=projected, step_ms=per, compile_s=compile_s,
+                   times_ms=[t * 1000 for t in times], final=x)
+        if state is not None:
+            row.update(dispatch_figures(state))
+            row["memory_mb"] = state.memory_bytes() / 2**20
+            if name in args.profile.split(","):
+                row["profile"] = profile_actions(fn, latent, inputs, args.steps, len(times), all_acts, args.out,
+                                                 f"{args.model}_{name}")
+                for act, p in row["profile"].items():
+                    print(f"    profiled {act}: wall {p['wall_ms']:.1f} ms, device {p['device_ms']}, "
+                          f"host in site ops {p['host_ms']}", flush=True)
+        res["rows"].append(row)
+        print(f"  {name}: total {total:.2f} s{' (projected)' if projected else ''}, per-step ms {per}", flush=True)
+        return row
+
+    base = None
+    if not args.no_inductor_baseline:
+        ind = torch.compile(model)
+        t1 = time.perf_counter()
+        ind(**first)
+        _sync()
+        c = time.perf_counter() - t1
+        print(f"inductor compile {c:.1f} s", flush=True)
+        res["profile_inductor"] = profile_step(ind, first)
+        base = record("inductor", ind, compile_s=c)
+        del ind
+        torch._dynamo.reset()
+
+    state = OmniState(OmniConfig(policy="dense", interval=args.interval, warmup=args.warmup,
+                                  use_inductor=not args.cpu_smoke))
+    omni = torch.compile(model, backend="flashomni", options={"state": state})
+    t1 = time.perf_counter()
+    omni(**first)
+    _sync()
+    c = time.perf_counter() - t1
+    print(f"flashomni compile {c:.1f} s: {state.summary()}", flush=True)
+    state.reset()
+    res["profile_flashomni_dense"] = profile_step(omni, first)
+    state.reset()
+    res["sites"] = state.summary()
+    for name in args.configs.split(","):
+        changes = SETTINGS[name]
+        try:
+            configure(state, **changes)
+        except (TypeError, ValueError) as e:
+            print(f"  {name}: skipped ({e})", flush=True)
+            continue
+        record(name, omni, state, compile_s=c if name == args.configs.split(",")[0] else None)
+
+    # speedups, ideal speedups, correctness
+    prof_i = res.get("profile_inductor")
+    prof_o = res["profile_flashomni_dense"]
+    ref = base["final"] if base else None
+    dense_row = next((r for r in res["rows"] if r["name"] == "dense"), None)
+    for r in res["rows"]:
+        if base:
+            r["speedup"] = base["total_s"] / r["total_s"]
+            r["err_vs_inductor"] = rel_l2(r["final"], ref)
+        if dense_row is not None and r is not dense_row and r["name"] != "inductor":
+            r["err_vs_dense"] = rel_l2(r["final"], dense_row["final"])
+        if r["name"] not in ("inductor", "dense") and prof_i and base:
+            t_step = base["total_s"] / args.steps
+            frac = lambda k: prof_i[k] / prof_i["total"]  # noqa: E731
+            saved = (frac("attention") * (1 - r["density"])) * t_step
+            saved += (prof_o.get("site_linear_q", 0) + prof_o.get("site_linear_o", 0)) / prof_o["total"] * r["reuse"] * t_step
+            n_disp = all_acts.count("dispatch")
+            ideal_total = base["total_s"] - n_disp * saved
+            r["ideal_speedup"] = base["total_s"] / ideal_total
+            r["of_ideal"] = r["speedup"] / r["ideal_speedup"]
+    for r in res["rows"]:
+        r.pop("final", None)
+    with open(os.path.join(args.out, f"e2e_{args.model}.json"), "w") as f:
+        json.dump(res, f, indent=1)
+    md = markdown(res)
+    with open(os.path.join(args.out, f"e2e_{args.model}.md"), "w") as f:
+        f.write(md)
+    print(md)
+    bad = dense_row is not None and base is not None and dense_row["err_vs_inductor"] > 0.05
+    if bad:
+        print(f"policy='dense' final latent differs from Inductor's: rel L2 {dense_row['err_vs_inductor']:.3g}", file=sys.stderr)
+    return 1 if bad else 0
+
+
+def markdown(res: dict) -> str:
+    def f(v, fmt):
+        return "—" if v is None else format(v, fmt)
+
+    lines = [f"{res['model']}: {res['steps']} steps, interval {res['interval']}, warm-up {res['warmup']}, "
+             f"{res['device']}, torch {res['torch']}, triton {res['triton']}; sites: {res.get('sites')}", ""]
+    for key in ("profile_inductor", "profile_flashomni_dense"):
+        p = res.get(key)
+        if p:
+            parts = ", ".join(f"{k} {v:.1f}" for k, v in p.items())
+            lines.append(f"- {key} (device ms): {parts}")
+    lines += ["", "| setting | loop s | dense ms | update ms | dispatch ms | density | reuse | speedup | ideal | of ideal | rel L2 vs dense | compile s |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in res["rows"]:
+        sm = r["step_ms"]
+        lines.append(
+            f"| {r['name']} | {r['total_s']:.2f}{'*' if r['projected'] else ''} | {f(sm.get('dense'), '.1f')} | "
+            f"{f(sm.get('update'), '.1f')} | {f(sm.get('dispatch'), '.1f')} | {f(r.get('density'), '.3f')} | "
+            f"{f(r.get('reuse'), '.2f')} | {f(r.get('speedup'), '.2f')} | {f(r.get('ideal_speedup'), '.2f')} | "
+            f"{f(r.get('of_ideal'), '.0%')} | {f(r.get('err_vs_dense', r.get('err_vs_inductor')), '.2e')} | "
+            f"{f(r.get('compile_s'), '.0f')} |")
+    lines.append("")
+    lines.append("`*` projected from per-action median step times (`--max-steps`).")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# One device call (on the device machine, from the repo root, with .whl/ carried):
+#   bash tools/device_call.sh "quality demo e2e:flux:--steps+50+--configs+dense,aggressive (+ = space) bench:PARTS:SEQS gputests"
+# Each item runs in order with its output under $OUT; a short summary is printed last.
+set -uo pipefail
+OUT=${OUT:-out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/diffusers-*.whl .whl/importlib_metadata-*.whl > "$OUT/install.log" 2>&1
+export PYTHONPATH=/tmp/site
+python3 -m pip install -q --no-deps --no-build-isolation -e . >> "$OUT/install.log" 2>&1 || { tail "$OUT/install.log"; exit 1; }
+nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu --format=csv,noheader | tee "$OUT/gpu.txt"
+summary=()
+for item in $1; do
+  IFS=: read -r what a b <<< "$item"
+  t0=$(date +%s)
+  case $what in
+    quality) python3 -m omni_compile.zoo.quality --out "$OUT/zoo" --device cuda $a > "$OUT/quality.log" 2>&1; rc=$?
+             tail -25 "$OUT/quality.log" ;;
+    demo) python3 -m omni_compile.demo --out "$OUT/demo.png" > "$OUT/demo.log" 2>&1; rc=$?; tail -8 "$OUT/demo.log" ;;
+    gputests) timeout 300 python3 -m pytest -q -x tests/test_ops_gpu.py > "$OUT/gpu_tests.log" 2>&1; rc=$?; tail -3 "$OUT/gpu_tests.log" ;;
+    e2e) python3 -m omni_compile.bench_e2e --out "$OUT" --model "$a" ${b//+/ } > "$OUT/e2e_$a.log" 2>&1; rc=$?
+         grep -v "^ \|Warning\|warn" "$OUT/e2e_$a.log" | tail -30 ;;
+    bench) python3 -m omni_compile.bench --out "$OUT/bench" --parts "$a" --seqs "$b" > "$OUT/bench.log" 2> "$OUT/bench_stderr.log"; rc=$?
+           grep -v '^  ' "$OUT/bench.log" | tail -60 ;;
+    *) echo "unknown item $what"; rc=2 ;;
+  esac
+  summary+=("$what:$a rc=$rc $(( $(date +%s) - t0 ))s")
+done
+printf '%s\n' "${summary[@]}"
