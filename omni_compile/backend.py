@@ -77,6 +77,7 @@ def apply_passes(gm: fx.GraphModule, state: OmniState) -> list:
     if not sites:
         return []
     text_len = P.text_length(gm)
+    grids: dict = {}
     plans = []
     claimed: dict = {}
     for site in sites:
@@ -111,6 +112,11 @@ def apply_passes(gm: fx.GraphModule, state: OmniState) -> list:
             rec.kind = "cross" if site.seq_q != site.seq_kv else "self"
             rec.segments = [("vision", 0, site.seq_q)]
             rec.kv_segments = [("vision", 0, site.seq_kv)]
+        if site.batch not in grids:
+            grids[site.batch] = P.token_grid(gm, site.batch)
+        grid = grids[site.batch]
+        if grid is not None and grid[0] * grid[1] * grid[2] == sum(b - a for m, a, b in rec.segments if m == "vision"):
+            rec.token_layout = grid
         if site.reject is not None:
             rec.reason = site.reject
         elif not cfg.attention:
@@ -167,6 +173,10 @@ def flashomni(gm: fx.GraphModule, example_inputs, options: Optional[dict] = None
                  if state.config.use_inductor else "flashomni: no attention sites; graph left unchanged")
     entry = {"sites": len(records), "rewritten": sum(r.rewritten for r in records), "pass_seconds": t_pass}
     state.compiles.append(entry)
+    if state.config.block_cache != "none":
+        program = _block_program(gm, state, records, mode, entry)
+        if program is not None:
+            return program
     if not state.config.use_inductor:
         compiled = gm.forward
         entry["compile_seconds"] = t_pass
@@ -185,3 +195,33 @@ def flashomni(gm: fx.GraphModule, example_inputs, options: Optional[dict] = None
 
     run._omni_state = state  # keeps the state (looked up by id in the site ops) alive with the graph
     return run
+
+
+def _block_program(gm: fx.GraphModule, state: OmniState, records: list, mode: Optional[str], entry: dict):
+    """Block caching on: split ``gm`` at block borders and return the runner of its regions
+    (``omni_compile.block_cache``), each region compiled with Inductor on its first run (or run as FX with
+    ``use_inductor=False``); None when the graph has no blocks or no step clock (it is then compiled whole)."""
+    from .block_cache import build_program
+
+    t0 = time.perf_counter()
+    cfg = state.config
+    patches = torch._inductor.list_mode_options(mode) if mode and mode != "default" else None
+
+    def compile_region(module: fx.GraphModule, example: list):
+        if not cfg.use_inductor:
+            return module.forward
+        from torch._inductor.compile_fx import compile_fx
+
+        return compile_fx(module, example, config_patches=patches) if patches else compile_fx(module, example)
+
+    program = build_program(gm, state, records, compile_region, entry, ops=_site_ops())
+    entry["split_seconds"] = time.perf_counter() - t0
+    if program is None:
+        log.info("flashomni: block caching off for this graph: %s", entry.get("blocks_reason"))
+        return None
+    log.info("flashomni: %d blocks (%d cacheable), %d regions", entry["blocks"], entry["blocks_cacheable"],
+             entry["regions"])
+    # with Inductor each region adds its compile time on its first run (BlockProgram._run)
+    entry["compile_seconds"] = entry["pass_seconds"] + entry["split_seconds"]
+    return program
+

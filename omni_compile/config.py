@@ -9,14 +9,32 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
-#: Policies the runtime implements (``omni_compile.policy``).
-POLICIES = ("flashomni", "dense", "fixed")
+#: Policies shipped with the library (``omni_compile.policies``; more can be registered with
+#: ``omni_compile.policies.register_policy``).
+POLICIES = ("flashomni", "dense", "fixed", "window", "topk", "broadcast", "taylorseer")
+
+#: Fields ``OmniConfig.overrides`` may set per site. The others are global: they fix the compiled graph
+#: (``attention``, ``gemm_q``, ``gemm_o``, ``use_inductor``), the symbol grid (``block_q``, ``block_kv``), the
+#: cache layout and the warm-up observations (``taylor_order``, ``warmup``) or a budget over all sites
+#: (``max_cache_mb``).
+#: Block-caching policies (``OmniConfig.block_cache``; ``omni_compile.block_cache``).
+BLOCK_CACHE_POLICIES = ("none", "fixed", "sq", "change")
+
+SITE_FIELDS = ("policy", "interval", "tau_q", "tau_kv", "reuse_fraction", "skip_fraction", "seed")
 
 
 @dataclass
 class OmniConfig:
-    policy: str = "flashomni"
-    """How symbols are chosen on update steps. ``"flashomni"`` (default): the paper's policy — vision
+    policy: object = "flashomni"
+    """How symbols are chosen on update steps: a registered name, a policy object
+    (``omni_compile.policies``: ``Window(size=...)``, ``TopK(mass=...)``, ``Broadcast()``,
+    ``TaylorSeer(fraction=...)``, ``FlashOmni(...)`` or a user policy following the protocol in
+    docs/policies.md), or a tuple of those whose bits are OR-ed (``("window", "flashomni")``). Every
+    strategy runs on the same ops and compiled graph; docs/policies.md compares them. Names:
+    ``"window"`` (key blocks outside a spatio-temporal window skipped; needs ``token_layout`` where the
+    passes cannot infer it), ``"topk"`` (key blocks with the most pooled score kept), ``"broadcast"``
+    (whole sites reused between updates), ``"taylorseer"`` (least-changing blocks reused), and:
+    ``"flashomni"`` (default): the paper's policy — vision
     query blocks that feed the text little and are little guided by it are reused (``tau_q``), and per
     computed query block the key blocks with the least pooled attention mass are skipped (``tau_kv``);
     adapts to the content, costs one pooled-score estimate per site per update. ``"dense"``: every tile
@@ -24,7 +42,8 @@ class OmniConfig:
     tests and as the quality reference); costs the full attention and projections every step.
     ``"fixed"``: reuse/skip the fractions ``reuse_fraction`` / ``skip_fraction`` of tiles picked from
     ``seed`` regardless of content — controlled density for benchmarks, worse quality than
-    ``"flashomni"`` at the same density. Valid: ``"flashomni"``, ``"dense"``, ``"fixed"``."""
+    ``"flashomni"`` at the same density. Valid: the registered names (``POLICIES`` here lists the shipped
+    ones), policy objects, tuples of them."""
 
     block_q: int = 128
     """Query rows per symbol block. Larger blocks mean fewer symbols and better kernel efficiency, but
@@ -103,12 +122,59 @@ class OmniConfig:
     key blocks): memory is bounded, speed and quality degrade gracefully for the sites served last.
     None: no cap. Float, 0 or more, or None."""
 
+    token_layout: Optional[tuple] = None
+    """``(frames, height, width)`` (or ``(height, width)``) of the vision tokens, in the order the model
+    lays them out, for policies that need it (``"window"``). The passes infer it from a conv patch
+    embedding (SD3, PixArt, DiT, CogVideoX, HunyuanVideo, Wan); models that pack latents before the
+    transformer (FLUX, LTX) need it here — for FLUX at H×W pixels, ``(1, H // 16, W // 16)``. A layout that
+    does not match a site's vision token count is not used (the site falls back to dense with the reason).
+    Positive ints."""
+
+    overrides: Optional[dict] = None
+    """Per-site settings: ``{pattern: {field: value}}`` with ``fnmatch`` patterns on the site name (module
+    path, e.g. ``"transformer_blocks.0.*"``, ``"single_transformer_blocks.3*"``); a site takes every
+    matching entry in order (later ones win). E.g. ``{"transformer_blocks.0.*": {"policy": "dense"}}``
+    keeps the first block exact (quality where early layers matter, at the cost of its share of the
+    work). Settable fields: ``policy``, ``interval``, ``tau_q``, ``tau_kv``, ``reuse_fraction``,
+    ``skip_fraction``, ``seed`` (the rest are global)."""
+
+    block_cache: str = "none"
+    """Whole-block caching (docs/runtime.md, "Block caching"): on dispatch steps a block whose bit is set
+    does not run at all; its outputs are its inputs plus the Taylor forecast of its residual contribution
+    (output − input per residual stream) stored on the last update. Which blocks get the bit is decided on
+    every update, per block and CFG stream, by: ``"none"`` (default: the graph is not split, nothing
+    changes); ``"fixed"``: ``block_cache_fraction`` of the blocks, evenly spaced (controlled work for
+    benchmarks, blind to content); ``"sq"``: the paper's S_q fallback — a block whose attention sites all
+    computed ``s_q`` or less of their (query block, head) tiles on the update (needs a sparse ``policy``;
+    costs one host read per update call); ``"change"``: a block whose residual changed by
+    ``block_cache_threshold`` or less per step between its last two observations (first-block/TeaCache
+    spirit; one host read per update call). Skipped blocks save all their kernels (GEMMs included: the
+    coarse granularity is where FLUX-size speed comes from) at the price of forecast error. Splitting the
+    graph at block borders costs one compiled region per block and is fixed at compile time."""
+
+    block_cache_fraction: float = 0.5
+    """``block_cache="fixed"`` only: fraction of the blocks cached on dispatch steps (``round(f · n)``
+    of the graph's ``n`` blocks, at evenly spaced positions ``floor((j + 0.5) · n / k)``). Higher is faster
+    and less exact. Float, 0 to 1."""
+
+    s_q: float = 0.3
+    """``block_cache="sq"`` only: a block is cached when every attention site in it computes at most this
+    fraction of its (query block, head) tiles on dispatch steps (the paper's S_q, 30 %). Higher caches
+    more blocks. Float, 0 to 1."""
+
+    block_cache_threshold: float = 0.05
+    """``block_cache="change"`` only: a block is cached when the relative L1 change of its residual,
+    ``mean|r_new − r_old| / mean|r_old|`` divided by the steps between the two observations, is at most
+    this. Higher caches more blocks (faster, staler). Float, 0 or more."""
+
     def __post_init__(self) -> None:
         self.validate()
 
     def validate(self) -> None:
-        if self.policy not in POLICIES:
-            raise ValueError(f"OmniConfig.policy must be one of {POLICIES}, got {self.policy!r}")
+        from .policies import resolve_policy
+
+        resolve_policy(self.policy)  # ValueError "OmniConfig.policy must be one of ..." when unknown
+        self._validate_layout_and_overrides()
         for name in ("block_q", "block_kv"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 16 or v > 256 or v & (v - 1):
@@ -131,6 +197,52 @@ class OmniConfig:
         m = self.max_cache_mb
         if m is not None and (not isinstance(m, (int, float)) or isinstance(m, bool) or m < 0 or m != m):
             raise ValueError(f"OmniConfig.max_cache_mb must be None or a number, 0 or more, got {m!r}")
+        if self.block_cache not in BLOCK_CACHE_POLICIES:
+            raise ValueError(f"OmniConfig.block_cache must be one of {BLOCK_CACHE_POLICIES}, got {self.block_cache!r}")
+        for name, hi in (("block_cache_fraction", 1.0), ("s_q", 1.0), ("block_cache_threshold", None)):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not (0.0 <= v) or (hi is not None and v > hi):
+                rng = "from 0 to 1" if hi is not None else "0 or more"
+                raise ValueError(f"OmniConfig.{name} must be a number {rng}, got {v!r}")
+
+    def _validate_layout_and_overrides(self) -> None:
+        t = self.token_layout
+        if t is not None:
+            ok = isinstance(t, (tuple, list)) and len(t) in (2, 3) and all(
+                isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in t)
+            if not ok:
+                raise ValueError(f"OmniConfig.token_layout must be None or (frames, height, width) / (height, width) "
+                                 f"of positive ints, got {t!r}")
+            self.token_layout = (1,) * (3 - len(t)) + tuple(t)
+        o = self.overrides
+        if o is None:
+            return
+        if not isinstance(o, dict):
+            raise ValueError(f"OmniConfig.overrides must be None or a dict {{pattern: {{field: value}}}}, got {o!r}")
+        for pat, fields in o.items():
+            if not isinstance(pat, str) or not isinstance(fields, dict):
+                raise ValueError(f"OmniConfig.overrides entries must be str pattern -> dict of fields, got {pat!r}: {fields!r}")
+            bad = sorted(set(fields) - set(SITE_FIELDS))
+            if bad:
+                raise ValueError(f"OmniConfig.overrides[{pat!r}]: {bad} cannot be set per site; valid fields: "
+                                 f"{', '.join(SITE_FIELDS)}")
+            try:
+                dataclasses.replace(self, overrides=None, **fields)
+            except ValueError as e:
+                raise ValueError(f"OmniConfig.overrides[{pat!r}]: {e}") from None
+
+    def for_site(self, name: str) -> "OmniConfig":
+        """The effective config of the site named ``name``: every matching ``overrides`` entry applied in
+        order (``fnmatch`` on the module path); ``overrides`` is None in the result. ``self`` when none match."""
+        if not self.overrides:
+            return self
+        import fnmatch
+
+        merged: dict = {}
+        for pat, fields in self.overrides.items():
+            if fnmatch.fnmatchcase(name, pat):
+                merged.update(fields)
+        return dataclasses.replace(self, overrides=None, **merged) if merged else self
 
     @property
     def max_cache_bytes(self) -> Optional[int]:

@@ -210,13 +210,60 @@ def _row(r) -> str:
             f"{r['density']:.3f} | {r['rel_l2']:.4f} | {p} |")
 
 
+def run_policies(steps: int = 28, names=None, warmup: int = 4, interval: int = 5, block: int = 16,
+                 quick: bool = False):
+    """Each shipped strategy (``policies.presets.STRATEGIES``, their table knobs) on the tiny FLUX: rows with
+    the loop's attention density, the density over dispatch steps, rel. L2 and PSNR vs ``policy="dense"``.
+    The table in docs/policies.md: ``python -m omni_compile.quality --policies``."""
+    import omni_compile
+    from omni_compile.policies.presets import STRATEGIES, strategy_config
+
+    side = 8 if quick else 12
+    if quick:
+        model, make_inputs, info = tiny_flux(side=8, text=16, layers=1, single_layers=1, heads=2, head_dim=16)
+    else:
+        model, make_inputs, info = tiny_flux(side=12, text=16, layers=1, single_layers=3, heads=4, head_dim=16)
+    lat = initial_latents(info)
+    rows, ref = [], None
+    for name in names or STRATEGIES:
+        torch._dynamo.reset()
+        cfg = strategy_config(name, token_layout=(1, side, side), block=block, use_inductor=False, warmup=warmup,
+                              interval=interval)
+        state = omni_compile.OmniState(cfg)
+        out = denoise(torch.compile(model, backend="flashomni", options={"state": state}), make_inputs, lat, steps)
+        if ref is None:
+            if name != "dense":
+                raise ValueError("the first strategy must be 'dense' (the reference)")
+            ref = out
+        rep = state.report()
+        disp = [x for x in rep.steps if x["action"] in ("dispatch", "mixed")]
+        w = sum(x["work"] for x in disp)
+        rows.append(dict(strategy=name, policy=repr(cfg.policy), density=rep.density(),
+                         dispatch_density=sum(x["density"] * x["work"] for x in disp) / w if w else 1.0,
+                         rel_l2=rel_l2(out, ref), psnr=psnr(out, ref)))
+        r = rows[-1]
+        p = "inf" if math.isinf(r["psnr"]) else f"{r['psnr']:.1f}"
+        print(f"| {name} | `{r['policy']}` | {r['density']:.3f} | {r['dispatch_density']:.3f} | {r['rel_l2']:.4f} "
+              f"| {p} | |", flush=True)
+    return rows
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, nargs="*", default=[28, 50])
     ap.add_argument("--warmup", type=int, default=4)
     ap.add_argument("--block", type=int, default=16)
     ap.add_argument("--quick", action="store_true", help="a smaller model (for a fast look)")
+    ap.add_argument("--policies", action="store_true",
+                    help="compare the shipped strategies (docs/policies.md) instead of the flashomni settings")
     args = ap.parse_args(argv)
+    if args.policies:
+        print("| strategy | policy | attention density (loop) | density (dispatch steps) | rel. L2 vs dense | PSNR dB "
+              "| GPU ms per dispatch step |")
+        print("|---|---|---|---|---|---|---|")
+        for steps in args.steps:
+            run_policies(steps, warmup=args.warmup, block=args.block, quick=args.quick)
+        return
     print("| steps | interval | taylor_order | tau_q | tau_kv | attention density | rel. L2 vs dense | PSNR dB |")
     print("|---|---|---|---|---|---|---|---|")
     run(args.steps, warmup=args.warmup, block=args.block, quick=args.quick)

@@ -21,6 +21,9 @@ class Report:
     sites: List[dict] = field(default_factory=list)
     steps: List[dict] = field(default_factory=list)
     memory_bytes: int = 0
+    blocks: List[dict] = field(default_factory=list)
+    """Per transformer block (block caching on): streams found, cacheable or why not, region runs,
+    cached dispatch steps (skipped, over all CFG streams), cache bytes."""
 
     def density(self) -> float:
         """Work-weighted attention density over every recorded step."""
@@ -42,6 +45,12 @@ class Report:
             lines.append(f"{s['generation']:3d} {s['step']:4d} {s['stream']:6d} {s['action']:9s}  {s['density']:7.3f}  {s['reused']:6.3f}")
         if len(self.steps) > max_steps:
             lines.append(f"... {len(self.steps) - max_steps} more steps")
+        if self.blocks:
+            lines.append("")
+            lines.append("block                                     streams  runs  cached  cache MiB")
+            for b in self.blocks:
+                lines.append(f"{b['name'][:41]:41s} {b['streams']:7d} {b['runs']:5d} {b['cached_steps']:7d}"
+                             f"  {b['cache_bytes'] / 2**20:9.3f}" + (f"  ({b['reason']})" if b.get("reason") else ""))
         lines.append(f"cache memory: {self.memory_bytes / 2**20:.3f} MiB; overall density {self.density():.3f}")
         return "\n".join(lines)
 
@@ -79,6 +88,12 @@ def build_report(state) -> Report:
             "cache_bytes": sum(st.memory_bytes() for st in s.streams.values()),
             "streams": len(s.streams),
             "note": s.reason if not s.rewritten else s.runtime_reason,
+        })
+    for b in getattr(state, "blocks", []):
+        rep.blocks.append({
+            "name": b.name, "block_id": b.block_id, "streams": b.streams_found, "cacheable": b.cacheable,
+            "reason": b.reason, "runs": b.region_calls, "cached_steps": b.skipped_calls,
+            "cache_bytes": sum(bs.memory_bytes() for bs in b.streams.values()),
         })
     for key in sorted(per_step):
         rows = per_step[key]

@@ -66,16 +66,18 @@ def stream_for(state, site: SiteRecord, batch: int, seq_q: int) -> Optional[Site
     """The site's stream state for the current model call, with this step's action decided (once per
     step; every op of the site in the call reads the same). None: run dense (policy ``"dense"``, no
     clock, or a site the runtime does not make sparse)."""
-    cfg = state.config
-    if cfg.policy == "dense":
+    cfg, policy = site_policy(state, site)
+    if policy.name == "dense":
+        return None
+    fell = _policy_fallbacks(state).get(site.site_id)
+    if fell is not None:
+        site.runtime_reason = fell
+        site.streams.clear()  # drop what the failed update cached
         return None
     pos = state.clock.position
     if pos is None:
         site.runtime_reason = ("no timestep reached the runtime (no compiled graph takes a 'timestep' input), "
                                "so steps and CFG streams cannot be told apart: dense")
-        return None
-    if site.mask is not None:
-        site.runtime_reason = "attention mask (key padding): caching over dropped keys not implemented: dense"
         return None
     key = (pos.stream, batch, seq_q)
     ss = site.streams.get(key)
@@ -117,16 +119,20 @@ def _cache_estimate(state, site: SiteRecord, batch: int, heads: int, seq_q: int,
     return (D + 1) * batch * heads * seq_q * head_dim * itemsize + batch * heads * seq_q
 
 
-def _layout(state, site: SiteRecord, device):
+def _layout(state, site: SiteRecord, device, kv_segments=None, seq_kv=None):
+    """``(q_text [nQ], kv_text [nK], text query blocks)`` of a site, cached. ``kv_segments`` / ``seq_kv``
+    describe the keys actually attended when a key-padding mask dropped some (see :func:`_kept_keys`)."""
     from .policy import block_text_mask
 
+    kv_segments = site.kv_segments if kv_segments is None else kv_segments
+    seq_kv = site.seq_kv if seq_kv is None else seq_kv
     cache = state.__dict__.setdefault("_layouts", {})
-    key = (site.site_id, str(device), state.config.block_q, state.config.block_kv)
+    key = (site.site_id, str(device), state.config.block_q, state.config.block_kv, seq_kv, tuple(kv_segments))
     hit = cache.get(key)
     if hit is None:
         cfg = state.config
         q_text = block_text_mask(site.segments, site.seq_q, cfg.block_q, device)
-        kv_text = block_text_mask(site.kv_segments, site.seq_kv, cfg.block_kv, device)
+        kv_text = block_text_mask(kv_segments, seq_kv, cfg.block_kv, device)
         n_text = sum(1 for j in range(q_text.numel())
                      if any(m == "text" and a < (j + 1) * cfg.block_q and b > j * cfg.block_q for m, a, b in site.segments))
         hit = cache[key] = (q_text, kv_text, n_text)
@@ -142,29 +148,115 @@ def _rows_all_text(site: SiteRecord, row_offset: int, rows: int) -> bool:
 
 
 def _no_bias_terms(state, site: SiteRecord, row_offset: int, rows: int) -> bool:
-    """The built-in policies never reuse text rows: a projection over text rows only needs no cache bias."""
-    return state.config.policy in ("flashomni", "fixed") and _rows_all_text(site, row_offset, rows)
+    """A projection over text rows only needs no cache bias when the site's policy declares it never
+    reuses text rows (``reuses_text`` False; the runtime clears such bits, ``policies.finalize``)."""
+    _, policy = site_policy(state, site)
+    return not policy.reuses_text and _rows_all_text(site, row_offset, rows)
 
 
-def make_symbols(state, site: SiteRecord, q, k, scale, step: int, timestep: float, allow_reuse: bool = True):
-    """Run the configured policy on an update step and pack its bits (``omni_compile.policy``)."""
+def site_policy(state, site: SiteRecord):
+    """``(effective OmniConfig, policy object)`` of a site: ``config.for_site(site.name)`` (per-site
+    overrides) and its resolved policy, computed once per site and config (cached on the state)."""
+    cache = state.__dict__.setdefault("_site_policies", {})
+    hit = cache.get(site.site_id)
+    if hit is None or hit[0] is not state.config:
+        from .policies import resolve_policy
+
+        if hit is not None and hit[0] is not state.config:
+            cache.clear()
+            _policy_fallbacks(state).clear()
+        cfg = state.config.for_site(site.name)
+        hit = cache[site.site_id] = (state.config, cfg, resolve_policy(cfg.policy))
+    return hit[1], hit[2]
+
+
+def _policy_fallbacks(state) -> dict:
+    """``site_id -> reason`` of sites whose policy raised ``PolicyFallback`` (dense until the config changes)."""
+    return state.__dict__.setdefault("_policy_fallbacks", {})
+
+
+def _token_layout(state, site: SiteRecord, cfg, kv_segments, seq_kv):
+    """``(TokenLayout or None, reason)``: the vision tokens' grid (``OmniConfig.token_layout``, else what the
+    passes inferred) placed on the site's query sequence (one contiguous vision segment of that size) and,
+    for self/joint sites, on the keys actually attended."""
+    from .policies import TokenLayout
+
+    grid = cfg.token_layout or site.token_layout
+    if grid is None:
+        return None, ("the passes could not infer it (no conv patch embedding in the graph: FLUX/LTX pack "
+                      "latents before the transformer); give OmniConfig(token_layout=(frames, height, width))")
+    f, h, w = grid
+    vis = [(a, b) for m, a, b in site.segments if m == "vision"]
+    if len(vis) != 1 or vis[0][1] - vis[0][0] != f * h * w:
+        n = sum(b - a for a, b in vis)
+        return None, (f"token layout {tuple(grid)} holds {f * h * w} tokens but the site's queries have {n} vision "
+                      f"tokens in {len(vis)} segment(s)")
+    start = vis[0][0]
+    kv_start = start
+    if site.kind != "cross" and kv_segments is not None:
+        kvis = [(a, b) for m, a, b in kv_segments if m == "vision"]
+        if len(kvis) != 1 or kvis[0][1] - kvis[0][0] != f * h * w:
+            return None, "the attention mask drops vision keys, so the key grid is not the query grid"
+        kv_start = kvis[0][0]
+    return TokenLayout(f, h, w, start, kv_start), ""
+
+
+def _observe_features(state, site: SiteRecord, ss, out, step: int) -> None:
+    """Block means of the attention output on full steps, for policies that declare ``needs_features``
+    (the last warm-up step and every update; the previous observation is kept to difference against)."""
+    if ss is None:
+        return
+    cfg, policy = site_policy(state, site)
+    if not policy.needs_features or (ss.action != UPDATE and step < cfg.warmup - 2):
+        return
+    from .policies import block_means
+
+    ss.features_prev = ss.features
+    ss.features = (step, block_means(out, cfg.block_q))
+
+
+def make_symbols(state, site: SiteRecord, q, k, scale, step: int, timestep: float, allow_reuse: bool = True,
+                 kv_segments=None, k_square=None):
+    """Run the configured policy on an update step and pack its bits (``omni_compile.policy``).
+    ``kv_segments``: the modality segments of ``k`` when it is not the site's full key sequence (keys
+    dropped by a key-padding mask); ``k_square``: the full key sequence then, for the scores on the square
+    (query block = key block) grid that joint/self metrics read."""
     from omni_compile.ops import Symbols, pooled_scores
 
-    from .policy import NEEDS_SCORES, POLICIES, PolicyInput
+    from .policies import PolicyFallback, PolicyInput, feature_change, finalize
 
-    cfg = state.config
+    cfg, policy = site_policy(state, site)
     B, H, Sq, _ = q.shape
     Skv = k.shape[2]
-    q_text, kv_text, n_text = _layout(state, site, q.device)
+    q_text, kv_text, n_text = _layout(state, site, q.device, kv_segments, Skv if kv_segments is not None else None)
     scores = square = None
-    if cfg.policy in NEEDS_SCORES:
+    if policy.needs_scores:
         scores = pooled_scores(q, k, cfg.block_q, cfg.block_kv, scale)
         if site.kind != "cross":
-            square = scores if cfg.block_q == cfg.block_kv else pooled_scores(q, k, cfg.block_q, cfg.block_q, scale)
+            if k_square is not None:
+                square = pooled_scores(q, k_square, cfg.block_q, cfg.block_q, scale)
+            else:
+                square = scores if cfg.block_q == cfg.block_kv else pooled_scores(q, k, cfg.block_q, cfg.block_q, scale)
+    layout, layout_reason = _token_layout(state, site, cfg, kv_segments, Skv)
+    change = None
+    if policy.needs_features:
+        pos = state.clock.position
+        ss = site.streams.get((pos.stream, B, Sq)) if pos is not None else None
+        if ss is not None and ss.features is not None and ss.features_prev is not None:
+            (s1, now), (s0, prev) = ss.features, ss.features_prev
+            change = feature_change(now, prev, s1 - s0)
     inp = PolicyInput(scores=scores, scores_square=square, kind=site.kind, q_text=q_text, kv_text=kv_text,
                       batch=B, heads=H, seq_q=Sq, seq_kv=Skv, block_q=cfg.block_q, block_kv=cfg.block_kv,
-                      text_q_blocks=n_text, site_id=site.site_id, step=step, timestep=timestep)
-    reuse, skip = POLICIES[cfg.policy](inp, cfg)
+                      text_q_blocks=n_text, site_id=site.site_id, step=step, timestep=timestep, site_name=site.name,
+                      layout=layout, layout_reason=layout_reason or "", change=change)
+    try:
+        reuse, skip = finalize(policy, inp, *policy(inp, cfg))
+    except PolicyFallback as e:
+        reason = f"policy {policy.name!r} cannot run here: {e}: dense"
+        _policy_fallbacks(state)[site.site_id] = site.runtime_reason = reason
+        return state.dense_symbols(B, H, Sq, Skv, q.device)
+    if inp.notes:
+        site.runtime_reason = "; ".join(inp.notes)
     if not allow_reuse:
         reuse = torch.zeros_like(reuse)
     return Symbols.from_dense(reuse, skip, cfg.block_q, cfg.block_kv, Sq, Skv)
@@ -220,6 +312,38 @@ def _dense_linear(state, x, weight, bias, head_dim, row_offset, seq_q, kind):
     return sparse_linear_o(x, weight, bias, dense, head_dim, None, row_offset)
 
 
+def _kept_keys(site: SiteRecord, mask, B: int, H: int, Skv: int):
+    """What a key-padding ``mask`` leaves of the keys, when every batch item and head keeps the same ones:
+    ``"all"`` (the mask drops nothing: ignore it), or ``(index [n] on the mask's device, kv_segments of
+    the kept keys)``. None when the ops cannot express it (an additive bias that is not 0 / -inf, keys
+    that differ per item or head, or no key kept): the caller runs masked dense attention. Costs one host
+    read of the mask per call (design.md, Runtime: masks)."""
+    valid = _key_valid(mask, B, H, Skv)
+    if valid is None:
+        return None
+    first = valid[:1, :1]
+    if not bool((valid == first).all()):
+        return None
+    first = first.reshape(Skv)
+    keep_cpu = first.cpu()
+    n = int(keep_cpu.sum())
+    if n == Skv:
+        return "all"
+    if n == 0:
+        return None
+    text = torch.zeros(Skv, dtype=torch.bool)
+    for m, a, b in site.kv_segments:
+        if m == "text":
+            text[a:b] = True
+    kept_text = text[keep_cpu].tolist()
+    segs, start = [], 0
+    for i in range(1, n + 1):
+        if i == n or kept_text[i] != kept_text[start]:
+            segs.append(("text" if kept_text[start] else "vision", start, i))
+            start = i
+    return keep_cpu.nonzero().squeeze(1).to(mask.device), segs
+
+
 def run_attention(state, site: SiteRecord, q, k, v, mask, scale):
     from omni_compile.ops import sparse_attention
 
@@ -227,24 +351,47 @@ def run_attention(state, site: SiteRecord, q, k, v, mask, scale):
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     B, H, Sq, D = q.shape
     Skv = k.shape[2]
-    ss = stream_for(state, site, B, Sq) if mask is None else None
-    if ss is None:
+    k_full, kv_segments, expressible = k, None, True
+    if mask is not None:
+        kept = _kept_keys(site, mask, B, H, Skv)
+        if kept is None:
+            expressible = False
+        elif kept == "all":
+            mask = None
+        else:
+            idx, kv_segments = kept
+            k, v = k.index_select(2, idx), v.index_select(2, idx)
+            mask = None
+    ss = stream_for(state, site, B, Sq)
+    if ss is None or (not expressible and ss.action != DISPATCH):
+        if ss is not None:
+            site.runtime_reason = "attention mask the ops cannot express (not one key-padding pattern for all items): dense"
+            if ss.action == UPDATE:
+                ss.symbols = None  # nothing to dispatch with: the next step updates again
         return _run_attention_dense(state, site, q, k, v, mask, scale)
     cfg = state.config
+    Skv = k.shape[2]
     dense = state.dense_symbols(B, H, Sq, Skv, q.device)
     step = ss.step
     if ss.action == DISPATCH:
         sym = ss.symbols
-        site.symbols = sym
-        ss.sparse_calls["attention"] += 1
-        out = sparse_attention(q, k, v, sym, scale)
+        if expressible and sym.seq_kv == Skv:
+            site.symbols = sym
+            ss.sparse_calls["attention"] += 1
+            out = sparse_attention(q, k, v, sym, scale)
+            _record(state, site, DISPATCH, sym, B * H * Sq * Skv)
+        else:
+            # the mask changed since the update (other kept keys): exact attention for this call; GEMM-O
+            # still ignores the reused tiles and the forecast below still fills them
+            site.fallbacks += 1
+            out = _run_attention_dense(state, site, q, k, v, mask, scale)
         if ss.out_factors is not None:
             fc = taylor.forecast(ss.out_factors, step - ss.out_step, out.dtype)
             out = torch.where(ss.reuse_rows, fc, out)
-        _record(state, site, DISPATCH, sym, B * H * Sq * Skv)
         return out
     site.symbols = dense
     out = _dense_attention(state, q, k, v, scale)
+    _observe_features(state, site, ss, out, step)  # policies that declare needs_features (taylorseer)
     if ss.action == UPDATE:
         need = _cache_estimate(state, site, B, H, Sq, D, out.element_size())
         old = ss.memory_bytes() - (0 if ss.symbols is None else ss.symbols.reuse_bits.numel() + ss.symbols.skip_bits.numel())
@@ -254,7 +401,8 @@ def run_attention(state, site: SiteRecord, q, k, v, mask, scale):
             ss.out_factors = ss.out_step = ss.reuse_rows = None
             ss.a_factors, ss.a_step, ss.bias_terms = {}, {}, {}
         pos = state.clock.position
-        ss.symbols = make_symbols(state, site, q, k, scale, step, pos.timestep, allow_reuse=not ss.capped)
+        ss.symbols = make_symbols(state, site, q, k, scale, step, pos.timestep, allow_reuse=not ss.capped,
+                                  kv_segments=kv_segments, k_square=k_full if kv_segments is not None else None)
         ss.update_step = step
         if not site.gemm_o and not ss.capped:
             _observe_output(cfg, ss, out, step)
@@ -407,13 +555,13 @@ def site_linear_o(
     if ss is not None and ss.action == DISPATCH:
         ss.sparse_calls["linear_o"] += 1
         terms = ss.bias_terms.get(key)
-        cb = taylor.forecast(terms, ss.step - ss.update_step) if terms else None
+        cb = taylor.forecast(terms, ss.step - ss.update_step, terms[0].dtype) if terms else None
         return sparse_linear_o(a, w, bias, ss.symbols, head_dim, cb, row_offset)
     out = _dense_linear(st, a, w, bias, head_dim, row_offset, seq_q, "o")
     if ss is None:
         return out
     D = cfg.taylor_order
-    if ss.action == UPDATE and not ss.capped:
+    if ss.action == UPDATE and not ss.capped and ss.symbols is not None:
         old_step = ss.a_step.get(key)
         factors = taylor.refresh(ss.a_factors.get(key), a, 0 if old_step is None else ss.step - old_step, D)
         if _no_bias_terms(st, rec, row_offset, a.shape[1]):

@@ -75,6 +75,9 @@ class SiteRecord:
     """Run-time state per stream: ``(stream, batch, seq_q) -> SiteStream`` (see ``omni_compile.runtime``)."""
     runtime_reason: Optional[str] = None
     """Why the runtime ran this site dense although the policy is sparse (None when it did not)."""
+    token_layout: Optional[tuple] = None
+    """``(frames, height, width)`` of the vision tokens as the passes inferred it from a conv patch
+    embedding (None when the model does not show it; ``OmniConfig.token_layout`` then supplies it)."""
 
     @property
     def text_tokens(self) -> int:
@@ -121,6 +124,10 @@ class SiteStream:
     a_factors: dict = field(default_factory=dict)
     a_step: dict = field(default_factory=dict)
     bias_terms: dict = field(default_factory=dict)
+    features: Optional[tuple] = None
+    """``(step, block means [B, H, nQ, D] fp32)`` of the attention output at the last full step, and
+    ``features_prev`` at the one before (only for policies that declare ``needs_features``)."""
+    features_prev: Optional[tuple] = None
     counts: dict = field(default_factory=lambda: {"dense": 0, "update": 0, "dispatch": 0})
     """Steps of each kind this stream ran (per generation, reset with the caches)."""
     sparse_calls: dict = field(default_factory=lambda: {"attention": 0, "linear_q": 0, "linear_o": 0})
@@ -132,6 +139,7 @@ class SiteStream:
         self.capped = False
         self.out_factors = self.out_step = self.reuse_rows = None
         self.a_factors, self.a_step, self.bias_terms = {}, {}, {}
+        self.features = self.features_prev = None
         self.counts = {"dense": 0, "update": 0, "dispatch": 0}
         self.sparse_calls = {"attention": 0, "linear_q": 0, "linear_o": 0}
 
@@ -142,6 +150,9 @@ class SiteStream:
             out += [self.symbols.reuse_bits, self.symbols.skip_bits]
         if self.reuse_rows is not None:
             out.append(self.reuse_rows)
+        for f in (self.features, self.features_prev):
+            if f is not None:
+                out.append(f[1])
         for fs in [self.out_factors, *self.a_factors.values(), *self.bias_terms.values()]:
             if fs:
                 out += list(fs)
@@ -172,6 +183,9 @@ class OmniState:
         self.clock = StepClock()
         """Turns the timesteps of successive model calls into (generation, step, stream) positions."""
         self.history: list = []
+        self.blocks: list = []
+        """Transformer blocks found when block caching is on (``omni_compile.block_cache.BlockRecord``)."""
+        self._blocks_by_name: dict = {}
         """One :class:`StepRecord` per (site, stream, step) run through the attention op."""
         _STATES[self.id] = self
 
@@ -207,11 +221,58 @@ class OmniState:
         self._dense_symbols.clear()
         self.clock.reset()
         self.history = []
+        for b in self.blocks:
+            b.reset()
+
+    def configure(self, **changes) -> "OmniState":
+        """Change the config without recompiling: ``state.configure(policy="topk", interval=3)``. The
+        changes are validated (``ValueError`` as at construction), ``config`` is replaced and the run-time
+        state is reset (the next call starts a new generation). Compiled graphs stay valid — policies and
+        thresholds are read inside the site ops — except for the compile-time fields ``attention``,
+        ``gemm_q``, ``gemm_o`` and ``use_inductor``, which raise ``ValueError`` once a graph was compiled,
+        and ``block_cache``, which may be switched on only if the graph was compiled with it (split into
+        block regions).
+        Returns the state."""
+        fixed = sorted(k for k in changes if k in ("attention", "gemm_q", "gemm_o", "use_inductor")
+                       and changes[k] != getattr(self.config, k))
+        if fixed and self.compiles:
+            raise ValueError(f"OmniState.configure: {fixed} are fixed when the graph is compiled; compile again "
+                             "(torch._dynamo.reset()) to change them")
+        if (changes.get("block_cache", self.config.block_cache) != "none" and self.compiles
+                and not any(e.get("regions") for e in self.compiles)):
+            raise ValueError("OmniState.configure: block caching needs a graph split at block borders, which is "
+                             "decided at compile time; compile with OmniConfig(block_cache=...) set (switching it "
+                             "to 'none' afterwards is allowed: every block then runs)")
+        unknown = sorted(set(changes) - set(OmniConfig.field_names()))
+        if unknown:
+            raise ValueError(f"OmniState.configure: unknown field(s) {unknown}; valid: {', '.join(OmniConfig.field_names())}")
+        self.config = self.config.replace(**changes)
+        self.reset()
+        return self
 
     def new_generation(self) -> None:
         """Drop every stream's symbols and caches (the clock saw the timestep jump back up)."""
         for s in self.sites:
             s.streams = {}
+        for b in self.blocks:
+            b.streams = {}
+
+    def register_block(self, record):
+        """Add a block record (or refresh the record of the same name, keeping its run-time state)."""
+        old = self._blocks_by_name.get(record.name)
+        if old is not None:
+            record.block_id = old.block_id
+            record.adopt(old)
+            self.blocks[old.block_id] = record
+        else:
+            record.block_id = len(self.blocks)
+            self.blocks.append(record)
+        self._blocks_by_name[record.name] = record
+        return record
+
+    def block(self, key):
+        """A block record by id (int) or name (str)."""
+        return self.blocks[key] if isinstance(key, int) else self._blocks_by_name[key]
 
     # ---- symbols --------------------------------------------------------------------------------
     def dense_symbols(self, batch: int, heads: int, seq_q: int, seq_kv: int, device):
@@ -228,7 +289,8 @@ class OmniState:
     # ---- memory and reporting -------------------------------------------------------------------
     def memory_bytes(self) -> int:
         """Bytes held by every site's caches and symbols, over all streams."""
-        return sum(st.memory_bytes() for s in self.sites for st in s.streams.values())
+        return (sum(st.memory_bytes() for s in self.sites for st in s.streams.values())
+                + sum(bs.memory_bytes() for b in self.blocks for bs in b.streams.values()))
 
     def report(self) -> "Report":
         """Per-site and per-step figures: density of attention work, reused fraction, cache bytes."""

@@ -45,7 +45,21 @@ def coefficients(n: int, x: float) -> List[float]:
 
 
 def forecast(factors: Sequence[torch.Tensor], x: float, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """``Σ_i factors[i] · x^i / i!`` accumulated in fp32 (or wider), returned in ``dtype``."""
+    """``Σ_i factors[i] · x^i / i!`` returned in ``dtype``.
+
+    When ``dtype`` is the factors' own dtype the sum is one ``torch.add(f0, f1, alpha=c1)`` (plus an in-place
+    ``add_`` per further order): each element is computed in fp32 and rounded once per order, in one pass
+    over memory — on a dispatch step this runs for every GEMM-O projection, and the accumulate-in-fp32
+    path below (three conversions and three passes) cost as much as the sparse GEMM it feeds (FLUX 1024²,
+    H100). Otherwise it accumulates in fp32 (or wider) and converts at the end."""
+    if all(f.dtype == dtype for f in factors):
+        c = coefficients(len(factors), x)
+        if len(factors) == 1:
+            return factors[0].clone()
+        out = torch.add(factors[0], factors[1], alpha=c[1])
+        for ci, f in zip(c[2:], factors[2:]):
+            out.add_(f, alpha=ci)
+        return out
     out = None
     acc = torch.promote_types(factors[0].dtype, torch.float32)
     for c, f in zip(coefficients(len(factors), x), factors):

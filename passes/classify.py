@@ -57,6 +57,26 @@ def timestep_input(gm: fx.GraphModule) -> Optional[fx.Node]:
     return None
 
 
+def token_grid(gm: fx.GraphModule, batch: int) -> Optional[tuple]:
+    """``(frames, height, width)`` of the vision tokens, read from the graph's patch embedding: the first
+    ``conv2d`` / ``conv3d`` (DiT, PixArt, SD3: ``[B, C, h, w]`` → ``(1, h, w)``; CogVideoX embeds frames as
+    a batch, ``[B·F, C, h, w]`` → ``(F, h, w)``; HunyuanVideo, Wan: ``[B, C, f, h, w]`` → ``(f, h, w)``).
+    None when the graph has no conv (FLUX and LTX pack latents before the transformer) or its output
+    does not divide into ``batch``. The runtime uses it only where its size matches a site's vision tokens."""
+    for n in gm.graph.nodes:
+        if n.op not in ("call_function", "call_method") or op_name(n) not in ("conv2d", "conv3d", "_conv_forward"):
+            continue
+        shp = static_shape(n)
+        if shp is None:
+            return None
+        if len(shp) == 5 and shp[0] == batch:
+            return tuple(shp[2:])
+        if len(shp) == 4 and batch > 0 and shp[0] % batch == 0:
+            return (shp[0] // batch, shp[2], shp[3])
+        return None
+    return None
+
+
 def _token_parts(x: fx.Node) -> Optional[list]:
     """Lengths of the token-axis ``cat`` parts that ``x`` [B, S, C] comes from, walking back through
     per-token ops (norms, modulation, casts); None when no such cat is found."""

@@ -297,8 +297,8 @@ def test_inductor_sparse_loop(flux):
 
 @pytest.mark.parametrize("family", ["sd3", "hunyuan", "wan", "cogvideox", "pixart", "dit", "ltx"])
 def test_sparse_runtime_on_every_family(family):
-    """Each family runs the update–dispatch loop through one graph: masked sites stay dense (with a
-    reason), every other rewritten site dispatches with sparse symbols."""
+    """Each family runs the update–dispatch loop through one graph: every rewritten site dispatches with
+    sparse symbols, key-padding-masked ones (HunyuanVideo) on the keys the mask keeps."""
     import _tiny_models as T
 
     model, make_inputs = T.build(family, batch=1)
@@ -319,12 +319,40 @@ def test_sparse_runtime_on_every_family(family):
     for s in st.sites:
         if not s.rewritten:
             continue
-        if s.mask is not None:
-            assert "mask" in s.runtime_reason and not s.streams
-            continue
         (ss,) = s.streams.values()
         assert ss.counts == {"dense": 0, "update": 2, "dispatch": 2}
         assert ss.sparse_calls["attention"] == 2
         sparse += 1
-    # HunyuanVideo's rewritten sites all take the text key-padding mask: dense for now (docs/runtime.md)
-    assert sparse == 0 if family == "hunyuan" else sparse >= 1
+        assert s.fallbacks == 0 and s.runtime_reason is None
+    assert sparse >= 1
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_key_padding_mask_sites_dispatch_on_kept_keys(batch):
+    """HunyuanVideo passes a text key-padding mask to its joint sites. With one padding pattern for all
+    items the runtime drops the masked keys and dispatches sparse on the rest (no reuse, no skip: the
+    result must equal the eager masked model); patterns that differ per item fall back to masked dense
+    attention with a reason, never to a wrong result."""
+    import _tiny_models as T
+
+    model, make_inputs = T.build("hunyuan", batch=batch)
+    base = make_inputs(0)
+    if batch == 2:
+        assert not torch.equal(base["encoder_attention_mask"][0], base["encoder_attention_mask"][1])
+    st = _state(policy="fixed", reuse_fraction=0.0, skip_fraction=0.0, warmup=1, interval=2)
+    compiled = _compile(model, st)
+    with torch.no_grad():
+        for i, t in enumerate((1.0, 0.75, 0.5, 0.25)):
+            kw = dict(base, timestep=torch.full_like(base["timestep"], t * 1000))
+            want = model(**kw)[0]
+            got = compiled(**kw)[0]
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    masked = [s for s in st.sites if s.rewritten and s.mask is not None]
+    assert masked
+    for s in masked:
+        (ss,) = s.streams.values()
+        if batch == 1:
+            assert ss.sparse_calls["attention"] == 2 and s.runtime_reason is None
+            assert ss.symbols.seq_kv < s.seq_kv  # the padded keys were dropped
+        else:
+            assert ss.sparse_calls["attention"] == 0 and "mask" in s.runtime_reason

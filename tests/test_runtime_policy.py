@@ -242,7 +242,7 @@ def test_clock_streams_steps_and_generations():
     ({"seed": -1}, "seed", "0 or more"),
     ({"max_cache_mb": -1.0}, "max_cache_mb", "0 or more"),
     ({"interval": 2.5}, "interval", "from 1 to 1000"),
-    ({"policy": "topk"}, "policy", "one of"),
+    ({"policy": "magic"}, "policy", "one of"),
 ])
 def test_config_rejects_invalid_values(kw, field, rng):
     with pytest.raises(ValueError, match=rf"OmniConfig\.{field} must .*{rng}"):

@@ -50,6 +50,17 @@ SETTINGS: Dict[str, Optional[dict]] = {
     "interval3": dict(policy="flashomni", interval=3, warmup=8, taylor_order=1, tau_q=0.5, tau_kv=0.05),
     "dense-backend": dict(policy="dense"),  # sanity check: the backend with every tile computed
 }
+
+
+def _strategy_settings() -> Dict[str, dict]:
+    """The shipped strategies (docs/policies.md) with the zoo's grid: 32 x 32 image tokens after 12 text."""
+    from ..policies.presets import STRATEGIES, strategy_policy
+
+    base = dict(interval=5, warmup=8, taylor_order=1, token_layout=(1, 32, 32))
+    return {f"policy:{n}": dict(base, policy=strategy_policy(n, (1, 32, 32))) for n in STRATEGIES if n != "dense"}
+
+
+SETTINGS.update(_strategy_settings())
 DEFAULT_SETTINGS = ("dense", "flashomni", "aggressive", "fixed", "interval3")
 
 
@@ -159,6 +170,8 @@ def _describe(row: dict) -> str:
     s = row["config"]
     if s is None:
         return "dense (eager, reference)"
+    if not isinstance(s["policy"], str):
+        return f"`{s['policy']!r}`, N={s['interval']}"
     if s["policy"] == "dense":
         return 'backend, policy="dense"'
     if s["policy"] == "fixed":

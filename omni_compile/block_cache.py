@@ -1,0 +1,366 @@
+"""Whole-block caching with Taylor forecasting (issue 7): the block records, the block policies and the
+host-side runner of a graph split at block borders.
+
+When ``OmniConfig.block_cache`` is not ``"none"`` the backend (after the attention-site passes) splits
+Dynamo's graph into regions — prologue, one region per transformer block, glue, epilogue
+(``passes.blocks``) — compiles each region (Inductor, or FX with ``use_inductor=False``) and returns a
+:class:`BlockProgram` that runs them in order. The prologue holds ``flashomni::step_clock``, so once it has
+run the host knows this call's ``(generation, step, stream)`` (``state.clock.position``) without reading
+anything from the device. Then, per block region and CFG stream:
+
+* **dense** (warm-up) steps run the block; the last ``taylor_order`` of them (at least one for
+  ``"change"``) record the residual ``r = output − input`` of each residual stream;
+* **update** steps run the block, refresh the Taylor factors of ``r`` (``taylor.refresh``) and decide the
+  block's *cache bit* for the following dispatch steps with the block policy;
+* **dispatch** steps skip the region entirely when the bit is set — each output is
+  ``input + taylor.forecast(factors, steps since the update)`` — and run it otherwise (its site ops then
+  use their own sparse symbols as usual).
+
+The bit is a Python bool per (block, stream): dispatch steps read nothing from the device. Policies that
+look at device values (``"sq"``, ``"change"``) queue their comparisons during the update call and read all
+of them back at its end in one transfer (one host sync per update call).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+import torch
+from torch import fx
+
+from . import taylor
+from .schedule import DENSE, DISPATCH, UPDATE, step_action
+
+log = logging.getLogger("omni_compile")
+
+
+@dataclass
+class BlockStream:
+    """Run-time state of one block for one CFG stream (and one input shape): cache bit and residual factors."""
+
+    key: tuple
+    generation: int = -1
+    step: int = -1
+    action: str = DENSE
+    cached: Optional[bool] = None
+    """The cache bit: skip on dispatch steps (decided on the last update; None before the first)."""
+    factors: Optional[list] = None
+    """Per residual stream, the Taylor factors ``[f_0, …]`` of ``output − input``."""
+    obs_step: Optional[int] = None
+    """Step of the last observation of the residuals."""
+    update_step: Optional[int] = None
+    capped: bool = False
+    """The memory cap denied this stream its cache at the last update (the block then runs)."""
+    change: Optional[float] = None
+    """Relative L1 change per step of the residual at the last update (policy ``"change"``)."""
+    computed: Optional[float] = None
+    """Largest computed fraction of (query block, head) tiles among the block's sites (policy ``"sq"``)."""
+    counts: dict = field(default_factory=lambda: {"dense": 0, "update": 0, "dispatch": 0})
+    skipped: int = 0
+    """Dispatch steps on which the block did not run (forecast instead)."""
+
+    def clear(self) -> None:
+        self.cached = None
+        self.factors = None
+        self.obs_step = self.update_step = None
+        self.capped = False
+        self.change = self.computed = None
+        self.counts = {"dense": 0, "update": 0, "dispatch": 0}
+        self.skipped = 0
+
+    def tensors(self) -> list:
+        return [f for fs in (self.factors or []) for f in fs]
+
+    def memory_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors())
+
+
+@dataclass
+class BlockRecord:
+    """One transformer block of a compiled graph: what the pass found and its run-time state."""
+
+    name: str
+    """Module path (``transformer_blocks.3``)."""
+    order: int = 0
+    """Position among the blocks of its graph (execution order)."""
+    of: int = 0
+    """Number of blocks in its graph."""
+    streams_found: int = 0
+    """Residual streams paired (FLUX/SD3/HunyuanVideo double blocks: 2; single-stream blocks: 1 or 2)."""
+    cacheable: bool = False
+    reason: Optional[str] = None
+    """Why the block is never cached (None when it can be)."""
+    site_ids: list = field(default_factory=list)
+    """Attention sites inside the block (their ids in the state)."""
+    pairs: list = field(default_factory=list)
+    """``(output, input)`` node names of the residual streams in the graph (``passes.blocks.Block.streams``)."""
+    paired_by: list = field(default_factory=list)
+    """How each pair was found: ``"trace"`` (along the residual adds) or ``"shape"`` (the fallback)."""
+    block_id: int = -1
+    # ---- run-time ----
+    region_calls: int = 0
+    """Times the block's compiled region ran."""
+    skipped_calls: int = 0
+    """Times it was skipped (forecast instead), over all streams."""
+    streams: dict = field(default_factory=dict)
+    """``(stream, input shapes) -> BlockStream``."""
+
+    def reset(self) -> None:
+        self.region_calls = self.skipped_calls = 0
+        self.streams = {}
+
+    def adopt(self, old: "BlockRecord") -> None:
+        self.region_calls, self.skipped_calls, self.streams = old.region_calls, old.skipped_calls, old.streams
+
+    def __repr__(self) -> str:
+        status = f"{self.streams_found} stream(s), cacheable" if self.cacheable else f"uncached ({self.reason})"
+        return f"<block {self.block_id} {self.name}: {status}>"
+
+
+# ---- policies -------------------------------------------------------------------------------------
+
+
+def fixed_selection(n: int, fraction: float) -> List[int]:
+    """The ``round(fraction · n)`` evenly spaced block positions ``floor((j + 0.5) · n / k)`` (sorted)."""
+    k = int(round(fraction * n))
+    return sorted({int((j + 0.5) * n / k) for j in range(k)}) if k > 0 else []
+
+
+def _computed_fraction(sym) -> torch.Tensor:
+    """Fraction of (batch item, head, query block) entries a site computes (device tensor, no sync)."""
+    from omni_compile.ops.symbols import unpack_bits
+
+    reuse = unpack_bits(sym.reuse_bits, sym.num_q_blocks)
+    return 1.0 - reuse.float().mean()
+
+
+# ---- the runner -----------------------------------------------------------------------------------
+
+
+class _Ref:
+    """A value of the original graph, by node name, inside the program's output structure."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str):
+        self.name = name
+
+
+class BlockProgram:
+    """Runs a graph split at block borders (``passes.blocks.SplitGraph``), skipping cached blocks."""
+
+    def __init__(self, state, split, records: Dict[int, BlockRecord], compile_region, entry: dict):
+        self.state = state
+        self.split = split
+        self.records = records  # region index -> BlockRecord
+        self.compile_region = compile_region
+        self.compiled: List[Optional[object]] = [None] * len(split.regions)
+        self.entry = entry
+        self._pending: list = []
+        self.output = fx.node.map_aggregate(split.output, lambda n: _Ref(n.name) if isinstance(n, fx.Node) else n)
+
+    # ---- one model call ----
+    def __call__(self, *args):
+        st = self.state
+        env = dict(zip(self.split.placeholders, args))
+        ticks = st.clock.ticks
+        self._pending = []
+        pos = None
+        for r, region in enumerate(self.split.regions):
+            rec = self.records.get(r)
+            vals = [env[n] for n in region.inputs]
+            if rec is None or not rec.cacheable or pos is None:
+                outs = self._run(r, vals)
+                if rec is not None:
+                    rec.region_calls += 1
+            else:
+                self._run_block(r, region, rec, pos, vals, env)
+                outs = None
+            if outs is not None:
+                env.update(zip(region.outputs, outs))
+            for n in region.release:
+                env.pop(n, None)
+            if r == 0 and st.clock.ticks != ticks:
+                pos = st.clock.position  # the prologue's clock placed this call: blocks may be cached
+        if self._pending:
+            self._resolve()
+        return fx.node.map_aggregate(self.output, lambda n: env[n.name] if isinstance(n, _Ref) else n)
+
+    def _run(self, r: int, vals: list):
+        fn = self.compiled[r]
+        if fn is None:
+            t0 = time.perf_counter()
+            fn = self.compiled[r] = self.compile_region(self.split.regions[r].module, vals)
+            dt = time.perf_counter() - t0
+            self.entry["compile_seconds"] = self.entry.get("compile_seconds", 0.0) + dt
+            self.entry.setdefault("region_compile_seconds", []).append(round(dt, 3))
+            self.entry["regions_compiled"] = self.entry.get("regions_compiled", 0) + 1
+        return fn(*vals)
+
+    def _stream(self, rec: BlockRecord, region, pos, env) -> BlockStream:
+        cfg = self.state.config
+        blk = region.block
+        shapes = tuple(tuple(env[i.name].shape) for _, i in blk.streams)
+        key = (pos.stream, shapes)
+        bs = rec.streams.get(key)
+        if bs is None:
+            bs = rec.streams[key] = BlockStream(key)
+        if bs.generation != pos.generation:
+            bs.clear()
+            bs.generation, bs.step = pos.generation, -1
+        if bs.step != pos.step:
+            bs.step = pos.step
+            act = step_action(pos.step, cfg.warmup, cfg.interval)
+            if act == DISPATCH and bs.cached is None:
+                act = UPDATE  # this stream missed the update (it appeared mid-loop): make one now
+            bs.action = act
+            bs.counts[act] += 1
+        return bs
+
+    def _run_block(self, r: int, region, rec: BlockRecord, pos, vals: list, env: dict) -> None:
+        cfg = self.state.config
+        blk = region.block
+        bs = self._stream(rec, region, pos, env)
+        if bs.action == DISPATCH and bs.cached:
+            x = pos.step - bs.update_step
+            for (o, i), fs in zip(blk.streams, bs.factors):
+                inp = env[i.name]
+                env[o.name] = inp + taylor.forecast(fs, x, inp.dtype)
+            bs.skipped += 1
+            rec.skipped_calls += 1
+            return
+        if torch.autograd.profiler._is_profiler_enabled:  # label the block for profiles (benchmarks)
+            with torch.profiler.record_function(f"flashomni::block {rec.name}"):
+                outs = self._run(r, vals)
+        else:
+            outs = self._run(r, vals)
+        rec.region_calls += 1
+        env.update(zip(region.outputs, outs))
+        if cfg.block_cache == "fixed" and rec.order not in fixed_selection(rec.of, cfg.block_cache_fraction):
+            if bs.action == UPDATE:  # never cached: keep no residuals
+                bs.cached, bs.update_step = False, bs.step
+            return
+        if bs.action == UPDATE:
+            self._observe(rec, bs, blk, env, update=True)
+            self._decide(rec, bs, pos)
+        elif bs.action == DENSE and self._observe_dense(bs.step):
+            self._observe(rec, bs, blk, env, update=False)
+
+    def _observe_dense(self, step: int) -> bool:
+        cfg = self.state.config
+        window = max(cfg.taylor_order, 1 if cfg.block_cache == "change" else 0)
+        return window > 0 and step >= cfg.warmup - 1 - window
+
+    def _observe(self, rec: BlockRecord, bs: BlockStream, blk, env: dict, update: bool) -> None:
+        st, cfg = self.state, self.state.config
+        D = cfg.taylor_order
+        res = []
+        for o, i in blk.streams:
+            out, inp = env[o.name], env[i.name]
+            acc = torch.promote_types(out.dtype, torch.float32)
+            res.append((out.to(acc) - inp.to(acc), out.dtype))
+        keep = D + 1 if update else max(D, 1)
+        # warm-up observations reserve what the update will hold, so blocks keep their cache in run order
+        need = sum(r.numel() * (D + 1) * dt.itemsize for r, dt in res)
+        cap = cfg.max_cache_bytes
+        if cap is not None and st.memory_bytes() - bs.memory_bytes() + need > cap:
+            bs.factors, bs.obs_step = None, None
+            bs.capped = update
+            if update:
+                bs.change = None
+            return
+        bs.capped = False
+        delta = 0 if bs.obs_step is None or bs.factors is None else bs.step - bs.obs_step
+        old = bs.factors
+        if update and cfg.block_cache == "change":
+            bs.change = None
+            if old is not None and delta > 0:
+                num = sum((r - f[0].to(r.dtype)).abs().sum() for (r, _), f in zip(res, old))
+                den = sum(f[0].to(r.dtype).abs().sum() for (r, _), f in zip(res, old))
+                self._pending.append(("change", bs, num / den.clamp_min(1e-30) / delta))
+        new = []
+        for j, (r, dt) in enumerate(res):
+            new.append(taylor.refresh(None if old is None or delta == 0 else old[j], r, delta, D, keep=keep, dtype=dt))
+        bs.factors, bs.obs_step = new, bs.step
+        if update:
+            bs.update_step = bs.step
+
+    def _decide(self, rec: BlockRecord, bs: BlockStream, pos) -> None:
+        cfg = self.state.config
+        bs.cached = False
+        if bs.capped or bs.factors is None:
+            return
+        if cfg.block_cache == "fixed":
+            bs.cached = rec.order in fixed_selection(rec.of, cfg.block_cache_fraction)
+        elif cfg.block_cache == "sq":
+            fracs = []
+            for sid in rec.site_ids:
+                site = self.state.sites[sid]
+                for key, ss in site.streams.items():
+                    if key[0] == pos.stream and ss.update_step == pos.step and ss.symbols is not None:
+                        fracs.append(_computed_fraction(ss.symbols))
+            if fracs:
+                self._pending.append(("sq", bs, torch.stack([f.float() for f in fracs]).max()))
+        # "change": decided in _resolve from the value queued by _observe
+
+    def _resolve(self) -> None:
+        """Read every queued comparison back in one transfer (the update call's single extra sync)."""
+        cfg = self.state.config
+        dev = self._pending[0][2].device
+        vals = torch.stack([v.float().reshape(()).to(dev) for _, _, v in self._pending]).tolist()
+        self.state.block_host_reads = getattr(self.state, "block_host_reads", 0) + 1
+        for (kind, bs, _), v in zip(self._pending, vals):
+            if kind == "change":
+                bs.change = v
+                bs.cached = bool(v <= cfg.block_cache_threshold) and bs.factors is not None and not bs.capped
+            else:
+                bs.computed = v
+                bs.cached = bool(v <= cfg.s_q) and bs.factors is not None and not bs.capped
+        self._pending = []
+
+
+def build_program(gm: fx.GraphModule, state, records: list, compile_region, entry: dict, ops=None):
+    """Find the blocks of ``gm`` (after the site passes), split it and return a :class:`BlockProgram`;
+    None (with ``entry["blocks_reason"]``) when the graph has no block or no step clock."""
+    from omni_compile import passes as P
+    from omni_compile.passes import blocks as PB
+
+    blocks = PB.find_blocks(gm)
+    if not blocks:
+        entry["blocks_reason"] = "no transformer blocks found"
+        log.debug("flashomni: %s", entry["blocks_reason"])
+        return None
+    clock = None
+    if ops is not None and ops.clock is not None:
+        clock = next((n for n in gm.graph.nodes if n.op == "call_function" and n.target is ops.clock), None)
+        if clock is None:  # no site was rewritten (e.g. attention=False): the blocks still need the step
+            ts = P.timestep_input(gm)
+            if ts is not None:
+                clock = P.insert_clock(gm, ts, ops, state.id)
+                gm.graph.lint()
+                gm.recompile()
+    if clock is None:
+        entry["blocks_reason"] = "graph has no timestep input (no step clock): blocks not cached"
+        log.debug("flashomni: %s", entry["blocks_reason"])
+        return None
+    split = PB.split_blocks(gm, blocks, keep=(clock,))
+    if split.regions[0].block is not None:
+        entry["blocks_reason"] = "the step clock is not in a prologue region"
+        return None
+    recs: Dict[int, BlockRecord] = {}
+    for r, region in enumerate(split.regions):
+        blk = region.block
+        if blk is None:
+            continue
+        rec = BlockRecord(name=blk.name, order=blk.index, of=len(blocks), streams_found=len(blk.streams),
+                          cacheable=blk.reject is None, reason=blk.reject,
+                          pairs=[(o.name, i.name) for o, i in blk.streams], paired_by=list(blk.paired_by))
+        rec.site_ids = [s.site_id for s in records if s.name.startswith(blk.name + ".")]
+        recs[r] = state.register_block(rec)
+    entry["blocks"] = len(blocks)
+    entry["blocks_cacheable"] = sum(b.reject is None for b in blocks)
+    entry["regions"] = len(split.regions)
+    return BlockProgram(state, split, recs, compile_region, entry)

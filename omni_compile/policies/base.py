@@ -1,0 +1,378 @@
+"""The policy protocol, what a policy may read (:class:`PolicyInput`), the registry, and shared helpers.
+
+A **policy** turns what an update step knows about one attention site into symbols for the dispatch steps
+that follow: bool tensors ``reuse [B, H, nQ]`` (True = the (query block, head) tile is reused from the
+cache) and ``skip [B, H, nQ, nK]`` (True = that key block is left out of the tile's softmax). It is any
+object with
+
+* ``name`` — a short string (reports, ``site.runtime_reason``);
+* ``needs_scores`` — the runtime computes block-pooled attention scores for it (``PolicyInput.scores``);
+  costs one ``pooled_scores`` pass per site per update;
+* ``needs_features`` — the runtime keeps the block means of the attention output at the last two full
+  steps and hands the per-(query block, head) change to it (``PolicyInput.change``);
+* ``reuses_text`` — it may reuse query blocks that hold text tokens. When False the runtime clears such
+  bits (so a buggy policy cannot produce a wrong output) and skips the cache bias of projections whose
+  rows are all text;
+* ``__call__(inp: PolicyInput, config: OmniConfig) -> (reuse, skip)`` on the device of ``inp.q_text``.
+
+A policy that cannot run at a site raises :class:`PolicyFallback`; the runtime then keeps that site dense
+and says why in ``site.runtime_reason``. Policies import nothing of the runtime (design.md, dependency
+direction): only torch and this module.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Protocol, Tuple, runtime_checkable
+
+import torch
+
+Bits = Tuple[torch.Tensor, torch.Tensor]
+
+
+class PolicyFallback(Exception):
+    """Raised by a policy that cannot run at a site (the message says why); the site runs dense."""
+
+
+@dataclass(frozen=True)
+class TokenLayout:
+    """Where the vision tokens of a site's query sequence sit on the (frame, row, column) grid: tokens
+    ``start … start + frames·height·width - 1`` are the grid in row-major (frame, row, column) order.
+    For self/joint sites the keys are the same sequence."""
+
+    frames: int
+    height: int
+    width: int
+    start: int = 0
+    kv_start: Optional[int] = None
+    """Where the grid starts in the key sequence actually attended (differs from ``start`` when a
+    key-padding mask dropped keys before it); None: ``start``."""
+
+    @property
+    def tokens(self) -> int:
+        return self.frames * self.height * self.width
+
+
+@dataclass
+class PolicyInput:
+    """What a policy may read on an update step (one site, one stream)."""
+
+    scores: Optional[torch.Tensor]
+    """``[B, H, nQ, nK]`` pooled scores on the ``(block_q, block_kv)`` grid (``ops.pooled_scores``: rows are
+    softmaxed over key blocks, so each row sums to 1). None unless the policy declares ``needs_scores``."""
+    scores_square: Optional[torch.Tensor]
+    """``[B, H, nQ, nQ]`` pooled scores with key blocks of ``block_q`` rows (self/joint sites only, where
+    keys are the query tokens): key block ``i`` is query block ``i``. Equals ``scores`` when the block
+    sizes match; None for cross sites and when scores are not needed."""
+    kind: str
+    """``"joint"``, ``"self"`` or ``"cross"``."""
+    q_text: torch.Tensor
+    """``[nQ]`` bool: query block holds a text token."""
+    kv_text: torch.Tensor
+    """``[nK]`` bool: key block (``block_kv`` grid) holds a text token."""
+    batch: int
+    heads: int
+    seq_q: int
+    seq_kv: int
+    block_q: int
+    block_kv: int
+    text_q_blocks: int = 0
+    """How many query blocks are text (a host int: policies branch on it without a device sync)."""
+    site_id: int = 0
+    step: int = 0
+    timestep: float = 0.0
+    site_name: str = ""
+    """Module path of the site (``transformer_blocks.3.attn``)."""
+    layout: Optional[TokenLayout] = None
+    """Token layout of the vision tokens when known (inferred by the passes, or ``OmniConfig.token_layout``)."""
+    layout_reason: str = "the token layout of this site is unknown"
+    """Why ``layout`` is None (for a policy's :class:`PolicyFallback` message)."""
+    change: Optional[torch.Tensor] = None
+    """``[B, H, nQ]`` float: relative change per step of the block-mean attention output between the last
+    two full steps, ``‖m_now − m_prev‖ / (‖m_prev‖ + 1e-6) / Δsteps`` over the head dim (``needs_features``
+    policies only; None when fewer than two full steps were observed)."""
+    notes: List[str] = field(default_factory=list)
+    """Remarks a policy leaves for ``site.runtime_reason`` (e.g. a composed member that fell back)."""
+
+    @property
+    def num_q_blocks(self) -> int:
+        return self.q_text.numel()
+
+    @property
+    def num_kv_blocks(self) -> int:
+        return self.kv_text.numel()
+
+    @property
+    def device(self) -> torch.device:
+        return self.q_text.device
+
+
+@runtime_checkable
+class Policy(Protocol):
+    """The protocol (module docstring). Subclass :class:`BasePolicy` for the defaults."""
+
+    name: str
+    needs_scores: bool
+    needs_features: bool
+    reuses_text: bool
+
+    def __call__(self, inp: PolicyInput, config) -> Bits:  # pragma: no cover - protocol
+        ...
+
+
+class BasePolicy:
+    """Defaults for the protocol's declarations: reads nothing beyond the layout, never reuses text."""
+
+    name = "policy"
+    needs_scores = False
+    needs_features = False
+    reuses_text = False
+
+    def __call__(self, inp: PolicyInput, config) -> Bits:
+        raise NotImplementedError
+
+    def __or__(self, other):
+        return Compose(self, other)
+
+
+# ---- registry ---------------------------------------------------------------------------------------
+
+POLICIES: Dict[str, object] = {}
+"""Registered policies by name (``OmniConfig(policy=name)``)."""
+
+
+def register_policy(name: str, policy, replace: bool = False):
+    """Register ``policy`` under ``name`` so ``OmniConfig(policy=name)`` selects it. Returns the policy.
+    A name already taken raises ``ValueError`` unless ``replace=True``."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"policy name must be a non-empty string, got {name!r}")
+    check_policy(policy)
+    if name in POLICIES and not replace and POLICIES[name] is not policy:
+        raise ValueError(f"a policy named {name!r} is already registered (pass replace=True to replace it)")
+    POLICIES[name] = policy
+    return policy
+
+
+def check_policy(policy) -> None:
+    """Raise ``TypeError`` unless ``policy`` follows the protocol (callable, with the declarations)."""
+    if not callable(policy):
+        raise TypeError(f"a policy must be callable as policy(inp, config), got {type(policy).__name__}")
+    for attr, typ in (("name", str), ("needs_scores", bool), ("needs_features", bool), ("reuses_text", bool)):
+        if not isinstance(getattr(policy, attr, None), typ):
+            raise TypeError(f"policy {policy!r} lacks the attribute {attr!r} ({typ.__name__}); subclass "
+                            "omni_compile.policies.BasePolicy or set it")
+
+
+def resolve_policy(spec):
+    """The policy object for ``OmniConfig.policy``: a registered name, a policy object, or a tuple/list of
+    those (composed by OR, :class:`Compose`). Unknown names raise ``ValueError``."""
+    if isinstance(spec, str):
+        p = POLICIES.get(spec)
+        if p is None:
+            raise ValueError(f"OmniConfig.policy must be one of {tuple(POLICIES)} or a policy object, got {spec!r}")
+        return p
+    if isinstance(spec, (tuple, list)):
+        if not spec:
+            raise ValueError("OmniConfig.policy: an empty tuple composes nothing")
+        return spec[0] if len(spec) == 1 and not isinstance(spec[0], (str, tuple, list)) else Compose(*spec)
+    try:
+        check_policy(spec)
+    except TypeError as e:
+        raise ValueError(f"OmniConfig.policy must be one of {tuple(POLICIES)} or a policy object: {e}") from None
+    return spec
+
+
+def policy_name(spec) -> str:
+    """A printable name for a policy spec (name, object or tuple)."""
+    try:
+        return resolve_policy(spec).name
+    except (ValueError, TypeError):
+        return repr(spec)
+
+
+# ---- composition ------------------------------------------------------------------------------------
+
+
+class Compose(BasePolicy):
+    """OR of several policies' bits: a tile is reused when any member reuses it, a key block skipped when
+    any member skips it (``Compose(Window(size=(1, 8, 8)), "flashomni")`` or ``policy=("window",
+    "flashomni")``). Reused tiles carry no skip bits. A computed row whose key blocks all end up skipped
+    (the members' kept sets do not intersect) keeps one: the one with the largest pooled score when scores
+    were computed, else the block holding the row's first query token (block 0 for cross-attention) —
+    :func:`keep_one_key`. A member that raises :class:`PolicyFallback` contributes no bits (its reason
+    goes to ``site.runtime_reason``); if every member falls back, the composition does."""
+
+    def __init__(self, *policies):
+        if not policies:
+            raise ValueError("Compose needs at least one policy")
+        self.policies = tuple(resolve_policy(p) for p in policies)
+        self.name = "+".join(p.name for p in self.policies)
+        self.needs_scores = any(p.needs_scores for p in self.policies)
+        self.needs_features = any(p.needs_features for p in self.policies)
+        self.reuses_text = any(p.reuses_text for p in self.policies)
+
+    def __call__(self, inp: PolicyInput, config) -> Bits:
+        reuse = skip = None
+        fell = []
+        for p in self.policies:
+            try:
+                r, s = p(inp, config)
+            except PolicyFallback as e:
+                fell.append(f"{p.name}: {e}")
+                continue
+            reuse = r if reuse is None else reuse | r
+            skip = s if skip is None else skip | s
+        if reuse is None:
+            raise PolicyFallback("; ".join(fell))
+        if fell:
+            inp.notes.append("composed member(s) fell back and add no bits: " + "; ".join(fell))
+        skip = skip & ~reuse.unsqueeze(-1)
+        return reuse, keep_one_key(skip, reuse, inp)
+
+    def __repr__(self) -> str:
+        return "Compose(" + ", ".join(map(repr, self.policies)) + ")"
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Compose) and self.policies == other.policies
+
+    __hash__ = None
+
+
+# ---- helpers shared by the strategies -------------------------------------------------------------
+
+
+def no_bits(inp: PolicyInput) -> Bits:
+    """All-compute bits (nothing reused, nothing skipped)."""
+    B, H, nQ, nK = inp.batch, inp.heads, inp.num_q_blocks, inp.num_kv_blocks
+    return (torch.zeros(B, H, nQ, dtype=torch.bool, device=inp.device),
+            torch.zeros(B, H, nQ, nK, dtype=torch.bool, device=inp.device))
+
+
+def keep_one_key(skip: torch.Tensor, reuse: torch.Tensor, inp: PolicyInput) -> torch.Tensor:
+    """``skip`` with one key block un-skipped in every computed row that skips them all: the row's
+    largest pooled score when ``inp.scores`` is there, else the block holding the row's first query token
+    (self/joint; block 0 for cross). No host sync."""
+    B, H, nQ, nK = skip.shape
+    empty = skip.all(-1) & ~reuse  # [B, H, nQ]
+    if inp.scores is not None:
+        pick = inp.scores.argmax(-1)
+    else:
+        if inp.kind == "cross":
+            idx = torch.zeros(nQ, dtype=torch.long, device=skip.device)
+        else:
+            idx = (torch.arange(nQ, device=skip.device) * inp.block_q // inp.block_kv).clamp_max(nK - 1)
+        pick = idx.view(1, 1, nQ).expand(B, H, nQ)
+    unskip = torch.zeros_like(skip).scatter(-1, pick.unsqueeze(-1), empty.unsqueeze(-1))
+    return skip & ~unskip
+
+
+def finalize(policy, inp: PolicyInput, reuse: torch.Tensor, skip: torch.Tensor) -> Bits:
+    """Check a policy's output and enforce the contract the runtime relies on: shapes and dtypes, no text
+    row reused unless ``reuses_text``, no skip bits on reused tiles, a kept key block in every computed row."""
+    B, H, nQ, nK = inp.batch, inp.heads, inp.num_q_blocks, inp.num_kv_blocks
+    name = getattr(policy, "name", repr(policy))
+    for what, t, shape in (("reuse", reuse, (B, H, nQ)), ("skip", skip, (B, H, nQ, nK))):
+        if not isinstance(t, torch.Tensor) or t.dtype != torch.bool or tuple(t.shape) != shape:
+            got = f"{t.dtype} {list(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"policy {name!r} returned {what} as {got}; expected a bool tensor of shape {list(shape)}")
+    reuse, skip = reuse.to(inp.device), skip.to(inp.device)
+    if not getattr(policy, "reuses_text", False):
+        reuse = reuse & ~inp.q_text.view(1, 1, nQ)
+    skip = skip & ~reuse.unsqueeze(-1)
+    return reuse, keep_one_key(skip, reuse, inp)
+
+
+def run_policy(policy, inp: PolicyInput, config) -> Bits:
+    """What the runtime does with a policy on an update step: call it and :func:`finalize` its bits."""
+    policy = resolve_policy(policy)
+    return finalize(policy, inp, *policy(inp, config))
+
+
+def block_text_mask(segments, seq: int, block: int, device=None) -> torch.Tensor:
+    """``[ceil(seq/block)]`` bool: block holds at least one token of a ``"text"`` segment."""
+    n = -(-seq // block)
+    tok = torch.zeros(n * block, dtype=torch.bool)
+    for mod, a, b in segments:
+        if mod == "text":
+            tok[a:b] = True
+    return tok.reshape(n, block).any(1).to(device)
+
+
+def block_means(x: torch.Tensor, block: int) -> torch.Tensor:
+    """``[B, H, nQ, D]`` fp32 means of ``x [B, H, S, D]`` over blocks of ``block`` rows (the last one partial)."""
+    B, H, S, D = x.shape
+    n = -(-S // block)
+    pad = n * block - S
+    xf = x.float()
+    if pad:
+        xf = torch.nn.functional.pad(xf, (0, 0, 0, pad))
+    sums = xf.reshape(B, H, n, block, D).sum(3)
+    counts = torch.full((n,), float(block), device=x.device)
+    counts[-1] = block - pad
+    return sums / counts.view(1, 1, n, 1)
+
+
+def feature_change(now: torch.Tensor, prev: torch.Tensor, steps: int) -> torch.Tensor:
+    """``[B, H, nQ]``: ``‖now − prev‖ / (‖prev‖ + 1e-6) / steps`` over the last axis (block means)."""
+    return (now - prev).norm(dim=-1) / (prev.norm(dim=-1) + 1e-6) / max(1, int(steps))
+
+
+def low_tail(score: torch.Tensor, cand: torch.Tensor, tau: float) -> torch.Tensor:
+    """Bool mask (shape of ``score [..., n]``): the candidates in the low tail — sorted ascending (stable), a
+    candidate is selected when the cumulative score up to and including it is ``<= tau`` × the candidates'
+    total. ``cand`` broadcasts against ``score``. ``tau == 0`` selects nothing."""
+    cand = cand.expand_as(score)
+    if tau <= 0:
+        return torch.zeros_like(cand)
+    s = torch.where(cand, score.float(), torch.zeros((), device=score.device))
+    total = s.sum(-1, keepdim=True)
+    key = torch.where(cand, s, torch.full((), float("inf"), device=score.device))
+    order = torch.sort(key, dim=-1, stable=True).indices
+    cum = torch.gather(s, -1, order).cumsum(-1)
+    sel_sorted = (cum <= tau * total) & torch.gather(cand, -1, order)
+    sel = torch.zeros_like(cand)
+    return sel.scatter(-1, order, sel_sorted)
+
+
+def skip_tail(scores: torch.Tensor, rows: torch.Tensor, kv_protect: torch.Tensor, tau_kv: float) -> torch.Tensor:
+    """``[B, H, nQ, nK]`` bool skip mask: in selected ``rows [B, H, nQ]``, the unprotected key blocks
+    (sorted ascending, stable) whose cumulative mass up to and including them is ``<= tau_kv`` — an
+    absolute budget, since pooled rows sum to 1. The row's largest block is always kept."""
+    B, H, nQ, nK = scores.shape
+    if tau_kv <= 0:
+        return torch.zeros(B, H, nQ, nK, dtype=torch.bool, device=scores.device)
+    cand = (~kv_protect).view(1, 1, 1, nK).expand(B, H, nQ, nK)
+    skip = _low_tail_abs(scores.float(), cand, tau_kv)
+    top = scores.argmax(-1, keepdim=True)
+    skip = skip.scatter(-1, top, False)
+    return skip & rows.unsqueeze(-1)
+
+
+def _low_tail_abs(score: torch.Tensor, cand: torch.Tensor, budget: float) -> torch.Tensor:
+    s = torch.where(cand, score, torch.zeros((), device=score.device))
+    key = torch.where(cand, s, torch.full((), float("inf"), device=score.device))
+    order = torch.sort(key, dim=-1, stable=True).indices
+    cum = torch.gather(s, -1, order).cumsum(-1)
+    sel_sorted = (cum <= budget) & torch.gather(cand, -1, order)
+    return torch.zeros_like(cand).scatter(-1, order, sel_sorted)
+
+
+def contribution(P: torch.Tensor, from_rows: torch.Tensor) -> torch.Tensor:
+    """``C_i = Σ_{j in from_rows} P[j, i]``: ``[B, H, n]`` from ``P [B, H, n, n]``."""
+    return (P.float() * from_rows.view(1, 1, -1, 1)).sum(-2)
+
+
+def guidance(P: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """``G_i = Σ_{j in cols} P[i, j] / Σ_{i' in rows} P[i', j]`` for ``i`` in ``rows`` (0 elsewhere):
+    ``[B, H, nRows]`` from ``P [B, H, nRows, nCols]``."""
+    M = P.float() * rows.view(1, 1, -1, 1) * cols.view(1, 1, 1, -1)
+    colsum = M.sum(-2, keepdim=True)
+    beta = torch.where(colsum > 0, M / colsum.clamp_min(1e-30), torch.zeros((), device=P.device))
+    return beta.sum(-1)
+
+
+def _check_fraction(owner: str, name: str, v, lo_open: bool = False) -> None:
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and (0.0 < v if lo_open else 0.0 <= v) and v <= 1.0
+    if not ok:
+        raise ValueError(f"{owner}.{name} must be a number from {'more than ' if lo_open else ''}0 to 1, got {v!r}")
+

@@ -1,0 +1,87 @@
+"""``flashomni`` — the paper's multi-granularity policy (FlashOmni, "One Engine, Many Strategies").
+
+On update steps, from block-pooled attention scores (docs/runtime.md states every choice where the paper is
+open):
+
+* **Blocks and modality.** A query (key) block is *text* when it holds at least one text token. Text query
+  blocks are never reused and never skip keys (FlashOmni's reference toy prunes vision rows only); text
+  key blocks are never skipped (the prompt's few blocks carry the conditioning).
+* **Joint sites** (text + vision in one sequence), on the pooled scores ``P`` over a square grid (key blocks
+  of ``block_q`` rows, so key block ``i`` is query block ``i``; rows softmaxed over key blocks):
+
+  - vision→text contribution ``C_i = Σ_{j text} P[j, i]`` — how much vision block ``i`` feeds the text;
+  - text→vision guidance ``G_i = Σ_{j text} P[i, j] / Σ_{i' vision} P[i', j]`` — the column-normalised
+    share of text block ``j``'s attention from vision rows that goes to block ``i``, summed over ``j``;
+  - reused: vision blocks in the low tail of **both**: sorted ascending, a block is in a metric's tail
+    when the cumulative sum up to and including it is ``<= tau_q`` times the metric's total over vision
+    blocks.
+* **Self-attention without text** (vision only): the same tail rule on the column mass
+  ``C_i = Σ_j P[j, i]`` (how much block ``i`` contributes to all queries).
+* **Cross-attention** (vision queries, text keys): the tail rule on the guidance ``G`` alone.
+* **Key skipping** (every kind): per computed vision query block, over the pooled scores on the
+  ``(block_q, block_kv)`` grid, non-text key blocks sorted ascending are skipped while their cumulative
+  mass is ``<= tau_kv``; the row's largest block is always kept. Kept blocks carry ``>= 1 - tau_kv``.
+
+Decisions are per (batch item, head): the symbol format is per head and a batched-CFG call carries cond and
+uncond items with their own bits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from .base import BasePolicy, Bits, PolicyInput, contribution, guidance, low_tail, skip_tail
+
+
+def flashomni(inp: PolicyInput, config, tau_q: Optional[float] = None, tau_kv: Optional[float] = None) -> Bits:
+    """The paper's policy (module docstring); thresholds from ``config`` unless given."""
+    vis_q = ~inp.q_text
+    tau_q = float(config.tau_q if tau_q is None else tau_q)
+    tau_kv = float(config.tau_kv if tau_kv is None else tau_kv)
+    if inp.kind == "cross":
+        G = guidance(inp.scores, vis_q, torch.ones_like(inp.kv_text))
+        reuse = low_tail(G, vis_q, tau_q)
+    elif inp.kind == "joint" and 0 < inp.text_q_blocks < inp.q_text.numel():
+        P = inp.scores_square
+        C = contribution(P, inp.q_text)
+        G = guidance(P, vis_q, inp.q_text)
+        reuse = low_tail(C, vis_q, tau_q) & low_tail(G, vis_q, tau_q)
+    else:  # vision-only self-attention (a text-only site has no candidates)
+        C = contribution(inp.scores_square, torch.ones_like(vis_q))
+        reuse = low_tail(C, vis_q, tau_q)
+    reuse = reuse & vis_q
+    rows = ~reuse & vis_q.view(1, 1, -1)
+    skip = skip_tail(inp.scores, rows, inp.kv_text, tau_kv)
+    return reuse, skip
+
+
+@dataclass(frozen=True)
+class FlashOmni(BasePolicy):
+    """The paper's policy. Knobs default to ``OmniConfig.tau_q`` / ``tau_kv`` (None), so
+    ``OmniConfig(policy="flashomni", tau_q=...)`` and ``OmniConfig(policy=FlashOmni(tau_q=...))`` agree."""
+
+    tau_q: Optional[float] = None
+    """Caching threshold: vision query blocks are reused, lowest metric first, while their cumulative share
+    stays ``<= tau_q``. Higher reuses more (faster, staler). None: ``OmniConfig.tau_q``."""
+    tau_kv: Optional[float] = None
+    """Skipping threshold: kept key blocks carry ``>= 1 - tau_kv`` of each computed row's pooled mass.
+    Higher skips more (faster, less exact); 0 turns skipping off. None: ``OmniConfig.tau_kv``."""
+
+    name = "flashomni"
+    needs_scores = True
+
+    def __post_init__(self):
+        from .base import _check_fraction
+
+        if self.tau_q is not None:
+            _check_fraction("FlashOmni", "tau_q", self.tau_q)
+        if self.tau_kv is not None:
+            _check_fraction("FlashOmni", "tau_kv", self.tau_kv)
+            if self.tau_kv >= 1:
+                raise ValueError(f"FlashOmni.tau_kv must be a number from 0 to less than 1, got {self.tau_kv!r}")
+
+    def __call__(self, inp: PolicyInput, config) -> Bits:
+        return flashomni(inp, config, self.tau_q, self.tau_kv)
