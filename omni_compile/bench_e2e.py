@@ -41,12 +41,30 @@ import torch
 
 SETTINGS: Dict[str, dict] = {
     "dense": dict(policy="dense"),
+    "flashomni": dict(policy="flashomni"),
+    "split_dense": dict(policy="dense"),
     "moderate": dict(policy="fixed", reuse_fraction=0.3, skip_fraction=0.5),
     "aggressive": dict(policy="fixed", reuse_fraction=0.5, skip_fraction=0.8),
     "blocks": dict(policy="dense", block_cache="fixed", block_cache_fraction=0.5),
     "blocks_aggressive": dict(policy="fixed", reuse_fraction=0.5, skip_fraction=0.8, block_cache="fixed",
                               block_cache_fraction=0.5),
 }
+
+
+#: Token grids of the benchmark sizes (frames, height, width of the vision tokens), for the ``window``
+#: strategy where the passes cannot infer it (FLUX packs its latents before the transformer).
+TOKEN_LAYOUTS = {"flux": (1, 64, 64), "hunyuan": (9, 45, 80)}
+
+
+def setting(name: str, model: str) -> dict:
+    """Config changes of a benchmark setting: a name of :data:`SETTINGS`, or ``s:<strategy>`` for a
+    shipped policy strategy (``omni_compile.policies.presets``) at the model's token grid."""
+    if name.startswith("s:"):
+        from .policies.presets import strategy_policy
+
+        grid = TOKEN_LAYOUTS[model]
+        return dict(policy=strategy_policy(name[2:], grid), token_layout=grid)
+    return SETTINGS[name]
 
 
 # ---- models ---------------------------------------------------------------------------------------
@@ -195,10 +213,11 @@ def profile_step(fn, kwargs) -> dict:
         if e.device_type == DeviceType.CUDA:
             out[kernel_class(e.name)] += e.time_range.elapsed_us() / 1000
     for avg in prof.key_averages():
-        if avg.key.startswith("flashomni::site_"):
+        if avg.key.startswith("flashomni::site_") or avg.key.startswith("flashomni::block "):
             out[avg.key.split("::")[1]] = avg.device_time_total / 1000
     out["total"] = out["attention"] + out["gemm"] + out["rest"]
     return out
+
 
 
 @torch.no_grad()
@@ -303,6 +322,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     if args.cpu_smoke:
         small = dict(flux=dict(side=128), hunyuan=dict(frames=2, height=16, width=16))[args.model]
+        TOKEN_LAYOUTS.update(flux=(1, 8, 8), hunyuan=(2, 8, 8))
         model, latent, inputs = MODELS[args.model](device="cpu", dtype=torch.float32, layers=args.layers or 1, **small)
     else:
         model, latent, inputs = MODELS[args.model](layers=args.layers)
@@ -334,6 +354,47 @@ def main(argv=None) -> int:
         print(f"  {name}: total {total:.2f} s{' (projected)' if projected else ''}, per-step ms {per}", flush=True)
         return row
 
+    def finalize_rows():
+        """Speedups vs Inductor, ideal speedups from the dense profiles, errors vs the dense settings."""
+        prof_i = res.get("profile_inductor")
+        prof_o = res.get("profile_flashomni_dense") or res.get("profile_split_dense")
+        dense_row = next((r for r in res["rows"] if r["name"] == "dense"), None)
+        n_disp = all_acts.count("dispatch")
+        for r in res["rows"]:
+            if base:
+                r["speedup"] = base["total_s"] / r["total_s"]
+                r["err_vs_inductor"] = rel_l2(r["final"], base["final"])
+            if dense_row is not None and r is not dense_row and r["name"] != "inductor":
+                r["err_vs_dense"] = rel_l2(r["final"], dense_row["final"])
+            if r["name"] in ("inductor", "dense", "split_dense") or not (prof_i and base and prof_o):
+                continue
+            t_step = base["total_s"] / args.steps
+            kept = 1.0 - r.get("cached_share", 0.0)  # device-time share of the blocks that still run
+            site_saved = prof_i["attention"] / prof_i["total"] * (1 - r["density"])
+            site_saved += (prof_o.get("site_linear_q", 0) + prof_o.get("site_linear_o", 0)) / prof_o["total"] * r["reuse"]
+            ideal_disp = t_step * kept * (1 - site_saved)
+            ideal_total = base["total_s"] - n_disp * (t_step - ideal_disp)
+            r["ideal_speedup"] = base["total_s"] / ideal_total
+            r["of_ideal"] = r["speedup"] / r["ideal_speedup"]
+
+    def write(partial: bool):
+        out = dict(res, partial=partial, rows=[{k: v for k, v in r.items() if k != "final"} for r in res["rows"]])
+        with open(os.path.join(args.out, f"e2e_{args.model}.json"), "w") as f:
+            json.dump(out, f, indent=1)
+        md = markdown(out)
+        with open(os.path.join(args.out, f"e2e_{args.model}.md"), "w") as f:
+            f.write(md)
+        if not partial:
+            print(md)
+
+    def check_dense() -> bool:
+        dense_row = next((r for r in res["rows"] if r["name"] == "dense"), None)
+        bad = dense_row is not None and base is not None and dense_row["err_vs_inductor"] > 0.05
+        if bad:
+            print(f"policy='dense' final latent differs from Inductor's: rel L2 {dense_row['err_vs_inductor']:.3g}",
+                  file=sys.stderr)
+        return bad
+
     base = None
     if not args.no_inductor_baseline:
         ind = torch.compile(model)
@@ -341,65 +402,88 @@ def main(argv=None) -> int:
         ind(**first)
         _sync()
         c = time.perf_counter() - t1
+        run_loop(ind, latent, inputs, 2)
         print(f"inductor compile {c:.1f} s", flush=True)
         res["profile_inductor"] = profile_step(ind, first)
         base = record("inductor", ind, compile_s=c)
         del ind
         torch._dynamo.reset()
 
-    state = OmniState(OmniConfig(policy="dense", interval=args.interval, warmup=args.warmup,
-                                  use_inductor=not args.cpu_smoke))
-    omni = torch.compile(model, backend="flashomni", options={"state": state})
-    t1 = time.perf_counter()
-    omni(**first)
-    _sync()
-    c = time.perf_counter() - t1
-    print(f"flashomni compile {c:.1f} s: {state.summary()}", flush=True)
-    state.reset()
-    res["profile_flashomni_dense"] = profile_step(omni, first)
-    state.reset()
-    res["sites"] = state.summary()
-    for name in args.configs.split(","):
-        changes = SETTINGS[name]
+    names = args.configs.split(",")
+    split_names = [n for n in names if setting(n, args.model).get("block_cache", "none") != "none" or n == "split_dense"]
+    omni = None
+    if len(split_names) < len(names):
+        state = OmniState(OmniConfig(policy="dense", interval=args.interval, warmup=args.warmup,
+                                      use_inductor=not args.cpu_smoke))
+        omni = torch.compile(model, backend="flashomni", options={"state": state})
+        t1 = time.perf_counter()
+        omni(**first)
+        _sync()
+        c = time.perf_counter() - t1
+        print(f"flashomni compile {c:.1f} s: {state.summary()}", flush=True)
+        state.reset()
+        res["profile_flashomni_dense"] = profile_step(omni, first)
+        state.reset()
+        res["sites"] = state.summary()
+    defaults = dict(policy="dense", reuse_fraction=0.5, skip_fraction=0.5)
+    has_blocks = "block_cache" in OmniConfig.field_names()
+    if has_blocks:
+        defaults["block_cache"] = "none"
+    if "token_layout" in OmniConfig.field_names():
+        defaults["token_layout"] = None
+    def run_setting(name, compile_s):
+        changes = {**defaults, **setting(name, args.model)}
         try:
-            configure(state, **changes)
-        except (TypeError, ValueError) as e:
-            print(f"  {name}: skipped ({e})", flush=True)
-            continue
-        record(name, omni, state, compile_s=c if name == args.configs.split(",")[0] else None)
+            # a 3-step generation (dense, update, dispatch) first, so Triton's JIT compiles every kernel
+            # the setting uses before the timed loop
+            configure(state, **changes, warmup=1, interval=2)
+            run_loop(omni, latent, inputs, 3)
+            configure(state, **changes, warmup=args.warmup, interval=args.interval)
+            row = record(name, omni, state, compile_s=compile_s)
+        except Exception as e:  # one broken setting must not lose the others' numbers
+            import traceback
 
-    # speedups, ideal speedups, correctness
-    prof_i = res.get("profile_inductor")
-    prof_o = res["profile_flashomni_dense"]
-    ref = base["final"] if base else None
-    dense_row = next((r for r in res["rows"] if r["name"] == "dense"), None)
-    for r in res["rows"]:
-        if base:
-            r["speedup"] = base["total_s"] / r["total_s"]
-            r["err_vs_inductor"] = rel_l2(r["final"], ref)
-        if dense_row is not None and r is not dense_row and r["name"] != "inductor":
-            r["err_vs_dense"] = rel_l2(r["final"], dense_row["final"])
-        if r["name"] not in ("inductor", "dense") and prof_i and base:
-            t_step = base["total_s"] / args.steps
-            frac = lambda k: prof_i[k] / prof_i["total"]  # noqa: E731
-            saved = (frac("attention") * (1 - r["density"])) * t_step
-            saved += (prof_o.get("site_linear_q", 0) + prof_o.get("site_linear_o", 0)) / prof_o["total"] * r["reuse"] * t_step
-            n_disp = all_acts.count("dispatch")
-            ideal_total = base["total_s"] - n_disp * saved
-            r["ideal_speedup"] = base["total_s"] / ideal_total
-            r["of_ideal"] = r["speedup"] / r["ideal_speedup"]
-    for r in res["rows"]:
-        r.pop("final", None)
-    with open(os.path.join(args.out, f"e2e_{args.model}.json"), "w") as f:
-        json.dump(res, f, indent=1)
-    md = markdown(res)
-    with open(os.path.join(args.out, f"e2e_{args.model}.md"), "w") as f:
-        f.write(md)
-    print(md)
-    bad = dense_row is not None and base is not None and dense_row["err_vs_inductor"] > 0.05
-    if bad:
-        print(f"policy='dense' final latent differs from Inductor's: rel L2 {dense_row['err_vs_inductor']:.3g}", file=sys.stderr)
-    return 1 if bad else 0
+            traceback.print_exc()
+            print(f"  {name}: FAILED ({type(e).__name__}: {e})", flush=True)
+            res.setdefault("failed", {})[name] = f"{type(e).__name__}: {e}"
+            return None
+        write(partial=True)
+        return row
+
+    for name in [n for n in names if n not in split_names]:
+        run_setting(name, c if name == names[0] else None)
+
+    if split_names and has_blocks:
+        # block caching is decided at compile time (the graph is split into per-block regions), so it
+        # gets its own compile; the regions compile on their first run
+        omni = None
+        torch._dynamo.reset()
+        state = OmniState(OmniConfig(policy="dense", interval=args.interval, warmup=args.warmup,
+                                      block_cache="fixed", block_cache_fraction=0.5, use_inductor=not args.cpu_smoke))
+        omni = torch.compile(model, backend="flashomni", options={"state": state})
+        t1 = time.perf_counter()
+        omni(**first)  # a dense step: every region runs (and compiles)
+        _sync()
+        c = time.perf_counter() - t1
+        print(f"flashomni compile, split at {len(state.blocks)} blocks: {c:.1f} s", flush=True)
+        res.setdefault("sites", state.summary())
+        state.reset()
+        prof = profile_step(omni, first)
+        blocks_ms = {k[len("flashomni::block "):]: v for k, v in prof.items() if k.startswith("flashomni::block ")}
+        res["profile_split_dense"] = {k: v for k, v in prof.items() if not k.startswith("flashomni::block ")}
+        res["block_ms"] = blocks_ms
+        for name in split_names:
+            row = run_setting(name, c if name == split_names[0] else None)
+            if row is None:
+                continue
+            cached = [b.name for b in state.blocks if b.skipped_calls > 0]
+            row["blocks_cached"] = len(cached)
+            row["blocks"] = len(state.blocks)
+            row["cached_share"] = sum(blocks_ms.get(n, 0.0) for n in cached) / max(prof["total"], 1e-9)
+            write(partial=True)
+    finalize_rows()
+    write(partial=False)
+    return 1 if check_dense() else 0
 
 
 def markdown(res: dict) -> str:
@@ -413,14 +497,18 @@ def markdown(res: dict) -> str:
         if p:
             parts = ", ".join(f"{k} {v:.1f}" for k, v in p.items())
             lines.append(f"- {key} (device ms): {parts}")
-    lines += ["", "| setting | loop s | dense ms | update ms | dispatch ms | density | reuse | speedup | ideal | of ideal | rel L2 vs dense | compile s |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    if res.get("block_ms"):
+        lines.append(f"- blocks (device ms, split graph, dense step): {len(res['block_ms'])} blocks, "
+                     f"{sum(res['block_ms'].values()):.1f} ms in all")
+    lines += ["", "| setting | loop s | dense ms | update ms | dispatch ms | density | reuse | blocks cached | speedup | ideal | of ideal | rel L2 vs dense | compile s |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in res["rows"]:
         sm = r["step_ms"]
         lines.append(
             f"| {r['name']} | {r['total_s']:.2f}{'*' if r['projected'] else ''} | {f(sm.get('dense'), '.1f')} | "
             f"{f(sm.get('update'), '.1f')} | {f(sm.get('dispatch'), '.1f')} | {f(r.get('density'), '.3f')} | "
-            f"{f(r.get('reuse'), '.2f')} | {f(r.get('speedup'), '.2f')} | {f(r.get('ideal_speedup'), '.2f')} | "
+            f"{f(r.get('reuse'), '.2f')} | {str(r['blocks_cached']) + '/' + str(r['blocks']) if 'blocks' in r else '—'} | "
+            f"{f(r.get('speedup'), '.2f')} | {f(r.get('ideal_speedup'), '.2f')} | "
             f"{f(r.get('of_ideal'), '.0%')} | {f(r.get('err_vs_dense', r.get('err_vs_inductor')), '.2e')} | "
             f"{f(r.get('compile_s'), '.0f')} |")
     lines.append("")

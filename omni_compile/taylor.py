@@ -27,6 +27,15 @@ def refresh(old: Optional[Sequence[torch.Tensor]], new: torch.Tensor, delta: int
     Every returned tensor is a fresh copy, never ``new`` itself: a compiled graph may reuse the storage
     of its intermediate tensors (Inductor's buffer reuse) once their last use in the graph is done."""
     dtype = dtype or new.dtype
+    if dtype == new.dtype and (old is None or all(o.dtype == dtype for o in old)):
+        # one pass per factor in the storage dtype: each difference is computed exactly in fp32 per element
+        # and rounded once (the fp32 path below converts every operand first: 5 passes per order, on every
+        # GEMM-O projection of every update step)
+        f = [new.clone()]
+        if old is not None and delta > 0:
+            for i in range(min(order, len(old))):
+                f.append(torch.sub(f[i], old[i]).div_(delta))
+        return f if keep is None else f[:keep]
     acc = torch.promote_types(new.dtype, torch.float32)
     f = [new.to(acc)]
     if old is not None and delta > 0:

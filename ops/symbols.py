@@ -52,9 +52,21 @@ def pack_bits(bits: torch.Tensor) -> torch.Tensor:
     if pad:
         b = torch.nn.functional.pad(b, (0, pad))
     b = b.reshape(*bits.shape[:-1], nbytes, 8)
-    weights = torch.tensor(_BIT_WEIGHTS, dtype=torch.uint8, device=bits.device)
     # sum in int32: a uint8 sum would be fine numerically, but int32 avoids any promotion surprises
-    return (b.to(torch.int32) * weights.to(torch.int32)).sum(-1).to(torch.uint8)
+    return (b.to(torch.int32) * _bit_weights(bits.device)).sum(-1).to(torch.uint8)
+
+
+_WEIGHTS_BY_DEVICE: dict = {}
+
+
+def _bit_weights(device) -> torch.Tensor:
+    """``_BIT_WEIGHTS`` as int32 on ``device``, made once per device: building it per call was a host-to-device
+    copy (a stall on CUDA) for every packed tensor, two per site and update step."""
+    key = str(device)
+    w = _WEIGHTS_BY_DEVICE.get(key)
+    if w is None:
+        w = _WEIGHTS_BY_DEVICE[key] = torch.tensor(_BIT_WEIGHTS, dtype=torch.int32, device=device)
+    return w
 
 
 def unpack_bits(packed: torch.Tensor, n: int) -> torch.Tensor:

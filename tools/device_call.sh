@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call (on the device machine, from the repo root, with .whl/ carried):
-#   bash tools/device_call.sh "quality demo e2e:flux:--steps+50+--configs+dense,aggressive (+ = space) bench:PARTS:SEQS gputests"
+#   bash tools/device_call.sh "quality demo e2e:flux:--steps~50~--configs~dense,aggressive (~ = space) bench:PARTS:SEQS gputests"
 # Each item runs in order with its output under $OUT; a short summary is printed last.
 set -uo pipefail
 OUT=${OUT:-out}
@@ -19,7 +19,7 @@ for item in $1; do
              tail -25 "$OUT/quality.log" ;;
     demo) python3 -m omni_compile.demo --out "$OUT/demo.png" > "$OUT/demo.log" 2>&1; rc=$?; tail -8 "$OUT/demo.log" ;;
     gputests) timeout 300 python3 -m pytest -q -x tests/test_ops_gpu.py > "$OUT/gpu_tests.log" 2>&1; rc=$?; tail -3 "$OUT/gpu_tests.log" ;;
-    e2e) python3 -m omni_compile.bench_e2e --out "$OUT" --model "$a" ${b//+/ } > "$OUT/e2e_$a.log" 2>&1; rc=$?
+    e2e) python3 -m omni_compile.bench_e2e --out "$OUT" --model "$a" ${b//\~/ } > "$OUT/e2e_$a.log" 2>&1; rc=$?
          grep -v "^ \|Warning\|warn" "$OUT/e2e_$a.log" | tail -30 ;;
     bench) python3 -m omni_compile.bench --out "$OUT/bench" --parts "$a" --seqs "$b" > "$OUT/bench.log" 2> "$OUT/bench_stderr.log"; rc=$?
            grep -v '^  ' "$OUT/bench.log" | tail -60 ;;
