@@ -260,8 +260,9 @@ class BlockProgram:
         res = []
         for o, i in blk.streams:
             out, inp = env[o.name], env[i.name]
-            acc = torch.promote_types(out.dtype, torch.float32)
-            res.append((out.to(acc) - inp.to(acc), out.dtype))
+            # the difference is exact in fp32 per element and rounded once to the storage dtype (what the
+            # factors are kept in anyway): one pass instead of three conversions and a subtraction
+            res.append((torch.sub(out, inp), out.dtype))
         keep = D + 1 if update else max(D, 1)
         # warm-up observations reserve what the update will hold, so blocks keep their cache in run order
         need = sum(r.numel() * (D + 1) * dt.itemsize for r, dt in res)
@@ -295,6 +296,8 @@ class BlockProgram:
             return
         if cfg.block_cache == "fixed":
             bs.cached = rec.order in fixed_selection(rec.of, cfg.block_cache_fraction)
+            if bs.cached:
+                self._release_site_caches(rec, bs.key[0])
         elif cfg.block_cache == "sq":
             fracs = []
             for sid in rec.site_ids:
@@ -319,7 +322,23 @@ class BlockProgram:
             else:
                 bs.computed = v
                 bs.cached = bool(v <= cfg.s_q) and bs.factors is not None and not bs.capped
+            if bs.cached:
+                self._release_site_caches(self._record_of(bs), bs.key[0])
         self._pending = []
+
+    def _record_of(self, bs: BlockStream) -> BlockRecord:
+        return next(r for r in self.records.values() if any(s is bs for s in r.streams.values()))
+
+    def _release_site_caches(self, rec: BlockRecord, stream: int) -> None:
+        """A block cached until its next update does not run its sites on the dispatch steps in between, so
+        their caches for this stream would only hold memory (HunyuanVideo-size: ~0.6 GB per site at Taylor
+        order 1). Symbols stay (the ``"sq"`` rule reads them); the next update rebuilds the caches, from
+        order 0 since the previous observation is gone."""
+        for sid in rec.site_ids:
+            for key, ss in self.state.sites[sid].streams.items():
+                if key[0] == stream:
+                    ss.out_factors = ss.out_step = ss.reuse_rows = None
+                    ss.a_factors, ss.a_step, ss.bias_terms = {}, {}, {}
 
 
 def build_program(gm: fx.GraphModule, state, records: list, compile_region, entry: dict, ops=None):

@@ -355,3 +355,19 @@ def test_configure_refuses_block_caching_on_an_unsplit_graph(flux):
     st2.configure(block_cache="none")
     st2.configure(block_cache="fixed")
     assert st2.config.block_cache == "fixed"
+
+
+def test_sites_of_cached_blocks_release_their_caches(flux):
+    """A block cached until its next update never runs its sites on dispatch steps: their caches are
+    dropped at the update (memory), while sites of blocks that keep running hold theirs."""
+    model, make_inputs, lat = flux
+    st = _state(policy="fixed", reuse_fraction=0.5, skip_fraction=0.5, block_cache="fixed", block_cache_fraction=0.5)
+    denoise(_compile(model, st), make_inputs, lat, 5)  # warm-up 2, interval 3: updates at 1 and 4
+    cached = [b for b in st.blocks if b.skipped_calls > 0]
+    running = [b for b in st.blocks if b.cacheable and b.skipped_calls == 0]
+    assert cached and running
+    def held(rec):
+        return [t for sid in rec.site_ids for ss in st.sites[sid].streams.values()
+                for t in (list(ss.bias_terms.values()) + list(ss.a_factors.values()) + [ss.out_factors]) if t]
+    assert all(not held(b) for b in cached)
+    assert any(held(b) for b in running)
