@@ -70,13 +70,19 @@ def setting(name: str, model: str) -> dict:
 # ---- models ---------------------------------------------------------------------------------------
 
 
-def build_flux(device="cuda", dtype=torch.bfloat16, layers=None, single_layers=None, side=1024):
+#: ``narrow=True``: 2 heads of 16, a 32-wide text encoder and 16 text tokens — the model classes and the
+#: driver exactly as benchmarked, small enough for a CPU smoke test (``--cpu-smoke``, tests/test_bench_e2e.py).
+_NARROW = dict(heads=2, head_dim=16, text_dim=32, pooled=32, text=16, rope=(4, 6, 6))
+
+
+def build_flux(device="cuda", dtype=torch.bfloat16, layers=None, single_layers=None, side=1024, narrow=False):
     """FLUX.1-dev transformer (11.9 B parameters) with random weights, and its inputs at ``side``²."""
     from diffusers import FluxTransformer2DModel
 
-    cfg = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
-               num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
-               axes_dims_rope=(16, 56, 56))
+    n = _NARROW if narrow else dict(heads=24, head_dim=128, text_dim=4096, pooled=768, text=512, rope=(16, 56, 56))
+    cfg = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=n["head_dim"],
+               num_attention_heads=n["heads"], joint_attention_dim=n["text_dim"], pooled_projection_dim=n["pooled"],
+               guidance_embeds=True, axes_dims_rope=n["rope"])
     if layers is not None:
         cfg.update(num_layers=layers, num_single_layers=single_layers if single_layers is not None else 2 * layers)
     model = _build(FluxTransformer2DModel, cfg, device, dtype)
@@ -86,9 +92,9 @@ def build_flux(device="cuda", dtype=torch.bfloat16, layers=None, single_layers=N
     ids[:, 1] = torch.arange(h * w) // w
     ids[:, 2] = torch.arange(h * w) % w
     static = dict(
-        encoder_hidden_states=torch.randn(1, 512, 4096, generator=g).to(device, dtype),
-        pooled_projections=torch.randn(1, 768, generator=g).to(device, dtype),
-        img_ids=ids.to(device), txt_ids=torch.zeros(512, 3, device=device),
+        encoder_hidden_states=torch.randn(1, n["text"], n["text_dim"], generator=g).to(device, dtype),
+        pooled_projections=torch.randn(1, n["pooled"], generator=g).to(device, dtype),
+        img_ids=ids.to(device), txt_ids=torch.zeros(n["text"], 3, device=device),
         guidance=torch.full((1,), 3.5, device=device, dtype=torch.float32), return_dict=False,
     )
     latent = torch.randn(1, h * w, 64, generator=g).to(device, dtype)
@@ -99,20 +105,25 @@ def build_flux(device="cuda", dtype=torch.bfloat16, layers=None, single_layers=N
     return model, latent, inputs
 
 
-def build_hunyuan(device="cuda", dtype=torch.bfloat16, layers=None, single_layers=None, frames=9, height=90, width=160):
+def build_hunyuan(device="cuda", dtype=torch.bfloat16, layers=None, single_layers=None, frames=9, height=90, width=160,
+                  narrow=False):
     """HunyuanVideo transformer (default config, 12.8 B parameters) with random weights; a
     ``frames × height × width`` latent (9×90×160: 32,400 video tokens + 256 text tokens)."""
     from diffusers import HunyuanVideoTransformer3DModel
 
+    n = dict(_NARROW) if narrow else dict(text_dim=4096, pooled=768, text=256)
     cfg = {}
+    if narrow:
+        cfg.update(num_attention_heads=n["heads"], attention_head_dim=n["head_dim"], text_embed_dim=n["text_dim"],
+                   pooled_projection_dim=n["pooled"], rope_axes_dim=n["rope"], num_refiner_layers=1)
     if layers is not None:
         cfg.update(num_layers=layers, num_single_layers=single_layers if single_layers is not None else 2 * layers)
     model = _build(HunyuanVideoTransformer3DModel, cfg, device, dtype)
     g = torch.Generator(device="cpu").manual_seed(0)
     static = dict(
-        encoder_hidden_states=torch.randn(1, 256, 4096, generator=g).to(device, dtype),
-        encoder_attention_mask=torch.ones(1, 256, device=device, dtype=torch.long),
-        pooled_projections=torch.randn(1, 768, generator=g).to(device, dtype),
+        encoder_hidden_states=torch.randn(1, n["text"], n["text_dim"], generator=g).to(device, dtype),
+        encoder_attention_mask=torch.ones(1, n["text"], device=device, dtype=torch.long),
+        pooled_projections=torch.randn(1, n["pooled"], generator=g).to(device, dtype),
         guidance=torch.full((1,), 6000.0, device=device, dtype=dtype), return_dict=False,
     )
     latent = torch.randn(1, 16, frames, height, width, generator=g).to(device, dtype)
@@ -310,7 +321,8 @@ def main(argv=None) -> int:
     ap.add_argument("--layers", type=int, default=None, help="fewer blocks (smoke runs)")
     ap.add_argument("--no-inductor-baseline", action="store_true")
     ap.add_argument("--profile", default="aggressive", help="settings whose dispatch/update steps are profiled")
-    ap.add_argument("--cpu-smoke", action="store_true", help="tiny model, fp32, CPU: checks the driver only")
+    ap.add_argument("--cpu-smoke", action="store_true",
+                    help="narrow model (2 heads of 16), fp32, CPU, no Inductor: checks the driver only")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available() and not args.cpu_smoke:
         print("omni_compile.bench_e2e needs a CUDA GPU (--cpu-smoke runs a tiny model on the CPU)", file=sys.stderr)
@@ -323,7 +335,8 @@ def main(argv=None) -> int:
     if args.cpu_smoke:
         small = dict(flux=dict(side=128), hunyuan=dict(frames=2, height=16, width=16))[args.model]
         TOKEN_LAYOUTS.update(flux=(1, 8, 8), hunyuan=(2, 8, 8))
-        model, latent, inputs = MODELS[args.model](device="cpu", dtype=torch.float32, layers=args.layers or 1, **small)
+        model, latent, inputs = MODELS[args.model](device="cpu", dtype=torch.float32, layers=args.layers or 1,
+                                                   narrow=True, **small)
     else:
         model, latent, inputs = MODELS[args.model](layers=args.layers)
     res = dict(model=args.model, steps=args.steps, max_steps=args.max_steps, interval=args.interval,
@@ -409,12 +422,14 @@ def main(argv=None) -> int:
         del ind
         torch._dynamo.reset()
 
+    # the smoke model has ~100 tokens: blocks of 16 so that text and vision blocks both exist
+    smoke_blocks = dict(block_q=16, block_kv=16) if args.cpu_smoke else {}
     names = args.configs.split(",")
     split_names = [n for n in names if setting(n, args.model).get("block_cache", "none") != "none" or n == "split_dense"]
     omni = None
     if len(split_names) < len(names):
         state = OmniState(OmniConfig(policy="dense", interval=args.interval, warmup=args.warmup,
-                                      use_inductor=not args.cpu_smoke))
+                                      use_inductor=not args.cpu_smoke, **smoke_blocks))
         omni = torch.compile(model, backend="flashomni", options={"state": state})
         t1 = time.perf_counter()
         omni(**first)
@@ -459,7 +474,8 @@ def main(argv=None) -> int:
         omni = None
         torch._dynamo.reset()
         state = OmniState(OmniConfig(policy="dense", interval=args.interval, warmup=args.warmup,
-                                      block_cache="fixed", block_cache_fraction=0.5, use_inductor=not args.cpu_smoke))
+                                      block_cache="fixed", block_cache_fraction=0.5, use_inductor=not args.cpu_smoke,
+                                      **smoke_blocks))
         omni = torch.compile(model, backend="flashomni", options={"state": state})
         t1 = time.perf_counter()
         omni(**first)  # a dense step: every region runs (and compiles)
