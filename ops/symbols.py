@@ -303,6 +303,20 @@ class Symbols:
             )
         return self._kv_schedule
 
+    def prefetch_schedules(self, like: "Symbols") -> "Symbols":
+        """Decode now every schedule ``like`` has decoded (same arguments), so the calls that need them find
+        them cached. The runtime calls it when an update replaces a stream's symbols: the decode is a few
+        dozen small device ops per site, issued there while the GPU still runs the update's dense kernels
+        instead of on the first dispatch step, where it stood between the host and an idle GPU. Returns
+        ``self``."""
+        if like is None or like is self:
+            return self
+        if like._kv_schedule is not None:
+            self.kv_schedule()
+        for key in list(like._head_schedules):
+            self.head_schedule(*key)
+        return self
+
     def row_selection(self, seq: int, row_offset: int, select_reused: bool) -> torch.Tensor:
         """``[B, seq, H]`` bool: row ``r`` (query position ``r + row_offset``) selects head ``h``.
 

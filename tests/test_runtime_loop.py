@@ -356,3 +356,17 @@ def test_key_padding_mask_sites_dispatch_on_kept_keys(batch):
             assert ss.symbols.seq_kv < s.seq_kv  # the padded keys were dropped
         else:
             assert ss.sparse_calls["attention"] == 0 and "mask" in s.runtime_reason
+
+
+def test_update_decodes_the_schedules_the_dispatch_steps_used(flux):
+    """From the second update on, the new symbols arrive with the schedules the previous dispatch steps
+    decoded (attention's kv schedule, GEMM-Q/GEMM-O head schedules), so dispatch steps find them cached."""
+    model, make_inputs, lat = flux
+    st = _state(policy="fixed", reuse_fraction=0.5, skip_fraction=0.5, warmup=2, interval=3)
+    denoise(_compile(model, st), make_inputs, lat, 5)  # dense, update, dispatch, dispatch, update
+    for s in st.sites:
+        (ss,) = s.streams.values()
+        assert ss.action == "update"
+        assert ss.symbols._kv_schedule is not None
+        decoded = {(k[0], k[1]) for k in ss.symbols._head_schedules if not k[3]}  # (rows, row_offset)
+        assert {(rows, off) for _, off, rows, _ in s.out_projections} <= decoded

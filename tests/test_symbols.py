@@ -156,3 +156,21 @@ def test_from_dense_rejects_bad_input(kwargs, exc, match):
     args.update(kwargs)
     with pytest.raises(exc, match=match):
         Symbols.from_dense(**args)
+
+
+def test_prefetch_schedules_decodes_what_the_other_symbols_decoded():
+    g = torch.Generator().manual_seed(0)
+    a = Symbols.from_dense(torch.rand(1, 2, 3, generator=g) < 0.5, torch.rand(1, 2, 3, 5, generator=g) < 0.5, 16, 16, 40, 70)
+    b = Symbols.from_dense(torch.rand(1, 2, 3, generator=g) < 0.5, torch.rand(1, 2, 3, 5, generator=g) < 0.5, 16, 16, 40, 70)
+    a.kv_schedule()
+    a.head_schedule(40, 0, 32, False)
+    a.head_schedule(24, 16, 16, True)
+    assert b._kv_schedule is None and not b._head_schedules
+    b.prefetch_schedules(a)
+    assert set(b._head_schedules) == set(a._head_schedules)
+    fresh = Symbols(b.reuse_bits, b.skip_bits, 16, 16, 40, 70)
+    for got, want in zip(b.kv_schedule(), fresh.kv_schedule()):
+        assert torch.equal(got, want)
+    for key in a._head_schedules:
+        for got, want in zip(b._head_schedules[key], fresh.head_schedule(*key)):
+            assert torch.equal(got, want)
