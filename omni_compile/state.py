@@ -183,10 +183,11 @@ class OmniState:
         self.clock = StepClock()
         """Turns the timesteps of successive model calls into (generation, step, stream) positions."""
         self.history: list = []
+        """One :class:`StepRecord` per (site, stream, step) run through the attention op, for the current
+        generation and the one before it (older ones are dropped when a generation starts)."""
         self.blocks: list = []
         """Transformer blocks found when block caching is on (``omni_compile.block_cache.BlockRecord``)."""
         self._blocks_by_name: dict = {}
-        """One :class:`StepRecord` per (site, stream, step) run through the attention op."""
         _STATES[self.id] = self
 
     # ---- sites ----------------------------------------------------------------------------------
@@ -251,11 +252,17 @@ class OmniState:
         return self
 
     def new_generation(self) -> None:
-        """Drop every stream's symbols and caches (the clock saw the timestep jump back up)."""
+        """Drop every stream's symbols and caches (the clock saw the timestep jump back up), and the step
+        history of generations before the one that just ended: ``report()`` after a generation still sees
+        it, while a long-running process does not accumulate records (each holds its step's symbols)
+        without bound."""
         for s in self.sites:
             s.streams = {}
         for b in self.blocks:
             b.streams = {}
+        if self.history:
+            last = self.history[-1].generation
+            self.history = [r for r in self.history if r.generation >= last]
 
     def register_block(self, record):
         """Add a block record (or refresh the record of the same name, keeping its run-time state)."""

@@ -370,3 +370,14 @@ def test_update_decodes_the_schedules_the_dispatch_steps_used(flux):
         assert ss.symbols._kv_schedule is not None
         decoded = {(k[0], k[1]) for k in ss.symbols._head_schedules if not k[3]}  # (rows, row_offset)
         assert {(rows, off) for _, off, rows, _ in s.out_projections} <= decoded
+
+
+def test_history_keeps_the_current_and_previous_generation_only(flux):
+    model, make_inputs, lat = flux
+    st = _state(policy="fixed", reuse_fraction=0.5, skip_fraction=0.5)
+    compiled = _compile(model, st)
+    for _ in range(3):
+        denoise(compiled, make_inputs, lat, 4)
+    assert st.clock.generation == 2
+    assert {r.generation for r in st.history} == {1, 2}
+    assert len(st.history) == 2 * 4 * sum(s.rewritten for s in st.sites)
