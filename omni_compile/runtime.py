@@ -593,8 +593,11 @@ def site_linear_o(
     if ss is not None and ss.action == DISPATCH:
         ss.sparse_calls["linear_o"] += 1
         terms = ss.bias_terms.get(key)
-        cb = taylor.forecast(terms, ss.step - ss.update_step, terms[0].dtype) if terms else None
-        return sparse_linear_o(a, w, bias, ss.symbols, head_dim, cb, row_offset)
+        if not terms:
+            return sparse_linear_o(a, w, bias, ss.symbols, head_dim, None, row_offset)
+        # the forecast Σ term_i x^i / i! is summed inside the kernel, as it loads the bias tiles
+        return sparse_linear_o(a, w, bias, ss.symbols, head_dim, terms, row_offset,
+                               cache_scales=taylor.coefficients(len(terms), ss.step - ss.update_step))
     out = _dense_linear(st, a, w, bias, head_dim, row_offset, seq_q, "o")
     if ss is None:
         return out

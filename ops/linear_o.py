@@ -1,9 +1,11 @@
 """``flashomni::sparse_linear_o``: the output projection that reduces only over computed heads (GEMM-O).
 
-``y = b + cache_bias + sum_{h computed} a[:, h] @ W[:, h].T`` for ``a [B, S, H*D]``, ``W [Cout, H*D]``.
+``y = b + sum_i c_i * cache_bias_i + sum_{h computed} a[:, h] @ W[:, h].T`` for ``a [B, S, H*D]``,
+``W [Cout, H*D]`` and up to three cache-bias terms with scales ``c_i`` (``c_0 = 1``).
 Because the projection is linear, the reused heads' share of the reduction can be computed once (on an
 update step) by :func:`cache_bias_for` and added back as a bias on dispatch steps; a Taylor forecast of the
-cached features is linear too, so its terms can be cached as biases the same way.
+cached features is linear too, so its terms can be cached as biases the same way — and added with their
+Taylor coefficients inside the kernel (no separate pass to sum the forecast).
 
 One Triton kernel serves both: ``select_reused=False`` reduces over computed heads (GEMM-O proper),
 ``select_reused=True`` over reused heads (the cache bias).
@@ -23,7 +25,8 @@ from .linear_q import check_projection
 from .symbols import Symbols, row_head_selection
 
 
-def sparse_linear_o_reference(a, weight, bias, cache_bias, reuse_bits, block_q, seq_q, head_dim, row_offset, select_reused):
+def sparse_linear_o_reference(a, weight, bias, cache_bias, reuse_bits, block_q, seq_q, head_dim, row_offset, select_reused,
+                              cache_bias_1=None, cache_bias_2=None, coef_1=0.0, coef_2=0.0):
     """fp32: zero the unselected head slices of ``a`` (``torch.where``), project, add bias terms."""
     sel = row_head_selection(reuse_bits, block_q, seq_q, a.shape[1], row_offset, select_reused)
     sel = sel.repeat_interleave(head_dim, dim=-1)
@@ -31,6 +34,9 @@ def sparse_linear_o_reference(a, weight, bias, cache_bias, reuse_bits, block_q, 
     y = F.linear(af, weight.float(), None if bias is None else bias.float())
     if cache_bias is not None:
         y = y + cache_bias.float()
+    for term, coef in ((cache_bias_1, coef_1), (cache_bias_2, coef_2)):
+        if term is not None:
+            y = y + coef * term.float()
     return y.to(a.dtype)
 
 
@@ -58,13 +64,14 @@ def _reduce_head_chunk(acc, a_rows, w_rows, ReuseBits, bh, qb, rows, n_qbytes, h
 
 @triton.jit
 def _sparse_linear_o_kernel(
-    A, W, Bias, CacheBias, Y, ReuseBits, HeadIdx, HeadCnt,
-    S, N, H, n_qbytes, row_offset,
+    A, W, Bias, CacheBias, CacheBias1, CacheBias2, Y, ReuseBits, HeadIdx, HeadCnt,
+    S, N, H, n_qbytes, row_offset, coef_1, coef_2,
     stride_ab, stride_as, stride_wn, stride_cb, stride_cs, stride_yb, stride_ys,
     HEAD_DIM: tl.constexpr,
     SYM_BLOCK_Q: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     HAS_CACHE: tl.constexpr,
+    N_CACHE: tl.constexpr,
     STRADDLE: tl.constexpr,
     SELECT_BIT: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -78,7 +85,9 @@ def _sparse_linear_o_kernel(
 ):
     """GEMM-O. Grid: ``(cdiv(S, BLOCK_M) * cdiv(N, BLOCK_N), B)``, tiles grouped by ``GROUP_M`` rows.
 
-    Layouts: ``A [B, S, H*HEAD_DIM]``, ``W [N, H*HEAD_DIM]``, ``CacheBias [B, S, N]`` (any float dtype),
+    Layouts: ``A [B, S, H*HEAD_DIM]``, ``W [N, H*HEAD_DIM]``, ``CacheBias`` / ``CacheBias1`` / ``CacheBias2``
+    ``[B, S, N]`` (any float dtype, one set of strides; the first ``N_CACHE`` are used, scaled by 1,
+    ``coef_1``, ``coef_2``),
     ``Y [B, S, N]`` - all with unit last stride; ``Bias [N]``; ``ReuseBits [B, H, n_qbytes]`` uint8.
     ``HeadIdx [B, T, H]`` / ``HeadCnt [B, T]`` int32 (T = cdiv(S, BLOCK_M)): for row tile ``t`` the heads to
     reduce over, ascending, and how many. The reduction walks (head, k-chunk) pairs of that list, so a
@@ -109,8 +118,13 @@ def _sparse_linear_o_kernel(
     # the accumulator starts from the bias terms (as in the paper's GEMM-O): loaded before the loop they
     # occupy the accumulator's registers instead of a second tile's in the epilogue
     if HAS_CACHE:
-        c_ptrs = CacheBias + b.to(tl.int64) * stride_cb + offs_m[:, None].to(tl.int64) * stride_cs + offs_n[None, :]
-        acc = tl.load(c_ptrs, mask=out_mask, other=0.0).to(tl.float32)
+        c_off = b.to(tl.int64) * stride_cb + offs_m[:, None].to(tl.int64) * stride_cs + offs_n[None, :]
+        acc = tl.load(CacheBias + c_off, mask=out_mask, other=0.0).to(tl.float32)
+        # further Taylor terms join the accumulator before the K loop too: their tiles die right away
+        if N_CACHE > 1:
+            acc += coef_1 * tl.load(CacheBias1 + c_off, mask=out_mask, other=0.0).to(tl.float32)
+        if N_CACHE > 2:
+            acc += coef_2 * tl.load(CacheBias2 + c_off, mask=out_mask, other=0.0).to(tl.float32)
     else:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     if HAS_BIAS:
@@ -155,7 +169,8 @@ def linear_o_config(head_dim: int, block_q: int, dtype: torch.dtype, tma: bool =
 
 
 def _launch_linear_o(a, weight, bias, cache_bias, reuse_bits, head_indices, head_counts, block_q, head_dim,
-                     row_offset, block_m, select_reused, config=None):
+                     row_offset, block_m, select_reused, config=None, cache_bias_1=None, cache_bias_2=None,
+                     coef_1=0.0, coef_2=0.0):
     B, S, _ = a.shape
     N = weight.shape[0]
     y = torch.empty(B, S, N, dtype=a.dtype, device=a.device)
@@ -176,13 +191,15 @@ def _launch_linear_o(a, weight, bias, cache_bias, reuse_bits, head_indices, head
         wa = make_descriptor(weight, [cfg["BLOCK_N"], cfg["BLOCK_K"]])
     dummy = weight
     _sparse_linear_o_kernel[grid](
-        aa, wa, bias if bias is not None else dummy, cache_bias if cache_bias is not None else dummy, y,
+        aa, wa, bias if bias is not None else dummy, cache_bias if cache_bias is not None else dummy,
+        cache_bias_1 if cache_bias_1 is not None else dummy, cache_bias_2 if cache_bias_2 is not None else dummy, y,
         reuse_bits, head_indices, head_counts,
-        S, N, reuse_bits.shape[1], reuse_bits.shape[2], row_offset,
+        S, N, reuse_bits.shape[1], reuse_bits.shape[2], row_offset, float(coef_1), float(coef_2),
         a.stride(0), a.stride(1), weight.stride(0),
         cache_bias.stride(0) if cache_bias is not None else 0, cache_bias.stride(1) if cache_bias is not None else 0,
         y.stride(0), y.stride(1),
         HEAD_DIM=head_dim, SYM_BLOCK_Q=block_q, HAS_BIAS=bias is not None, HAS_CACHE=cache_bias is not None,
+        N_CACHE=0 if cache_bias is None else 1 + (cache_bias_1 is not None) + (cache_bias_2 is not None),
         STRADDLE=straddle, SELECT_BIT=1 if select_reused else 0, IEEE=a.dtype == torch.float32, USE_TMA=use_tma,
         H_POW2=max(2, next_pow2(reuse_bits.shape[1])), **cfg,
     )
@@ -203,14 +220,20 @@ def _sparse_linear_o_op_impl(
     row_offset: int,
     block_m: int,
     select_reused: bool,
+    cache_bias_1: Optional[torch.Tensor] = None,
+    cache_bias_2: Optional[torch.Tensor] = None,
+    coef_1: float = 0.0,
+    coef_2: float = 0.0,
 ) -> torch.Tensor:
     """Registered op; ``head_indices``/``head_counts`` are ``Symbols.head_schedule(S, row_offset,
-    block_m, select_reused)`` of the same bits."""
+    block_m, select_reused)`` of the same bits; the bias is ``cache_bias + coef_1 * cache_bias_1 +
+    coef_2 * cache_bias_2`` (terms present in that order, all with the strides of ``cache_bias``)."""
     if use_triton(a):
         return _launch_linear_o(a, weight, bias, cache_bias, reuse_bits, head_indices, head_counts, block_q,
-                                head_dim, row_offset, block_m, select_reused)
+                                head_dim, row_offset, block_m, select_reused, cache_bias_1=cache_bias_1,
+                                cache_bias_2=cache_bias_2, coef_1=coef_1, coef_2=coef_2)
     return sparse_linear_o_reference(a, weight, bias, cache_bias, reuse_bits, block_q, seq_q, head_dim, row_offset,
-                                     select_reused)
+                                     select_reused, cache_bias_1, cache_bias_2, coef_1, coef_2)
 
 
 sparse_linear_o_op = torch.library.custom_op("flashomni::sparse_linear_o", _sparse_linear_o_op_impl, mutates_args=())
@@ -218,22 +241,43 @@ sparse_linear_o_op = torch.library.custom_op("flashomni::sparse_linear_o", _spar
 
 @sparse_linear_o_op.register_fake
 def _(a, weight, bias, cache_bias, reuse_bits, head_indices, head_counts, block_q, seq_q, head_dim, row_offset,
-      block_m, select_reused):
+      block_m, select_reused, cache_bias_1=None, cache_bias_2=None, coef_1=0.0, coef_2=0.0):
     return a.new_empty(a.shape[0], a.shape[1], weight.shape[0])
 
 
-def _call(a, weight, bias, cache_bias, symbols, head_dim, row_offset, select_reused):
+def _cache_terms(cache_bias, cache_scales, a, weight):
+    """``(terms, coefficients)`` of a cache bias given as one tensor or a sequence of up to three terms,
+    checked, all with the strides of the first (made contiguous otherwise). The first scale must be 1."""
+    if cache_bias is None:
+        return [], []
+    terms = [cache_bias] if isinstance(cache_bias, torch.Tensor) else list(cache_bias)
+    scales = [1.0] * len(terms) if cache_scales is None else [float(c) for c in cache_scales]
+    if not 1 <= len(terms) <= 3 or len(scales) != len(terms):
+        raise ValueError(f"cache_bias takes 1 to 3 terms with as many cache_scales; got {len(terms)} terms and "
+                         f"{len(scales)} scales")
+    if scales[0] != 1.0:
+        raise ValueError(f"the first cache-bias term is added as is: cache_scales[0] must be 1, got {scales[0]}")
+    want = [a.shape[0], a.shape[1], weight.shape[0]]
+    for i, t in enumerate(terms):
+        name = "cache_bias" if isinstance(cache_bias, torch.Tensor) else f"cache_bias[{i}]"
+        check_float(name, t, 3, device=a.device)
+        if list(t.shape) != want:
+            raise ValueError(f"{name} must have shape {want}, got {list(t.shape)}")
+    if any(t.stride() != terms[0].stride() or t.stride(-1) != 1 for t in terms):
+        terms = [t.contiguous() for t in terms]
+    return terms, scales
+
+
+def _call(a, weight, bias, cache_bias, symbols, head_dim, row_offset, select_reused, cache_scales=None):
     check_projection("a", a, weight, bias, symbols, head_dim, row_offset, weight_in_dim=True)
-    if cache_bias is not None:
-        check_float("cache_bias", cache_bias, 3, device=a.device)
-        want = [a.shape[0], a.shape[1], weight.shape[0]]
-        if list(cache_bias.shape) != want:
-            raise ValueError(f"cache_bias must have shape {want}, got {list(cache_bias.shape)}")
+    terms, scales = _cache_terms(cache_bias, cache_scales, a, weight)
+    extra = terms[1:] + [None] * (3 - len(terms))
+    coefs = scales[1:] + [0.0] * (3 - len(scales))
     block_m = linear_o_config(head_dim, symbols.block_q, a.dtype)["BLOCK_M"]
     idx, cnt = symbols.head_schedule(a.shape[1], row_offset, block_m, select_reused)
     return op_for_call(sparse_linear_o_op, _sparse_linear_o_op_impl)(
-        a, weight, bias, cache_bias, symbols.reuse_bits, idx, cnt, symbols.block_q, symbols.seq_q, head_dim,
-        row_offset, block_m, select_reused,
+        a, weight, bias, terms[0] if terms else None, symbols.reuse_bits, idx, cnt, symbols.block_q, symbols.seq_q,
+        head_dim, row_offset, block_m, select_reused, extra[0], extra[1], coefs[0], coefs[1],
     )
 
 
@@ -243,16 +287,22 @@ def sparse_linear_o(
     bias: Optional[torch.Tensor],
     symbols: Symbols,
     head_dim: int,
-    cache_bias: Optional[torch.Tensor] = None,
+    cache_bias=None,
     row_offset: int = 0,
+    cache_scales=None,
 ) -> torch.Tensor:
-    """GEMM-O: the output projection reduced over the head slices of computed tiles, plus ``cache_bias``.
+    """GEMM-O: the output projection reduced over the head slices of computed tiles, plus the cache bias.
 
     ``a [B, S, H*head_dim]`` (attention output, heads flattened), ``weight [Cout, H*head_dim]``,
-    ``cache_bias [B, S, Cout]`` or None (any float dtype; fp32 keeps more of the cached part's precision).
-    ``sparse_linear_o(a, W, b, s, d, cache_bias_for(a, W, s, d)) == F.linear(a, W, b)`` up to rounding.
+    ``cache_bias``: None, a ``[B, S, Cout]`` tensor, or a sequence of up to three such terms added as
+    ``Σ cache_scales[i] * cache_bias[i]`` inside the kernel (``cache_scales[0]`` must be 1; default all 1) —
+    the runtime passes the Taylor terms of the cached projection with their coefficients ``x^i / i!``, so
+    the forecast is never summed in a separate pass. Any float dtype; fp32 keeps more of the cached part's
+    precision. ``sparse_linear_o(a, W, b, s, d, cache_bias_for(a, W, s, d)) == F.linear(a, W, b)`` up to
+    rounding.
     """
-    return _call(a, weight, bias, cache_bias, symbols, head_dim, row_offset, select_reused=False)
+    return _call(a, weight, bias, cache_bias, symbols, head_dim, row_offset, select_reused=False,
+                 cache_scales=cache_scales)
 
 
 def cache_bias_for(

@@ -92,6 +92,11 @@ def test_gemms_realistic(load_path, dtype, M, K, N, D, off, p):
     cb = cache_bias_for(a, wo, s, D, row_offset=off)
     assert rel(sparse_linear_o(a, wo, bo, s, D, cb, row_offset=off), F.linear(a.float(), wo.float(), bo.float())) < 1e-2
     assert rel(sparse_linear_o(a, wo, bo, s, D, cb.float(), row_offset=off), F.linear(a.float(), wo.float(), bo.float())) < 1e-2
+    # Taylor terms summed in the kernel: cb + 2 * t1 + 2 * t2 (x = 2, order 2)
+    t1, t2 = cb * 0.1, cb * -0.05
+    want = F.linear(a.float(), wo.float(), bo.float()) + 2 * t1.float() + 2 * t2.float()
+    got = sparse_linear_o(a, wo, bo, s, D, [cb, t1, t2], row_offset=off, cache_scales=[1.0, 2.0, 2.0])
+    assert rel(got, want) < 1e-2
 
 
 @pytest.mark.parametrize("dtype", DT)

@@ -1,6 +1,8 @@
 """GEMM-Q and GEMM-O: equal F.linear on computed tiles, zeros / cache bias elsewhere, no leaks of
 garbage from reused slices, row offsets and tiles that straddle blocks or heads, bad input, opcheck."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -87,6 +89,38 @@ def test_gemm_o_with_cache_bias_reproduces_linear(impl, case):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+@given(case=projection_case(), n_terms=st.integers(1, 3), x=st.sampled_from([1.0, 2.0, 3.0, 0.5]))
+def test_gemm_o_adds_taylor_terms_with_their_scales(impl, case, n_terms, x):
+    """The runtime hands GEMM-O the Taylor terms of the cached projection and their coefficients x^i/i!:
+    the kernel must add exactly Σ c_i · term_i (fp64 golden), the first term unscaled."""
+    s, _, _, _, a, w, b, computed, D, off = make(case)
+    g = torch.Generator().manual_seed(n_terms)
+    terms = [torch.randn(a.shape[0], a.shape[1], w.shape[0], generator=g).to(a.dtype) for _ in range(n_terms)]
+    scales = [x**i / math.factorial(i) for i in range(n_terms)]
+    with impl_context(impl):
+        y = sparse_linear_o(a, w, b, s, D, terms, row_offset=off, cache_scales=scales)
+    a_computed = torch.where(computed.repeat_interleave(D, -1), a, torch.zeros((), dtype=a.dtype))
+    gold_linear = F.linear(a_computed.double(), w.double(), None if b is None else b.double())
+    bias = sum(c * t.double() for c, t in zip(scales, terms))
+    gold = gold_linear + bias
+    ulp = torch.finfo(a.dtype).eps * (gold.abs() + bias.abs() + 1)
+    assert (y.double() - gold).abs().le(linear_tol(a_computed, w, b, gold_linear) + 4 * ulp).all()
+
+
+def test_cache_bias_terms_are_checked():
+    s, _, _, _, a, w, b, _, D, off = make((1, 2, 64, 16, 40, 5, 24, 30, torch.float32, 0.5, True, 0))
+    t = torch.zeros(a.shape[0], a.shape[1], w.shape[0])
+    with pytest.raises(ValueError, match="1 to 3 terms"):
+        sparse_linear_o(a, w, b, s, D, [t] * 4, row_offset=off)
+    with pytest.raises(ValueError, match="1 to 3 terms"):
+        sparse_linear_o(a, w, b, s, D, [t, t], row_offset=off, cache_scales=[1.0])
+    with pytest.raises(ValueError, match="must be 1"):
+        sparse_linear_o(a, w, b, s, D, [t, t], row_offset=off, cache_scales=[2.0, 1.0])
+    with pytest.raises(ValueError, match=r"cache_bias\[1\] must have shape"):
+        sparse_linear_o(a, w, b, s, D, [t, t[:, :-1]], row_offset=off, cache_scales=[1.0, 1.0])
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 @given(case=projection_case())
 def test_garbage_in_reused_slices_never_leaks(impl, case):
     s, x, wq, bq_, a, wo, bo, computed, D, off = make(case)
@@ -149,6 +183,10 @@ def test_opcheck():
     idx, cnt = s.head_schedule(a.shape[1], off, bm, False)
     torch.library.opcheck(
         sparse_linear_o_op, (a, wo, bo, cb, s.reuse_bits, idx, cnt, s.block_q, s.seq_q, D, off, bm, False)
+    )
+    torch.library.opcheck(  # with three Taylor terms
+        sparse_linear_o_op,
+        (a, wo, bo, cb, s.reuse_bits, idx, cnt, s.block_q, s.seq_q, D, off, bm, False, cb * 0.5, cb * 0.25, 2.0, 2.0),
     )
 
 
