@@ -325,11 +325,12 @@ def _dense_attention(state, q, k, v, scale):
     than the Triton kernel with all-compute symbols (0.72x cuDNN dense, docs/benchmarks.md); elsewhere
     the ops' own path keeps CPU runs on the reference."""
     if q.is_cuda:
-        return F.scaled_dot_product_attention(q, k, v, scale=scale).contiguous()
+        # no .contiguous(): for heads-inner queries SDPA returns the heads-inner layout the site op reports
+        return F.scaled_dot_product_attention(q, k, v, scale=scale)
     from omni_compile.ops import sparse_attention
 
     B, H, Sq, _ = q.shape
-    return sparse_attention(q, k, v, state.dense_symbols(B, H, Sq, k.shape[2], q.device), scale)
+    return sparse_attention(q, k, v, state.dense_symbols(B, H, Sq, k.shape[2], q.device), scale, heads_inner=True)
 
 
 def _dense_linear(state, x, weight, bias, head_dim, row_offset, seq_q, kind):
@@ -412,7 +413,7 @@ def run_attention(state, site: SiteRecord, q, k, v, mask, scale):
         if expressible and sym.seq_kv == Skv:
             site.symbols = sym
             ss.sparse_calls["attention"] += 1
-            out = sparse_attention(q, k, v, sym, scale)
+            out = sparse_attention(q, k, v, sym, scale, heads_inner=True)
             _record(state, site, DISPATCH, sym, B * H * Sq * Skv)
         else:
             # the mask changed since the update (other kept keys): exact attention for this call; GEMM-O
@@ -516,15 +517,31 @@ def site_attention(
     scale: Optional[float],
     clock: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """Attention of one rewritten site: the step's action and the stream's symbols decide the work done."""
+    """Attention of one rewritten site: the step's action and the stream's symbols decide the work done.
+    The output is laid out heads-inner (``[B, S, H, D]`` in memory), as the fake kernel says: the model
+    reads it back as ``out.transpose(1, 2).flatten(2)``, which is then a view, not a copy."""
     st = get_state(state)
-    return run_attention(st, st.site(site), q, k, v, mask, scale)
+    return _heads_inner(run_attention(st, st.site(site), q, k, v, mask, scale))
+
+
+def _heads_inner(out: torch.Tensor) -> torch.Tensor:
+    """``out`` itself when it already has the heads-inner strides (the sparse kernel writes them, cuDNN and
+    flash SDPA return them for heads-inner queries), else a heads-inner copy: the compiled graph relies
+    on the strides the fake kernel reported."""
+    from omni_compile.ops.attention import heads_inner_empty
+
+    B, H, S, D = out.shape
+    if out.stride() == (S * H * D, D, H * D, 1):
+        return out
+    return heads_inner_empty(B, H, S, D, out).copy_(out)
 
 
 @site_attention.register_fake
 def _(q, k, v, mask, state, site, scale, clock=None):
+    from omni_compile.ops.attention import heads_inner_empty
+
     B, H, Sq, _ = q.shape
-    return q.new_empty(B, H, Sq, v.shape[-1])
+    return heads_inner_empty(B, H, Sq, v.shape[-1], q)
 
 
 # ---- GEMM-Q -------------------------------------------------------------------------------------

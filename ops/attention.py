@@ -276,10 +276,17 @@ def attention_config(head_dim: int, block_q: int, block_kv: int, dtype: torch.dt
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4 if wide else 8, num_stages=2 if wide else 3)
 
 
-def _launch_attention(q, k, v, kv_indices, kv_counts, block_q, block_kv, scale, config=None):
+def heads_inner_empty(B: int, H: int, S: int, D: int, like: torch.Tensor) -> torch.Tensor:
+    """An uninitialised ``[B, H, S, D]`` tensor laid out as ``[B, S, H, D]`` in memory (heads inner): the
+    layout a model's ``out.transpose(1, 2).flatten(2)`` reads without a copy."""
+    return torch.empty(B, S, H, D, dtype=like.dtype, device=like.device).transpose(1, 2)
+
+
+def _launch_attention(q, k, v, kv_indices, kv_counts, block_q, block_kv, scale, config=None, heads_inner=False):
     B, H, Sq, D = q.shape
     Skv = k.shape[2]
-    out = torch.empty(B, H, Sq, D, dtype=q.dtype, device=q.device)
+    # the kernel writes through out's strides, so either layout costs the same
+    out = heads_inner_empty(B, H, Sq, D, q) if heads_inner else torch.empty(B, H, Sq, D, dtype=q.dtype, device=q.device)
     lse = torch.empty(B, H, Sq, dtype=torch.float32, device=q.device)
     cfg = dict(config or attention_config(D, block_q, block_kv, q.dtype))
     use_tma = cfg.pop("USE_TMA", None)
@@ -322,20 +329,26 @@ def _sparse_attention_op_impl(
     block_q: int,
     block_kv: int,
     scale: float,
+    heads_inner: bool = False,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Registered op. ``kv_indices``/``kv_counts`` are ``Symbols.kv_schedule()`` of the same bits."""
+    """Registered op. ``kv_indices``/``kv_counts`` are ``Symbols.kv_schedule()`` of the same bits.
+    ``heads_inner``: ``out`` is laid out as ``[B, S, H, D]`` in memory (see :func:`heads_inner_empty`)."""
     if use_triton(q):
-        return _launch_attention(q, k, v, kv_indices, kv_counts, block_q, block_kv, scale)
-    return sparse_attention_reference(q, k, v, reuse_bits, skip_bits, block_q, block_kv, scale)
+        return _launch_attention(q, k, v, kv_indices, kv_counts, block_q, block_kv, scale, heads_inner=heads_inner)
+    out, lse = sparse_attention_reference(q, k, v, reuse_bits, skip_bits, block_q, block_kv, scale)
+    if heads_inner:
+        out = heads_inner_empty(*out.shape, out).copy_(out)
+    return out, lse
 
 
 sparse_attention_op = torch.library.custom_op("flashomni::sparse_attention", _sparse_attention_op_impl, mutates_args=())
 
 
 @sparse_attention_op.register_fake
-def _(q, k, v, reuse_bits, skip_bits, kv_indices, kv_counts, block_q, block_kv, scale):
+def _(q, k, v, reuse_bits, skip_bits, kv_indices, kv_counts, block_q, block_kv, scale, heads_inner=False):
     B, H, Sq, D = q.shape
-    return q.new_empty(B, H, Sq, D), q.new_empty(B, H, Sq, dtype=torch.float32)
+    out = heads_inner_empty(B, H, Sq, D, q) if heads_inner else q.new_empty(B, H, Sq, D)
+    return out, q.new_empty(B, H, Sq, dtype=torch.float32)
 
 
 def sparse_attention(
@@ -345,12 +358,14 @@ def sparse_attention(
     symbols: Symbols,
     scale: Optional[float] = None,
     return_lse: bool = False,
+    heads_inner: bool = False,
 ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
     """Attention over ``q [B, H, Sq, D]``, ``k, v [B, H, Skv, D]`` that does only the work ``symbols`` keep.
 
-    Returns ``out [B, H, Sq, D]`` (contiguous, dtype of ``q``), and with ``return_lse=True`` also the
-    natural-log log-sum-exp ``[B, H, Sq]`` fp32 (-inf on reused tiles and rows with no kept key).
-    ``scale`` defaults to ``1/sqrt(D)``.
+    Returns ``out [B, H, Sq, D]`` (dtype of ``q``; contiguous, or with ``heads_inner=True`` laid out as
+    ``[B, Sq, H, D]`` in memory — what ``out.transpose(1, 2).flatten(2)`` reads without a copy, as the
+    runtime's sites do), and with ``return_lse=True`` also the natural-log log-sum-exp ``[B, H, Sq]`` fp32
+    (-inf on reused tiles and rows with no kept key). ``scale`` defaults to ``1/sqrt(D)``.
     """
     check_float("q", q, 4)
     check_float("k", k, 4, q.dtype, q.device)
@@ -368,6 +383,6 @@ def sparse_attention(
     idx, cnt = symbols.kv_schedule()
     out, lse = op_for_call(sparse_attention_op, _sparse_attention_op_impl)(
         q, k, v, symbols.reuse_bits, symbols.skip_bits, idx, cnt, symbols.block_q, symbols.block_kv,
-        scale_or_default(scale, D),
+        scale_or_default(scale, D), heads_inner,
     )
     return (out, lse) if return_lse else out

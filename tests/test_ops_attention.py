@@ -175,6 +175,24 @@ def test_opcheck():
     torch.library.opcheck(
         sparse_attention_op, (q, k, v, s.reuse_bits, s.skip_bits, idx, cnt, 16, 32, 0.125)
     )
+    torch.library.opcheck(
+        sparse_attention_op, (q, k, v, s.reuse_bits, s.skip_bits, idx, cnt, 16, 32, 0.125, True)
+    )
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@given(case=attention_case())
+def test_heads_inner_layout_holds_the_same_values(impl, case):
+    """``heads_inner=True`` only changes where the values live: ``[B, S, H, D]`` in memory, bit for bit the
+    values of the default layout (the runtime reports this layout to the compiler, so it must be exact)."""
+    q, k, v, s = make(case)
+    with impl_context(impl):
+        plain, lse = sparse_attention(q, k, v, s, return_lse=True)
+        inner, lse_inner = sparse_attention(q, k, v, s, return_lse=True, heads_inner=True)
+    B, H, S, D = q.shape
+    assert plain.is_contiguous()
+    assert inner.stride() == (S * H * D, D, H * D, 1) and inner.transpose(1, 2).is_contiguous()
+    assert torch.equal(inner, plain) and torch.equal(lse_inner, lse)
 
 
 def test_traces_under_torch_compile_as_the_registered_op():

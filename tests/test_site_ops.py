@@ -48,11 +48,16 @@ def test_site_ops_pass_opcheck(site):
 
 
 def test_site_ops_return_fresh_tensors(site):
-    """The schemas promise no aliasing: an output is never an input or a view of one."""
+    """The schemas promise no aliasing: an output is never an input or a view of one. The attention output
+    has the heads-inner strides the fake kernel reports, whatever layout q comes in."""
     st, rec = site
     q, k, v = (torch.randn(B, H, S, D) for _ in range(3))
     out = torch.ops.flashomni.site_attention.default(q, k, v, None, st.id, rec.site_id, None, None)
     assert all(out.untyped_storage().data_ptr() != t.untyped_storage().data_ptr() for t in (q, k, v))
+    assert out.stride() == (S * H * D, D, H * D, 1)
+    q_inner, k_inner, v_inner = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))
+    out2 = torch.ops.flashomni.site_attention.default(q_inner, k_inner, v_inner, None, st.id, rec.site_id, None, None)
+    assert out2.stride() == out.stride() and torch.allclose(out2, out)
     x, w = torch.randn(B, S, C), torch.randn(H * D, C)
     y = torch.ops.flashomni.site_linear_q.default(x, w, None, st.id, rec.site_id, 0, S, D, None)
     assert y.untyped_storage().data_ptr() not in (x.untyped_storage().data_ptr(), w.untyped_storage().data_ptr())
