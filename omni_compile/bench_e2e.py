@@ -259,8 +259,14 @@ def profile_actions(fn, latent, inputs, steps: int, done: int, all_acts, out_dir
             for e in prof.events():
                 if e.device_type == DeviceType.CUDA:
                     dev[kernel_class(e.name)] += e.time_range.elapsed_us() / 1000
-            host = {a.key: a.cpu_time_total / 1000 for a in prof.key_averages() if a.key.startswith("flashomni::")}
-            res[act] = dict(wall_ms=wall, device_ms=dev, host_ms=host)
+            avgs = prof.key_averages()
+            host = {a.key: a.cpu_time_total / 1000 for a in avgs if a.key.startswith("flashomni::")}
+            calls = {a.key: a.count for a in avgs}
+            # host waits on the device during the step (the profiled region's own final sync excluded)
+            syncs = calls.get("cudaStreamSynchronize", 0) + calls.get("cudaDeviceSynchronize", 0) - (
+                1 if torch.cuda.is_available() else 0)
+            res[act] = dict(wall_ms=wall, device_ms=dev, host_ms=host, host_syncs=max(syncs, 0),
+                            memcpy=calls.get("cudaMemcpyAsync", 0) + calls.get("cudaMemcpy", 0))
             with open(os.path.join(out_dir, f"profile_{tag}_{act}.txt"), "w") as f:
                 f.write(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40))
                 f.write("\n\n")
@@ -320,7 +326,9 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=8)
     ap.add_argument("--layers", type=int, default=None, help="fewer blocks (smoke runs)")
     ap.add_argument("--no-inductor-baseline", action="store_true")
-    ap.add_argument("--profile", default="aggressive", help="settings whose dispatch/update steps are profiled")
+    ap.add_argument("--profile", default="aggressive,blocks_aggressive",
+                    help="settings whose dispatch and update steps are profiled (device time per kernel class, "
+                         "host time in the site ops, host syncs and copies per step)")
     ap.add_argument("--cpu-smoke", action="store_true",
                     help="narrow model (2 heads of 16), fp32, CPU, no Inductor: checks the driver only")
     args = ap.parse_args(argv)
@@ -513,6 +521,11 @@ def markdown(res: dict) -> str:
         if p:
             parts = ", ".join(f"{k} {v:.1f}" for k, v in p.items())
             lines.append(f"- {key} (device ms): {parts}")
+    for r in res["rows"]:
+        for act, p in (r.get("profile") or {}).items():
+            lines.append(f"- {r['name']}, one {act} step profiled: wall {p['wall_ms']:.1f} ms, device "
+                         + ", ".join(f"{k} {v:.1f}" for k, v in p["device_ms"].items())
+                         + f" ms; host syncs {p.get('host_syncs', '?')}, host-device copies {p.get('memcpy', '?')}")
     if res.get("block_ms"):
         lines.append(f"- blocks (device ms, split graph, dense step): {len(res['block_ms'])} blocks, "
                      f"{sum(res['block_ms'].values()):.1f} ms in all")

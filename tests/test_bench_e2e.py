@@ -33,6 +33,7 @@ def test_cpu_smoke_runs_every_kind_of_setting(model, tmp_path):
     assert rows["dense"]["density"] == 1.0 and rows["dense"]["memory_mb"] == 0.0
     assert rows["aggressive"]["density"] < 1.0 and rows["aggressive"]["reuse"] > 0
     assert set(rows["aggressive"]["profile"]) == {"update", "dispatch"}
+    assert all(p["host_syncs"] >= 0 for p in rows["aggressive"]["profile"].values())
     assert 0 < rows["blocks_aggressive"]["blocks_cached"] < rows["blocks_aggressive"]["blocks"]
     assert all(len(r["times_ms"]) == 6 for r in rows.values())
     assert (tmp_path / f"e2e_{model}.md").read_text().count("\n| ") == len(configs) + 1
