@@ -230,6 +230,10 @@ def main(argv=None):
     if not cuda:
         print("(CPU: dense is eager SDPA while flashomni runs the ops' PyTorch reference, so times show the "
               "schedule, not the GPU speed-up)")
+    else:
+        print("(GPU: this model's step is a few ms of small kernels, so the runtime's per-site host work "
+              "decides its time; the speed-ups are measured at FLUX.1-dev / HunyuanVideo size: "
+              "python -m omni_compile.bench_e2e, docs/benchmarks.md)")
     _plot(args.out, actions, density, t_dense, t_omni)
     root, ext = os.path.splitext(args.out)
     img_path = f"{root}_images{ext or '.png'}"
