@@ -32,7 +32,7 @@ import torch
 from torch import fx
 
 from . import taylor
-from .schedule import DENSE, DISPATCH, UPDATE, step_action
+from .schedule import DENSE, DISPATCH, UPDATE, place_stream
 
 log = logging.getLogger("omni_compile")
 
@@ -201,24 +201,9 @@ class BlockProgram:
         return fn(*vals)
 
     def _stream(self, rec: BlockRecord, region, pos, env) -> BlockStream:
-        cfg = self.state.config
-        blk = region.block
-        shapes = tuple(tuple(env[i.name].shape) for _, i in blk.streams)
-        key = (pos.stream, shapes)
-        bs = rec.streams.get(key)
-        if bs is None:
-            bs = rec.streams[key] = BlockStream(key)
-        if bs.generation != pos.generation:
-            bs.clear()
-            bs.generation, bs.step = pos.generation, -1
-        if bs.step != pos.step:
-            bs.step = pos.step
-            act = step_action(pos.step, cfg.warmup, cfg.interval)
-            if act == DISPATCH and bs.cached is None:
-                act = UPDATE  # this stream missed the update (it appeared mid-loop): make one now
-            bs.action = act
-            bs.counts[act] += 1
-        return bs
+        shapes = tuple(tuple(env[i.name].shape) for _, i in region.block.streams)
+        return place_stream(rec.streams, (pos.stream, shapes), BlockStream, pos, self.state.config,
+                            ready=lambda bs: bs.cached is not None)
 
     def _run_block(self, r: int, region, rec: BlockRecord, pos, vals: list, env: dict) -> None:
         cfg = self.state.config

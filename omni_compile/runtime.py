@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from . import taylor
-from .schedule import DENSE, DISPATCH, UPDATE, step_action
+from .schedule import DENSE, DISPATCH, UPDATE, place_stream
 from .state import SiteRecord, SiteStream, StepRecord, get_state
 
 # ---- op registration -----------------------------------------------------------------------------
@@ -113,21 +113,8 @@ def stream_for(state, site: SiteRecord, batch: int, seq_q: int) -> Optional[Site
         site.runtime_reason = ("no timestep reached the runtime (no compiled graph takes a 'timestep' input), "
                                "so steps and CFG streams cannot be told apart: dense")
         return None
-    key = (pos.stream, batch, seq_q)
-    ss = site.streams.get(key)
-    if ss is None:
-        ss = site.streams[key] = SiteStream(key)
-    if ss.generation != pos.generation:
-        ss.clear()
-        ss.generation, ss.step = pos.generation, -1
-    if ss.step != pos.step:
-        ss.step = pos.step
-        act = step_action(pos.step, cfg.warmup, cfg.interval)
-        if act == DISPATCH and ss.symbols is None:
-            act = UPDATE  # this stream missed the update (it appeared mid-loop): make one now
-        ss.action = act
-        ss.counts[act] += 1
-    return ss
+    return place_stream(site.streams, (pos.stream, batch, seq_q), SiteStream, pos, cfg,
+                        ready=lambda ss: ss.symbols is not None)
 
 
 def _observe_on_dense_step(cfg, step: int) -> bool:

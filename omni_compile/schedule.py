@@ -46,6 +46,28 @@ def step_action(step: int, warmup: int, interval: int) -> str:
     return UPDATE if (step - first) % interval == 0 else DISPATCH
 
 
+def place_stream(streams: dict, key, make, pos: Position, config, ready) -> object:
+    """The run-time state ``streams[key]`` (made with ``make(key)`` if new) placed at ``pos``: cleared when a
+    new generation began, and on the first call of a step given that step's action — ``"dispatch"`` turned
+    into ``"update"`` when ``ready(state)`` is false (the stream appeared mid-loop and has nothing to
+    dispatch with). Shared by attention sites (``runtime.stream_for``) and blocks (``block_cache``); the
+    state needs ``generation``, ``step``, ``action``, ``counts`` and ``clear()``."""
+    st = streams.get(key)
+    if st is None:
+        st = streams[key] = make(key)
+    if st.generation != pos.generation:
+        st.clear()
+        st.generation, st.step = pos.generation, -1
+    if st.step != pos.step:
+        st.step = pos.step
+        act = step_action(pos.step, config.warmup, config.interval)
+        if act == DISPATCH and not ready(st):
+            act = UPDATE
+        st.action = act
+        st.counts[act] += 1
+    return st
+
+
 class StepClock:
     """Positions from the timesteps of successive model calls (see the module docstring)."""
 
