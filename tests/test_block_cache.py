@@ -12,12 +12,12 @@ import pytest
 import torch
 
 import _tiny_models as T
-from omni_compile import OmniConfig, OmniState
+from _runtime_helpers import BLOCK, compile_with as _compile, make_state as _state
+from omni_compile import OmniConfig
 from omni_compile.block_cache import BlockProgram, fixed_selection
 from omni_compile.passes.blocks import find_blocks, split_blocks
 from omni_compile.quality import denoise, initial_latents, tiny_flux
 
-BLOCK = 16
 # residual streams per block, in execution order, of the tiny models (tests/_tiny_models.py)
 STREAMS = {
     "flux": [2, 2, 1],     # double block (image, text); single block 0 (text, image); last single block: image only
@@ -40,13 +40,6 @@ def flux():
     return model, make_inputs, initial_latents(info)
 
 
-def _state(**kw):
-    base = dict(use_inductor=False, block_q=BLOCK, block_kv=BLOCK, warmup=2, interval=3)
-    return OmniState(OmniConfig(**{**base, **kw}))
-
-
-def _compile(model, state):
-    return torch.compile(model, backend="flashomni", options={"state": state})
 
 
 def _no_recompile(compiled):

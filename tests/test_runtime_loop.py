@@ -9,11 +9,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from omni_compile import OmniConfig, OmniState
 from omni_compile.quality import denoise, initial_latents, tiny_flux
 from omni_compile.schedule import step_action
 
-BLOCK = 16
+from _runtime_helpers import BLOCK, compile_with as _compile, make_state as _state
 
 
 @pytest.fixture(autouse=True)
@@ -30,13 +29,6 @@ def flux():
     return model, make_inputs, initial_latents(info)
 
 
-def _state(**kw):
-    base = dict(use_inductor=False, block_q=BLOCK, block_kv=BLOCK, warmup=2, interval=3)
-    return OmniState(OmniConfig(**{**base, **kw}))
-
-
-def _compile(model, state):
-    return torch.compile(model, backend="flashomni", options={"state": state})
 
 
 def test_interval_one_and_dense_policy_equal_the_dense_loop(flux):
