@@ -22,6 +22,8 @@ direction): only torch and this module.
 
 from __future__ import annotations
 
+import abc
+
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Protocol, Tuple, runtime_checkable
 
@@ -120,16 +122,18 @@ class Policy(Protocol):
         ...
 
 
-class BasePolicy:
-    """Defaults for the protocol's declarations: reads nothing beyond the layout, never reuses text."""
+class BasePolicy(abc.ABC):
+    """Defaults for the protocol's declarations: reads nothing beyond the layout, never reuses text. A
+    subclass must define ``__call__`` (instantiating one that does not raises ``TypeError``)."""
 
     name = "policy"
     needs_scores = False
     needs_features = False
     reuses_text = False
 
+    @abc.abstractmethod
     def __call__(self, inp: PolicyInput, config) -> Bits:
-        raise NotImplementedError
+        """``(reuse [B, H, nQ], skip [B, H, nQ, nK])`` bool tensors for this update (module docstring)."""
 
     def __or__(self, other):
         return Compose(self, other)
