@@ -56,13 +56,13 @@ SETTINGS: Dict[str, dict] = {
 TOKEN_LAYOUTS = {"flux": (1, 64, 64), "hunyuan": (9, 45, 80)}
 
 
-def setting(name: str, model: str) -> dict:
+def setting(name: str, model: str, layouts=None) -> dict:
     """Config changes of a benchmark setting: a name of :data:`SETTINGS`, or ``s:<strategy>`` for a
     shipped policy strategy (``omni_compile.policies.presets``) at the model's token grid."""
     if name.startswith("s:"):
         from .policies.presets import strategy_policy
 
-        grid = TOKEN_LAYOUTS[model]
+        grid = (layouts or TOKEN_LAYOUTS)[model]
         return dict(policy=strategy_policy(name[2:], grid), token_layout=grid)
     return SETTINGS[name]
 
@@ -208,10 +208,20 @@ def kernel_class(name: str) -> str:
     return "rest"
 
 
+def device_ms_by_class(prof) -> dict:
+    """Device ms of a profile's kernels per :func:`kernel_class`."""
+    from torch.autograd import DeviceType
+
+    out = {"attention": 0.0, "gemm": 0.0, "rest": 0.0}
+    for e in prof.events():
+        if e.device_type == DeviceType.CUDA:
+            out[kernel_class(e.name)] += e.time_range.elapsed_us() / 1000
+    return out
+
+
 @torch.no_grad()
 def profile_step(fn, kwargs) -> dict:
     """Device ms of one call per kernel class, and (flashomni graphs) per site op."""
-    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     fn(**kwargs)
@@ -219,10 +229,7 @@ def profile_step(fn, kwargs) -> dict:
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         fn(**kwargs)
         _sync()
-    out = {"attention": 0.0, "gemm": 0.0, "rest": 0.0}
-    for e in prof.events():
-        if e.device_type == DeviceType.CUDA:
-            out[kernel_class(e.name)] += e.time_range.elapsed_us() / 1000
+    out = device_ms_by_class(prof)
     for avg in prof.key_averages():
         if avg.key.startswith("flashomni::site_") or avg.key.startswith("flashomni::block "):
             out[avg.key.split("::")[1]] = avg.device_time_total / 1000
@@ -232,20 +239,19 @@ def profile_step(fn, kwargs) -> dict:
 
 
 @torch.no_grad()
-def profile_actions(fn, latent, inputs, steps: int, done: int, all_acts, out_dir: str, tag: str) -> dict:
+def profile_actions(fn, latent, inputs, steps: int, done: int, warmup: int, interval: int, out_dir: str,
+                    tag: str) -> dict:
     """Continue the generation past step ``done`` until one dispatch and one update step were profiled.
     Per profiled step: wall ms, host ms inside each site op, device ms per kernel class; the top of the
     profiler's table (by self CPU time) goes to ``out_dir/profile_<tag>_<action>.txt``."""
-    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     from .schedule import step_action
 
-    cfg_w, cfg_i = _schedule_of(all_acts)
     t = float(timesteps(steps, latent.device)[done - 1]) if done else 1000.0
     res, step = {}, done
-    while len(res) < 2 and step < done + 2 * cfg_i + 2:
-        act = step_action(step, cfg_w, cfg_i)
+    while len(res) < 2 and step < done + 2 * interval + 2:
+        act = step_action(step, warmup, interval)
         t = t * 0.9
         kw = inputs(latent, torch.tensor(t, device=latent.device))
         if act in ("dispatch", "update") and act not in res:
@@ -255,10 +261,7 @@ def profile_actions(fn, latent, inputs, steps: int, done: int, all_acts, out_dir
                 fn(**kw)
                 _sync()
             wall = (time.perf_counter() - t0) * 1000
-            dev = {"attention": 0.0, "gemm": 0.0, "rest": 0.0}
-            for e in prof.events():
-                if e.device_type == DeviceType.CUDA:
-                    dev[kernel_class(e.name)] += e.time_range.elapsed_us() / 1000
+            dev = device_ms_by_class(prof)
             avgs = prof.key_averages()
             host = {a.key: a.cpu_time_total / 1000 for a in avgs if a.key.startswith("flashomni::")}
             calls = {a.key: a.count for a in avgs}
@@ -268,20 +271,13 @@ def profile_actions(fn, latent, inputs, steps: int, done: int, all_acts, out_dir
             res[act] = dict(wall_ms=wall, device_ms=dev, host_ms=host, host_syncs=max(syncs, 0),
                             memcpy=calls.get("cudaMemcpyAsync", 0) + calls.get("cudaMemcpy", 0))
             with open(os.path.join(out_dir, f"profile_{tag}_{act}.txt"), "w") as f:
-                f.write(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40))
+                f.write(avgs.table(sort_by="self_cpu_time_total", row_limit=40))
                 f.write("\n\n")
-                f.write(prof.key_averages().table(sort_by="self_device_time_total", row_limit=25))
+                f.write(avgs.table(sort_by="self_device_time_total", row_limit=25))
         else:
             fn(**kw)
         step += 1
     return res
-
-
-def _schedule_of(all_acts):
-    warm = all_acts.index("update") + 1 if "update" in all_acts else len(all_acts)
-    nxt = [i for i, a in enumerate(all_acts) if a == "update"]
-    interval = nxt[1] - nxt[0] if len(nxt) > 1 else 5
-    return warm, interval
 
 
 # ---- driver ---------------------------------------------------------------------------------------
@@ -342,10 +338,11 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     if args.cpu_smoke:
         small = dict(flux=dict(side=128), hunyuan=dict(frames=2, height=16, width=16))[args.model]
-        TOKEN_LAYOUTS.update(flux=(1, 8, 8), hunyuan=(2, 8, 8))
+        layouts = dict(flux=(1, 8, 8), hunyuan=(2, 8, 8))  # the token grids of those sizes
         model, latent, inputs = MODELS[args.model](device="cpu", dtype=torch.float32, layers=args.layers or 1,
                                                    narrow=True, **small)
     else:
+        layouts = TOKEN_LAYOUTS
         model, latent, inputs = MODELS[args.model](layers=args.layers)
     res = dict(model=args.model, steps=args.steps, max_steps=args.max_steps, interval=args.interval,
                warmup=args.warmup, device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", torch=torch.__version__,
@@ -366,8 +363,8 @@ def main(argv=None) -> int:
             row.update(dispatch_figures(state))
             row["memory_mb"] = state.memory_bytes() / 2**20
             if name in args.profile.split(","):
-                row["profile"] = profile_actions(fn, latent, inputs, args.steps, len(times), all_acts, args.out,
-                                                 f"{args.model}_{name}")
+                row["profile"] = profile_actions(fn, latent, inputs, args.steps, len(times), args.warmup,
+                                                 args.interval, args.out, f"{args.model}_{name}")
                 for act, p in row["profile"].items():
                     print(f"    profiled {act}: wall {p['wall_ms']:.1f} ms, device {p['device_ms']}, "
                           f"host in site ops {p['host_ms']}", flush=True)
@@ -433,7 +430,8 @@ def main(argv=None) -> int:
     # the smoke model has ~100 tokens: blocks of 16 so that text and vision blocks both exist
     smoke_blocks = dict(block_q=16, block_kv=16) if args.cpu_smoke else {}
     names = args.configs.split(",")
-    split_names = [n for n in names if setting(n, args.model).get("block_cache", "none") != "none" or n == "split_dense"]
+    split_names = [n for n in names if setting(n, args.model, layouts).get("block_cache", "none") != "none"
+                   or n == "split_dense"]
     omni = None
     if len(split_names) < len(names):
         state = OmniState(OmniConfig(policy="dense", interval=args.interval, warmup=args.warmup,
@@ -455,7 +453,7 @@ def main(argv=None) -> int:
     if "token_layout" in OmniConfig.field_names():
         defaults["token_layout"] = None
     def run_setting(name, compile_s):
-        changes = {**defaults, **setting(name, args.model)}
+        changes = {**defaults, **setting(name, args.model, layouts)}
         try:
             # a 3-step generation (dense, update, dispatch) first, so Triton's JIT compiles every kernel
             # the setting uses before the timed loop
