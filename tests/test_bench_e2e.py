@@ -35,5 +35,8 @@ def test_cpu_smoke_runs_every_kind_of_setting(model, tmp_path):
     assert set(rows["aggressive"]["profile"]) == {"update", "dispatch"}
     assert all(p["host_syncs"] >= 0 for p in rows["aggressive"]["profile"].values())
     assert 0 < rows["blocks_aggressive"]["blocks_cached"] < rows["blocks_aggressive"]["blocks"]
+    # the ideal of a block row needs each block's profiled (device) time: every block found in the profile
+    assert len(res["block_ms"]) == rows["blocks_aggressive"]["blocks"]
+    assert not any(k.startswith("block ") for k in res["profile_split_dense"])
     assert all(len(r["times_ms"]) == 6 for r in rows.values())
     assert (tmp_path / f"e2e_{model}.md").read_text().count("\n| ") == len(configs) + 1
