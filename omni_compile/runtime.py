@@ -280,7 +280,8 @@ def make_symbols(state, site: SiteRecord, q, k, scale, step: int, timestep: floa
         site.runtime_reason = "; ".join(inp.notes)
     if not allow_reuse:
         reuse = torch.zeros_like(reuse)
-    return Symbols.from_dense(reuse, skip, cfg.block_q, cfg.block_kv, Sq, Skv)
+    # the masks are this call's own (finalize made them): the symbols keep them as their dense view
+    return Symbols.from_dense(reuse, skip, cfg.block_q, cfg.block_kv, Sq, Skv, share_dense=True)
 
 
 def _record(state, site: SiteRecord, action: str, sym, work: int) -> None:

@@ -93,6 +93,7 @@ class Symbols:
         "seq_kv",
         "_kv_schedule",
         "_head_schedules",
+        "_dense",
     )
 
     def __init__(
@@ -129,6 +130,7 @@ class Symbols:
         self.seq_q, self.seq_kv = seq_q, seq_kv
         self._kv_schedule: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
         self._head_schedules: dict = {}
+        self._dense: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
@@ -140,8 +142,14 @@ class Symbols:
         block_kv: int,
         seq_q: int,
         seq_kv: int,
+        share_dense: bool = False,
     ) -> "Symbols":
-        """From boolean masks ``reuse [B, H, nQ]`` and ``skip [B, H, nQ, nK]`` (True = reuse / skip)."""
+        """From boolean masks ``reuse [B, H, nQ]`` and ``skip [B, H, nQ, nK]`` (True = reuse / skip).
+
+        ``share_dense``: keep the two masks as this object's :meth:`to_dense` view, so decoding the
+        schedules does not unpack the bits again (the runtime's update steps: a dozen small kernels fewer
+        per site). Only for a caller that owns the masks and never changes them afterwards; the default
+        copies nothing and keeps nothing."""
         check_block_size("block_q", block_q)
         check_block_size("block_kv", block_kv)
         n_q, n_k = block_count(seq_q, block_q), block_count(seq_kv, block_kv)
@@ -153,7 +161,10 @@ class Symbols:
             )
         if reuse.dtype != torch.bool or skip.dtype != torch.bool:
             raise TypeError("reuse and skip must be bool tensors")
-        return cls(pack_bits(reuse), pack_bits(skip), block_q, block_kv, seq_q, seq_kv)
+        out = cls(pack_bits(reuse), pack_bits(skip), block_q, block_kv, seq_q, seq_kv)
+        if share_dense:
+            out._dense = (reuse, skip)
+        return out
 
     @classmethod
     def dense(
@@ -195,7 +206,10 @@ class Symbols:
 
     # ---- views -------------------------------------------------------------------------------
     def to_dense(self) -> Tuple[torch.Tensor, torch.Tensor]:
-        """``(reuse [B, H, nQ], skip [B, H, nQ, nK])`` as bool tensors."""
+        """``(reuse [B, H, nQ], skip [B, H, nQ, nK])`` as bool tensors (do not modify them: they may be
+        the masks this object was built from, see :meth:`from_dense`)."""
+        if self._dense is not None:
+            return self._dense
         return (
             unpack_bits(self.reuse_bits, self.num_q_blocks),
             unpack_bits(self.skip_bits, self.num_kv_blocks),
@@ -294,13 +308,7 @@ class Symbols:
         """
         if self._kv_schedule is None:
             reuse, skip = self.to_dense()
-            keep = ~skip & ~reuse.unsqueeze(-1)
-            # stable sort of "not kept" puts kept blocks first, in ascending block order
-            order = torch.sort((~keep).to(torch.int8), dim=-1, stable=True).indices
-            self._kv_schedule = (
-                order.to(torch.int32).contiguous(),
-                keep.sum(-1, dtype=torch.int32).contiguous(),
-            )
+            self._kv_schedule = selected_first(~skip & ~reuse.unsqueeze(-1))
         return self._kv_schedule
 
     def prefetch_schedules(self, like: "Symbols") -> "Symbols":
@@ -335,15 +343,11 @@ class Symbols:
         hit = self._head_schedules.get(key)
         if hit is not None:
             return hit
-        sel = self.row_selection(seq, row_offset, select_reused)  # [B, seq, H]
-        n_tiles = block_count(seq, block_m)
-        pad = n_tiles * block_m - seq
-        if pad:
-            sel = torch.nn.functional.pad(sel, (0, 0, 0, pad))
-        any_sel = sel.reshape(self.batch, n_tiles, block_m, self.heads).any(2)  # [B, T, H]
-        order = torch.sort((~any_sel).to(torch.int8), dim=-1, stable=True).indices
-        out = (order.to(torch.int32).contiguous(), any_sel.sum(-1, dtype=torch.int32).contiguous())
-        self._head_schedules[key] = out
+        reuse, _ = self.to_dense()
+        blocks = _tile_blocks(seq, row_offset, block_m, self.block_q, self.device)  # [T, k]
+        sel = reuse if select_reused else ~reuse
+        any_sel = sel[:, :, blocks].any(-1).transpose(1, 2)  # [B, T, H]
+        out = self._head_schedules[key] = selected_first(any_sel)
         return out
 
     def check_for(self, name: str, batch: int, heads: int, seq_q: int, seq_kv: Optional[int] = None):
@@ -375,6 +379,42 @@ class Symbols:
                         row = "".join("." if s else "#" for s in skip[b, h, qb].tolist())
                     lines.append(f"    q{qb:<3d} {row}")
         return "\n".join(lines)
+
+
+def selected_first(mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(indices [..., n] int32, counts [...] int32)`` of a bool ``mask [..., n]``: the positions of its
+    True entries in ascending order, then those of its False entries (the order a stable sort of ``~mask``
+    gives), and how many are True. A prefix sum and one scatter instead of a sort: on CUDA a segmented
+    sort costs ~0.15 ms of host time a call, and every update step decodes a few schedules per site."""
+    n = mask.shape[-1]
+    kept = mask.cumsum(-1)  # int64: kept entries up to and including each position
+    counts = kept[..., -1:]
+    pos = torch.arange(n, device=mask.device)
+    slot = torch.where(mask, kept - 1, counts + pos - kept)
+    out = torch.empty(mask.shape, dtype=torch.int32, device=mask.device)
+    out.scatter_(-1, slot, pos.to(torch.int32).expand(mask.shape))
+    return out, counts.squeeze(-1).to(torch.int32)
+
+
+_TILE_BLOCKS: dict = {}
+
+
+def _tile_blocks(seq: int, row_offset: int, block_m: int, block_q: int, device) -> torch.Tensor:
+    """``[T, k]`` int64: the query blocks that rows ``[t*block_m, min(seq, (t+1)*block_m))`` of an operand
+    (row ``r`` at query position ``r + row_offset``) fall in, padded with each tile's first block. Made on
+    the host once per argument tuple and device: per call it would be a host-to-device copy."""
+    key = (seq, row_offset, block_m, block_q, str(device))
+    hit = _TILE_BLOCKS.get(key)
+    if hit is None:
+        tiles = []
+        for t in range(block_count(seq, block_m)):
+            first = (t * block_m + row_offset) // block_q
+            last = (min(seq, (t + 1) * block_m) - 1 + row_offset) // block_q
+            tiles.append(list(range(first, last + 1)))
+        width = max(len(b) for b in tiles)
+        rows = [b + [b[0]] * (width - len(b)) for b in tiles]
+        hit = _TILE_BLOCKS[key] = torch.tensor(rows, dtype=torch.int64).to(device)
+    return hit
 
 
 def row_head_selection(

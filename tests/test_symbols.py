@@ -174,3 +174,30 @@ def test_prefetch_schedules_decodes_what_the_other_symbols_decoded():
     for key in a._head_schedules:
         for got, want in zip(b._head_schedules[key], fresh.head_schedule(*key)):
             assert torch.equal(got, want)
+
+
+@given(st.integers(1, 3), st.integers(1, 40), st.floats(0, 1), st.integers(0, 2**31 - 1))
+def test_selected_first_is_a_stable_sort_of_the_unselected(rows, n, p, seed):
+    """The schedules' compaction equals ``torch.sort(~mask, stable=True)`` entry for entry (selected
+    positions ascending, then the others ascending), including all-True and all-False rows."""
+    from omni_compile.ops.symbols import selected_first
+
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.rand(rows, 2, n, generator=g) < p
+    mask[0, 0] = True
+    mask[-1, -1] = False
+    idx, cnt = selected_first(mask)
+    want = torch.sort((~mask).to(torch.int8), dim=-1, stable=True).indices
+    assert idx.dtype == torch.int32 and cnt.dtype == torch.int32
+    assert torch.equal(idx.long(), want) and torch.equal(cnt, mask.sum(-1).int())
+
+
+def test_shared_dense_view_is_what_the_bits_say():
+    g = torch.Generator().manual_seed(1)
+    reuse, skip = torch.rand(1, 2, 3, generator=g) < 0.5, torch.rand(1, 2, 3, 5, generator=g) < 0.5
+    shared = Symbols.from_dense(reuse, skip, 16, 16, 40, 70, share_dense=True)
+    plain = Symbols.from_dense(reuse, skip, 16, 16, 40, 70)
+    assert shared.to_dense()[0] is reuse and plain.to_dense()[0] is not reuse
+    for a, b in zip(shared.to_dense(), plain.to_dense()):
+        assert torch.equal(a, b)
+    assert shared == plain and shared.to("meta")._dense is None
