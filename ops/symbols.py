@@ -48,24 +48,25 @@ def pack_bits(bits: torch.Tensor) -> torch.Tensor:
     n = bits.shape[-1]
     nbytes = block_count(n, 8)
     pad = nbytes * 8 - n
-    b = bits.to(torch.uint8)
+    # a bool tensor is reinterpreted, not converted (one kernel fewer per packed tensor on update steps)
+    b = bits.view(torch.uint8) if bits.dtype == torch.bool else bits.to(torch.uint8)
     if pad:
         b = torch.nn.functional.pad(b, (0, pad))
     b = b.reshape(*bits.shape[:-1], nbytes, 8)
-    # sum in int32: a uint8 sum would be fine numerically, but int32 avoids any promotion surprises
-    return (b.to(torch.int32) * _bit_weights(bits.device)).sum(-1).to(torch.uint8)
+    # uint8 throughout: eight distinct powers of two sum to at most 255, so nothing can overflow
+    return (b * _bit_weights(bits.device)).sum(-1, dtype=torch.uint8)
 
 
 _WEIGHTS_BY_DEVICE: dict = {}
 
 
 def _bit_weights(device) -> torch.Tensor:
-    """``_BIT_WEIGHTS`` as int32 on ``device``, made once per device: building it per call was a host-to-device
+    """``_BIT_WEIGHTS`` as uint8 on ``device``, made once per device: building it per call was a host-to-device
     copy (a stall on CUDA) for every packed tensor, two per site and update step."""
     key = str(device)
     w = _WEIGHTS_BY_DEVICE.get(key)
     if w is None:
-        w = _WEIGHTS_BY_DEVICE[key] = torch.tensor(_BIT_WEIGHTS, dtype=torch.int32, device=device)
+        w = _WEIGHTS_BY_DEVICE[key] = torch.tensor(_BIT_WEIGHTS, dtype=torch.uint8, device=device)
     return w
 
 
