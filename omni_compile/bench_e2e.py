@@ -458,10 +458,12 @@ def main(argv=None) -> int:
     def run_setting(name, compile_s):
         changes = {**defaults, **setting(name, args.model, layouts)}
         try:
-            # a 3-step generation (dense, update, dispatch) first, so Triton's JIT compiles every kernel
-            # the setting uses before the timed loop
+            # a 4-step generation (update, dispatch, update, dispatch) first, so Triton's JIT compiles every
+            # kernel the setting uses before the timed loop: the second update is the first with Taylor
+            # differences, and GEMM-O specialises on how many cache-bias terms it sums (a 1.2-1.4 s compile
+            # inside the timed FLUX loops of 2026-11-23, when this warm-up stopped after one dispatch)
             configure(state, **changes, warmup=1, interval=2)
-            run_loop(omni, latent, inputs, 3)
+            run_loop(omni, latent, inputs, 4)
             configure(state, **changes, warmup=args.warmup, interval=args.interval)
             row = record(name, omni, state, compile_s=compile_s)
         except Exception as e:  # one broken setting must not lose the others' numbers
