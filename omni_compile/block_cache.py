@@ -217,14 +217,25 @@ class BlockProgram:
             bs.skipped += 1
             rec.skipped_calls += 1
             return
-        if torch.autograd.profiler._is_profiler_enabled:  # label the block for profiles (benchmarks)
-            with torch.profiler.record_function(f"flashomni::block {rec.name}"):
+        fixed_cached = cfg.block_cache == "fixed" and rec.order in fixed_selection(rec.of, cfg.block_cache_fraction)
+        # A block the fixed rule caches runs only on full steps (warm-up, updates): its sites would build
+        # symbols and caches there for dispatch steps on which they never run. They run dense instead.
+        # (The "sq" and "change" rules decide after the block ran, from what its sites built.)
+        passive = fixed_cached and bs.action != DISPATCH
+        if passive:
+            self.state.passive_sites = frozenset(rec.site_ids)
+        try:
+            if torch.autograd.profiler._is_profiler_enabled:  # label the block for profiles (benchmarks)
+                with torch.profiler.record_function(f"flashomni::block {rec.name}"):
+                    outs = self._run(r, vals)
+            else:
                 outs = self._run(r, vals)
-        else:
-            outs = self._run(r, vals)
+        finally:
+            if passive:
+                self.state.passive_sites = frozenset()
         rec.region_calls += 1
         env.update(zip(region.outputs, outs))
-        if cfg.block_cache == "fixed" and rec.order not in fixed_selection(rec.of, cfg.block_cache_fraction):
+        if cfg.block_cache == "fixed" and not fixed_cached:
             if bs.action == UPDATE:  # never cached: keep no residuals
                 bs.cached, bs.update_step = False, bs.step
             return

@@ -101,8 +101,8 @@ def stream_for(state, site: SiteRecord, batch: int, seq_q: int) -> Optional[Site
     step; every op of the site in the call reads the same). None: run dense (policy ``"dense"``, no
     clock, or a site the runtime does not make sparse)."""
     cfg, policy = site_policy(state, site)
-    if policy.name == "dense":
-        return None
+    if policy.name == "dense" or site.site_id in state.passive_sites:
+        return None  # passive: inside a block that block caching skips on every dispatch step
     fell = _policy_fallbacks(state).get(site.site_id)
     if fell is not None:
         site.runtime_reason = fell

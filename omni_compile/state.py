@@ -188,6 +188,9 @@ class OmniState:
         self.blocks: list = []
         """Transformer blocks found when block caching is on (``omni_compile.block_cache.BlockRecord``)."""
         self._blocks_by_name: dict = {}
+        self.passive_sites: frozenset = frozenset()
+        """Ids of the sites that run dense in the current model call whatever the step (set by the block
+        runner around a block that block caching skips on every dispatch step)."""
         _STATES[self.id] = self
 
     # ---- sites ----------------------------------------------------------------------------------
@@ -220,6 +223,7 @@ class OmniState:
             s.streams = {}
             s.runtime_reason = None
         self._dense_symbols.clear()
+        self.passive_sites = frozenset()
         self.clock.reset()
         self.history = []
         for b in self.blocks:

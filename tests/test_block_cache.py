@@ -350,17 +350,39 @@ def test_configure_refuses_block_caching_on_an_unsplit_graph(flux):
     assert st2.config.block_cache == "fixed"
 
 
-def test_sites_of_cached_blocks_release_their_caches(flux):
-    """A block cached until its next update never runs its sites on dispatch steps: their caches are
-    dropped at the update (memory), while sites of blocks that keep running hold theirs."""
+def test_sites_of_cached_blocks_build_nothing(flux, monkeypatch):
+    """The fixed rule knows before a block runs that it will be cached, so the block's sites run dense on
+    full steps and build no symbols or caches (they never run on the dispatch steps in between), while sites
+    of blocks that keep running hold theirs. Same latents as building and then dropping them."""
+    from omni_compile import runtime
+
     model, make_inputs, lat = flux
-    st = _state(policy="fixed", reuse_fraction=0.5, skip_fraction=0.5, block_cache="fixed", block_cache_fraction=0.5)
-    denoise(_compile(model, st), make_inputs, lat, 5)  # warm-up 2, interval 3: updates at 1 and 4
+    cfg = dict(policy="fixed", reuse_fraction=0.5, skip_fraction=0.5, block_cache="fixed", block_cache_fraction=0.5)
+    st = _state(**cfg)
+    x = denoise(_compile(model, st), make_inputs, lat, 5)  # warm-up 2, interval 3: updates at 1 and 4
     cached = [b for b in st.blocks if b.skipped_calls > 0]
     running = [b for b in st.blocks if b.cacheable and b.skipped_calls == 0]
     assert cached and running
+
     def held(rec):
         return [t for sid in rec.site_ids for ss in st.sites[sid].streams.values()
                 for t in (list(ss.bias_terms.values()) + list(ss.a_factors.values()) + [ss.out_factors]) if t]
-    assert all(not held(b) for b in cached)
+
+    assert all(not st.sites[sid].streams for b in cached for sid in b.site_ids)
+    assert all(h.action == "dense" for h in st.history if any(h.site_id in b.site_ids for b in cached))
     assert any(held(b) for b in running)
+    assert not st.passive_sites  # only set while a block runs
+
+    # the same loop with the sites of cached blocks doing their update work (and the runner dropping it)
+    original = runtime.stream_for
+
+    def never_passive(state, site, batch, seq_q):
+        state.passive_sites = frozenset()
+        return original(state, site, batch, seq_q)
+
+    monkeypatch.setattr(runtime, "stream_for", never_passive)
+    torch._dynamo.reset()
+    st2 = _state(**cfg)
+    x2 = denoise(_compile(model, st2), make_inputs, lat, 5)
+    assert any(st2.sites[sid].streams for b in st2.blocks if b.skipped_calls > 0 for sid in b.site_ids)
+    assert torch.equal(x, x2)
