@@ -106,3 +106,15 @@ def test_pooled_realistic(dtype):
     q, k = (torch.randn(1, 24, 4685, 128, device="cuda", dtype=dtype) * 2 for _ in range(2))
     p = pooled_scores(q, k, 128, 128)
     assert rel(p, pooled_scores_reference(q, k, 128, 128, 128**-0.5)) < 1e-4
+
+
+@pytest.mark.parametrize("rows, n, p", [(24 * 254, 254, 0.2), (24 * 36, 36, 0.8), (7, 1, 0.5), (3, 2048, 0.01)])
+def test_schedule_compaction_kernel(rows, n, p):
+    from omni_compile.ops.symbols import selected_first, selected_first_reference
+
+    mask = torch.rand(rows, n, device="cuda") < p
+    mask[0] = True
+    mask[-1] = False
+    idx, cnt = selected_first(mask)
+    want_idx, want_cnt = selected_first_reference(mask)
+    assert torch.equal(idx, want_idx) and torch.equal(cnt, want_cnt)

@@ -180,16 +180,19 @@ def test_prefetch_schedules_decodes_what_the_other_symbols_decoded():
 def test_selected_first_is_a_stable_sort_of_the_unselected(rows, n, p, seed):
     """The schedules' compaction equals ``torch.sort(~mask, stable=True)`` entry for entry (selected
     positions ascending, then the others ascending), including all-True and all-False rows."""
+    from omni_compile.ops import kernel_backend
     from omni_compile.ops.symbols import selected_first
 
     g = torch.Generator().manual_seed(seed)
     mask = torch.rand(rows, 2, n, generator=g) < p
     mask[0, 0] = True
     mask[-1, -1] = False
-    idx, cnt = selected_first(mask)
     want = torch.sort((~mask).to(torch.int8), dim=-1, stable=True).indices
-    assert idx.dtype == torch.int32 and cnt.dtype == torch.int32
-    assert torch.equal(idx.long(), want) and torch.equal(cnt, mask.sum(-1).int())
+    for backend in ("reference", "triton"):  # the PyTorch formula; the kernel (interpreter on CPU)
+        with kernel_backend(backend):
+            idx, cnt = selected_first(mask.transpose(0, 1).contiguous().transpose(0, 1))  # a strided mask too
+        assert idx.dtype == torch.int32 and cnt.dtype == torch.int32
+        assert torch.equal(idx.long(), want) and torch.equal(cnt, mask.sum(-1).int()), backend
 
 
 def test_shared_dense_view_is_what_the_bits_say():
