@@ -261,13 +261,24 @@ def keep_one_key(skip: torch.Tensor, reuse: torch.Tensor, inp: PolicyInput) -> t
     if inp.scores is not None:
         pick = inp.scores.argmax(-1)
     else:
-        if inp.kind == "cross":
-            idx = torch.zeros(nQ, dtype=torch.long, device=skip.device)
-        else:
-            idx = (torch.arange(nQ, device=skip.device) * inp.block_q // inp.block_kv).clamp_max(nK - 1)
-        pick = idx.view(1, 1, nQ).expand(B, H, nQ)
+        pick = _diagonal_key_block(nQ, nK, inp.block_q, inp.block_kv, inp.kind == "cross", skip.device)
+        pick = pick.view(1, 1, nQ).expand(B, H, nQ)
     unskip = torch.zeros_like(skip).scatter(-1, pick.unsqueeze(-1), empty.unsqueeze(-1))
     return skip & ~unskip
+
+
+_DIAGONALS: dict = {}
+
+
+def _diagonal_key_block(nQ: int, nK: int, block_q: int, block_kv: int, cross: bool, device) -> torch.Tensor:
+    """``[nQ]`` int64: the key block holding each query block's first token (0 for cross attention), made
+    once per shape and device (four small kernels per site and update step otherwise)."""
+    key = (nQ, nK, block_q, block_kv, cross, str(device))
+    hit = _DIAGONALS.get(key)
+    if hit is None:
+        idx = torch.zeros(nQ, dtype=torch.long) if cross else (torch.arange(nQ) * block_q // block_kv).clamp_max(nK - 1)
+        hit = _DIAGONALS[key] = idx.to(device)
+    return hit
 
 
 def finalize(policy, inp: PolicyInput, reuse: torch.Tensor, skip: torch.Tensor) -> Bits:
