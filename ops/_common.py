@@ -156,3 +156,17 @@ def op_for_call(op, impl):
     implementation in eager mode: the dispatcher round trip costs ~10-20 us a call on the host, as much
     as a small sparse kernel runs."""
     return op if torch.compiler.is_compiling() else impl
+
+
+_DEVICE_CONSTANTS: dict = {}
+
+
+def device_constant(key, device, build) -> torch.Tensor:
+    """``build()`` (a CPU tensor) on ``device``, made once per ``(key, device)`` and kept: a constant built
+    per call is a host-to-device copy each time (a stall on CUDA), and the update steps build several per
+    site (bit weights, tile-to-block tables, diagonal key blocks)."""
+    k = (key, str(device))
+    t = _DEVICE_CONSTANTS.get(k)
+    if t is None:
+        t = _DEVICE_CONSTANTS[k] = build().to(device)
+    return t

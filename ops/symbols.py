@@ -27,6 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import device_constant
+
 __all__ = ["Symbols", "pack_bits", "unpack_bits", "block_count", "check_block_size"]
 
 _BIT_WEIGHTS = (1, 2, 4, 8, 16, 32, 64, 128)
@@ -59,17 +61,9 @@ def pack_bits(bits: torch.Tensor) -> torch.Tensor:
     return (b * _bit_weights(bits.device)).sum(-1, dtype=torch.uint8)
 
 
-_WEIGHTS_BY_DEVICE: dict = {}
-
-
 def _bit_weights(device) -> torch.Tensor:
-    """``_BIT_WEIGHTS`` as uint8 on ``device``, made once per device: building it per call was a host-to-device
-    copy (a stall on CUDA) for every packed tensor, two per site and update step."""
-    key = str(device)
-    w = _WEIGHTS_BY_DEVICE.get(key)
-    if w is None:
-        w = _WEIGHTS_BY_DEVICE[key] = torch.tensor(_BIT_WEIGHTS, dtype=torch.uint8, device=device)
-    return w
+    """``_BIT_WEIGHTS`` as uint8 on ``device``, made once per device."""
+    return device_constant("bit_weights", device, lambda: torch.tensor(_BIT_WEIGHTS, dtype=torch.uint8))
 
 
 def unpack_bits(packed: torch.Tensor, n: int) -> torch.Tensor:
@@ -435,25 +429,21 @@ def selected_first_reference(mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Te
     return out, counts.squeeze(-1).to(torch.int32)
 
 
-_TILE_BLOCKS: dict = {}
-
-
 def _tile_blocks(seq: int, row_offset: int, block_m: int, block_q: int, device) -> torch.Tensor:
     """``[T, k]`` int64: the query blocks that rows ``[t*block_m, min(seq, (t+1)*block_m))`` of an operand
-    (row ``r`` at query position ``r + row_offset``) fall in, padded with each tile's first block. Made on
-    the host once per argument tuple and device: per call it would be a host-to-device copy."""
-    key = (seq, row_offset, block_m, block_q, str(device))
-    hit = _TILE_BLOCKS.get(key)
-    if hit is None:
+    (row ``r`` at query position ``r + row_offset``) fall in, padded with each tile's first block; made on the
+    host once per argument tuple and device."""
+
+    def build():
         tiles = []
         for t in range(block_count(seq, block_m)):
             first = (t * block_m + row_offset) // block_q
             last = (min(seq, (t + 1) * block_m) - 1 + row_offset) // block_q
             tiles.append(list(range(first, last + 1)))
         width = max(len(b) for b in tiles)
-        rows = [b + [b[0]] * (width - len(b)) for b in tiles]
-        hit = _TILE_BLOCKS[key] = torch.tensor(rows, dtype=torch.int64).to(device)
-    return hit
+        return torch.tensor([b + [b[0]] * (width - len(b)) for b in tiles], dtype=torch.int64)
+
+    return device_constant(("tile_blocks", seq, row_offset, block_m, block_q), device, build)
 
 
 def row_head_selection(

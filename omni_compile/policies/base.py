@@ -267,18 +267,15 @@ def keep_one_key(skip: torch.Tensor, reuse: torch.Tensor, inp: PolicyInput) -> t
     return skip & ~unskip
 
 
-_DIAGONALS: dict = {}
-
-
 def _diagonal_key_block(nQ: int, nK: int, block_q: int, block_kv: int, cross: bool, device) -> torch.Tensor:
     """``[nQ]`` int64: the key block holding each query block's first token (0 for cross attention), made
-    once per shape and device (four small kernels per site and update step otherwise)."""
-    key = (nQ, nK, block_q, block_kv, cross, str(device))
-    hit = _DIAGONALS.get(key)
-    if hit is None:
-        idx = torch.zeros(nQ, dtype=torch.long) if cross else (torch.arange(nQ) * block_q // block_kv).clamp_max(nK - 1)
-        hit = _DIAGONALS[key] = idx.to(device)
-    return hit
+    once per shape and device."""
+    from omni_compile.ops._common import device_constant
+
+    def build():
+        return torch.zeros(nQ, dtype=torch.long) if cross else (torch.arange(nQ) * block_q // block_kv).clamp_max(nK - 1)
+
+    return device_constant(("diagonal", nQ, nK, block_q, block_kv, cross), device, build)
 
 
 def finalize(policy, inp: PolicyInput, reuse: torch.Tensor, skip: torch.Tensor) -> Bits:
