@@ -407,7 +407,8 @@ def selected_first(mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     from ._common import use_triton
 
     n = mask.shape[-1]
-    if not use_triton(mask) or mask.numel() == 0 or n > _COMPACT_MAX_ROW:
+    # under torch.compile (a user compiling code that decodes symbols) the PyTorch formula traces as ops
+    if not use_triton(mask) or mask.numel() == 0 or n > _COMPACT_MAX_ROW or torch.compiler.is_compiling():
         return selected_first_reference(mask)
     m = mask.contiguous()
     idx = torch.empty(m.shape, dtype=torch.int32, device=m.device)
