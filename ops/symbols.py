@@ -340,7 +340,7 @@ class Symbols:
         hit = self._head_schedules.get(key)
         if hit is not None:
             return hit
-        reuse, _ = self.to_dense()
+        reuse = self._dense[0] if self._dense is not None else unpack_bits(self.reuse_bits, self.num_q_blocks)
         blocks = _tile_blocks(seq, row_offset, block_m, self.block_q, self.device)  # [T, k]
         sel = reuse if select_reused else ~reuse
         any_sel = sel[:, :, blocks].any(-1).transpose(1, 2)  # [B, T, H]
