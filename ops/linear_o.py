@@ -70,7 +70,6 @@ def _sparse_linear_o_kernel(
     HEAD_DIM: tl.constexpr,
     SYM_BLOCK_Q: tl.constexpr,
     HAS_BIAS: tl.constexpr,
-    HAS_CACHE: tl.constexpr,
     N_CACHE: tl.constexpr,
     STRADDLE: tl.constexpr,
     SELECT_BIT: tl.constexpr,
@@ -117,7 +116,7 @@ def _sparse_linear_o_kernel(
     out_mask = (offs_m[:, None] < S) & (offs_n[None, :] < N)
     # the accumulator starts from the bias terms (as in the paper's GEMM-O): loaded before the loop they
     # occupy the accumulator's registers instead of a second tile's in the epilogue
-    if HAS_CACHE:
+    if N_CACHE > 0:
         c_off = b.to(tl.int64) * stride_cb + offs_m[:, None].to(tl.int64) * stride_cs + offs_n[None, :]
         acc = tl.load(CacheBias + c_off, mask=out_mask, other=0.0).to(tl.float32)
         # further Taylor terms join the accumulator before the K loop too: their tiles die right away
@@ -198,7 +197,7 @@ def _launch_linear_o(a, weight, bias, cache_bias, reuse_bits, head_indices, head
         a.stride(0), a.stride(1), weight.stride(0),
         cache_bias.stride(0) if cache_bias is not None else 0, cache_bias.stride(1) if cache_bias is not None else 0,
         y.stride(0), y.stride(1),
-        HEAD_DIM=head_dim, SYM_BLOCK_Q=block_q, HAS_BIAS=bias is not None, HAS_CACHE=cache_bias is not None,
+        HEAD_DIM=head_dim, SYM_BLOCK_Q=block_q, HAS_BIAS=bias is not None,
         N_CACHE=0 if cache_bias is None else 1 + (cache_bias_1 is not None) + (cache_bias_2 is not None),
         STRADDLE=straddle, SELECT_BIT=1 if select_reused else 0, IEEE=a.dtype == torch.float32, USE_TMA=use_tma,
         H_POW2=max(2, next_pow2(reuse_bits.shape[1])), **cfg,
