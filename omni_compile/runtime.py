@@ -427,9 +427,7 @@ def run_attention(state, site: SiteRecord, q, k, v, mask, scale):
         old_symbols = ss.symbols
         ss.symbols = make_symbols(state, site, q, k, scale, step, pos.timestep, allow_reuse=not ss.capped,
                                   kv_segments=kv_segments, k_square=k_full if kv_segments is not None else None)
-        if old_symbols is not None and (old_symbols.batch, old_symbols.heads, old_symbols.seq_q, old_symbols.seq_kv) == (
-                ss.symbols.batch, ss.symbols.heads, ss.symbols.seq_q, ss.symbols.seq_kv):
-            ss.symbols.prefetch_schedules(old_symbols)  # the dispatch steps will decode the same schedules
+        ss.symbols.prefetch_schedules(old_symbols)  # the dispatch steps will decode the same schedules
         ss.update_step = step
         if not site.gemm_o and not ss.capped:
             _observe_output(cfg, ss, out, step)

@@ -308,14 +308,17 @@ class Symbols:
             self._kv_schedule = selected_first(~skip & ~reuse.unsqueeze(-1))
         return self._kv_schedule
 
+    def _shape(self) -> tuple:
+        return (self.batch, self.heads, self.seq_q, self.seq_kv, self.block_q, self.block_kv)
+
     def prefetch_schedules(self, like: "Symbols") -> "Symbols":
         """Decode now every schedule ``like`` has decoded (same arguments), so the calls that need them find
         them cached. The runtime calls it when an update replaces a stream's symbols: the decode is a few
         dozen small device ops per site, issued there while the GPU still runs the update's dense kernels
-        instead of on the first dispatch step, where it stood between the host and an idle GPU. Returns
-        ``self``."""
-        if like is None or like is self:
-            return self
+        instead of on the first dispatch step, where it stood between the host and an idle GPU. Nothing when
+        ``like`` has another shape or other block sizes. Returns ``self``."""
+        if like is None or like is self or like._shape() != self._shape():
+            return self  # other shapes or blocks decode other schedules
         if like._kv_schedule is not None:
             self.kv_schedule()
         for key in list(like._head_schedules):

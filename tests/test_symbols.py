@@ -166,6 +166,10 @@ def test_prefetch_schedules_decodes_what_the_other_symbols_decoded():
     a.head_schedule(40, 0, 32, False)
     a.head_schedule(24, 16, 16, True)
     assert b._kv_schedule is None and not b._head_schedules
+    other = Symbols.from_dense(torch.zeros(1, 2, 3, dtype=torch.bool), torch.zeros(1, 2, 3, 4, dtype=torch.bool),
+                               16, 16, 40, 60)  # another key length: its schedules do not apply
+    other.prefetch_schedules(a)
+    assert other._kv_schedule is None and not other._head_schedules
     b.prefetch_schedules(a)
     assert set(b._head_schedules) == set(a._head_schedules)
     fresh = Symbols(b.reuse_bits, b.skip_bits, 16, 16, 40, 70)
