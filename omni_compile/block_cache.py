@@ -23,6 +23,8 @@ of them back at its end in one transfer (one host sync per update call).
 
 from __future__ import annotations
 
+import functools
+
 import logging
 import time
 from dataclasses import dataclass, field
@@ -125,8 +127,14 @@ class BlockRecord:
 
 def fixed_selection(n: int, fraction: float) -> List[int]:
     """The ``round(fraction · n)`` evenly spaced block positions ``floor((j + 0.5) · n / k)`` (sorted)."""
+    return sorted(_fixed_set(n, fraction))
+
+
+@functools.lru_cache(maxsize=64)
+def _fixed_set(n: int, fraction: float) -> frozenset:
+    """:func:`fixed_selection` as a set, made once per ``(n, fraction)``: the runner asks per block and call."""
     k = int(round(fraction * n))
-    return sorted({int((j + 0.5) * n / k) for j in range(k)}) if k > 0 else []
+    return frozenset(int((j + 0.5) * n / k) for j in range(k)) if k > 0 else frozenset()
 
 
 def _computed_fraction(sym) -> torch.Tensor:
@@ -217,7 +225,7 @@ class BlockProgram:
             bs.skipped += 1
             rec.skipped_calls += 1
             return
-        fixed_cached = cfg.block_cache == "fixed" and rec.order in fixed_selection(rec.of, cfg.block_cache_fraction)
+        fixed_cached = cfg.block_cache == "fixed" and rec.order in _fixed_set(rec.of, cfg.block_cache_fraction)
         # A block the fixed rule caches runs only on full steps (warm-up, updates): its sites would build
         # symbols and caches there for dispatch steps on which they never run. They run dense instead.
         # (The "sq" and "change" rules decide after the block ran, from what its sites built.)
@@ -291,9 +299,9 @@ class BlockProgram:
         if bs.capped or bs.factors is None:
             return
         if cfg.block_cache == "fixed":
-            bs.cached = rec.order in fixed_selection(rec.of, cfg.block_cache_fraction)
-            if bs.cached:
-                self._release_site_caches(rec, bs.key[0])
+            # _run_block returned before this for the blocks the rule does not pick; the sites of the ones
+            # it picks ran passive and built nothing to release
+            bs.cached = True
         elif cfg.block_cache == "sq":
             fracs = []
             for sid in rec.site_ids:
