@@ -64,11 +64,7 @@ def _first(out):
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
-@pytest.fixture(autouse=True)
-def _reset_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")  # tests/conftest.py
 
 
 @pytest.mark.parametrize("family", T.FAMILIES)

@@ -16,11 +16,7 @@ from omni_compile import OmniConfig, OmniState
 from omni_compile.backend import resolve_options
 
 
-@pytest.fixture(autouse=True)
-def _reset_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")  # tests/conftest.py
 
 
 class MLP(nn.Module):

@@ -12,11 +12,7 @@ import torch
 from omni_compile import bench_e2e
 
 
-@pytest.fixture(autouse=True)
-def _reset_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")  # tests/conftest.py
 
 
 @pytest.mark.parametrize("model", ["flux", "hunyuan"])

@@ -12,11 +12,11 @@ import pytest
 import torch
 
 import _tiny_models as T
-from _runtime_helpers import BLOCK, compile_with as _compile, make_state as _state
+from _runtime_helpers import BLOCK, compile_with as _compile, make_state as _state, tiny_flux_case
 from omni_compile import OmniConfig
 from omni_compile.block_cache import BlockProgram, fixed_selection
 from omni_compile.passes.blocks import find_blocks, split_blocks
-from omni_compile.quality import denoise, initial_latents, tiny_flux
+from omni_compile.quality import denoise
 
 # residual streams per block, in execution order, of the tiny models (tests/_tiny_models.py)
 STREAMS = {
@@ -27,17 +27,12 @@ STREAMS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _reset_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
 def flux():
-    model, make_inputs, info = tiny_flux(side=8, text=16, layers=1, single_layers=2, heads=2, head_dim=16)
-    return model, make_inputs, initial_latents(info)
+    return tiny_flux_case(single_layers=2)
 
 
 

@@ -12,11 +12,7 @@ from omni_compile import OmniConfig, OmniState
 from omni_compile.passes import _layout as L
 
 
-@pytest.fixture(autouse=True)
-def _reset_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")  # tests/conftest.py
 
 
 class Attn(nn.Module):

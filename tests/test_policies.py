@@ -11,7 +11,8 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from omni_compile import OmniConfig, OmniState
+from _runtime_helpers import compile_with, make_state, tiny_flux_case
+from omni_compile import OmniConfig
 from omni_compile.ops import Symbols
 from omni_compile.policies import (POLICIES, BasePolicy, Broadcast, Compose, FlashOmni, PolicyFallback, PolicyInput,
                                    TaylorSeer, TokenLayout, TopK, Window, block_text_mask, finalize, no_bits,
@@ -299,9 +300,9 @@ def test_passes_infer_the_token_layout(family, grid):
 
     torch._dynamo.reset()
     model, make_inputs = build(family)
-    st_ = OmniState(OmniConfig(policy="dense", use_inductor=False, block_q=16, block_kv=16))
+    st_ = make_state(policy="dense")
     with torch.no_grad():
-        torch.compile(model, backend="flashomni", options={"state": st_})(**make_inputs(0))
+        compile_with(model, st_)(**make_inputs(0))
     torch._dynamo.reset()
     vis = [s for s in st_.sites if s.kind != "cross"]
     assert vis and all(s.token_layout == grid for s in vis)
@@ -312,11 +313,7 @@ def test_passes_infer_the_token_layout(family, grid):
 
 @pytest.fixture(scope="module")
 def flux():
-    from omni_compile.quality import initial_latents, tiny_flux
-
-    # 64 image tokens (an 8 x 8 grid, packed: no conv) + 16 text tokens = 5 blocks of 16
-    model, make_inputs, info = tiny_flux(side=8, text=16, layers=1, single_layers=1, heads=2, head_dim=16)
-    return model, make_inputs, initial_latents(info)
+    return tiny_flux_case(single_layers=1)
 
 
 def test_every_strategy_runs_on_one_compiled_graph(flux):
@@ -325,9 +322,8 @@ def test_every_strategy_runs_on_one_compiled_graph(flux):
 
     model, make_inputs, lat = flux
     torch._dynamo.reset()
-    base = dict(use_inductor=False, block_q=16, block_kv=16, warmup=2, interval=3)
-    state = OmniState(OmniConfig(policy="dense", **base))
-    compiled = torch.compile(model, backend="flashomni", options={"state": state})
+    state = make_state(policy="dense")
+    compiled = compile_with(model, state)
     ref = denoise(compiled, make_inputs, lat, 7)  # the first call compiles; nothing after may
     ops_before = {n for n in torch._C._dispatch_get_all_op_names() if n.startswith("flashomni::")}
     runs = [

@@ -9,24 +9,18 @@ from __future__ import annotations
 import pytest
 import torch
 
-from omni_compile.quality import denoise, initial_latents, tiny_flux
+from omni_compile.quality import denoise
 from omni_compile.schedule import step_action
 
-from _runtime_helpers import BLOCK, compile_with as _compile, make_state as _state
+from _runtime_helpers import BLOCK, compile_with as _compile, make_state as _state, tiny_flux_case
 
 
-@pytest.fixture(autouse=True)
-def _reset_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
 def flux():
-    # 64 image + 16 text tokens = 5 blocks of 16 (1 text, 4 vision); 1 double-stream + 1 single-stream block
-    model, make_inputs, info = tiny_flux(side=8, text=16, layers=1, single_layers=1, heads=2, head_dim=16)
-    return model, make_inputs, initial_latents(info)
+    return tiny_flux_case(single_layers=1)
 
 
 
