@@ -79,6 +79,11 @@ class SiteRecord:
     """``(frames, height, width)`` of the vision tokens as the passes inferred it from a conv patch
     embedding (None when the model does not show it; ``OmniConfig.token_layout`` then supplies it)."""
 
+    def adopt(self, old: "SiteRecord") -> None:
+        """Take over the run-time state of the record this one replaces (a recompile of the same site)."""
+        for f in ("calls", "linear_q_calls", "linear_o_calls", "fallbacks", "symbols", "streams", "runtime_reason"):
+            setattr(self, f, getattr(old, f))
+
     @property
     def text_tokens(self) -> int:
         return sum(b - a for m, a, b in self.segments if m == "text")
@@ -162,6 +167,21 @@ class SiteStream:
         return sum(t.numel() * t.element_size() for t in self.tensors())
 
 
+def _register(items: list, by_name: dict, record, id_attr: str):
+    """Store ``record`` in ``items`` under its name: in the place (and with the id) of the record of the same
+    name, whose run-time state it adopts, or appended with a new id."""
+    old = by_name.get(record.name)
+    if old is not None:
+        setattr(record, id_attr, getattr(old, id_attr))
+        record.adopt(old)
+        items[getattr(old, id_attr)] = record
+    else:
+        setattr(record, id_attr, len(items))
+        items.append(record)
+    by_name[record.name] = record
+    return record
+
+
 class OmniState:
     """Sites, symbols and caches of one compiled model (see the module docstring)."""
 
@@ -195,18 +215,9 @@ class OmniState:
 
     # ---- sites ----------------------------------------------------------------------------------
     def register(self, record: SiteRecord) -> SiteRecord:
-        """Add a site (or refresh the record of the same name) and return the stored record."""
-        old = self._by_name.get(record.name)
-        if old is not None:
-            record.site_id = old.site_id
-            for f in ("calls", "linear_q_calls", "linear_o_calls", "fallbacks", "symbols", "streams", "runtime_reason"):
-                setattr(record, f, getattr(old, f))
-            self.sites[old.site_id] = record
-        else:
-            record.site_id = len(self.sites)
-            self.sites.append(record)
-        self._by_name[record.name] = record
-        return record
+        """Add a site (or refresh the record of the same name, keeping its run-time state) and return the
+        stored record."""
+        return _register(self.sites, self._by_name, record, "site_id")
 
     def site(self, key) -> SiteRecord:
         """A site by id (int) or name (str)."""
@@ -270,16 +281,7 @@ class OmniState:
 
     def register_block(self, record):
         """Add a block record (or refresh the record of the same name, keeping its run-time state)."""
-        old = self._blocks_by_name.get(record.name)
-        if old is not None:
-            record.block_id = old.block_id
-            record.adopt(old)
-            self.blocks[old.block_id] = record
-        else:
-            record.block_id = len(self.blocks)
-            self.blocks.append(record)
-        self._blocks_by_name[record.name] = record
-        return record
+        return _register(self.blocks, self._blocks_by_name, record, "block_id")
 
     def block(self, key):
         """A block record by id (int) or name (str)."""
