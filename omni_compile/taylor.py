@@ -28,9 +28,9 @@ def refresh(old: Optional[Sequence[torch.Tensor]], new: torch.Tensor, delta: int
     of its intermediate tensors (Inductor's buffer reuse) once their last use in the graph is done."""
     dtype = dtype or new.dtype
     if dtype == new.dtype and (old is None or all(o.dtype == dtype for o in old)):
-        # one pass per factor in the storage dtype: each difference is computed exactly in fp32 per element
-        # and rounded once (the fp32 path below converts every operand first: 5 passes per order, on every
-        # GEMM-O projection of every update step)
+        # the storage dtype throughout: per order a subtraction and an in-place division, each computed in
+        # fp32 per element and rounded to the storage dtype (the fp32 path below converts every operand
+        # first: 5 passes per order, on every GEMM-O projection of every update step)
         f = [new.clone()]
         if old is not None and delta > 0:
             for i in range(min(order, len(old))):

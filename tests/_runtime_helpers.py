@@ -1,4 +1,5 @@
-"""What the runtime-loop, block-cache and policy tests share: the state they start from, the tiny FLUX they denoise and how they compile."""
+"""What the runtime-loop, block-cache and policy tests share: the state they start from, the tiny FLUX they
+denoise and how they compile."""
 
 from __future__ import annotations
 
