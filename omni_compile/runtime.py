@@ -294,18 +294,17 @@ def _record(state, site: SiteRecord, action: str, sym, work: int) -> None:
 
 
 def _key_valid(mask: torch.Tensor, B: int, H: int, Skv: int):
-    """Per (batch, head) boolean validity of keys from a key-padding mask, or None if the mask is an
-    additive bias that is not just 0 / very negative (then it cannot be applied by dropping keys)."""
+    """``(valid, expressible)``: per (batch, head) boolean validity of keys from a key-padding mask, and a
+    device flag, False where the mask is an additive bias that is not just 0 / very negative (it cannot
+    be applied by dropping keys then). Nothing is read back here: callers read what they need at once."""
     m = mask
     while m.dim() < 4:
         m = m.unsqueeze(0)
     m = m.expand(B, H, 1, Skv)[:, :, 0, :]
     if m.dtype == torch.bool:
-        return m
+        return m, torch.ones((), dtype=torch.bool, device=m.device)
     valid = m > -1e3
-    if not bool((m[valid] == 0).all()):
-        return None
-    return valid
+    return valid, ((m == 0) | ~valid).all()
 
 
 def _dense_attention(state, q, k, v, scale):
@@ -340,15 +339,14 @@ def _kept_keys(site: SiteRecord, mask, B: int, H: int, Skv: int):
     ``"all"`` (the mask drops nothing: ignore it), or ``(index [n] on the mask's device, kv_segments of
     the kept keys)``. None when the ops cannot express it (an additive bias that is not 0 / -inf, keys
     that differ per item or head, or no key kept): the caller runs masked dense attention. Costs one host
-    read of the mask per call (design.md, Runtime: masks)."""
-    valid = _key_valid(mask, B, H, Skv)
-    if valid is None:
-        return None
+    read of the mask per call, the flags and the kept keys in one transfer (design.md, Runtime: masks)."""
+    valid, expressible = _key_valid(mask, B, H, Skv)
     first = valid[:1, :1]
-    if not bool((valid == first).all()):
+    uniform = (valid == first).all()
+    flags_and_keys = torch.cat([torch.stack([expressible, uniform]), first.reshape(Skv)]).cpu()
+    if not bool(flags_and_keys[0]) or not bool(flags_and_keys[1]):
         return None
-    first = first.reshape(Skv)
-    keep_cpu = first.cpu()
+    keep_cpu = flags_and_keys[2:]
     n = int(keep_cpu.sum())
     if n == Skv:
         return "all"
@@ -458,12 +456,13 @@ def _run_attention_dense(state, site: SiteRecord, q, k, v, mask, scale):
         site.symbols = sym
         _record(state, site, DENSE, sym, B * H * Sq * Skv)
         return _dense_attention(state, q, k, v, scale)
-    valid = _key_valid(mask, B, H, Skv)
+    valid, expressible = _key_valid(mask, B, H, Skv)
     site.symbols = state.dense_symbols(B, H, Sq, Skv, q.device)
     _record(state, site, DENSE, site.symbols, B * H * Sq * Skv)
-    if valid is not None and bool(valid.all()):
+    expressible, all_kept, per_item = torch.stack([expressible, valid.all(), (valid == valid[:, :1]).all()]).tolist()
+    if expressible and all_kept:
         return _dense_attention(state, q, k, v, scale)
-    if valid is None or not bool((valid == valid[:, :1]).all()):
+    if not expressible or not per_item:
         site.fallbacks += 1
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale).contiguous()
     # key padding: drop the masked keys (per batch item; items with the same mask run together)

@@ -36,3 +36,45 @@ def test_cpu_smoke_runs_every_kind_of_setting(model, tmp_path):
     assert not any(k.startswith("block ") for k in res["profile_split_dense"])
     assert all(len(r["times_ms"]) == 6 for r in rows.values())
     assert (tmp_path / f"e2e_{model}.md").read_text().count("\n| ") == len(configs) + 1
+
+
+class _Range:
+    def __init__(self, start, end):
+        self.start, self.end = start, end
+
+    def elapsed_us(self):
+        return self.end - self.start
+
+
+class _Event:
+    def __init__(self, name, start, end, device="cuda", annotation=False):
+        from torch.autograd import DeviceType
+
+        self.name, self.time_range, self.is_user_annotation = name, _Range(start, end), annotation
+        self.device_type = DeviceType.CUDA if device == "cuda" else DeviceType.CPU
+        self.cpu_time_total = end - start
+
+
+class _Profile:
+    def __init__(self, events):
+        self._events = events
+
+    def events(self):
+        return self._events
+
+
+def test_block_times_are_the_kernels_inside_each_label():
+    """Kernels are attributed to the block whose device range they start in; gaps inside a label and the
+    label ranges themselves count for nothing, so block times add up to at most the step's kernel time."""
+    p = "flashomni::block "
+    prof = _Profile([
+        _Event(p + "a", 0, 100, annotation=True), _Event(p + "b", 150, 400, annotation=True),
+        _Event("kernel_a1", 10, 30), _Event("kernel_a2", 60, 90),  # 50 us in a, with gaps
+        _Event("embed", 110, 140),  # between blocks: no block's
+        _Event("nvjet_b", 150, 350), _Event("kernel_after", 400, 420),  # the end is exclusive
+        _Event(p + "a", 0, 500, device="cpu"),  # the CPU-side range is not device time
+    ])
+    ms = bench_e2e.block_ms_by_label(prof)
+    assert ms == pytest.approx({"a": 0.050, "b": 0.200})
+    classes = bench_e2e.device_ms_by_class(prof)
+    assert sum(ms.values()) < sum(classes.values())

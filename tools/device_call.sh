@@ -21,6 +21,8 @@ for item in $1; do
     gputests) timeout 180 python3 -m pytest -q -x --durations=5 tests/test_ops_gpu.py ${a:+-k "${a//\~/ }"} > "$OUT/gpu_tests.log" 2>&1; rc=$?; tail -3 "$OUT/gpu_tests.log" ;;
     e2e) python3 -m omni_compile.bench_e2e --out "$OUT" --model "$a" ${b//\~/ } > "$OUT/e2e_$a.log" 2>&1; rc=$?
          grep -v "^ \|Warning\|warn" "$OUT/e2e_$a.log" | tail -30 ;;
+    hostlaunch) python3 tools/host_launch.py --out "$OUT/host" > "$OUT/host_launch.log" 2>&1; rc=$?
+                tail -14 "$OUT/host_launch.log" ;;
     host) python3 tools/profile_host.py --out "$OUT/host" --model "$a" ${b//\~/ } > "$OUT/host_$a.log" 2>&1; rc=$?
           tail -14 "$OUT/host_$a.log" ;;
     bench) python3 -m omni_compile.bench --out "$OUT/bench" --parts "$a" --seqs "$b" > "$OUT/bench.log" 2> "$OUT/bench_stderr.log"; rc=$?
