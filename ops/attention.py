@@ -22,6 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import launch
 from ._common import (
     make_descriptor,
     op_for_call,
@@ -302,7 +303,7 @@ def _launch_attention(q, k, v, kv_indices, kv_counts, block_q, block_kv, scale, 
     else:
         qa, ka, va = q, k, v
     grid = (triton.cdiv(Sq, cfg["BLOCK_M"]), B * H)
-    _sparse_attention_kernel[grid](
+    launch(_sparse_attention_kernel, grid,
         qa, ka, va, out, lse, kv_indices, kv_counts, scale * _LOG2E,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from ._launch import launch
 from ._common import next_pow2, make_descriptor, op_for_call, tma_compatible, tma_enabled, check_float, grouped_tile, load_reuse_bit, triton_interpreting, use_triton
 from .linear_q import check_projection
 from .symbols import Symbols, row_head_selection
@@ -189,7 +190,7 @@ def _launch_linear_o(a, weight, bias, cache_bias, reuse_bits, head_indices, head
         aa = make_descriptor(a, [1, block_m, cfg["BLOCK_K"]])
         wa = make_descriptor(weight, [cfg["BLOCK_N"], cfg["BLOCK_K"]])
     dummy = weight
-    _sparse_linear_o_kernel[grid](
+    launch(_sparse_linear_o_kernel, grid,
         aa, wa, bias if bias is not None else dummy, cache_bias if cache_bias is not None else dummy,
         cache_bias_1 if cache_bias_1 is not None else dummy, cache_bias_2 if cache_bias_2 is not None else dummy, y,
         reuse_bits, head_indices, head_counts,

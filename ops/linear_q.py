@@ -17,6 +17,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from ._launch import launch
 from ._common import make_descriptor, op_for_call, tma_compatible, tma_enabled, check_float, check_head_dim, check_symbols_device, grouped_tile, load_reuse_bit, triton_interpreting, use_triton
 from .symbols import Symbols, row_head_selection
 
@@ -135,7 +136,7 @@ def _launch_linear_q(x, weight, bias, reuse_bits, block_q, head_dim, row_offset,
         xa = make_descriptor(x, [1, cfg["BLOCK_M"], cfg["BLOCK_K"]])
         wa = make_descriptor(weight, [cfg["BLOCK_N"], cfg["BLOCK_K"]])
     grid = (triton.cdiv(S, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]), B)
-    _sparse_linear_q_kernel[grid](
+    launch(_sparse_linear_q_kernel, grid,
         xa, wa, bias if bias is not None else weight, y, reuse_bits,
         S, N, K, reuse_bits.shape[1], reuse_bits.shape[2], row_offset,
         x.stride(0), x.stride(1), weight.stride(0), y.stride(0), y.stride(1),

@@ -5,8 +5,8 @@
 At FLUX size (one single-stream block's projections and attention, bf16, reuse 0.5, key density 0.2)
 times, for each op, N back-to-back calls on the host without a sync (the GPU queue absorbs them), so the
 figure is what one call costs the host: the public function (argument checks, schedule lookup, launch),
-the registered op through the dispatcher (what a compiled graph calls), the bare launch (the op's
-implementation), and a Triton launch of an empty kernel (the floor of any Triton launch here). cuBLAS /
+the registered op through the dispatcher, the bare launch (the op's implementation) through the ops'
+launch cache and through Triton's own launch, and a Triton launch of an empty kernel. cuBLAS /
 SDPA calls are the reference: what the dense graph pays per call. GPU time per call comes from
 ``triton.testing.do_bench``. Prints a table; writes it to ``DIR/host_launch.md``."""
 
@@ -43,7 +43,7 @@ def host_us(fn, n: int = 200) -> float:
 
 def main() -> None:
     from omni_compile.bench import make_symbols
-    from omni_compile.ops import cache_bias_for, sparse_attention, sparse_linear_o, sparse_linear_q
+    from omni_compile.ops import _launch, cache_bias_for, sparse_attention, sparse_linear_o, sparse_linear_q
     from omni_compile.ops.attention import _sparse_attention_op_impl
     from omni_compile.ops.linear_o import _sparse_linear_o_op_impl, linear_o_config
     from omni_compile.ops.linear_q import _sparse_linear_q_op_impl
@@ -71,19 +71,33 @@ def main() -> None:
     hidx, hcnt = sym.head_schedule(S, 0, block_m, False)
     scale = D ** -0.5
     empty = torch.zeros(1, device=dev)
+
+    def tritons_own(fn):  # the same call with the ops' launch cache off (ops/_launch.py)
+        def call():
+            old = _launch.set_enabled(False)
+            fn()
+            _launch.set_enabled(old)
+        return call
+
+    impl_q = lambda: _sparse_linear_q_op_impl(x, w, b, sym.reuse_bits, sym.block_q, S, D, 0)
+    impl_o = lambda: _sparse_linear_o_op_impl(
+        x, w, b, terms[0], sym.reuse_bits, hidx, hcnt, sym.block_q, S, D, 0, block_m, False, terms[1], None, 2.0, 0.0)
+    impl_a = lambda: _sparse_attention_op_impl(q, k, v, sym.reuse_bits, sym.skip_bits, idx, cnt, sym.block_q,
+                                               sym.block_kv, scale, True)
     rows = [
         ("triton launch, empty kernel", lambda: _empty_kernel[(1,)](empty, 1, BLOCK=16)),
         ("F.linear (cuBLAS)", lambda: F.linear(x, w, b)),
         ("sparse_linear_q: public", lambda: sparse_linear_q(x, w, b, sym, D)),
         ("sparse_linear_q: registered op", lambda: torch.ops.flashomni.sparse_linear_q(x, w, b, sym.reuse_bits, sym.block_q, S, D, 0)),
-        ("sparse_linear_q: implementation", lambda: _sparse_linear_q_op_impl(x, w, b, sym.reuse_bits, sym.block_q, S, D, 0)),
+        ("sparse_linear_q: implementation", impl_q),
+        ("sparse_linear_q: implementation, Triton's own launch", tritons_own(impl_q)),
         ("sparse_linear_o + 2 terms: public", lambda: sparse_linear_o(x, w, b, sym, D, terms, cache_scales=scales)),
-        ("sparse_linear_o + 2 terms: implementation", lambda: _sparse_linear_o_op_impl(
-            x, w, b, terms[0], sym.reuse_bits, hidx, hcnt, sym.block_q, S, D, 0, block_m, False, terms[1], None, 2.0, 0.0)),
+        ("sparse_linear_o + 2 terms: implementation", impl_o),
+        ("sparse_linear_o + 2 terms: implementation, Triton's own launch", tritons_own(impl_o)),
         ("SDPA (cuDNN/flash)", lambda: F.scaled_dot_product_attention(q, k, v)),
         ("sparse_attention: public", lambda: sparse_attention(q, k, v, sym, scale, heads_inner=True)),
-        ("sparse_attention: implementation", lambda: _sparse_attention_op_impl(
-            q, k, v, sym.reuse_bits, sym.skip_bits, idx, cnt, sym.block_q, sym.block_kv, scale, True)),
+        ("sparse_attention: implementation", impl_a),
+        ("sparse_attention: implementation, Triton's own launch", tritons_own(impl_a)),
     ]
     lines = [f"host time per call, {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
              f"S={S}, width {C}, bf16, reuse 0.5, key density 0.2", "",
@@ -92,6 +106,18 @@ def main() -> None:
         h = host_us(fn)
         g = triton.testing.do_bench(fn, warmup=10, rep=50) * 1000
         lines.append(f"| {name} | {h:.1f} | {g:.1f} |")
+
+    def as_tuple(r):
+        return r if isinstance(r, tuple) else (r,)
+
+    same = []
+    for impl in (impl_q, impl_o, impl_a):
+        got = as_tuple(impl())
+        old = _launch.set_enabled(False)
+        want = as_tuple(impl())
+        _launch.set_enabled(old)
+        same.append(all(torch.equal(g, w_) for g, w_ in zip(got, want)))
+    lines += ["", f"cached launch == Triton's own launch, bit for bit (GEMM-Q, GEMM-O, attention): {same}"]
     text = "\n".join(lines)
     with open(os.path.join(args.out, "host_launch.md"), "w") as f:
         f.write(text + "\n")

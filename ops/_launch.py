@@ -1,0 +1,100 @@
+"""One Triton launch path for the ops' kernels, with the per-call argument binding cached.
+
+``kernel[grid](*args, **kwargs)`` makes Triton bind and specialize every argument, build a cache key and
+look the compiled kernel up on every call: on an H100 with Triton 3.6 a launch of the attention kernel
+(36 arguments) cost ~77 µs of host time against ~19 µs for an empty kernel, as much as the kernel runs at
+FLUX size (``tools/host_launch.py``, docs/benchmarks.md), and dispatch steps of a FLUX-size model are
+host-bound. :func:`launch` keys the compiled kernel by what Triton specializes on — per tensor its dtype
+and 16-byte alignment, per int whether it is 1, divisible by 16 and fits 32 bits, per TMA descriptor its
+dtype, block shape and the alignment of its base, shape and strides, and every keyword (constexprs, warps,
+stages) by value and type — a superset of Triton's own key, so a hit is a kernel Triton itself would have picked;
+a hit launches it straight through its launcher. Misses, the interpreter, and runs with Triton launch
+hooks installed (profilers) take Triton's own path. ``OMNI_COMPILE_FAST_LAUNCH=0`` turns the cache off.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from ._common import triton_interpreting
+
+_ENABLED = os.environ.get("OMNI_COMPILE_FAST_LAUNCH", "1") != "0"
+_CACHE: dict = {}
+
+try:  # the descriptor class of host-side TMA, where this Triton has it
+    from triton.tools.tensor_descriptor import TensorDescriptor as _Descriptor
+except ImportError:  # pragma: no cover - older Triton
+    _Descriptor = None
+
+try:
+    from triton import knobs as _knobs
+    from triton.runtime import driver as _driver
+except ImportError:  # pragma: no cover - older Triton: no cached path
+    _knobs = _driver = None
+    _ENABLED = False
+
+
+def enabled() -> bool:
+    return _ENABLED and not triton_interpreting()
+
+
+def set_enabled(on: bool) -> bool:
+    """Turn the cached path on or off (benchmarks and tests compare both); returns the previous value."""
+    global _ENABLED
+    old, _ENABLED = _ENABLED, bool(on) and _driver is not None
+    return old
+
+
+def _spec(a):
+    t = type(a)
+    if t is int:
+        return (a == 1, a % 16 == 0, -2**31 <= a < 2**31)
+    if t is float or a is None:
+        return t
+    if isinstance(a, torch.Tensor):
+        return (a.dtype, a.data_ptr() % 16 == 0)
+    if _Descriptor is not None and isinstance(a, _Descriptor):
+        return (a.base.dtype, a.base.data_ptr() % 16 == 0, tuple(a.block_shape),
+                tuple(s % 16 == 0 for s in a.shape), tuple(s % 16 == 0 for s in a.strides),
+                getattr(a, "padding", None))
+    return (t, a)  # anything else (bool) by value
+
+
+def _entry(kernel, compiled, n_args: int, kwargs: dict):
+    """``(run, function, packed_metadata, names of the keyword parameters in signature order)`` of a kernel
+    Triton just compiled and launched, or None when this Triton's objects do not have that shape."""
+    try:
+        names = list(kernel.arg_names[n_args:])
+        if any(n not in kwargs for n in names):
+            return None  # a parameter left to its default: Triton binds it
+        return compiled.run, compiled.function, compiled.packed_metadata, names
+    except AttributeError:
+        return None
+
+
+def launch(kernel, grid, *args, **kwargs) -> None:
+    """``kernel[grid](*args, **kwargs)``; runtime arguments positional, constexprs and launch options by
+    keyword (every parameter after the positional ones must be given by keyword)."""
+    if not _ENABLED or triton_interpreting() or _knobs.runtime.launch_enter_hook is not None \
+            or _knobs.runtime.launch_exit_hook is not None:
+        kernel[grid](*args, **kwargs)
+        return
+    device = _driver.active.get_current_device()
+    key = (id(kernel), device, tuple(map(_spec, args)), tuple(kwargs.items()), tuple(map(type, kwargs.values())))
+    hit = _CACHE.get(key)
+    if hit is None:
+        compiled = kernel[grid](*args, **kwargs)
+        if hasattr(compiled, "result"):  # Tritons that compile asynchronously return a future
+            compiled = compiled.result()
+        _CACHE[key] = _entry(kernel, compiled, len(args), kwargs) or False
+        return
+    if hit is False:
+        kernel[grid](*args, **kwargs)
+        return
+    run, function, packed, names = hit
+    stream = _driver.active.get_current_stream(device)
+    n = len(grid)
+    run(grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1, stream, function, packed, None, None, None,
+        *args, *[kwargs[k] for k in names])
