@@ -74,11 +74,19 @@ def _entry(kernel, compiled, n_args: int, kwargs: dict):
         return None
 
 
+def _hooked() -> bool:
+    """Launch hooks installed (a profiler such as proton): they need Triton's launch metadata. Triton 3.6+
+    keeps an empty ``HookChain`` there by default, which is not a hook."""
+    for hook in (_knobs.runtime.launch_enter_hook, _knobs.runtime.launch_exit_hook):
+        if hook is not None and getattr(hook, "calls", True):
+            return True
+    return False
+
+
 def launch(kernel, grid, *args, **kwargs) -> None:
     """``kernel[grid](*args, **kwargs)``; runtime arguments positional, constexprs and launch options by
     keyword (every parameter after the positional ones must be given by keyword)."""
-    if not _ENABLED or triton_interpreting() or _knobs.runtime.launch_enter_hook is not None \
-            or _knobs.runtime.launch_exit_hook is not None:
+    if not _ENABLED or triton_interpreting() or _hooked():
         kernel[grid](*args, **kwargs)
         return
     device = _driver.active.get_current_device()
