@@ -16,7 +16,10 @@ config is switched and reset between loops — no recompile). Settings (``--conf
   update interval 5, warm-up 8;
 * ``blocks`` / ``blocks_aggressive``: half of the transformer blocks cached on dispatch steps (whole-block
   caching) without / with the aggressive attention setting (only when the installed runtime has block
-  caching).
+  caching);
+* any of these with ``@triton`` appended (``blocks_aggressive@triton``): the same setting with the ops'
+  kernels launched through Triton's own path instead of the launch cache (``ops/_launch.py``) — a same-run
+  A/B of the cache on host-bound loops.
 
 Per step it records the wall time (``torch.cuda.synchronize`` after each call) and the step's action
 (dense / update / dispatch); ``--max-steps`` runs only the first N steps of the ``--steps`` schedule and
@@ -60,9 +63,16 @@ SETTINGS: Dict[str, dict] = {
 TOKEN_LAYOUTS = {"flux": (1, 64, 64), "hunyuan": (9, 45, 80)}
 
 
+#: suffix of a setting run with the ops' launch cache off (``ops/_launch.py``): ``blocks_aggressive@triton``
+#: next to ``blocks_aggressive`` is a same-run A/B of the cache
+TRITON_LAUNCH = "@triton"
+
+
 def setting(name: str, model: str, layouts=None) -> dict:
     """Config changes of a benchmark setting: a name of :data:`SETTINGS`, or ``s:<strategy>`` for a
-    shipped policy strategy (``omni_compile.policies.presets``) at the model's token grid."""
+    shipped policy strategy (``omni_compile.policies.presets``) at the model's token grid; either with
+    :data:`TRITON_LAUNCH` appended (same config, kernels launched through Triton's own path)."""
+    name = name[: -len(TRITON_LAUNCH)] if name.endswith(TRITON_LAUNCH) else name
     if name.startswith("s:"):
         from .policies.presets import strategy_policy
 
@@ -495,7 +505,10 @@ def main(argv=None) -> int:
     if "token_layout" in OmniConfig.field_names():
         defaults["token_layout"] = None
     def run_setting(name, compile_s):
+        from .ops import _launch
+
         changes = {**defaults, **setting(name, args.model, layouts)}
+        cache_was = _launch.set_enabled(_launch.enabled() and not name.endswith(TRITON_LAUNCH))
         try:
             # a 4-step generation (update, dispatch, update, dispatch) first, so Triton's JIT compiles every
             # kernel the setting uses before the timed loop: the second update is the first with Taylor
@@ -512,6 +525,9 @@ def main(argv=None) -> int:
             print(f"  {name}: FAILED ({type(e).__name__}: {e})", flush=True)
             res.setdefault("failed", {})[name] = f"{type(e).__name__}: {e}"
             return None
+        finally:
+            _launch.set_enabled(cache_was)
+        row["launch_cache"] = not name.endswith(TRITON_LAUNCH)
         write(partial=True)
         return row
 

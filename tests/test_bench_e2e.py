@@ -17,7 +17,10 @@ pytestmark = pytest.mark.usefixtures("fresh_dynamo")  # tests/conftest.py
 
 @pytest.mark.parametrize("model", ["flux", "hunyuan"])
 def test_cpu_smoke_runs_every_kind_of_setting(model, tmp_path):
-    configs = ["dense", "aggressive", "s:topk", "blocks_aggressive"]
+    from omni_compile.ops import _launch
+
+    launch_cache = _launch._ENABLED
+    configs = ["dense", "aggressive", "aggressive@triton", "s:topk", "blocks_aggressive"]
     rc = bench_e2e.main(["--cpu-smoke", "--model", model, "--steps", "6", "--warmup", "2", "--interval", "2",
                          "--no-inductor-baseline", "--profile", "aggressive", "--configs", ",".join(configs),
                          "--out", str(tmp_path)])
@@ -28,6 +31,10 @@ def test_cpu_smoke_runs_every_kind_of_setting(model, tmp_path):
     assert list(rows) == configs
     assert rows["dense"]["density"] == 1.0 and rows["dense"]["memory_mb"] == 0.0
     assert rows["aggressive"]["density"] < 1.0 and rows["aggressive"]["reuse"] > 0
+    # the same setting with Triton's own launch path: the same work, recorded as such, the switch restored
+    assert rows["aggressive@triton"]["launch_cache"] is False and rows["aggressive"]["launch_cache"] is True
+    assert rows["aggressive@triton"]["density"] == rows["aggressive"]["density"]
+    assert _launch._ENABLED == launch_cache
     assert set(rows["aggressive"]["profile"]) == {"update", "dispatch"}
     assert all(p["host_syncs"] >= 0 for p in rows["aggressive"]["profile"].values())
     assert 0 < rows["blocks_aggressive"]["blocks_cached"] < rows["blocks_aggressive"]["blocks"]
