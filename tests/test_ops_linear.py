@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from omni_compile.ops import Symbols, cache_bias_for, sparse_linear_o, sparse_linear_q
-from omni_compile.ops.linear_o import sparse_linear_o_op
+from omni_compile.ops.linear_o import sparse_linear_o_op, sparse_linear_o_prechecked
 from omni_compile.ops.linear_q import sparse_linear_q_op
 
 from _golden import EPS, IMPLS, impl_context, max_err, poison_like
@@ -105,6 +105,11 @@ def test_gemm_o_adds_taylor_terms_with_their_scales(impl, case, n_terms, x):
     gold = gold_linear + bias
     ulp = torch.finfo(a.dtype).eps * (gold.abs() + bias.abs() + 1)
     assert (y.double() - gold).abs().le(linear_tol(a_computed, w, b, gold_linear) + 4 * ulp).all()
+    # the runtime's entry without the checks computes exactly what the public wrapper does
+    with impl_context(impl):
+        assert torch.equal(sparse_linear_o_prechecked(a, w, b, s, D, terms, scales, off), y)
+        no_terms = sparse_linear_o(a, w, b, s, D, None, row_offset=off)
+        assert torch.equal(sparse_linear_o_prechecked(a, w, b, s, D, [], [], off), no_terms)
 
 
 def test_cache_bias_terms_are_checked():
