@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import bisect
+import contextlib
 import json
 import os
 import statistics
@@ -508,16 +509,18 @@ def main(argv=None) -> int:
         from .ops import _launch
 
         changes = {**defaults, **setting(name, args.model, layouts)}
-        cache_was = _launch.set_enabled(_launch.enabled() and not name.endswith(TRITON_LAUNCH))
+        tritons_own = name.endswith(TRITON_LAUNCH)
         try:
-            # a 4-step generation (update, dispatch, update, dispatch) first, so Triton's JIT compiles every
-            # kernel the setting uses before the timed loop: the second update is the first with Taylor
-            # differences, and GEMM-O specialises on how many cache-bias terms it sums (a 1.2-1.4 s compile
-            # inside the timed FLUX loops of 2026-11-23, when this warm-up stopped after one dispatch)
-            configure(state, **changes, warmup=1, interval=2)
-            run_loop(omni, latent, inputs, 4)
-            configure(state, **changes, warmup=args.warmup, interval=args.interval)
-            row = record(name, omni, state, compile_s=compile_s)
+            with _launch.launch_cache(False) if tritons_own else contextlib.nullcontext():
+                # a 4-step generation (update, dispatch, update, dispatch) first, so Triton's JIT compiles
+                # every kernel the setting uses before the timed loop: the second update is the first with
+                # Taylor differences, and GEMM-O specialises on how many cache-bias terms it sums (a 1.2-1.4 s
+                # compile inside the timed FLUX loops of 2026-11-23, when this warm-up stopped after one
+                # dispatch)
+                configure(state, **changes, warmup=1, interval=2)
+                run_loop(omni, latent, inputs, 4)
+                configure(state, **changes, warmup=args.warmup, interval=args.interval)
+                row = record(name, omni, state, compile_s=compile_s)
         except Exception as e:  # one broken setting must not lose the others' numbers
             import traceback
 
@@ -525,9 +528,7 @@ def main(argv=None) -> int:
             print(f"  {name}: FAILED ({type(e).__name__}: {e})", flush=True)
             res.setdefault("failed", {})[name] = f"{type(e).__name__}: {e}"
             return None
-        finally:
-            _launch.set_enabled(cache_was)
-        row["launch_cache"] = not name.endswith(TRITON_LAUNCH)
+        row["launch_cache"] = not tritons_own
         write(partial=True)
         return row
 

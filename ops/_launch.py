@@ -14,7 +14,9 @@ hooks installed (profilers) take Triton's own path. ``OMNI_COMPILE_FAST_LAUNCH=0
 
 from __future__ import annotations
 
+import contextlib
 import os
+from typing import Iterator
 
 import torch
 
@@ -40,11 +42,17 @@ def enabled() -> bool:
     return _ENABLED and not triton_interpreting()
 
 
-def set_enabled(on: bool) -> bool:
-    """Turn the cached path on or off (benchmarks and tests compare both); returns the previous value."""
+@contextlib.contextmanager
+def launch_cache(on: bool) -> Iterator[None]:
+    """Launch through the cache (``True``, where this Triton allows it) or through Triton's own path
+    (``False``) inside the block, as ``kernel_backend`` and ``tensor_memory_accelerator`` choose theirs:
+    benchmarks and tests compare both."""
     global _ENABLED
     old, _ENABLED = _ENABLED, bool(on) and _driver is not None
-    return old
+    try:
+        yield
+    finally:
+        _ENABLED = old
 
 
 def _spec(a):
@@ -86,7 +94,7 @@ def _hooked() -> bool:
 def launch(kernel, grid, *args, **kwargs) -> None:
     """``kernel[grid](*args, **kwargs)``; runtime arguments positional, constexprs and launch options by
     keyword (every parameter after the positional ones must be given by keyword)."""
-    if not _ENABLED or triton_interpreting() or _hooked():
+    if not enabled() or _hooked():
         kernel[grid](*args, **kwargs)
         return
     device = _driver.active.get_current_device()

@@ -30,14 +30,11 @@ def test_interpreter_and_disabled_runs_take_tritons_path(monkeypatch):
             return lambda *a, **k: calls.append((grid, a, k))
 
     cached_before = dict(_launch._CACHE)
-    old = _launch.set_enabled(True)
-    try:
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with _launch.launch_cache(True):
         _launch.launch(FakeKernel(), (3,), 1, 2, BLOCK=4)
-        monkeypatch.setenv("TRITON_INTERPRET", "0")
-        _launch.set_enabled(False)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with _launch.launch_cache(False):
         _launch.launch(FakeKernel(), (3,), 1, 2, BLOCK=4)
-    finally:
-        _launch.set_enabled(old)
     assert calls == [((3,), (1, 2), {"BLOCK": 4})] * 2
     assert _launch._CACHE == cached_before  # nothing was cached on either path

@@ -142,17 +142,13 @@ def test_cached_launch_equals_tritons_launch(load_path):
         return [sparse_linear_q(x, wq, b, s, D), sparse_attention(q, k, v, s, heads_inner=True),
                 sparse_linear_o(a, wo, b, s, D, terms, cache_scales=[1.0, 3.0])]
 
-    old = _launch.set_enabled(False)
-    try:
-        for S, odd in ((1000, False), (1536, True)):
+    for S, odd in ((1000, False), (1536, True)):
+        with _launch.launch_cache(False):
             want = run_all(S, odd)
-            _launch.set_enabled(True)
+        with _launch.launch_cache(True):
             run_all(S, odd)  # fills the cache through Triton's own launch
             n_cached = sum(1 for v in _launch._CACHE.values() if v)
             got = run_all(S, odd)
-            _launch.set_enabled(False)
-            assert n_cached >= 3, "the cached path was not set up"
-            for g_, w_ in zip(got, want):
-                assert torch.equal(g_, w_)
-    finally:
-        _launch.set_enabled(old)
+        assert n_cached >= 3, "the cached path was not set up"
+        for g_, w_ in zip(got, want):
+            assert torch.equal(g_, w_)
