@@ -171,20 +171,54 @@ def timesteps(steps: int, device) -> torch.Tensor:
 
 
 @torch.no_grad()
-def run_loop(fn, latent, inputs, steps: int, max_steps: Optional[int] = None):
-    """Euler flow-matching loop; returns (final latent, per-step seconds)."""
+def run_loop(fn, latent, inputs, steps: int, max_steps: Optional[int] = None, trace: Optional[dict] = None):
+    """Euler flow-matching loop; returns (final latent, per-step seconds).
+
+    ``trace`` (a dict) collects per step what the wall time is made of: ``host`` — seconds until the host
+    had queued the whole step (when that is close to the wall time the step is host-bound: the GPU waits
+    on launches), ``gc`` — seconds in Python's garbage collector, ``device_allocs`` — new device memory
+    segments the caching allocator requested (each a cudaMalloc)."""
+    import gc
+
     ts = timesteps(steps, latent.device)
     x = latent.clone()
     times = []
     n = steps if max_steps is None else min(steps, max_steps)
-    for i in range(n):
-        _sync()
-        t0 = time.perf_counter()
-        v = fn(**inputs(x, ts[i]))[0]
-        x = x + (ts[i + 1] - ts[i]) / 1000 * v.to(x.dtype)
-        _sync()
-        times.append(time.perf_counter() - t0)
+    gc_time = [0.0, 0.0]
+
+    def on_gc(phase, info):
+        if phase == "start":
+            gc_time[1] = time.perf_counter()
+        else:
+            gc_time[0] += time.perf_counter() - gc_time[1]
+
+    if trace is not None:
+        gc.callbacks.append(on_gc)
+    try:
+        for i in range(n):
+            _sync()
+            gc_time[0] = 0.0
+            segs = _device_segments()
+            t0 = time.perf_counter()
+            v = fn(**inputs(x, ts[i]))[0]
+            x = x + (ts[i + 1] - ts[i]) / 1000 * v.to(x.dtype)
+            t1 = time.perf_counter()
+            _sync()
+            times.append(time.perf_counter() - t0)
+            if trace is not None:
+                trace.setdefault("host", []).append(t1 - t0)
+                trace.setdefault("gc", []).append(gc_time[0])
+                trace.setdefault("device_allocs", []).append(_device_segments() - segs)
+    finally:
+        if trace is not None:
+            gc.callbacks.remove(on_gc)
     return x, times
+
+
+def _device_segments() -> int:
+    if not torch.cuda.is_available():
+        return 0
+    return int(torch.cuda.memory_stats().get("segment.all.allocated", 0))
 
 
 def _sync():
@@ -399,12 +433,16 @@ def main(argv=None) -> int:
     first = inputs(latent, timesteps(args.steps, latent.device)[0])
 
     def record(name, fn, state=None, compile_s=None):
-        x, times = run_loop(fn, latent, inputs, args.steps, args.max_steps)
+        trace: dict = {}
+        x, times = run_loop(fn, latent, inputs, args.steps, args.max_steps, trace=trace)
         acts = all_acts[: len(times)] if state is not None else ["dense"] * len(times)
         total, projected = loop_total(times, acts, args.steps, all_acts if state is not None else ["dense"] * args.steps)
         per = {a: statistics.median([t for t, b in zip(times, acts) if b == a]) * 1000 for a in set(acts)}
+        host = {a: statistics.median([t for t, b in zip(trace["host"], acts) if b == a]) * 1000 for a in set(acts)}
         row = dict(name=name, total_s=total, projected=projected, step_ms=per, compile_s=compile_s,
-                   times_ms=[t * 1000 for t in times], final=x)
+                   times_ms=[t * 1000 for t in times], final=x, host_step_ms=host,
+                   host_ms=[t * 1000 for t in trace["host"]], gc_ms=[t * 1000 for t in trace["gc"]],
+                   device_allocs=trace["device_allocs"])
         if state is not None:
             row.update(dispatch_figures(state))
             row["memory_mb"] = state.memory_bytes() / 2**20
@@ -415,7 +453,9 @@ def main(argv=None) -> int:
                     print(f"    profiled {act}: wall {p['wall_ms']:.1f} ms, device {p['device_ms']}, "
                           f"host in site ops {p['host_ms']}", flush=True)
         res["rows"].append(row)
-        print(f"  {name}: total {total:.2f} s{' (projected)' if projected else ''}, per-step ms {per}", flush=True)
+        print(f"  {name}: total {total:.2f} s{' (projected)' if projected else ''}, per-step ms {per}; host queued "
+              f"the step in {host} ms; gc {sum(row['gc_ms']):.1f} ms, new device segments {sum(row['device_allocs'])}",
+              flush=True)
         return row
 
     def finalize_rows():
@@ -602,6 +642,14 @@ def markdown(res: dict) -> str:
             f"{f(r.get('compile_s'), '.0f')} |")
     lines.append("")
     lines.append("`*` projected from per-action median step times (`--max-steps`).")
+    lines.append("")
+    for r in res["rows"]:
+        if r.get("host_step_ms"):
+            lines.append(f"- {r['name']}: the host had queued a step after (median ms) "
+                         + ", ".join(f"{a} {v:.1f}" for a, v in sorted(r["host_step_ms"].items()))
+                         + f" (wall: " + ", ".join(f"{a} {v:.1f}" for a, v in sorted(r["step_ms"].items()))
+                         + f"); garbage collector {sum(r.get('gc_ms', [])):.1f} ms in the loop; "
+                         f"{sum(r.get('device_allocs', []))} new device segments")
     return "\n".join(lines) + "\n"
 
 

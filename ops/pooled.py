@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from ._common import op_for_call, check_float, check_head_dim, next_pow2, use_triton
+from ._launch import launch
 from .symbols import block_count, check_block_size, scale_or_default
 
 
@@ -114,12 +115,12 @@ def _launch_pooled(q, k, block_q, block_kv, scale):
     qm = torch.empty(B * H, n_q, D, dtype=torch.float32, device=q.device)
     km = torch.empty(B * H, n_k, D, dtype=torch.float32, device=q.device)
     for x, out, n, blk in ((q, qm, n_q, block_q), (k, km, n_k, block_kv)):
-        _block_mean_kernel[(n, B * H)](
+        launch(_block_mean_kernel, (n, B * H),
             x, out, x.shape[2], n, x.stride(0), x.stride(1), x.stride(2), H,
             HEAD_DIM=D, BLOCK_D=bd, SYM_BLOCK=blk, CHUNK=min(blk, 32),
         )
     scores = torch.empty(B, H, n_q, n_k, dtype=torch.float32, device=q.device)
-    _block_softmax_kernel[(n_q, B * H)](
+    launch(_block_softmax_kernel, (n_q, B * H),
         qm, km, scores, n_q, n_k, Skv, scale, HEAD_DIM=D, BLOCK_D=bd, SYM_BLOCK_KV=block_kv, CHUNK_K=32,
     )
     return scores

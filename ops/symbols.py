@@ -28,6 +28,7 @@ import triton
 import triton.language as tl
 
 from ._common import device_constant
+from ._launch import launch
 
 __all__ = ["Symbols", "pack_bits", "unpack_bits", "block_count", "check_block_size"]
 
@@ -417,7 +418,7 @@ def selected_first(mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     idx = torch.empty(m.shape, dtype=torch.int32, device=m.device)
     cnt = torch.empty(m.shape[:-1], dtype=torch.int32, device=m.device)
     rows = m.numel() // n
-    _selected_first_kernel[(rows,)](m.view(torch.uint8), idx, cnt, n, N_POW2=max(16, triton.next_power_of_2(n)))
+    launch(_selected_first_kernel, (rows,), m.view(torch.uint8), idx, cnt, n, N_POW2=max(16, triton.next_power_of_2(n)))
     return idx, cnt
 
 

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from omni_compile.ops import Symbols, cache_bias_for, pooled_scores, sparse_attention, sparse_linear_o, sparse_linear_q
 from omni_compile.ops.attention import sparse_attention_reference
 from omni_compile.ops.pooled import pooled_scores_reference
+from omni_compile.ops.symbols import selected_first
 
 from omni_compile.ops._common import tensor_memory_accelerator
 
@@ -139,8 +140,10 @@ def test_cached_launch_equals_tritons_launch(load_path):
         q, k, v = (torch.randn(B, H, S, D, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(3))
         a = torch.randn(B, S, C, device="cuda", dtype=torch.bfloat16, generator=g)
         terms = [cache_bias_for(a, wo, s, D), cache_bias_for(a, wo, s, D)]
+        mask = torch.rand(B, H, S // 7, generator=g, device="cuda") < 0.3
         return [sparse_linear_q(x, wq, b, s, D), sparse_attention(q, k, v, s, heads_inner=True),
-                sparse_linear_o(a, wo, b, s, D, terms, cache_scales=[1.0, 3.0])]
+                sparse_linear_o(a, wo, b, s, D, terms, cache_scales=[1.0, 3.0]), pooled_scores(q, k, 128, 64),
+                *selected_first(mask)]
 
     for S, odd in ((1000, False), (1536, True)):
         with _launch.launch_cache(False):
@@ -149,6 +152,6 @@ def test_cached_launch_equals_tritons_launch(load_path):
             run_all(S, odd)  # fills the cache through Triton's own launch
             n_cached = sum(1 for v in _launch._CACHE.values() if v)
             got = run_all(S, odd)
-        assert n_cached >= 3, "the cached path was not set up"
+        assert n_cached >= 6, "the cached path was not set up (three ops, two pooled kernels, the compaction)"
         for g_, w_ in zip(got, want):
             assert torch.equal(g_, w_)
