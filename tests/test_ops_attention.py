@@ -148,6 +148,17 @@ def test_strided_views_from_bshd_layout(impl):
     check_against_golden(q, k, v, s, impl, scale=0.3)
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("scale", [-0.2, 0.0])
+def test_non_positive_scale(impl, scale):
+    # the kernel folds a positive scale into the row maximum (max(s*x) = s*max(x)); zero and negative
+    # scales take the multiply-first path, with a partial last key block for the masked variant too
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, 2, 70, 64, generator=g).half() * 3 for _ in range(3))
+    s = Symbols.from_dense(torch.tensor([[[False, True, False]] * 2]), torch.rand(1, 2, 3, 3, generator=g) < 0.4, 32, 32, 70, 70)
+    check_against_golden(q, k, v, s, impl, scale=scale)
+
+
 def test_bad_input_raises_naming_the_argument():
     q = torch.randn(1, 2, 40, 64)
     s = Symbols.dense(1, 2, 40, 40, 16, 16)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call (on the device machine, from the repo root, with .whl/ carried):
-#   bash tools/device_call.sh "quality demo e2e:flux:--steps~50~--configs~dense,aggressive (~ = space) bench:PARTS:SEQS gputests"
+#   bash tools/device_call.sh "quality demo e2e:flux:--steps~50~--configs~dense,aggressive (~ = space) bench:PARTS:SEQS gputests py:SCRIPT.py:ARGS"
 # Each item runs in order with its output under $OUT; a short summary is printed last.
 set -uo pipefail
 OUT=${OUT:-out}
@@ -27,6 +27,7 @@ for item in $1; do
           tail -14 "$OUT/host_$a.log" ;;
     bench) python3 -m omni_compile.bench --out "$OUT/bench" --parts "$a" --seqs "$b" > "$OUT/bench.log" 2> "$OUT/bench_stderr.log"; rc=$?
            grep -v '^  ' "$OUT/bench.log" | tail -60 ;;
+    py) python3 "tools/$a" ${b//\~/ } > "$OUT/py_$a.log" 2>&1; rc=$?; tail -60 "$OUT/py_$a.log" ;;
     *) echo "unknown item $what"; rc=2 ;;
   esac
   summary+=("$what:$a rc=$rc $(( $(date +%s) - t0 ))s")
