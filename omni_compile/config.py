@@ -167,6 +167,22 @@ class OmniConfig:
     ``mean|r_new − r_old| / mean|r_old|`` divided by the steps between the two observations, is at most
     this. Higher caches more blocks (faster, staler). Float, 0 or more."""
 
+    steps: Optional[int] = None
+    """How the runtime places a model call in the denoising loop. None (default): from the call's
+    timestep — a smaller one is the next step, an equal one the next CFG stream, a larger one a new
+    generation; it works with any loop but reads the timestep on the host every call, which waits for
+    the GPU when the timestep is on it (one device sync per call: the host cannot queue the next step
+    while the GPU runs this one, which costs time when a step's host work is close to its GPU time, as
+    at FLUX size). An integer: the loop's number of denoising steps; calls are placed by counting them
+    (``streams`` calls per step, a new generation every ``steps`` steps or at ``OmniState.reset()``) and
+    nothing is read, so the host runs ahead freely. The timesteps are still checked once their copies
+    reach the host without blocking: a loop that does not match raises ``RuntimeError`` up to a few calls
+    late. Policies then see ``timestep`` as NaN. Integer, 1 or more, or None."""
+
+    streams: int = 1
+    """``steps`` set only: model calls per denoising step (2 for a pipeline that runs the conditional and
+    unconditional passes as two calls; 1 when CFG is batched into one call or absent). Integer, 1 to 16."""
+
     def __post_init__(self) -> None:
         self.validate()
 
@@ -197,6 +213,10 @@ class OmniConfig:
         m = self.max_cache_mb
         if m is not None and (not isinstance(m, (int, float)) or isinstance(m, bool) or m < 0 or m != m):
             raise ValueError(f"OmniConfig.max_cache_mb must be None or a number, 0 or more, got {m!r}")
+        if self.steps is not None and (not isinstance(self.steps, int) or isinstance(self.steps, bool) or self.steps < 1):
+            raise ValueError(f"OmniConfig.steps must be None or an integer, 1 or more, got {self.steps!r}")
+        if not isinstance(self.streams, int) or isinstance(self.streams, bool) or not 1 <= self.streams <= 16:
+            raise ValueError(f"OmniConfig.streams must be an integer from 1 to 16, got {self.streams!r}")
         if self.block_cache not in BLOCK_CACHE_POLICIES:
             raise ValueError(f"OmniConfig.block_cache must be one of {BLOCK_CACHE_POLICIES}, got {self.block_cache!r}")
         for name, hi in (("block_cache_fraction", 1.0), ("s_q", 1.0), ("block_cache_threshold", None)):

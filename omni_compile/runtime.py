@@ -76,16 +76,41 @@ def site_op(schema: str):
 
 @site_op("step_clock(Tensor timestep, int state) -> Tensor")
 def step_clock(timestep: torch.Tensor, state: int) -> torch.Tensor:
-    """Place this model call in the denoising loop from its timestep (one host read of one value).
-    Returns ``[generation, step, stream]`` (int64, on the timestep's device): a token the site ops take as
-    an input, so they run after it."""
+    """Place this model call in the denoising loop: from its timestep (one host read of one value, a
+    device sync when the timestep is on the GPU), or with ``OmniConfig.steps`` set from call counts (no
+    read; the timestep is checked once its copy reaches the host). Returns a token of zeros (``[3]``
+    int64 on the timestep's device) that the site ops take as an input, so they run after it; it is
+    filled on the device (a host-to-device copy from pageable memory would wait for the GPU as well)."""
     st = get_state(state)
-    t = float(timestep.reshape(-1)[0]) if timestep.numel() else 0.0
+    cfg = st.config
     gen = st.clock.generation
-    pos = st.clock.tick(t)
+    if cfg.steps is None:
+        pos = st.clock.tick(float(timestep.reshape(-1)[0]) if timestep.numel() else 0.0)
+    else:
+        pos = st.clock.tick_counted(cfg.steps, cfg.streams)
+        _check_timestep_later(st.clock, pos, timestep)
     if pos.generation != gen:
         st.new_generation()
-    return torch.tensor([pos.generation, pos.step, pos.stream], dtype=torch.int64, device=timestep.device)
+    return torch.zeros(3, dtype=torch.int64, device=timestep.device)
+
+
+def _check_timestep_later(clock, pos, timestep: torch.Tensor) -> None:
+    """Queue the counted position's timestep for :meth:`StepClock.check`, copied to pinned host memory
+    without blocking, and check every queued one whose copy has landed (oldest first)."""
+    t = timestep.reshape(-1)[:1]
+    if t.numel() == 0:
+        return
+    if not t.is_cuda:
+        clock.check(pos, float(t))
+        return
+    host = torch.empty(1, dtype=t.dtype, pin_memory=True)
+    host.copy_(t, non_blocking=True)
+    done = torch.cuda.Event()
+    done.record()
+    clock.pending.append((pos, host, done))
+    while clock.pending and clock.pending[0][2].query():
+        p, h, _ = clock.pending.popleft()
+        clock.check(p, float(h))
 
 
 @step_clock.register_fake

@@ -16,6 +16,13 @@ sees into positions ``(generation, step, stream)``:
 A pipeline that batches CFG into one call has one stream whose batch items carry their own symbols.
 Reading the timestep's value is one host sync per model call (``Tensor.item``); see docs/runtime.md.
 
+**The counted clock** (``OmniConfig.steps`` set) reads nothing: call ``c`` of a generation is step
+``c // streams``, stream ``c % streams``, and a generation ends after ``steps * streams`` calls (or at
+:meth:`reset`). The host then never waits for the GPU, so it can queue the next steps while the GPU runs
+(``tick_counted``). The timesteps are still checked against the assigned positions, as they arrive on the
+host without blocking (:meth:`StepClock.check`), and a loop that does not match ``steps``/``streams``
+raises a ``RuntimeError`` — at most a few calls late, but never silently.
+
 **The schedule.** :func:`step_action` maps a step index to ``"dense"`` (warm-up), ``"update"`` or
 ``"dispatch"`` from ``warmup`` and ``interval`` alone, so it can move to the device unchanged (an integer
 step tensor compared with two constants).
@@ -23,6 +30,7 @@ step tensor compared with two constants).
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass
 from typing import Optional
 
@@ -81,6 +89,53 @@ class StepClock:
         self.ticks = 0
         self._last: Optional[float] = None
         self.position: Optional[Position] = None
+        self._calls = 0
+        """Calls of the current generation (counted clock)."""
+        self._checked: Optional[tuple] = None
+        """``(position, timestep)`` of the last call whose timestep was checked (counted clock)."""
+        self.pending: deque = deque()
+        """``(position, host copy of the timestep, copy-done event)`` of counted calls whose timestep has
+        not reached the host yet (the runtime fills and drains it)."""
+
+    def tick_counted(self, steps: int, streams: int) -> Position:
+        """The position of the next call from call counts alone (no timestep read): ``steps`` steps of
+        ``streams`` calls per generation. Its ``timestep`` is NaN (unknown when the call is placed)."""
+        if self.generation < 0 or self._calls >= steps * streams:
+            self.generation += 1
+            self._calls = 0
+        self.step, self.stream = divmod(self._calls, streams)
+        self._calls += 1
+        self.ticks += 1
+        self.position = Position(self.generation, self.step, self.stream, float("nan"))
+        return self.position
+
+    def check(self, pos: Position, timestep: float) -> None:
+        """Check a counted position against the call's timestep, in call order: within a generation the
+        timestep must stay equal between the streams of a step and fall from one step to the next; a new
+        generation must not start below the last timestep of the previous one (that would be the same
+        loop running longer than ``steps``). Raises ``RuntimeError`` naming the mismatch."""
+        t = float(timestep)
+        prev = self._checked
+        self._checked = (pos, t)
+        if prev is None:
+            return
+        (p, u) = prev
+        where = f"generation {pos.generation}, step {pos.step}, stream {pos.stream} (timestep {t:g}, before it {u:g})"
+        if pos.generation != p.generation:
+            if t < u:
+                raise RuntimeError(
+                    f"flashomni counted clock: the timestep kept falling across the generation boundary at {where}: "
+                    "the loop has more steps than OmniConfig.steps (or more calls per step than OmniConfig.streams); "
+                    "set them to the loop's, or leave steps=None to place calls by their timesteps")
+        elif pos.step == p.step and t != u:
+            raise RuntimeError(
+                f"flashomni counted clock: two calls of one step saw different timesteps at {where}: the loop makes "
+                "fewer calls per step than OmniConfig.streams; set streams to the loop's")
+        elif pos.step != p.step and not t < u:
+            raise RuntimeError(
+                f"flashomni counted clock: the timestep did not fall from one step to the next at {where}: the loop "
+                "has fewer steps than OmniConfig.steps, makes more calls per step than OmniConfig.streams, or a new "
+                "generation started without OmniState.reset()")
 
     def tick(self, timestep: float) -> Position:
         t = float(timestep)

@@ -159,6 +159,28 @@ def test_reset_and_new_generation_reproduce_bit_for_bit(flux):
     assert gen0.density() < 1.0
 
 
+def test_counted_clock_loop_equals_the_timestep_clock_loop(flux):
+    # OmniConfig.steps places calls by counting them (no host read of the timestep): the same positions,
+    # so the same output bit for bit, on two generations without reset() and with two-call CFG
+    model, make_inputs, lat = flux
+    kw = dict(policy="fixed", reuse_fraction=0.5, skip_fraction=0.5, warmup=2, interval=3)
+    by_time = denoise(_compile(model, _state(**kw)), make_inputs, lat, 7, cfg="two-call")
+    torch._dynamo.reset()
+    st = _state(steps=7, streams=2, **kw)
+    compiled = _compile(model, st)
+    first = denoise(compiled, make_inputs, lat, 7, cfg="two-call")
+    with torch.compiler.set_stance("fail_on_recompile"):
+        second = denoise(compiled, make_inputs, lat, 7, cfg="two-call")
+    assert torch.equal(first, by_time) and torch.equal(second, by_time)
+    assert st.clock.generation == 1 and not st.clock.pending
+    assert [s["action"] for s in st.report().steps if s["stream"] == 0 and s["generation"] == 1] == [
+        step_action(i, 2, 3) for i in range(7)]
+    # a loop longer than steps: the counted clock would start a new generation mid-loop; it raises instead
+    st.reset()
+    with pytest.raises(RuntimeError, match="more steps than OmniConfig.steps"):
+        denoise(compiled, make_inputs, lat, 8, cfg="two-call")
+
+
 def _expected_bytes(st):
     D = st.config.taylor_order
     total = 0

@@ -231,6 +231,34 @@ def test_clock_streams_steps_and_generations():
     assert c.tick(0.2).generation == 0
 
 
+@given(steps=st.integers(1, 6), streams=st.integers(1, 3), gens=st.integers(1, 3))
+def test_counted_clock_places_calls_like_the_timestep_clock(steps, streams, gens):
+    # a loop that matches steps/streams gets the positions the timestep clock gives, and passes the check
+    ts = [1.0 - i / steps for i in range(steps)]
+    seq = [t for _ in range(gens) for t in ts for _ in range(streams)]
+    by_time, counted = StepClock(), StepClock()
+    for t in seq:
+        a = by_time.tick(t)
+        b = counted.tick_counted(steps, streams)
+        assert (a.generation, a.step, a.stream) == (b.generation, b.step, b.stream)
+        counted.check(b, t)
+
+
+@pytest.mark.parametrize("seq, steps, streams, match", [
+    ([1.0, 0.5, 0.2, 0.1], 3, 1, "more steps than OmniConfig.steps"),
+    ([1.0, 0.5, 1.0, 0.5], 3, 1, "fewer steps than OmniConfig.steps"),
+    ([1.0, 0.5, 0.2, 0.1], 2, 2, "different timesteps"),
+    ([1.0, 1.0, 1.0, 1.0], 2, 1, "did not fall"),
+])
+def test_counted_clock_raises_when_the_loop_does_not_match(seq, steps, streams, match):
+    c = StepClock()
+    with pytest.raises(RuntimeError, match=match):
+        for t in seq:
+            c.check(c.tick_counted(steps, streams), t)
+    c.reset()  # reset() starts over: the same calls after it are a fresh generation
+    c.check(c.tick_counted(steps, streams), seq[0])
+
+
 @pytest.mark.parametrize("kw, field, rng", [
     ({"interval": 0}, "interval", "from 1 to 1000"),
     ({"warmup": 0}, "warmup", "from 1 to 1000"),
@@ -243,6 +271,8 @@ def test_clock_streams_steps_and_generations():
     ({"max_cache_mb": -1.0}, "max_cache_mb", "0 or more"),
     ({"interval": 2.5}, "interval", "from 1 to 1000"),
     ({"policy": "magic"}, "policy", "one of"),
+    ({"steps": 0}, "steps", "1 or more"),
+    ({"streams": 0}, "streams", "from 1 to 16"),
 ])
 def test_config_rejects_invalid_values(kw, field, rng):
     with pytest.raises(ValueError, match=rf"OmniConfig\.{field} must .*{rng}"):

@@ -83,6 +83,7 @@ class PolicyInput:
     site_id: int = 0
     step: int = 0
     timestep: float = 0.0
+    """The call's timestep (NaN under the counted clock, ``OmniConfig.steps``: it is not read then)."""
     site_name: str = ""
     """Module path of the site (``transformer_blocks.3.attn``)."""
     layout: Optional[TokenLayout] = None
