@@ -215,6 +215,30 @@ def run_loop(fn, latent, inputs, steps: int, max_steps: Optional[int] = None, tr
     return x, times
 
 
+@torch.no_grad()
+def run_loop_pipelined(fn, latent, inputs, steps: int):
+    """The same loop as :func:`run_loop` with no sync between steps (one at the end), as a pipeline runs it:
+    the host may queue step ``i + 1`` while the GPU still runs step ``i``. Returns (final latent, seconds,
+    per-step ms on the GPU's clock: between the events recorded after consecutive steps, so a step's GPU
+    time plus any wait for the host to queue it; empty without CUDA)."""
+    ts = timesteps(steps, latent.device)
+    x = latent.clone()
+    cuda = torch.cuda.is_available()
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(steps + 1)] if cuda else []
+    _sync()
+    t0 = time.perf_counter()
+    if cuda:
+        ends[0].record()
+    for i in range(steps):
+        v = fn(**inputs(x, ts[i]))[0]
+        x = x + (ts[i + 1] - ts[i]) / 1000 * v.to(x.dtype)
+        if cuda:
+            ends[i + 1].record()
+    _sync()
+    total = time.perf_counter() - t0
+    return x, total, [a.elapsed_time(b) for a, b in zip(ends, ends[1:])]
+
+
 def _device_segments() -> int:
     if not torch.cuda.is_available():
         return 0
@@ -402,6 +426,9 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=8)
     ap.add_argument("--layers", type=int, default=None, help="fewer blocks (smoke runs)")
     ap.add_argument("--no-inductor-baseline", action="store_true")
+    ap.add_argument("--clock", default="counted", choices=("counted", "timestep"),
+                    help="how the flashomni runtime places calls: 'counted' (OmniConfig.steps set: no host read, the "
+                         "host can run ahead) or 'timestep' (one host read of the timestep per call, a device sync)")
     ap.add_argument("--profile", default="aggressive,blocks_aggressive",
                     help="settings whose dispatch and update steps are profiled (device time per kernel class, "
                          "host time in the site ops, host syncs and copies per step)")
@@ -426,7 +453,7 @@ def main(argv=None) -> int:
         model, latent, inputs = MODELS[args.model](layers=args.layers)
     res = dict(model=args.model, steps=args.steps, max_steps=args.max_steps, interval=args.interval,
                warmup=args.warmup, device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", torch=torch.__version__,
-               triton=__import__("triton").__version__, tokens=None, rows=[])
+               triton=__import__("triton").__version__, tokens=None, rows=[], clock=args.clock)
     print(f"built {args.model} in {time.perf_counter() - t0:.1f} s; "
           f"{sum(p.numel() for p in model.parameters()) / 1e9:.2f} B params", flush=True)
     all_acts = actions(args.steps, args.warmup, args.interval)
@@ -452,10 +479,23 @@ def main(argv=None) -> int:
                 for act, p in row["profile"].items():
                     print(f"    profiled {act}: wall {p['wall_ms']:.1f} ms, device {p['device_ms']}, "
                           f"host in site ops {p['host_ms']}", flush=True)
+        if not projected:
+            # the whole loop again without a sync per step (a new generation: reset() for the counted clock)
+            if state is not None:
+                state.reset()
+            xp, row["pipelined_s"], gpu_ms = run_loop_pipelined(fn, latent, inputs, args.steps)
+            pacts = all_acts if state is not None else ["dense"] * args.steps
+            row["pipelined_gpu_ms"] = gpu_ms
+            if gpu_ms:
+                row["pipelined_step_ms"] = {a: statistics.median([t for t, b in zip(gpu_ms, pacts) if b == a])
+                                            for a in set(pacts)}
+            row["pipelined_err"] = rel_l2(xp, x)  # the same computation: 0 unless the loop depends on timing
         res["rows"].append(row)
-        print(f"  {name}: total {total:.2f} s{' (projected)' if projected else ''}, per-step ms {per}; host queued "
-              f"the step in {host} ms; gc {sum(row['gc_ms']):.1f} ms, new device segments {sum(row['device_allocs'])}",
-              flush=True)
+        print(f"  {name}: total {total:.2f} s{' (projected)' if projected else ''}"
+              + (f", pipelined {row['pipelined_s']:.2f} s (rel L2 vs synced {row['pipelined_err']:.1e})"
+                 if "pipelined_s" in row else "")
+              + f", per-step ms {per}; host queued the step in {host} ms; gc {sum(row['gc_ms']):.1f} ms, new device "
+              f"segments {sum(row['device_allocs'])}", flush=True)
         return row
 
     def finalize_rows():
@@ -468,9 +508,11 @@ def main(argv=None) -> int:
             if base:
                 r["speedup"] = base["total_s"] / r["total_s"]
                 r["err_vs_inductor"] = rel_l2(r["final"], base["final"])
+                if "pipelined_s" in r and "pipelined_s" in base:
+                    r["speedup_pipelined"] = base["pipelined_s"] / r["pipelined_s"]
             if dense_row is not None and r is not dense_row and r["name"] != "inductor":
                 r["err_vs_dense"] = rel_l2(r["final"], dense_row["final"])
-            if r["name"] in ("inductor", "dense", "split_dense") or not (prof_i and base and prof_o):
+            if r["name"] in ("inductor", "dense", "split_dense") or not (prof_i and base and prof_o) or not prof_i["total"]:
                 continue
             # the ideal starts from the faster dense step: Inductor's, or the rewritten graph's own with every
             # tile computed when that ran in this run and is faster (HunyuanVideo: 1.25x, the mask dropped),
@@ -545,6 +587,10 @@ def main(argv=None) -> int:
         defaults["block_cache"] = "none"
     if "token_layout" in OmniConfig.field_names():
         defaults["token_layout"] = None
+    def clock(steps):
+        counted = args.clock == "counted" and "steps" in OmniConfig.field_names()
+        return dict(steps=steps) if counted else {}
+
     def run_setting(name, compile_s):
         from .ops import _launch
 
@@ -557,9 +603,10 @@ def main(argv=None) -> int:
                 # Taylor differences, and GEMM-O specialises on how many cache-bias terms it sums (a 1.2-1.4 s
                 # compile inside the timed FLUX loops of 2026-11-23, when this warm-up stopped after one
                 # dispatch)
-                configure(state, **changes, warmup=1, interval=2)
+                configure(state, **changes, warmup=1, interval=2, **clock(4))
                 run_loop(omni, latent, inputs, 4)
-                configure(state, **changes, warmup=args.warmup, interval=args.interval)
+                configure(state, **changes, warmup=args.warmup, interval=args.interval,
+                          **clock(args.steps + 2 * args.interval + 2))  # profile_actions runs past the loop
                 row = record(name, omni, state, compile_s=compile_s)
         except Exception as e:  # one broken setting must not lose the others' numbers
             import traceback
@@ -629,19 +676,22 @@ def markdown(res: dict) -> str:
         lines.append(f"- blocks (kernel ms, split graph, dense step): {len(res['block_ms'])} blocks, "
                      f"{sum(res['block_ms'].values()):.1f} ms in all"
                      + (f" of the step's {total:.1f}" if total else ""))
-    lines += ["", "| setting | loop s | dense ms | update ms | dispatch ms | density | reuse | blocks cached | speedup | ideal | of ideal | rel L2 vs dense | compile s |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines += ["", "| setting | loop s | pipelined s | dense ms | update ms | dispatch ms | density | reuse | blocks cached | speedup | pipelined speedup | ideal | of ideal | rel L2 vs dense | compile s |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in res["rows"]:
         sm = r["step_ms"]
         lines.append(
-            f"| {r['name']} | {r['total_s']:.2f}{'*' if r['projected'] else ''} | {f(sm.get('dense'), '.1f')} | "
+            f"| {r['name']} | {r['total_s']:.2f}{'*' if r['projected'] else ''} | {f(r.get('pipelined_s'), '.2f')} | "
+            f"{f(sm.get('dense'), '.1f')} | "
             f"{f(sm.get('update'), '.1f')} | {f(sm.get('dispatch'), '.1f')} | {f(r.get('density'), '.3f')} | "
             f"{f(r.get('reuse'), '.2f')} | {str(r['blocks_cached']) + '/' + str(r['blocks']) if 'blocks' in r else '—'} | "
-            f"{f(r.get('speedup'), '.2f')} | {f(r.get('ideal_speedup'), '.2f')} | "
+            f"{f(r.get('speedup'), '.2f')} | {f(r.get('speedup_pipelined'), '.2f')} | {f(r.get('ideal_speedup'), '.2f')} | "
             f"{f(r.get('of_ideal'), '.0%')} | {f(r.get('err_vs_dense', r.get('err_vs_inductor')), '.2e')} | "
             f"{f(r.get('compile_s'), '.0f')} |")
     lines.append("")
-    lines.append("`*` projected from per-action median step times (`--max-steps`).")
+    lines.append("`*` projected from per-action median step times (`--max-steps`). *Loop s* syncs after every step "
+                 "(per-step times); *pipelined s* runs the same loop again with one sync at the end, as a pipeline "
+                 f"does (not for projected rows); flashomni clock: {res.get('clock', 'timestep')}.")
     lines.append("")
     for r in res["rows"]:
         if r.get("host_step_ms"):
@@ -649,7 +699,10 @@ def markdown(res: dict) -> str:
                          + ", ".join(f"{a} {v:.1f}" for a, v in sorted(r["host_step_ms"].items()))
                          + f" (wall: " + ", ".join(f"{a} {v:.1f}" for a, v in sorted(r["step_ms"].items()))
                          + f"); garbage collector {sum(r.get('gc_ms', [])):.1f} ms in the loop; "
-                         f"{sum(r.get('device_allocs', []))} new device segments")
+                         f"{sum(r.get('device_allocs', []))} new device segments"
+                         + ("; pipelined, a step took the GPU (median ms) "
+                            + ", ".join(f"{a} {v:.1f}" for a, v in sorted(r["pipelined_step_ms"].items()))
+                            if r.get("pipelined_step_ms") else ""))
     return "\n".join(lines) + "\n"
 
 

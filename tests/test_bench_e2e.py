@@ -42,6 +42,9 @@ def test_cpu_smoke_runs_every_kind_of_setting(model, tmp_path):
     assert len(res["block_ms"]) == rows["blocks_aggressive"]["blocks"]
     assert not any(k.startswith("block ") for k in res["profile_split_dense"])
     assert all(len(r["times_ms"]) == 6 for r in rows.values())
+    # the loop again without a sync per step, on the counted clock: the same latent bit for bit
+    assert res["clock"] == "counted"
+    assert all(r["pipelined_s"] > 0 and r["pipelined_err"] == 0.0 for r in rows.values())
     assert (tmp_path / f"e2e_{model}.md").read_text().count("\n| ") == len(configs) + 1
 
 
