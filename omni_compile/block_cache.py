@@ -221,7 +221,7 @@ class BlockProgram:
             x = pos.step - bs.update_step
             for (o, i), fs in zip(blk.streams, bs.factors):
                 inp = env[i.name]
-                env[o.name] = inp + taylor.forecast(fs, x, inp.dtype)
+                env[o.name] = taylor.forecast(fs, x, inp.dtype, base=inp)
             bs.skipped += 1
             rec.skipped_calls += 1
             return
@@ -261,15 +261,12 @@ class BlockProgram:
     def _observe(self, rec: BlockRecord, bs: BlockStream, blk, env: dict, update: bool) -> None:
         st, cfg = self.state, self.state.config
         D = cfg.taylor_order
-        res = []
-        for o, i in blk.streams:
-            out, inp = env[o.name], env[i.name]
-            # the difference is exact in fp32 per element and rounded once to the storage dtype (what the
-            # factors are kept in anyway): one pass instead of three conversions and a subtraction
-            res.append((torch.sub(out, inp), out.dtype))
+        # (output, input) per residual stream: the residual output − input is taken inside the refresh, in
+        # fp32 per element and rounded once to the storage dtype (the output's)
+        res = [(env[o.name], env[i.name]) for o, i in blk.streams]
         keep = D + 1 if update else max(D, 1)
         # warm-up observations reserve what the update will hold, so blocks keep their cache in run order
-        need = sum(r.numel() * (D + 1) * dt.itemsize for r, dt in res)
+        need = sum(out.numel() * (D + 1) * out.dtype.itemsize for out, _ in res)
         cap = cfg.max_cache_bytes
         if cap is not None and st.memory_bytes() - bs.memory_bytes() + need > cap:
             bs.factors, bs.obs_step = None, None
@@ -283,12 +280,12 @@ class BlockProgram:
         if update and cfg.block_cache == "change":
             bs.change = None
             if old is not None and delta > 0:
-                num = sum((r - f[0].to(r.dtype)).abs().sum() for (r, _), f in zip(res, old))
-                den = sum(f[0].to(r.dtype).abs().sum() for (r, _), f in zip(res, old))
+                num = sum(((out - inp) - f[0].to(out.dtype)).abs().sum() for (out, inp), f in zip(res, old))
+                den = sum(f[0].to(out.dtype).abs().sum() for (out, _), f in zip(res, old))
                 self._pending.append(("change", bs, num / den.clamp_min(1e-30) / delta))
         new = []
-        for j, (r, dt) in enumerate(res):
-            new.append(taylor.refresh(None if old is None or delta == 0 else old[j], r, delta, D, keep=keep, dtype=dt))
+        for j, (out, inp) in enumerate(res):
+            new.append(taylor.refresh(None if old is None or delta == 0 else old[j], out, delta, D, keep=keep, sub=inp))
         bs.factors, bs.obs_step = new, bs.step
         if update:
             bs.update_step = bs.step

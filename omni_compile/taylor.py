@@ -17,34 +17,35 @@ from typing import List, Optional, Sequence
 
 import torch
 
+#: dtypes the one-pass ops (``omni_compile.ops.taylor``) take; others (fp64 in tests) use PyTorch ops
+_OPS_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
 
 def refresh(old: Optional[Sequence[torch.Tensor]], new: torch.Tensor, delta: int, order: int,
-            keep: Optional[int] = None, dtype: Optional[torch.dtype] = None) -> List[torch.Tensor]:
-    """Factors ``[f_0, …]`` after observing ``new`` ``delta`` steps after the observation that produced
-    ``old`` (None: first observation). Differences are taken in fp32 (or wider) and stored in ``dtype`` (default
-    ``new.dtype``). ``keep`` limits how many factors are returned (all ``<= order + 1`` by default).
+            keep: Optional[int] = None, dtype: Optional[torch.dtype] = None,
+            sub: Optional[torch.Tensor] = None) -> List[torch.Tensor]:
+    """Factors ``[f_0, …]`` after observing ``new`` (``new − sub`` when ``sub`` is given: a block's
+    residual) ``delta`` steps after the observation that produced ``old`` (None: first observation).
+    Differences are taken in fp32 (or wider) and stored in ``dtype`` (default ``new.dtype``). ``keep`` limits
+    how many factors are computed and returned (all ``<= order + 1`` by default).
 
     Every returned tensor is a fresh copy, never ``new`` itself: a compiled graph may reuse the storage
     of its intermediate tensors (Inductor's buffer reuse) once their last use in the graph is done."""
     dtype = dtype or new.dtype
-    if dtype == new.dtype and (old is None or all(o.dtype == dtype for o in old)):
-        # the storage dtype throughout: per order a subtraction and an in-place division, each computed in
-        # fp32 per element and rounded to the storage dtype (the fp32 path below converts every operand
-        # first: 5 passes per order, on every GEMM-O projection of every update step)
-        f = [new.clone()]
-        if old is not None and delta > 0:
-            for i in range(min(order, len(old))):
-                f.append(torch.sub(f[i], old[i]).div_(delta))
-        return f if keep is None else f[:keep]
-    acc = torch.promote_types(new.dtype, torch.float32)
-    f = [new.to(acc)]
-    if old is not None and delta > 0:
-        for i in range(order):
-            if i >= len(old):
-                break
-            f.append((f[i] - old[i].to(acc)) / delta)
+    n_old = 0 if old is None or delta <= 0 else min(order, len(old))
     if keep is not None:
-        f = f[:keep]
+        n_old = max(0, min(n_old, keep - 1))
+    if dtype == new.dtype and dtype in _OPS_DTYPES and (old is None or all(o.dtype == dtype for o in old)):
+        # the storage dtype throughout: one pass over memory for all orders (ops.taylor_refresh: each
+        # factor computed in fp32 and rounded once; as PyTorch ops it was a copy, then a subtraction and an
+        # in-place division per order, on every GEMM-O projection and cached block of every update step)
+        from omni_compile.ops.taylor import taylor_refresh
+
+        return taylor_refresh(new, list(old[:n_old]) if n_old else [], delta, sub=sub)
+    acc = torch.promote_types(new.dtype, torch.float32)
+    f = [new.to(acc) if sub is None else new.to(acc) - sub.to(acc)]
+    for i in range(n_old):
+        f.append((f[i] - old[i].to(acc)) / delta)
     return [x.to(dtype, copy=True) if x is new or x.data_ptr() == new.data_ptr() else x.to(dtype) for x in f]
 
 
@@ -53,24 +54,20 @@ def coefficients(n: int, x: float) -> List[float]:
     return [x**i / math.factorial(i) for i in range(n)]
 
 
-def forecast(factors: Sequence[torch.Tensor], x: float, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """``Σ_i factors[i] · x^i / i!`` returned in ``dtype``.
+def forecast(factors: Sequence[torch.Tensor], x: float, dtype: torch.dtype = torch.float32,
+             base: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``base + Σ_i factors[i] · x^i / i!`` (``base`` None: the forecast alone) returned in ``dtype``.
 
-    When ``dtype`` is the factors' own dtype the sum is one ``torch.add(f0, f1, alpha=c1)`` (plus an in-place
-    ``add_`` per further order): each element is computed in fp32 and rounded once per order, in one pass
-    over memory — on a dispatch step this runs for every GEMM-O projection, and the accumulate-in-fp32
-    path below (three conversions and three passes) cost as much as the sparse GEMM it feeds (FLUX 1024²,
-    H100). Otherwise it accumulates in fp32 (or wider) and converts at the end."""
-    if all(f.dtype == dtype for f in factors):
-        c = coefficients(len(factors), x)
-        if len(factors) == 1:
-            return factors[0].clone()
-        out = torch.add(factors[0], factors[1], alpha=c[1])
-        for ci, f in zip(c[2:], factors[2:]):
-            out.add_(f, alpha=ci)
-        return out
-    out = None
+    When ``dtype`` is the factors' (and ``base``'s) dtype it is one pass over memory
+    (``ops.taylor_sum``: computed in fp32, rounded once): on a dispatch step this runs for every cached
+    block, and as separate PyTorch ops (a sum, then the addition to the input) it cost two passes.
+    Otherwise it accumulates in fp32 (or wider) and converts at the end."""
+    if dtype in _OPS_DTYPES and all(f.dtype == dtype for f in factors) and (base is None or base.dtype == dtype):
+        from omni_compile.ops.taylor import taylor_sum
+
+        return taylor_sum(factors, coefficients(len(factors), x), base)
     acc = torch.promote_types(factors[0].dtype, torch.float32)
+    out = None if base is None else base.to(acc)
     for c, f in zip(coefficients(len(factors), x), factors):
         term = f.to(acc) if c == 1.0 else f.to(acc) * c
         out = term if out is None else out + term

@@ -9,6 +9,7 @@ from .attention import sparse_attention, sparse_attention_reference
 from .linear_o import cache_bias_for, sparse_linear_o, sparse_linear_o_reference
 from .linear_q import sparse_linear_q, sparse_linear_q_reference
 from .pooled import pooled_scores, pooled_scores_reference
+from .taylor import taylor_refresh, taylor_refresh_reference, taylor_sum, taylor_sum_reference
 from .symbols import Symbols, pack_bits, unpack_bits
 
 __all__ = [
@@ -24,6 +25,10 @@ __all__ = [
     "cache_bias_for",
     "pooled_scores",
     "pooled_scores_reference",
+    "taylor_sum",
+    "taylor_sum_reference",
+    "taylor_refresh",
+    "taylor_refresh_reference",
     "kernel_backend",
     "triton_interpreting",
 ]

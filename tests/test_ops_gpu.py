@@ -155,3 +155,15 @@ def test_cached_launch_equals_tritons_launch(load_path):
         assert n_cached >= 6, "the cached path was not set up (three ops, two pooled kernels, the compaction)"
         for g_, w_ in zip(got, want):
             assert torch.equal(g_, w_)
+
+
+@pytest.mark.parametrize("dtype", DT)
+def test_taylor_ops_realistic(dtype):
+    from omni_compile.ops import taylor_refresh, taylor_refresh_reference, taylor_sum, taylor_sum_reference
+
+    x, inp, f0, f1 = (torch.randn(1, 4608, 3072, device="cuda", dtype=dtype) for _ in range(4))
+    got = taylor_sum([f0, f1], [1.0, 3.0], inp)
+    assert rel(got, taylor_sum_reference([f0, f1], [1.0, 3.0], inp)) < 1e-3
+    new = taylor_refresh(x, [f0, f1], 5, sub=inp)
+    want = taylor_refresh_reference(x, inp, [f0, f1], 5)
+    assert torch.equal(new[0], want[0]) and all(rel(a, b) < 1e-3 for a, b in zip(new[1:], want[1:]))
