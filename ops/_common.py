@@ -53,10 +53,12 @@ def tensor_memory_accelerator(mode: str) -> Iterator[None]:
     """Whether the kernels load tiles through tensor descriptors (Hopper's TMA engine): ``"auto"`` (the
     GEMMs on CUDA when the inputs qualify, where the H100 sweep measured it faster; attention keeps pointer
     loads, measured faster; off in Triton's CPU interpreter), ``"on"`` (every kernel, also in the
-    interpreter, which emulates descriptors: how CI tests that path), ``"off"`` (plain pointer loads)."""
+    interpreter, which emulates descriptors: how CI tests that path), ``"off"`` (plain pointer loads),
+    ``"device"`` (the attention kernel builds its descriptors inside the kernel, the form Triton's warp
+    specialization needs; also in the interpreter; the GEMMs then take their ``"auto"`` path)."""
     global _tma
-    if mode not in ("auto", "on", "off"):
-        raise ValueError(f"tensor_memory_accelerator mode must be 'auto', 'on' or 'off', got {mode!r}")
+    if mode not in ("auto", "on", "off", "device"):
+        raise ValueError(f"tensor_memory_accelerator mode must be 'auto', 'on', 'off' or 'device', got {mode!r}")
     old, _tma = _tma, mode
     try:
         yield
@@ -86,6 +88,39 @@ def tma_compatible(t: torch.Tensor) -> bool:
 
 def make_descriptor(t: torch.Tensor, block_shape):
     return _TensorDescriptor(t, list(t.shape), list(t.stride()), list(block_shape))
+
+
+def _torch_scratch(size: int, alignment: int, stream):
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def ensure_device_allocator() -> None:
+    """Kernels that build tensor descriptors on the device need global scratch memory, which Triton asks
+    of an allocator the process sets (``triton.set_allocator``). Sets one that takes it from torch's caching
+    allocator, unless one is set already (Inductor and users may set their own)."""
+    try:
+        from triton.runtime import _allocation
+
+        current = _allocation._allocator.get()
+        if not isinstance(current, _allocation.NullAllocator):
+            return
+    except (ImportError, AttributeError):  # pragma: no cover - other Triton layouts: set ours
+        pass
+    triton.set_allocator(_torch_scratch)
+
+
+def device_tma_options(cfg: dict, *tensors: torch.Tensor):
+    """Pops ``DEVICE_TMA`` / ``WARP_SPEC`` from a kernel config and returns ``(device_tma, warp_spec)``
+    as the kernel can take them: descriptors built on the device need 16-byte aligned tensors (else both
+    are off: pointer loads), and set up the scratch allocator they need. ``tensor_memory_accelerator
+    ("device")`` turns device descriptors on (how CI tests that path in the interpreter), ``"off"`` off."""
+    device_tma = bool(cfg.pop("DEVICE_TMA", False)) or _tma == "device"
+    warp_spec = bool(cfg.pop("WARP_SPEC", False))
+    if not device_tma or _tma == "off" or not all(tma_compatible(t) for t in tensors):
+        return False, False
+    if not triton_interpreting():
+        ensure_device_allocator()
+    return True, warp_spec
 
 
 try:  # host-side tensor descriptors: triton >= 3.3

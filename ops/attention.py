@@ -16,6 +16,8 @@ Three implementations of one function:
 
 from __future__ import annotations
 
+import functools
+import os
 from typing import Optional, Tuple, Union
 
 import torch
@@ -32,6 +34,7 @@ from ._common import (
     check_float,
     check_head_dim,
     check_symbols_device,
+    device_tma_options,
     next_pow2,
     triton_interpreting,
     use_triton,
@@ -114,10 +117,11 @@ def _attn_tile(
     IEEE: tl.constexpr,
     USE_TMA: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    TMA_2D: tl.constexpr = False,
 ):
     """One (BLOCK_M x BLOCK_N) step of the online softmax. With ``USE_TMA``, ``K``/``V`` are tensor
-    descriptors over ``[B, H, S, D]`` (rows past the end arrive as zeros); otherwise base pointers of
-    this (batch, head)."""
+    descriptors over ``[B, H, S, D]`` (``TMA_2D``: over this (batch, head)'s ``[S, D]``; rows past the end
+    arrive as zeros either way); otherwise base pointers of this (batch, head)."""
     cols = start_n + offs_n
     k_mask = offs_d[:, None] < HEAD_DIM
     v_mask = offs_d[None, :] < HEAD_DIM
@@ -127,7 +131,9 @@ def _attn_tile(
     if not USE_TMA:
         k_ptrs = K + cols[None, :] * stride_ks + offs_d[:, None]
         v_ptrs = V + cols[:, None] * stride_vs + offs_d[None, :]
-    if USE_TMA:
+    if TMA_2D:
+        kt = tl.trans(K.load([start_n, 0]))
+    elif USE_TMA:
         kt = tl.trans(K.load([b, h, start_n, 0]).reshape(BLOCK_N, HEAD_DIM))
     elif EVEN_D and not MASK_KV:
         kt = tl.load(k_ptrs)
@@ -145,7 +151,9 @@ def _attn_tile(
     p = tl.math.exp2(qk - m_new[:, None])
     alpha = tl.math.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)
-    if USE_TMA:
+    if TMA_2D:
+        v = V.load([start_n, 0])
+    elif USE_TMA:
         v = V.load([b, h, start_n, 0]).reshape(BLOCK_N, HEAD_DIM)
     elif EVEN_D and not MASK_KV:
         v = tl.load(v_ptrs)
@@ -194,6 +202,8 @@ def _sparse_attention_kernel(
     KV_PARTIAL: tl.constexpr,
     IEEE: tl.constexpr,
     USE_TMA: tl.constexpr,
+    DEVICE_TMA: tl.constexpr = False,
+    WARP_SPEC: tl.constexpr = False,
 ):
     """Block-sparse attention forward.
 
@@ -209,6 +219,11 @@ def _sparse_attention_kernel(
     block can be partial (``KV_PARTIAL``); it is the last entry of a list when kept, and only that
     iteration pays for bounds masks. With ``USE_TMA`` (``HEAD_DIM == BLOCK_D``, 16-byte aligned strides),
     ``Q``, ``K``, ``V`` are tensor descriptors over their 4-D views and tiles arrive through the TMA engine.
+    With ``DEVICE_TMA`` (``HEAD_DIM == BLOCK_D``, 16-byte aligned strides) ``Q``, ``K``, ``V`` are pointers
+    and each program builds 2-D descriptors over its (batch, head)'s ``[S, D]`` in the kernel (the form
+    Triton's Hopper warp specialization takes); the kept sub-tiles are then walked in one flat loop, and
+    ``WARP_SPEC`` hands that loop to Triton's warp specialization (producer warps issue the TMA loads,
+    consumer warps compute).
     """
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -225,7 +240,15 @@ def _sparse_attention_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
     q_mask = (offs_m[:, None] < seq_q) & (offs_d[None, :] < HEAD_DIM)
-    if USE_TMA:
+    if DEVICE_TMA:
+        qd = tl.make_tensor_descriptor(Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh,
+                                       shape=[seq_q, HEAD_DIM], strides=[stride_qs, 1], block_shape=[BLOCK_M, HEAD_DIM])
+        q = qd.load([start_m, 0])
+        k_base = tl.make_tensor_descriptor(K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh,
+                                           shape=[seq_kv, HEAD_DIM], strides=[stride_ks, 1], block_shape=[BLOCK_N, HEAD_DIM])
+        v_base = tl.make_tensor_descriptor(V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh,
+                                           shape=[seq_kv, HEAD_DIM], strides=[stride_vs, 1], block_shape=[BLOCK_N, HEAD_DIM])
+    elif USE_TMA:
         q = Q.load([b, h, start_m, 0]).reshape(BLOCK_M, BLOCK_D)
         k_base = K
         v_base = V
@@ -243,32 +266,91 @@ def _sparse_attention_kernel(
     if KV_PARTIAL:
         last = tl.load(idx_row + tl.maximum(cnt - 1, 0))
         n_full = cnt - ((cnt > 0) & (last == n_kb - 1)).to(tl.int32)
-    for i in range(0, n_full):
-        kb = tl.load(idx_row + i)
-        for j in tl.static_range(SYM_BLOCK_KV // BLOCK_N):
+    SUB: tl.constexpr = SYM_BLOCK_KV // BLOCK_N
+    if DEVICE_TMA:
+        # one flat loop over the kept sub-tiles: the shape Triton's warp specialization pipelines
+        for it in tl.range(0, n_full * SUB, warp_specialize=WARP_SPEC):
+            kb = tl.load(idx_row + it // SUB)
             acc, m_i, l_i = _attn_tile(
-                acc, m_i, l_i, q, k_base, v_base, kb * SYM_BLOCK_KV + j * BLOCK_N, seq_kv, qk_scale,
-                stride_ks, stride_vs, offs_n, offs_d, b, h, HEAD_DIM, EVEN_D, False, IEEE, USE_TMA, BLOCK_N,
+                acc, m_i, l_i, q, k_base, v_base, kb * SYM_BLOCK_KV + (it % SUB) * BLOCK_N, seq_kv, qk_scale,
+                stride_ks, stride_vs, offs_n, offs_d, b, h, HEAD_DIM, EVEN_D, False, IEEE, True, BLOCK_N, True,
             )
+    else:
+        for i in range(0, n_full):
+            kb = tl.load(idx_row + i)
+            for j in tl.static_range(SUB):
+                acc, m_i, l_i = _attn_tile(
+                    acc, m_i, l_i, q, k_base, v_base, kb * SYM_BLOCK_KV + j * BLOCK_N, seq_kv, qk_scale,
+                    stride_ks, stride_vs, offs_n, offs_d, b, h, HEAD_DIM, EVEN_D, False, IEEE, USE_TMA, BLOCK_N,
+                )
     if KV_PARTIAL:
         if n_full < cnt:
-            for j in tl.static_range(SYM_BLOCK_KV // BLOCK_N):
+            for j in tl.static_range(SUB):
                 acc, m_i, l_i = _attn_tile(
                     acc, m_i, l_i, q, k_base, v_base, (n_kb - 1) * SYM_BLOCK_KV + j * BLOCK_N, seq_kv,
-                    qk_scale, stride_ks, stride_vs, offs_n, offs_d, b, h, HEAD_DIM, EVEN_D, True, IEEE, USE_TMA, BLOCK_N,
+                    qk_scale, stride_ks, stride_vs, offs_n, offs_d, b, h, HEAD_DIM, EVEN_D, True, IEEE,
+                    USE_TMA or DEVICE_TMA, BLOCK_N, DEVICE_TMA,
                 )
 
     has = l_i > 0.0
     l_safe = tl.where(has, l_i, 1.0)
     out = acc / l_safe[:, None]
-    o_ptrs = Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :]
-    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=q_mask)
+    if DEVICE_TMA:
+        # through a descriptor (rows past the end are clipped): after a warp-specialized loop a masked
+        # pointer store wrote wrong rows (Triton 3.6, H200: rel. err 0.6-1.2, the descriptor store exact)
+        od = tl.make_tensor_descriptor(Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh,
+                                       shape=[seq_q, HEAD_DIM], strides=[stride_os, 1], block_shape=[BLOCK_M, HEAD_DIM])
+        od.store([start_m, 0], out.to(Out.dtype.element_ty))
+    else:
+        o_ptrs = Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :]
+        tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=q_mask)
     lse = tl.where(has, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, float("-inf"))
     tl.store(Lse + pid_bh.to(tl.int64) * seq_q + offs_m, lse, mask=offs_m < seq_q)
 
 
-def attention_config(head_dim: int, block_q: int, block_kv: int, dtype: torch.dtype) -> dict:
-    """Tile shape and launch parameters (chosen by the GPU sweep in ``omni_compile.bench``)."""
+_WARP_SPEC = os.environ.get("OMNI_COMPILE_WARP_SPEC", "1") != "0"
+
+
+@functools.lru_cache(maxsize=None)
+def _hopper_with_new_triton(index: int) -> bool:
+    try:
+        version = tuple(int(p) for p in triton.__version__.split(".")[:2])
+    except ValueError:
+        return False
+    return version >= (3, 6) and torch.cuda.get_device_capability(index)[0] == 9
+
+
+def warp_specialization_available(device: Optional[torch.device] = None) -> bool:
+    """Whether the attention kernel may use Triton's warp specialization here: a Hopper GPU (compute
+    capability 9.x) and Triton 3.6 or newer, where it was measured and tested (``OMNI_COMPILE_WARP_SPEC=0``
+    turns it off). Elsewhere the kernel keeps its plain software-pipelined loop."""
+    if not _WARP_SPEC or triton_interpreting() or not torch.cuda.is_available():
+        return False
+    device = torch.device("cuda") if device is None else torch.device(device)
+    if device.type != "cuda":
+        return False
+    return _hopper_with_new_triton(torch.cuda.current_device() if device.index is None else device.index)
+
+
+def attention_config(head_dim: int, block_q: int, block_kv: int, dtype: torch.dtype,
+                     device: Optional[torch.device] = None) -> dict:
+    """Tile shape and launch parameters (chosen by GPU sweeps: ``tools/kernel_lab.py``, ``omni_compile.bench``).
+
+    On Hopper, 16-bit inputs with ``head_dim == 128`` and 128-multiple blocks use warp specialization with
+    in-kernel descriptors and 4 consumer warps (H200: 564 vs 421 TFLOP/s dense at S = 16896, 1.10-1.15x at
+    key density 0.2, bit-identical output; ``tools/kernel_lab.py``, ``tools/ws_lab.py``). Other shapes keep
+    the measured pointer-load loop: the warp-specialized variants with 64-wide key tiles gave NaN there."""
+    cfg = _pointer_config(block_q, block_kv, dtype)
+    if triton_interpreting():
+        return cfg
+    if (dtype != torch.float32 and head_dim == 128 and cfg["BLOCK_M"] == 128 and cfg["BLOCK_N"] == 128
+            and warp_specialization_available(device)):
+        return dict(BLOCK_M=128, BLOCK_N=128, num_warps=4, num_stages=2, DEVICE_TMA=True, WARP_SPEC=True)
+    return cfg
+
+
+def _pointer_config(block_q: int, block_kv: int, dtype: torch.dtype) -> dict:
+    """The plain software-pipelined loop's tiles (H100 sweeps, docs/benchmarks.md)."""
     wide = dtype == torch.float32
     block_m = min(block_q, 64 if wide else 128)
     block_n = min(block_kv, 32 if wide else 128)
@@ -289,9 +371,19 @@ def _launch_attention(q, k, v, kv_indices, kv_counts, block_q, block_kv, scale, 
     # the kernel writes through out's strides, so either layout costs the same
     out = heads_inner_empty(B, H, Sq, D, q) if heads_inner else torch.empty(B, H, Sq, D, dtype=q.dtype, device=q.device)
     lse = torch.empty(B, H, Sq, dtype=torch.float32, device=q.device)
-    cfg = dict(config or attention_config(D, block_q, block_kv, q.dtype))
+    cfg = dict(config or attention_config(D, block_q, block_kv, q.dtype, q.device))
     use_tma = cfg.pop("USE_TMA", None)
     block_d = max(16, next_pow2(D))
+    requested = bool(cfg.get("DEVICE_TMA"))
+    device_tma, warp_spec = device_tma_options(cfg, q, k, v)
+    if block_d != D:
+        device_tma = warp_spec = False  # a descriptor's block is the whole head: D must be a power of two
+    if config is None and requested and not device_tma:
+        # inputs the descriptors cannot take (unaligned strides) or descriptors turned off: the
+        # pointer-load loop's own tiles, not the warp-specialized ones
+        cfg = _pointer_config(block_q, block_kv, q.dtype)
+    if device_tma:
+        use_tma = False
     if use_tma is None:
         # pointer loads by default: through TMA descriptors this kernel ran 5 % slower (419 vs 443 TFLOP/s
         # dense at 16896 on an H100); the descriptor path stays for tests and sweeps (USE_TMA=True)
@@ -311,7 +403,8 @@ def _launch_attention(q, k, v, kv_indices, kv_counts, block_q, block_kv, scale, 
         out.stride(0), out.stride(1), out.stride(2),
         H, Sq, Skv, block_count(Sq, block_q), block_count(Skv, block_kv),
         HEAD_DIM=D, BLOCK_D=block_d, SYM_BLOCK_Q=block_q, SYM_BLOCK_KV=block_kv,
-        KV_PARTIAL=Skv % block_kv != 0, IEEE=q.dtype == torch.float32, USE_TMA=use_tma, **cfg,
+        KV_PARTIAL=Skv % block_kv != 0, IEEE=q.dtype == torch.float32, USE_TMA=use_tma,
+        DEVICE_TMA=device_tma, WARP_SPEC=warp_spec, **cfg,
     )
     return out, lse
 

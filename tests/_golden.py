@@ -57,17 +57,21 @@ def tolerance(ref_err, dtype, magnitude):
 
 
 IMPLS = ["reference", "triton", "triton-tma"]
+#: the attention kernel also builds descriptors in the kernel (its warp-specialized form on Hopper)
+ATTENTION_IMPLS = IMPLS + ["triton-device-tma"]
 
 
 @contextlib.contextmanager
 def impl_context(impl):
     """``reference``: the fp32 PyTorch path; ``triton``: the kernels with plain pointer loads;
-    ``triton-tma``: the kernels loading through tensor descriptors where the inputs qualify."""
+    ``triton-tma``: the kernels loading through tensor descriptors where the inputs qualify;
+    ``triton-device-tma``: descriptors built inside the kernels (the warp-specialized form)."""
     if impl == "reference":
         with kernel_backend("reference"):
             yield
         return
-    with kernel_backend("triton"), tensor_memory_accelerator("on" if impl == "triton-tma" else "off"):
+    tma = {"triton-tma": "on", "triton-device-tma": "device"}.get(impl, "off")
+    with kernel_backend("triton"), tensor_memory_accelerator(tma):
         yield
 
 

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.gpu
 DT = [torch.bfloat16, torch.float16]
 
 
-@pytest.fixture(params=["off", "auto"], ids=["pointer-loads", "tma-when-eligible"])
+@pytest.fixture(params=["off", "auto", "device"], ids=["pointer-loads", "tma-when-eligible", "device-descriptors"])
 def load_path(request):
     with tensor_memory_accelerator(request.param):
         yield request.param
@@ -167,3 +167,27 @@ def test_taylor_ops_realistic(dtype):
     new = taylor_refresh(x, [f0, f1], 5, sub=inp)
     want = taylor_refresh_reference(x, inp, [f0, f1], 5)
     assert torch.equal(new[0], want[0]) and all(rel(a, b) < 1e-3 for a, b in zip(new[1:], want[1:]))
+
+
+
+@pytest.mark.parametrize("dtype", DT)
+@pytest.mark.parametrize("S", [4608, 4685])
+def test_warp_specialized_attention(dtype, S):
+    """The warp-specialized attention (device descriptors, 4 consumer warps: the Hopper default) against the
+    fp32 reference, output and log-sum-exp: a partial last block (4685), reuse and skipping mixed in."""
+    from omni_compile.ops import attention as A
+
+    B, H, D = 1, 24, 128
+    q, k, v = (torch.randn(B, S, H, D, device="cuda", dtype=dtype).transpose(1, 2) for _ in range(3))
+    s = rand_symbols(B, H, S, S, 128, 128, 0.3, 0.6, S)
+    idx, cnt = s.kv_schedule()
+    ref, ref_lse = sparse_attention_reference(q, k, v, s.reuse_bits, s.skip_bits, 128, 128, D**-0.5)
+    cfg = dict(BLOCK_M=128, BLOCK_N=128, num_warps=4, num_stages=2, DEVICE_TMA=True, WARP_SPEC=True)
+    for heads_inner in (False, True):
+        out, lse = A._launch_attention(q, k, v, idx, cnt, 128, 128, D**-0.5, config=dict(cfg), heads_inner=heads_inner)
+        assert torch.isfinite(out).all() and rel(out, ref) < 1e-2, heads_inner
+        fin = torch.isfinite(ref_lse)
+        assert torch.equal(torch.isfinite(lse), fin)
+        assert (lse[fin] - ref_lse[fin]).abs().max().item() < 2e-2
+    if A.warp_specialization_available(q.device):
+        assert A.attention_config(D, 128, 128, dtype, q.device).get("WARP_SPEC")

@@ -1,0 +1,145 @@
+"""Experiment (not shipped): kernel variants against the committed defaults and the vendor anchors, same run.
+
+    python tools/kernel_lab.py [--parts attention,gemm] [--out DIR]      (CUDA machine, repository root)
+
+Variants: in-kernel (device) tensor descriptors, with and without Triton's warp specialization of the
+main loop (``WARP_SPEC``; on Hopper it needs device descriptors), and launch configs. The GEMM rows of the
+first run (docs/e2e/kernels/kernel_lab_s7.log) also had warp-specialized GEMM-Q/GEMM-O variants; they
+were not adopted and their options were removed from the kernels (docs/design.md, session 7). Every variant's
+output is compared with the committed kernel's on the same inputs (and the dense rows with cuDNN), so a
+fast wrong variant shows. One line per row; a JSON of all rows under ``--out``."""
+import argparse
+import json
+import os
+
+import torch
+import torch.nn.functional as F
+
+from omni_compile.bench import bench_ms, make_symbols, rel_err, sdpa_backend_runner
+from omni_compile.ops import Symbols
+from omni_compile.ops import attention as A
+from omni_compile.ops import linear_o as LO
+from omni_compile.ops import linear_q as LQ
+
+ap = argparse.ArgumentParser()
+ap.add_argument("--parts", default="attention,gemm")
+ap.add_argument("--out", default=os.environ.get("OUT", "out"))
+ap.add_argument("--seqs", default="4608,16896")
+args = ap.parse_args()
+parts = args.parts.split(",")
+rows = []
+
+
+def row(kind, shape, name, fn, ref, flops, anchor_ms, extra=None):
+    try:
+        o = fn()
+        o = o[0] if isinstance(o, tuple) else o
+        err = rel_err(o, ref)
+        ms = bench_ms(fn)
+    except Exception as e:  # a variant that does not compile here is a row, not a crash
+        print(f"{kind} {shape} {name}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
+        rows.append(dict(kind=kind, shape=shape, name=name, failed=repr(e)[:500]))
+        return None
+    r = dict(kind=kind, shape=shape, name=name, ms=ms, tflops=flops / ms / 1e9, err=err, anchor_ms=anchor_ms,
+             vs_anchor=anchor_ms / ms, **(extra or {}))
+    rows.append(r)
+    print(f"{kind:9s} {shape:28s} {name:44s} {ms:8.4f} ms {r['tflops']:5.0f} TF/s x{anchor_ms / ms:5.2f} anchor "
+          f"err {err:.1e}", flush=True)
+    return ms
+
+
+ATTN = {
+    "default": None,
+    "dev-tma w8 s3": dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3, DEVICE_TMA=True),
+    "ws w4 s2": dict(BLOCK_M=128, BLOCK_N=128, num_warps=4, num_stages=2, DEVICE_TMA=True, WARP_SPEC=True),
+    "ws w4 s3": dict(BLOCK_M=128, BLOCK_N=128, num_warps=4, num_stages=3, DEVICE_TMA=True, WARP_SPEC=True),
+    "ws w8 s2": dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2, DEVICE_TMA=True, WARP_SPEC=True),
+    "ws w8 s3": dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3, DEVICE_TMA=True, WARP_SPEC=True),
+    "ws bn64 w4 s3": dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3, DEVICE_TMA=True, WARP_SPEC=True),
+    "ws bn64 w8 s3": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, DEVICE_TMA=True, WARP_SPEC=True),
+}
+
+if "attention" in parts:
+    B, H, D = 1, 24, 128
+    for S in map(int, args.seqs.split(",")):
+        g = torch.Generator(device="cuda").manual_seed(S)
+        # heads-inner memory, as the model's sites hand q/k/v over ([B, S, H, D] viewed as [B, H, S, D])
+        q, k, v = (torch.randn(B, S, H, D, device="cuda", dtype=torch.bfloat16, generator=g).transpose(1, 2)
+                   for _ in range(3))
+        cudnn = bench_ms(sdpa_backend_runner(q, k, v, "cudnn"))
+        dense_ref = F.scaled_dot_product_attention(q, k, v)
+        print(f"attention S={S} cudnn dense {cudnn:.3f} ms ({4 * B * H * S * S * D / cudnn / 1e9:.0f} TF/s)", flush=True)
+        for keep, reuse in ((1.0, 0.0), (0.5, 0.0), (0.2, 0.0), (0.1, 0.0), (0.2, 0.5)):
+            sym = make_symbols(S, keep, reuse)
+            idx, cnt = sym.kv_schedule()
+            dens = sym.density()
+            flops = 4 * B * H * S * S * D * dens
+            base = A._launch_attention(q, k, v, idx, cnt, 128, 128, D ** -0.5)[0]
+            if keep == 1.0:
+                print(f"  committed kernel vs cuDNN: rel err {rel_err(base, dense_ref):.1e}", flush=True)
+            for name, cfg in ATTN.items():
+                row("attention", f"S={S} keep={keep} reuse={reuse}", name,
+                    lambda cfg=cfg: A._launch_attention(q, k, v, idx, cnt, 128, 128, D ** -0.5, config=cfg and dict(cfg)),
+                    base, flops, cudnn * dens, dict(S=S, keep=keep, reuse=reuse, density=dens))
+        del q, k, v
+        torch.cuda.empty_cache()
+
+GQ = {
+    "default": None,
+    "tma w8 s4": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4, USE_TMA=True),
+}
+GO = {
+    "default": None,
+    "tma bn256 w8 s4": dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, HEADS_IN_REGISTERS=True, num_warps=8, num_stages=4, USE_TMA=True),
+}
+
+if "gemm" in parts:
+    D = 128
+    for M in (4608, 33792):
+        K = N = 3072
+        g = torch.Generator(device="cuda").manual_seed(M)
+        x = torch.randn(1, M, K, device="cuda", dtype=torch.bfloat16, generator=g)
+        w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16, generator=g) / K ** 0.5
+        bias = torch.randn(N, device="cuda", dtype=torch.bfloat16, generator=g)
+        cb = [torch.randn(1, M, N, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(2)]
+        cublas = bench_ms(lambda: F.linear(x, w, bias))
+        print(f"gemm M={M} cuBLAS {cublas:.4f} ms ({2 * M * K * N / cublas / 1e9:.0f} TF/s)", flush=True)
+        n = -(-M // 128)
+        for r in (0.0, 0.5, 0.75):
+            gen = torch.Generator().manual_seed(int(r * 100) + M)
+            reuse = torch.zeros(1, N // D, n, dtype=torch.bool)
+            if r:
+                reuse.scatter_(-1, torch.rand(1, N // D, n, generator=gen).argsort(-1)[..., :round(r * n)], True)
+            sym = Symbols.from_dense(reuse, torch.zeros(1, N // D, n, 1, dtype=torch.bool), 128, 128, M, 128).to("cuda")
+            f = 1.0 - sym.reuse_fraction()
+            flops = 2 * M * K * N * f
+            base_q = LQ._launch_linear_q(x, w, bias, sym.reuse_bits, 128, D, 0)
+            for name, cfg in GQ.items():
+                row("gemm_q", f"M={M} reuse={r}", name,
+                    lambda cfg=cfg: LQ._launch_linear_q(x, w, bias, sym.reuse_bits, 128, D, 0, config=cfg and dict(cfg)),
+                    base_q, flops, cublas * f, dict(M=M, reuse=r, computed=f))
+            hidx, hcnt = sym.head_schedule(M, 0, 128, False)
+
+            def go(cfg):
+                return LO._launch_linear_o(x, w, bias, cb[0], sym.reuse_bits, hidx, hcnt, 128, D, 0, 128, False,
+                                           config=cfg and dict(cfg), cache_bias_1=cb[1], coef_1=0.5)
+            base_o = go(None)
+            for name, cfg in GO.items():
+                row("gemm_o", f"M={M} reuse={r}", name, lambda cfg=cfg: go(cfg), base_o, flops, cublas * f,
+                    dict(M=M, reuse=r, computed=f))
+        del x, w, cb
+        torch.cuda.empty_cache()
+
+os.makedirs(args.out, exist_ok=True)
+with open(os.path.join(args.out, "kernel_lab.json"), "w") as fh:
+    json.dump(rows, fh, indent=1)
+# the best variant per (kind, shape), last: the table the reply carries
+print("\nbest per row (ms, x committed default):")
+for key in dict.fromkeys((r["kind"], r["shape"]) for r in rows):
+    rs = [r for r in rows if (r["kind"], r["shape"]) == key and "ms" in r]
+    if not rs:
+        continue
+    d = next((r for r in rs if r["name"] == "default"), rs[0])
+    b = min(rs, key=lambda r: r["ms"])
+    print(f"{key[0]:9s} {key[1]:28s} default {d['ms']:.4f} best {b['name']:16s} {b['ms']:.4f} "
+          f"x{d['ms'] / b['ms']:.2f} ({b['tflops']:.0f} TF/s, x{b['vs_anchor']:.2f} anchor, err {b['err']:.0e})")
