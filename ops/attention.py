@@ -204,6 +204,7 @@ def _sparse_attention_kernel(
     USE_TMA: tl.constexpr,
     DEVICE_TMA: tl.constexpr = False,
     WARP_SPEC: tl.constexpr = False,
+    LSE_PAD: tl.constexpr = 4,
 ):
     """Block-sparse attention forward.
 
@@ -212,7 +213,8 @@ def _sparse_attention_kernel(
     block ``SYM_BLOCK_Q``, so each program lies in exactly one query block ``qb``.
 
     Layouts: ``Q [B, H, seq_q, HEAD_DIM]``, ``K, V [B, H, seq_kv, HEAD_DIM]`` with any strides but a unit
-    last stride; ``Out`` likewise; ``Lse [B, H, seq_q]`` fp32 contiguous (natural log).
+    last stride; ``Out`` likewise; ``Lse [B, H, seq_q, LSE_PAD]`` fp32 contiguous, element 0 of each row written (natural
+    log; see :func:`lse_empty`).
     ``KvIdx [B, H, n_qb, n_kb]`` int32: the kept key blocks of tile ``qb`` first, ascending;
     ``KvCnt [B, H, n_qb]`` int32: how many (0 for reused tiles). ``SYM_BLOCK_KV`` is a multiple of
     ``BLOCK_N``; a kept key block is walked in ``SYM_BLOCK_KV // BLOCK_N`` sub-tiles. Only the last key
@@ -305,7 +307,14 @@ def _sparse_attention_kernel(
         o_ptrs = Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :]
         tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=q_mask)
     lse = tl.where(has, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, float("-inf"))
-    tl.store(Lse + pid_bh.to(tl.int64) * seq_q + offs_m, lse, mask=offs_m < seq_q)
+    if DEVICE_TMA:
+        # the log-sum-exp too (the masked pointer store wrote wrong rows here as well): a row of
+        # LSE_PAD fp32 per query is the narrowest tile a descriptor takes (16 bytes)
+        ld = tl.make_tensor_descriptor(Lse + pid_bh.to(tl.int64) * seq_q * LSE_PAD, shape=[seq_q, LSE_PAD],
+                                       strides=[LSE_PAD, 1], block_shape=[BLOCK_M, LSE_PAD])
+        ld.store([start_m, 0], tl.broadcast_to(lse[:, None], [BLOCK_M, LSE_PAD]))
+    else:
+        tl.store(Lse + (pid_bh.to(tl.int64) * seq_q + offs_m) * LSE_PAD, lse, mask=offs_m < seq_q)
 
 
 _WARP_SPEC = os.environ.get("OMNI_COMPILE_WARP_SPEC", "1") != "0"
@@ -359,6 +368,16 @@ def _pointer_config(block_q: int, block_kv: int, dtype: torch.dtype) -> dict:
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4 if wide else 8, num_stages=2 if wide else 3)
 
 
+LSE_PAD = 4
+
+
+def lse_empty(B: int, H: int, S: int, device) -> torch.Tensor:
+    """The log-sum-exp output ``[B, H, S]`` fp32, every entry ``LSE_PAD`` floats apart (strides ``(H·S·4,
+    S·4, 4)``): the warp-specialized kernel stores it through a descriptor, whose narrowest tile row is 16
+    bytes. Every path returns this layout, so the op's fake and its implementations agree."""
+    return torch.empty(B, H, S, LSE_PAD, dtype=torch.float32, device=device)[..., 0]
+
+
 def heads_inner_empty(B: int, H: int, S: int, D: int, like: torch.Tensor) -> torch.Tensor:
     """An uninitialised ``[B, H, S, D]`` tensor laid out as ``[B, S, H, D]`` in memory (heads inner): the
     layout a model's ``out.transpose(1, 2).flatten(2)`` reads without a copy."""
@@ -370,7 +389,7 @@ def _launch_attention(q, k, v, kv_indices, kv_counts, block_q, block_kv, scale, 
     Skv = k.shape[2]
     # the kernel writes through out's strides, so either layout costs the same
     out = heads_inner_empty(B, H, Sq, D, q) if heads_inner else torch.empty(B, H, Sq, D, dtype=q.dtype, device=q.device)
-    lse = torch.empty(B, H, Sq, dtype=torch.float32, device=q.device)
+    lse = lse_empty(B, H, Sq, q.device)
     cfg = dict(config or attention_config(D, block_q, block_kv, q.dtype, q.device))
     use_tma = cfg.pop("USE_TMA", None)
     block_d = max(16, next_pow2(D))
@@ -404,7 +423,7 @@ def _launch_attention(q, k, v, kv_indices, kv_counts, block_q, block_kv, scale, 
         H, Sq, Skv, block_count(Sq, block_q), block_count(Skv, block_kv),
         HEAD_DIM=D, BLOCK_D=block_d, SYM_BLOCK_Q=block_q, SYM_BLOCK_KV=block_kv,
         KV_PARTIAL=Skv % block_kv != 0, IEEE=q.dtype == torch.float32, USE_TMA=use_tma,
-        DEVICE_TMA=device_tma, WARP_SPEC=warp_spec, **cfg,
+        DEVICE_TMA=device_tma, WARP_SPEC=warp_spec, LSE_PAD=LSE_PAD, **cfg,
     )
     return out, lse
 
@@ -432,7 +451,7 @@ def _sparse_attention_op_impl(
     out, lse = sparse_attention_reference(q, k, v, reuse_bits, skip_bits, block_q, block_kv, scale)
     if heads_inner:
         out = heads_inner_empty(*out.shape, out).copy_(out)
-    return out, lse
+    return out, lse_empty(*lse.shape, lse.device).copy_(lse)
 
 
 sparse_attention_op = torch.library.custom_op("flashomni::sparse_attention", _sparse_attention_op_impl, mutates_args=())
@@ -442,7 +461,7 @@ sparse_attention_op = torch.library.custom_op("flashomni::sparse_attention", _sp
 def _(q, k, v, reuse_bits, skip_bits, kv_indices, kv_counts, block_q, block_kv, scale, heads_inner=False):
     B, H, Sq, D = q.shape
     out = heads_inner_empty(B, H, Sq, D, q) if heads_inner else q.new_empty(B, H, Sq, D)
-    return out, q.new_empty(B, H, Sq, dtype=torch.float32)
+    return out, lse_empty(B, H, Sq, q.device)
 
 
 def sparse_attention(
@@ -459,7 +478,8 @@ def sparse_attention(
     Returns ``out [B, H, Sq, D]`` (dtype of ``q``; contiguous, or with ``heads_inner=True`` laid out as
     ``[B, Sq, H, D]`` in memory — what ``out.transpose(1, 2).flatten(2)`` reads without a copy, as the
     runtime's sites do), and with ``return_lse=True`` also the natural-log log-sum-exp ``[B, H, Sq]`` fp32
-    (-inf on reused tiles and rows with no kept key). ``scale`` defaults to ``1/sqrt(D)``.
+    (-inf on reused tiles and rows with no kept key; entries 16 bytes apart, see :func:`lse_empty`).
+    ``scale`` defaults to ``1/sqrt(D)``.
     """
     check_float("q", q, 4)
     check_float("k", k, 4, q.dtype, q.device)
