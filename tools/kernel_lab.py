@@ -50,6 +50,7 @@ def row(kind, shape, name, fn, ref, flops, anchor_ms, extra=None):
 
 ATTN = {
     "default": None,
+    "pointer w8 s3 (default before s7)": dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3),
     "dev-tma w8 s3": dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3, DEVICE_TMA=True),
     "ws w4 s2": dict(BLOCK_M=128, BLOCK_N=128, num_warps=4, num_stages=2, DEVICE_TMA=True, WARP_SPEC=True),
     "ws w4 s3": dict(BLOCK_M=128, BLOCK_N=128, num_warps=4, num_stages=3, DEVICE_TMA=True, WARP_SPEC=True),
