@@ -277,15 +277,16 @@ class BlockProgram:
         bs.capped = False
         delta = 0 if bs.obs_step is None or bs.factors is None else bs.step - bs.obs_step
         old = bs.factors
-        if update and cfg.block_cache == "change":
-            bs.change = None
-            if old is not None and delta > 0:
-                num = sum(((out - inp) - f[0].to(out.dtype)).abs().sum() for (out, inp), f in zip(res, old))
-                den = sum(f[0].to(out.dtype).abs().sum() for (out, _), f in zip(res, old))
-                self._pending.append(("change", bs, num / den.clamp_min(1e-30) / delta))
         new = []
         for j, (out, inp) in enumerate(res):
             new.append(taylor.refresh(None if old is None or delta == 0 else old[j], out, delta, D, keep=keep, sub=inp))
+        if update and cfg.block_cache == "change":
+            bs.change = None
+            if old is not None and delta > 0:
+                # the new residual is the refreshed f_0 (output − input, rounded once): not taken again
+                num = sum((n[0] - f[0].to(n[0].dtype)).abs().sum() for n, f in zip(new, old))
+                den = sum(f[0].to(n[0].dtype).abs().sum() for n, f in zip(new, old))
+                self._pending.append(("change", bs, num / den.clamp_min(1e-30) / delta))
         bs.factors, bs.obs_step = new, bs.step
         if update:
             bs.update_step = bs.step

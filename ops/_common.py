@@ -109,20 +109,6 @@ def ensure_device_allocator() -> None:
     triton.set_allocator(_torch_scratch)
 
 
-def device_tma_options(cfg: dict, *tensors: torch.Tensor):
-    """Pops ``DEVICE_TMA`` / ``WARP_SPEC`` from a kernel config and returns ``(device_tma, warp_spec)``
-    as the kernel can take them: descriptors built on the device need 16-byte aligned tensors (else both
-    are off: pointer loads), and set up the scratch allocator they need. ``tensor_memory_accelerator
-    ("device")`` turns device descriptors on (how CI tests that path in the interpreter), ``"off"`` off."""
-    device_tma = bool(cfg.pop("DEVICE_TMA", False)) or _tma == "device"
-    warp_spec = bool(cfg.pop("WARP_SPEC", False))
-    if not device_tma or _tma == "off" or not all(tma_compatible(t) for t in tensors):
-        return False, False
-    if not triton_interpreting():
-        ensure_device_allocator()
-    return True, warp_spec
-
-
 try:  # host-side tensor descriptors: triton >= 3.3
     from triton.tools.tensor_descriptor import TensorDescriptor as _TensorDescriptor
 except ImportError:  # pragma: no cover - older triton: pointer loads only

@@ -34,7 +34,7 @@ from ._common import (
     check_float,
     check_head_dim,
     check_symbols_device,
-    device_tma_options,
+    ensure_device_allocator,
     next_pow2,
     triton_interpreting,
     use_triton,
@@ -393,16 +393,21 @@ def _launch_attention(q, k, v, kv_indices, kv_counts, block_q, block_kv, scale, 
     cfg = dict(config or attention_config(D, block_q, block_kv, q.dtype, q.device))
     use_tma = cfg.pop("USE_TMA", None)
     block_d = max(16, next_pow2(D))
-    requested = bool(cfg.get("DEVICE_TMA"))
-    device_tma, warp_spec = device_tma_options(cfg, q, k, v)
-    if block_d != D:
-        device_tma = warp_spec = False  # a descriptor's block is the whole head: D must be a power of two
-    if config is None and requested and not device_tma:
-        # inputs the descriptors cannot take (unaligned strides) or descriptors turned off: the
-        # pointer-load loop's own tiles, not the warp-specialized ones
-        cfg = _pointer_config(block_q, block_kv, q.dtype)
+    requested = bool(cfg.pop("DEVICE_TMA", False)) or _tma_mode() == "device"
+    warp_spec = bool(cfg.pop("WARP_SPEC", False))
+    # in-kernel descriptors: a block spans the whole head (D a power of two) and 16-byte aligned strides
+    device_tma = (requested and _tma_mode() != "off" and block_d == D
+                  and all(tma_compatible(t) for t in (q, k, v)))
     if device_tma:
         use_tma = False
+        if not triton_interpreting():
+            ensure_device_allocator()
+    else:
+        warp_spec = False
+        if config is None and requested:
+            # inputs the descriptors cannot take or descriptors turned off: the pointer-load loop's own
+            # tiles, not the warp-specialized ones
+            cfg = _pointer_config(block_q, block_kv, q.dtype)
     if use_tma is None:
         # pointer loads by default: through TMA descriptors this kernel ran 5 % slower (419 vs 443 TFLOP/s
         # dense at 16896 on an H100); the descriptor path stays for tests and sweeps (USE_TMA=True)
