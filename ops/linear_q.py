@@ -10,6 +10,8 @@ per-(token, head) local, and the attention kernel never reads the rows of a reus
 
 from __future__ import annotations
 
+import functools
+import os
 from typing import Optional
 
 import torch
@@ -18,7 +20,7 @@ import triton
 import triton.language as tl
 
 from ._launch import launch
-from ._common import make_descriptor, op_for_call, tma_compatible, tma_enabled, check_float, check_head_dim, check_symbols_device, grouped_tile, load_reuse_bit, triton_interpreting, use_triton
+from ._common import ensure_device_allocator, make_descriptor, op_for_call, tma_compatible, tma_enabled, tma_mode, check_float, check_head_dim, check_symbols_device, grouped_tile, load_reuse_bit, triton_interpreting, use_triton
 from .symbols import Symbols, row_head_selection
 
 
@@ -110,6 +112,60 @@ def _sparse_linear_q_kernel(
     tl.store(y_ptrs, acc.to(Y.dtype.element_ty), mask=in_bounds)
 
 
+@triton.jit
+def _sparse_linear_q_persistent_kernel(
+    X, W, Bias, Y, Tiles, TileCount,
+    B, S, N, K, T, H, num_tiles,
+    stride_xb, stride_xs, stride_wn, stride_yb, stride_ys,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    NUM_PROGRAMS: tl.constexpr,
+    FLATTEN: tl.constexpr,
+    WARP_SPEC: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    """GEMM-Q over the computed tiles only. Grid: ``(NUM_PROGRAMS,)``, each program walking the tile list
+    with stride ``NUM_PROGRAMS``.
+
+    Layouts as in :func:`_sparse_linear_q_kernel`; one column tile is one head (``BLOCK_N == head_dim``)
+    and row tiles never straddle query blocks, so a tile is either computed or reused whole.
+    ``Tiles [num_tiles]`` int32 flat ``(b*T + t)*H + h``, computed ones first (:meth:`Symbols.tile_schedule`),
+    ``TileCount [1]`` int32 how many are computed. Descriptors are built in the kernel (global scratch from
+    the allocator): rows past ``S`` and columns past ``K`` load as zeros and are not stored. Reused tiles
+    get zeros from a second, store-only walk, so the output needs no separate clearing pass.
+    """
+    pid = tl.program_id(0)
+    xd = tl.make_tensor_descriptor(X, shape=[B, S, K], strides=[stride_xb, stride_xs, 1],
+                                   block_shape=[1, BLOCK_M, BLOCK_K])
+    wd = tl.make_tensor_descriptor(W, shape=[N, K], strides=[stride_wn, 1], block_shape=[BLOCK_N, BLOCK_K])
+    yd = tl.make_tensor_descriptor(Y, shape=[B, S, N], strides=[stride_yb, stride_ys, 1],
+                                   block_shape=[1, BLOCK_M, BLOCK_N])
+    computed = tl.load(TileCount)
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    for i in tl.range(pid, computed, NUM_PROGRAMS, flatten=FLATTEN, warp_specialize=WARP_SPEC):
+        tile = tl.load(Tiles + i)
+        h = tile % H
+        t = (tile // H) % T
+        b = tile // (H * T)
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for kk in range(0, k_tiles):
+            xa = xd.load([b, t * BLOCK_M, kk * BLOCK_K]).reshape(BLOCK_M, BLOCK_K)
+            wt = tl.trans(wd.load([h * BLOCK_N, kk * BLOCK_K]))
+            if IEEE:
+                acc = tl.dot(xa, wt, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(xa, wt, acc)
+        if HAS_BIAS:
+            acc += tl.load(Bias + h * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.float32)[None, :]
+        yd.store([b, t * BLOCK_M, h * BLOCK_N], acc.to(Y.dtype.element_ty).reshape(1, BLOCK_M, BLOCK_N))
+    zeros = tl.zeros([1, BLOCK_M, BLOCK_N], dtype=Y.dtype.element_ty)
+    for i in range(computed + pid, num_tiles, NUM_PROGRAMS):
+        tile = tl.load(Tiles + i)
+        yd.store([tile // (H * T), ((tile // H) % T) * BLOCK_M, (tile % H) * BLOCK_N], zeros)
+
+
 def linear_q_config(dtype: torch.dtype, tma: bool = False) -> dict:
     """Tile shape. Dense, 128x256 tiles through TMA ran fastest (0.151 ms vs 0.163 ms for 128x128 through
     TMA, 4608x3072x3072 on an H100), but a 256-wide tile spans two 128-wide heads and is computed when
@@ -120,6 +176,82 @@ def linear_q_config(dtype: torch.dtype, tma: bool = False) -> dict:
         return cfg if triton_interpreting() else dict(cfg, num_warps=4, num_stages=3)
     cfg = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8)
     return cfg if triton_interpreting() else dict(cfg, num_warps=8, num_stages=3)
+
+
+def persistent_rows(x: torch.Tensor, weight: torch.Tensor, block_q: int, head_dim: int, row_offset: int) -> int:
+    """Row-tile height of the persistent GEMM-Q for this call, or 0 where it does not apply.
+
+    It applies where a tile is one (query block, head) or a whole part of one: ``head_dim`` a power of two
+    (one head per column tile), row tiles that never straddle query blocks (``row_offset`` a multiple of
+    the tile height ``min(128, block_q)``), and operands the in-kernel descriptors take (16-byte aligned
+    base and strides); on a Hopper GPU with Triton 3.6+ (measured there), or wherever the descriptor mode
+    is ``"device"`` (the interpreter too: how CI tests it). ``OMNI_COMPILE_PERSISTENT_GEMM=0`` turns it off.
+    """
+    block_m = min(128, block_q)
+    if head_dim & (head_dim - 1) or row_offset % block_m or not persistent_allowed(x, weight):
+        return 0
+    return block_m
+
+
+def persistent_allowed(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether the persistent GEMMs may run on these operands here (the shape conditions are each op's):
+    a Hopper GPU with Triton 3.6+ and 16-bit operands, or the descriptor mode ``"device"`` (also in the
+    interpreter), and operands the in-kernel descriptors take."""
+    if not _PERSISTENT or not use_triton(x) or tma_mode() == "off":
+        return False
+    if tma_mode() != "device" and not (x.dtype != torch.float32 and _persistent_device(x.device)):
+        return False
+    return tma_compatible(x) and tma_compatible(weight)
+
+
+_PERSISTENT = os.environ.get("OMNI_COMPILE_PERSISTENT_GEMM", "1") != "0"
+
+
+def _persistent_device(device: torch.device) -> bool:
+    from .attention import warp_specialization_available
+
+    return warp_specialization_available(device)
+
+
+def persistent_linear_q_config(dtype: torch.dtype, block_m: int, head_dim: int) -> dict:
+    """Tiles of the persistent GEMM-Q: ``block_m`` rows, one head wide, 64-deep K steps (32 in fp32)."""
+    cfg = dict(BLOCK_M=block_m, BLOCK_N=head_dim, BLOCK_K=32 if dtype == torch.float32 else 64,
+               FLATTEN=False, WARP_SPEC=False)
+    return cfg if triton_interpreting() else dict(cfg, num_warps=8, num_stages=4)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def num_persistent_programs(device: torch.device) -> int:
+    """One program per SM on a GPU; 3 in the interpreter (few enough that each walks several tiles)."""
+    if device.type != "cuda":
+        return 3
+    return _sm_count(torch.cuda.current_device() if device.index is None else device.index)
+
+
+def _launch_linear_q_persistent(x, weight, bias, tiles, tile_count, block_m, head_dim, config=None):
+    B, S, K = x.shape
+    N = weight.shape[0]
+    T = triton.cdiv(S, block_m)
+    H = N // head_dim
+    if tiles.numel() != B * T * H or tile_count.numel() != 1:
+        raise ValueError(f"tile schedule has {tiles.numel()} tiles, the call needs B*T*H = {B * T * H}")
+    y = torch.empty(B, S, N, dtype=x.dtype, device=x.device)
+    cfg = dict(config or persistent_linear_q_config(x.dtype, block_m, head_dim))
+    cfg.pop("PERSISTENT", None)
+    programs = cfg.pop("NUM_PROGRAMS", None) or num_persistent_programs(x.device)
+    if not triton_interpreting():
+        ensure_device_allocator()
+    launch(_sparse_linear_q_persistent_kernel, (min(programs, B * T * H),),
+        x, weight, bias if bias is not None else weight, y, tiles, tile_count,
+        B, S, N, K, T, H, B * T * H,
+        x.stride(0), x.stride(1), weight.stride(0), y.stride(0), y.stride(1),
+        HAS_BIAS=bias is not None, NUM_PROGRAMS=programs, IEEE=x.dtype == torch.float32, **cfg,
+    )
+    return y
 
 
 def _launch_linear_q(x, weight, bias, reuse_bits, block_q, head_dim, row_offset, config=None):
@@ -155,8 +287,15 @@ def _sparse_linear_q_op_impl(
     seq_q: int,
     head_dim: int,
     row_offset: int,
+    tiles: Optional[torch.Tensor] = None,
+    tile_count: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
+    """Registered op. ``tiles`` / ``tile_count``: ``Symbols.tile_schedule(S, row_offset, block_m)`` of the
+    same bits with ``block_m = min(128, block_q)``, given where :func:`persistent_rows` allows the
+    persistent kernel; without them (or on the reference path) the tile-grid kernel runs."""
     if use_triton(x):
+        if tiles is not None and tile_count is not None:
+            return _launch_linear_q_persistent(x, weight, bias, tiles, tile_count, min(128, block_q), head_dim)
         return _launch_linear_q(x, weight, bias, reuse_bits, block_q, head_dim, row_offset)
     return sparse_linear_q_reference(x, weight, bias, reuse_bits, block_q, seq_q, head_dim, row_offset)
 
@@ -165,7 +304,7 @@ sparse_linear_q_op = torch.library.custom_op("flashomni::sparse_linear_q", _spar
 
 
 @sparse_linear_q_op.register_fake
-def _(x, weight, bias, reuse_bits, block_q, seq_q, head_dim, row_offset):
+def _(x, weight, bias, reuse_bits, block_q, seq_q, head_dim, row_offset, tiles=None, tile_count=None):
     return x.new_empty(x.shape[0], x.shape[1], weight.shape[0])
 
 
@@ -214,6 +353,8 @@ def sparse_linear_q(
     of the sequence ``symbols`` describe (``S + row_offset <= symbols.seq_q``).
     """
     check_projection("x", x, weight, bias, symbols, head_dim, row_offset, weight_in_dim=False)
+    block_m = persistent_rows(x, weight, symbols.block_q, head_dim, row_offset)
+    tiles, count = symbols.tile_schedule(x.shape[1], row_offset, block_m) if block_m else (None, None)
     return op_for_call(sparse_linear_q_op, _sparse_linear_q_op_impl)(
-        x, weight, bias, symbols.reuse_bits, symbols.block_q, symbols.seq_q, head_dim, row_offset
+        x, weight, bias, symbols.reuse_bits, symbols.block_q, symbols.seq_q, head_dim, row_offset, tiles, count
     )

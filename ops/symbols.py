@@ -91,6 +91,7 @@ class Symbols:
         "seq_kv",
         "_kv_schedule",
         "_head_schedules",
+        "_tile_schedules",
         "_dense",
     )
 
@@ -128,6 +129,7 @@ class Symbols:
         self.seq_q, self.seq_kv = seq_q, seq_kv
         self._kv_schedule: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
         self._head_schedules: dict = {}
+        self._tile_schedules: dict = {}
         self._dense: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
 
     # ---- construction -------------------------------------------------------------------------
@@ -324,6 +326,8 @@ class Symbols:
             self.kv_schedule()
         for key in list(like._head_schedules):
             self.head_schedule(*key)
+        for key in list(like._tile_schedules):
+            self.tile_schedule(*key)
         return self
 
     def row_selection(self, seq: int, row_offset: int, select_reused: bool) -> torch.Tensor:
@@ -344,12 +348,29 @@ class Symbols:
         hit = self._head_schedules.get(key)
         if hit is not None:
             return hit
+        out = self._head_schedules[key] = selected_first(self._tile_selection(seq, row_offset, block_m, select_reused))
+        return out
+
+    def tile_schedule(self, seq: int, row_offset: int, block_m: int):
+        """``(tiles [B*T*H] int32, count [1] int32)``: the (batch, row tile, head) tiles of an operand with
+        rows in tiles of ``block_m`` (as in :meth:`head_schedule`) and one head per column tile, as flat
+        indices ``(b*T + t)*H + h``; those with a computed head first, ascending, then the rest; ``count``
+        how many are computed. What a persistent kernel walks: it reads the count on the device, so the
+        host never waits for it. Cached per argument tuple."""
+        key = (seq, row_offset, block_m)
+        hit = self._tile_schedules.get(key)
+        if hit is not None:
+            return hit
+        tiles, count = selected_first(self._tile_selection(seq, row_offset, block_m, False).reshape(1, -1))
+        out = self._tile_schedules[key] = (tiles.reshape(-1), count.reshape(1))
+        return out
+
+    def _tile_selection(self, seq: int, row_offset: int, block_m: int, select_reused: bool) -> torch.Tensor:
+        """``[B, T, H]`` bool: row tile ``t`` holds a row that selects head ``h``."""
         reuse = self._dense[0] if self._dense is not None else unpack_bits(self.reuse_bits, self.num_q_blocks)
         blocks = _tile_blocks(seq, row_offset, block_m, self.block_q, self.device)  # [T, k]
         sel = reuse if select_reused else ~reuse
-        any_sel = sel[:, :, blocks].any(-1).transpose(1, 2)  # [B, T, H]
-        out = self._head_schedules[key] = selected_first(any_sel)
-        return out
+        return sel[:, :, blocks].any(-1).transpose(1, 2)
 
     def check_for(self, name: str, batch: int, heads: int, seq_q: int, seq_kv: Optional[int] = None):
         """Raise ValueError (naming ``name``) unless these symbols describe this call's shape."""

@@ -57,15 +57,17 @@ def tolerance(ref_err, dtype, magnitude):
 
 
 IMPLS = ["reference", "triton", "triton-tma"]
-#: the attention kernel also builds descriptors in the kernel (its warp-specialized form on Hopper)
-ATTENTION_IMPLS = IMPLS + ["triton-device-tma"]
+#: also with descriptors built in the kernels: the attention kernel's warp-specialized form and the
+#: persistent GEMMs on Hopper
+DEVICE_TMA_IMPLS = IMPLS + ["triton-device-tma"]
 
 
 @contextlib.contextmanager
 def impl_context(impl):
     """``reference``: the fp32 PyTorch path; ``triton``: the kernels with plain pointer loads;
     ``triton-tma``: the kernels loading through tensor descriptors where the inputs qualify;
-    ``triton-device-tma``: descriptors built inside the kernels (the warp-specialized form)."""
+    ``triton-device-tma``: descriptors built inside the kernels (the warp-specialized attention, the
+    persistent GEMMs where their shape conditions hold)."""
     if impl == "reference":
         with kernel_backend("reference"):
             yield

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from omni_compile.ops import Symbols, sparse_attention
 from omni_compile.ops.attention import sparse_attention_op
 
-from _golden import ATTENTION_IMPLS as IMPLS, dtype_attention, golden_attention, impl_context, max_err, poison_like, tolerance
+from _golden import DEVICE_TMA_IMPLS as IMPLS, dtype_attention, golden_attention, impl_context, max_err, poison_like, tolerance
 
 HEAD_DIMS = [64, 72, 80, 96, 128]
 

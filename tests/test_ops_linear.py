@@ -13,7 +13,7 @@ from omni_compile.ops import Symbols, cache_bias_for, sparse_linear_o, sparse_li
 from omni_compile.ops.linear_o import sparse_linear_o_op, sparse_linear_o_prechecked
 from omni_compile.ops.linear_q import sparse_linear_q_op
 
-from _golden import EPS, IMPLS, impl_context, max_err, poison_like
+from _golden import DEVICE_TMA_IMPLS, EPS, IMPLS, impl_context, max_err, poison_like
 
 
 @st.composite
@@ -56,7 +56,7 @@ def linear_tol(x, w, bias, gold):
     return 4 * own + 2 * EPS[x.dtype] * max(1.0, gold.abs().max().item() if gold.numel() else 1.0)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", DEVICE_TMA_IMPLS)
 @given(case=projection_case())
 def test_gemm_q_equals_linear_on_computed_tiles(impl, case):
     s, x, w, b, _, _, _, computed, D, off = make(case)
@@ -70,7 +70,7 @@ def test_gemm_q_equals_linear_on_computed_tiles(impl, case):
     assert max_err(y, gold) <= linear_tol(x, w, b, gold)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", DEVICE_TMA_IMPLS)
 @given(case=projection_case())
 def test_gemm_o_with_cache_bias_reproduces_linear(impl, case):
     s, _, _, _, a, w, b, computed, D, off = make(case)
@@ -88,7 +88,7 @@ def test_gemm_o_with_cache_bias_reproduces_linear(impl, case):
     assert max_err(cb, gold_cb) <= linear_tol(a, w, None, gold_cb)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", DEVICE_TMA_IMPLS)
 @given(case=projection_case(), n_terms=st.integers(1, 3), x=st.sampled_from([1.0, 2.0, 3.0, 0.5]))
 def test_gemm_o_adds_taylor_terms_with_their_scales(impl, case, n_terms, x):
     """The runtime hands GEMM-O the Taylor terms of the cached projection and their coefficients x^i/i!:
@@ -125,7 +125,7 @@ def test_cache_bias_terms_are_checked():
         sparse_linear_o(a, w, b, s, D, [t, t[:, :-1]], row_offset=off, cache_scales=[1.0, 1.0])
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", DEVICE_TMA_IMPLS)
 @given(case=projection_case())
 def test_garbage_in_reused_slices_never_leaks(impl, case):
     s, x, wq, bq_, a, wo, bo, computed, D, off = make(case)
@@ -140,7 +140,7 @@ def test_garbage_in_reused_slices_never_leaks(impl, case):
     assert torch.equal(q_clean, q_dirty)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", DEVICE_TMA_IMPLS)
 def test_all_reused_gives_bias_plus_cache_bias_and_no_compute_gives_zero_q(impl):
     B, H, D, S = 1, 2, 64, 40
     s = Symbols.from_dense(torch.ones(B, H, 3, dtype=torch.bool), torch.zeros(B, H, 3, 1, dtype=torch.bool), 16, 16, S, 16)
@@ -181,6 +181,9 @@ def test_bad_input_raises_naming_the_argument():
 def test_opcheck():
     s, x, wq, bq_, a, wo, bo, _, D, off = make((1, 2, 64, 16, 40, 5, 24, 30, torch.float32, 0.5, True, 0))
     torch.library.opcheck(sparse_linear_q_op, (x, wq, bq_, s.reuse_bits, s.block_q, s.seq_q, D, off))
+    tiles, count = s.tile_schedule(x.shape[1], 0, 16)  # the persistent kernel's schedule (row offset 0)
+    with impl_context("triton-device-tma"):
+        torch.library.opcheck(sparse_linear_q_op, (x, wq, bq_, s.reuse_bits, s.block_q, s.seq_q, D, 0, tiles, count))
     cb = cache_bias_for(a, wo, s, D, row_offset=off)
     from omni_compile.ops.linear_o import linear_o_config
 
@@ -224,3 +227,31 @@ def test_gemm_o_head_list_in_registers_variant(impl):
         y = _launch_linear_o(a, w, b, None, s.reuse_bits, idx, cnt, s.block_q, D, off, cfg["BLOCK_M"], False, cfg)
         want = sparse_linear_o(a, w, b, s, D, row_offset=off)
     assert torch.equal(y, want)
+
+
+def test_persistent_kernels_are_taken_when_forced(monkeypatch):
+    """In descriptor mode "device" the persistent GEMMs run where their shape conditions hold (one head per
+    column tile, row tiles inside query blocks) and give what the tile-grid kernels give; elsewhere the
+    tile-grid kernels run."""
+    import omni_compile.ops.linear_o as LO
+    import omni_compile.ops.linear_q as LQ
+
+    ran = []
+    for mod, name in ((LQ, "_launch_linear_q_persistent"), (LO, "_launch_linear_o_persistent")):
+        real = getattr(mod, name)
+        monkeypatch.setattr(mod, name, lambda *a, real=real, name=name, **k: ran.append(name) or real(*a, **k))
+    for off, persistent in ((32, True), (5, False)):
+        s, x, wq, bq_, a, wo, bo, computed, D, _ = make((2, 3, 64, 32, 150, off, 32, 40, torch.float16, 0.5, True, 3))
+        outs = {}
+        for impl in ("triton-device-tma", "triton"):
+            ran.clear()
+            with impl_context(impl):
+                cb = cache_bias_for(a, wo, s, D, row_offset=off)
+                outs[impl] = (sparse_linear_q(x, wq, bq_, s, D, row_offset=off), cb,
+                              sparse_linear_o(a, wo, bo, s, D, cb, row_offset=off))
+            want = ["_launch_linear_o_persistent", "_launch_linear_q_persistent", "_launch_linear_o_persistent"]
+            assert ran == (want if impl == "triton-device-tma" and persistent else [])
+        for got, want in zip(outs["triton-device-tma"], outs["triton"]):
+            assert (got.float() - want.float()).abs().max() <= 2e-3 * want.float().abs().max().clamp_min(1)
+        mask = computed.repeat_interleave(D, -1)
+        assert torch.equal(outs["triton-device-tma"][0][~mask], torch.zeros_like(outs["triton"][0][~mask]))

@@ -158,6 +158,24 @@ def test_from_dense_rejects_bad_input(kwargs, exc, match):
         Symbols.from_dense(**args)
 
 
+@given(dense_symbols(max_blocks=5), st.integers(0, 100), st.sampled_from([16, 64, 128]))
+def test_tile_schedule_lists_computed_tiles_first(case, offset, block_m):
+    reuse, _, bq, _, sq, _ = case
+    sq2 = sq + offset
+    nq = -(-sq2 // bq)
+    reuse = torch.cat([reuse, torch.ones(*reuse.shape[:2], nq - reuse.shape[2], dtype=torch.bool)], -1)
+    s = Symbols.from_dense(reuse, torch.zeros(*reuse.shape, 1, dtype=torch.bool), bq, 16, sq2, 16)
+    tiles, count = s.tile_schedule(sq, offset, block_m)
+    B, H = reuse.shape[:2]
+    T = -(-sq // block_m)
+    computed = [(b * T + t) * H + h for b in range(B) for t in range(T) for h in range(H)
+                if not reuse[b, h, (torch.arange(t * block_m, min(sq, (t + 1) * block_m)) + offset) // bq].all()]
+    rest = sorted(set(range(B * T * H)) - set(computed))
+    assert tiles.dtype == torch.int32 and count.dtype == torch.int32 and count.shape == (1,)
+    assert int(count) == len(computed) and tiles.tolist() == computed + rest
+    assert s.tile_schedule(sq, offset, block_m) is s.tile_schedule(sq, offset, block_m)  # cached
+
+
 def test_prefetch_schedules_decodes_what_the_other_symbols_decoded():
     g = torch.Generator().manual_seed(0)
     a = Symbols.from_dense(torch.rand(1, 2, 3, generator=g) < 0.5, torch.rand(1, 2, 3, 5, generator=g) < 0.5, 16, 16, 40, 70)
@@ -165,18 +183,23 @@ def test_prefetch_schedules_decodes_what_the_other_symbols_decoded():
     a.kv_schedule()
     a.head_schedule(40, 0, 32, False)
     a.head_schedule(24, 16, 16, True)
-    assert b._kv_schedule is None and not b._head_schedules
+    a.tile_schedule(40, 0, 16)
+    assert b._kv_schedule is None and not b._head_schedules and not b._tile_schedules
     other = Symbols.from_dense(torch.zeros(1, 2, 3, dtype=torch.bool), torch.zeros(1, 2, 3, 4, dtype=torch.bool),
                                16, 16, 40, 60)  # another key length: its schedules do not apply
     other.prefetch_schedules(a)
     assert other._kv_schedule is None and not other._head_schedules
     b.prefetch_schedules(a)
     assert set(b._head_schedules) == set(a._head_schedules)
+    assert set(b._tile_schedules) == set(a._tile_schedules)
     fresh = Symbols(b.reuse_bits, b.skip_bits, 16, 16, 40, 70)
     for got, want in zip(b.kv_schedule(), fresh.kv_schedule()):
         assert torch.equal(got, want)
     for key in a._head_schedules:
         for got, want in zip(b._head_schedules[key], fresh.head_schedule(*key)):
+            assert torch.equal(got, want)
+    for key in a._tile_schedules:
+        for got, want in zip(b._tile_schedules[key], fresh.tile_schedule(*key)):
             assert torch.equal(got, want)
 
 

@@ -85,13 +85,30 @@ if "attention" in parts:
         del q, k, v
         torch.cuda.empty_cache()
 
-GQ = {
-    "default": None,
-    "tma w8 s4": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4, USE_TMA=True),
+_PQ = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64)
+GQ = {  # None: the tile-grid kernel's own config (the default before session 8)
+    "grid (s7 default)": ("grid", None),
+    "grid tma w8 s4": ("grid", dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4, USE_TMA=True)),
+    "persistent w8 s4": ("persistent", dict(_PQ, num_warps=8, num_stages=4, FLATTEN=False, WARP_SPEC=False)),
+    "persistent w8 s3": ("persistent", dict(_PQ, num_warps=8, num_stages=3, FLATTEN=False, WARP_SPEC=False)),
+    "persistent w4 s4": ("persistent", dict(_PQ, num_warps=4, num_stages=4, FLATTEN=False, WARP_SPEC=False)),
+    "persistent w4 s3 2/SM": ("persistent", dict(_PQ, num_warps=4, num_stages=3, FLATTEN=False, WARP_SPEC=False, NUM_PROGRAMS=264)),
+    "persistent flat w8 s4": ("persistent", dict(_PQ, num_warps=8, num_stages=4, FLATTEN=True, WARP_SPEC=False)),
+    "persistent flat w8 s3": ("persistent", dict(_PQ, num_warps=8, num_stages=3, FLATTEN=True, WARP_SPEC=False)),
+    "persistent ws w4 s3": ("persistent", dict(_PQ, num_warps=4, num_stages=3, FLATTEN=False, WARP_SPEC=True)),
+    "persistent ws w8 s3": ("persistent", dict(_PQ, num_warps=8, num_stages=3, FLATTEN=False, WARP_SPEC=True)),
+    "persistent ws flat w4 s3": ("persistent", dict(_PQ, num_warps=4, num_stages=3, FLATTEN=True, WARP_SPEC=True)),
 }
+_PO = dict(BLOCK_M=128, BLOCK_K=64)
 GO = {
-    "default": None,
-    "tma bn256 w8 s4": dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, HEADS_IN_REGISTERS=True, num_warps=8, num_stages=4, USE_TMA=True),
+    "grid tma (s7 default)": dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, HEADS_IN_REGISTERS=True, num_warps=8, num_stages=3, USE_TMA=True, PERSISTENT=False),
+    "persistent bn256 w8 s3": dict(_PO, BLOCK_N=256, num_warps=8, num_stages=3, FLATTEN=False, WARP_SPEC=False, PERSISTENT=True),
+    "persistent bn256 w8 s4": dict(_PO, BLOCK_N=256, num_warps=8, num_stages=4, FLATTEN=False, WARP_SPEC=False, PERSISTENT=True),
+    "persistent bn128 w8 s4": dict(_PO, BLOCK_N=128, num_warps=8, num_stages=4, FLATTEN=False, WARP_SPEC=False, PERSISTENT=True),
+    "persistent bn128 w4 s4": dict(_PO, BLOCK_N=128, num_warps=4, num_stages=4, FLATTEN=False, WARP_SPEC=False, PERSISTENT=True),
+    "persistent flat bn256 w8 s3": dict(_PO, BLOCK_N=256, num_warps=8, num_stages=3, FLATTEN=True, WARP_SPEC=False, PERSISTENT=True),
+    "persistent ws bn128 w4 s3": dict(_PO, BLOCK_N=128, num_warps=4, num_stages=3, FLATTEN=False, WARP_SPEC=True, PERSISTENT=True),
+    "persistent ws bn256 w8 s3": dict(_PO, BLOCK_N=256, num_warps=8, num_stages=3, FLATTEN=False, WARP_SPEC=True, PERSISTENT=True),
 }
 
 if "gemm" in parts:
@@ -104,9 +121,12 @@ if "gemm" in parts:
         bias = torch.randn(N, device="cuda", dtype=torch.bfloat16, generator=g)
         cb = [torch.randn(1, M, N, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(2)]
         cublas = bench_ms(lambda: F.linear(x, w, bias))
-        print(f"gemm M={M} cuBLAS {cublas:.4f} ms ({2 * M * K * N / cublas / 1e9:.0f} TF/s)", flush=True)
+        # what a GEMM-O with a cache bias cannot avoid: reading the two bias terms (bf16) once
+        cb_read = bench_ms(lambda: cb[0].add(cb[1], alpha=0.5)) * 2 / 3
+        print(f"gemm M={M} cuBLAS {cublas:.4f} ms ({2 * M * K * N / cublas / 1e9:.0f} TF/s); "
+              f"reading two cache-bias terms ~{cb_read:.4f} ms", flush=True)
         n = -(-M // 128)
-        for r in (0.0, 0.5, 0.75):
+        for r in (0.0, 0.5, 0.75, 0.9):
             gen = torch.Generator().manual_seed(int(r * 100) + M)
             reuse = torch.zeros(1, N // D, n, dtype=torch.bool)
             if r:
@@ -114,20 +134,23 @@ if "gemm" in parts:
             sym = Symbols.from_dense(reuse, torch.zeros(1, N // D, n, 1, dtype=torch.bool), 128, 128, M, 128).to("cuda")
             f = 1.0 - sym.reuse_fraction()
             flops = 2 * M * K * N * f
-            base_q = LQ._launch_linear_q(x, w, bias, sym.reuse_bits, 128, D, 0)
-            for name, cfg in GQ.items():
-                row("gemm_q", f"M={M} reuse={r}", name,
-                    lambda cfg=cfg: LQ._launch_linear_q(x, w, bias, sym.reuse_bits, 128, D, 0, config=cfg and dict(cfg)),
-                    base_q, flops, cublas * f, dict(M=M, reuse=r, computed=f))
+            ref_q = LQ.sparse_linear_q_reference(x, w, bias, sym.reuse_bits, 128, M, D, 0)
+            tiles, tcount = sym.tile_schedule(M, 0, 128)
+            for name, (path, cfg) in GQ.items():
+                if path == "grid":
+                    fn = lambda cfg=cfg: LQ._launch_linear_q(x, w, bias, sym.reuse_bits, 128, D, 0, config=cfg and dict(cfg))
+                else:
+                    fn = lambda cfg=cfg: LQ._launch_linear_q_persistent(x, w, bias, tiles, tcount, 128, D, config=dict(cfg))
+                row("gemm_q", f"M={M} reuse={r}", name, fn, ref_q, flops, cublas * f, dict(M=M, reuse=r, computed=f))
             hidx, hcnt = sym.head_schedule(M, 0, 128, False)
+            ref_o = LO.sparse_linear_o_reference(x, w, bias, cb[0], sym.reuse_bits, 128, M, D, 0, False, cb[1], None, 0.5)
 
             def go(cfg):
                 return LO._launch_linear_o(x, w, bias, cb[0], sym.reuse_bits, hidx, hcnt, 128, D, 0, 128, False,
                                            config=cfg and dict(cfg), cache_bias_1=cb[1], coef_1=0.5)
-            base_o = go(None)
             for name, cfg in GO.items():
-                row("gemm_o", f"M={M} reuse={r}", name, lambda cfg=cfg: go(cfg), base_o, flops, cublas * f,
-                    dict(M=M, reuse=r, computed=f))
+                row("gemm_o", f"M={M} reuse={r}", name, lambda cfg=cfg: go(cfg), ref_o, flops, cublas * f,
+                    dict(M=M, reuse=r, computed=f, roofline_ms=cublas * f + cb_read))
         del x, w, cb
         torch.cuda.empty_cache()
 
@@ -140,7 +163,7 @@ for key in dict.fromkeys((r["kind"], r["shape"]) for r in rows):
     rs = [r for r in rows if (r["kind"], r["shape"]) == key and "ms" in r]
     if not rs:
         continue
-    d = next((r for r in rs if r["name"] == "default"), rs[0])
+    d = next((r for r in rs if r["name"] in ("default", "grid (s7 default)", "grid tma (s7 default)")), rs[0])
     b = min(rs, key=lambda r: r["ms"])
     print(f"{key[0]:9s} {key[1]:28s} default {d['ms']:.4f} best {b['name']:16s} {b['ms']:.4f} "
           f"x{d['ms'] / b['ms']:.2f} ({b['tflops']:.0f} TF/s, x{b['vs_anchor']:.2f} anchor, err {b['err']:.0e})")
