@@ -42,14 +42,9 @@ def pooled_scores_reference(q, k, block_q, block_kv, scale):
 
 
 @triton.jit
-def _block_mean_kernel(
-    X, Out, S, n_blocks, stride_xb, stride_xh, stride_xs, H,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, SYM_BLOCK: tl.constexpr, CHUNK: tl.constexpr,
-):
-    """Grid ``(n_blocks, B*H)``. ``X [B, H, S, HEAD_DIM]`` (unit last stride) -> ``Out [B*H, n_blocks,
-    HEAD_DIM]`` fp32 contiguous: the mean of each block's rows."""
-    blk = tl.program_id(0)
-    bh = tl.program_id(1)
+def _block_rows_mean(X, Out, blk, bh, H, S, n_blocks, stride_xb, stride_xh, stride_xs,
+                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, SYM_BLOCK: tl.constexpr, CHUNK: tl.constexpr):
+    """Out[bh, blk, :] = the mean of block ``blk``'s rows of X[b, h] (``CHUNK`` rows per load)."""
     b = bh // H
     h = bh % H
     offs_d = tl.arange(0, BLOCK_D)
@@ -65,46 +60,68 @@ def _block_mean_kernel(
 
 
 @triton.jit
-def _chunk_logits(km_base, qm, c, n_k, seq_kv, scale, offs_d, dmask,
-                  HEAD_DIM: tl.constexpr, SYM_BLOCK_KV: tl.constexpr, CHUNK_K: tl.constexpr):
-    """Logits of key blocks ``c .. c+CHUNK_K`` (``-inf`` past ``n_k``) and their indices."""
-    kb = c + tl.arange(0, CHUNK_K)
+def _block_mean_kernel(
+    Q, K, QM, KM, H, seq_q, seq_kv, n_q, n_k,
+    stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, SYM_BLOCK_Q: tl.constexpr, SYM_BLOCK_KV: tl.constexpr,
+    CHUNK_Q: tl.constexpr, CHUNK_KV: tl.constexpr,
+):
+    """Grid ``(n_q + n_k, B*H)``: programs ``0 .. n_q-1`` pool query blocks, the rest key blocks (one launch
+    for both). ``Q [B, H, seq_q, HEAD_DIM]``, ``K [B, H, seq_kv, HEAD_DIM]`` (unit last stride) ->
+    ``QM [B*H, n_q, HEAD_DIM]``, ``KM [B*H, n_k, HEAD_DIM]`` fp32 contiguous: the mean of each block's rows."""
+    blk = tl.program_id(0)
+    bh = tl.program_id(1)
+    if blk < n_q:
+        _block_rows_mean(Q, QM, blk, bh, H, seq_q, n_q, stride_qb, stride_qh, stride_qs,
+                         HEAD_DIM, BLOCK_D, SYM_BLOCK_Q, CHUNK_Q)
+    else:
+        _block_rows_mean(K, KM, blk - n_q, bh, H, seq_kv, n_k, stride_kb, stride_kh, stride_ks,
+                         HEAD_DIM, BLOCK_D, SYM_BLOCK_KV, CHUNK_KV)
+
+
+@triton.jit
+def _tile_logits(qm, km_base, c, n_k, seq_kv, scale, offs_d,
+                 HEAD_DIM: tl.constexpr, SYM_BLOCK_KV: tl.constexpr, TILE_K: tl.constexpr):
+    """Logits ``[TILE_Q, TILE_K]`` of key blocks ``c .. c+TILE_K`` (``-inf`` past ``n_k``) and their indices."""
+    kb = c + tl.arange(0, TILE_K)
     valid = kb < n_k
-    km = tl.load(km_base + kb[:, None] * HEAD_DIM + offs_d[None, :], mask=valid[:, None] & dmask[None, :], other=0.0)
+    km = tl.load(km_base + kb[:, None] * HEAD_DIM + offs_d[None, :],
+                 mask=valid[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
     rows = tl.minimum(seq_kv - kb * SYM_BLOCK_KV, SYM_BLOCK_KV).to(tl.float32)
-    logit = tl.sum(km * qm[None, :], 1) * scale + tl.log(tl.where(valid, rows, 1.0))
-    return tl.where(valid, logit, float("-inf")), kb, valid
+    logit = tl.dot(qm, tl.trans(km), input_precision="ieee") * scale + tl.log(tl.where(valid, rows, 1.0))[None, :]
+    return tl.where(valid[None, :], logit, float("-inf")), kb, valid
 
 
 @triton.jit
 def _block_softmax_kernel(
     QM, KM, Out, n_q, n_k, seq_kv, scale,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, SYM_BLOCK_KV: tl.constexpr, CHUNK_K: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, SYM_BLOCK_KV: tl.constexpr,
+    TILE_Q: tl.constexpr, TILE_K: tl.constexpr,
 ):
-    """Grid ``(n_q, B*H)``. ``QM [B*H, n_q, HEAD_DIM]``, ``KM [B*H, n_k, HEAD_DIM]`` fp32 block means ->
-    ``Out [B*H, n_q, n_k]`` fp32: softmax over key blocks of ``scale * qm.km + log(block rows)``; two
-    passes over the key blocks (max and sum, then normalised write), ``CHUNK_K`` blocks at a time."""
-    qi = tl.program_id(0)
+    """Grid ``(cdiv(n_q, TILE_Q), B*H)``. ``QM [B*H, n_q, HEAD_DIM]``, ``KM [B*H, n_k, HEAD_DIM]`` fp32 block
+    means -> ``Out [B*H, n_q, n_k]`` fp32: softmax over key blocks of ``scale * qm.km + log(block rows)``.
+    A program takes ``TILE_Q`` query blocks and walks the key blocks ``TILE_K`` at a time twice (running
+    max and sum, then the normalised write); the products are fp32 ``tl.dot`` tiles, so each key block's
+    mean is read once per ``TILE_Q`` query blocks, not once per query block."""
+    qt = tl.program_id(0)
     bh = tl.program_id(1)
     offs_d = tl.arange(0, BLOCK_D)
-    dmask = offs_d < HEAD_DIM
-    qm = tl.load(QM + (bh.to(tl.int64) * n_q + qi) * HEAD_DIM + offs_d, mask=dmask, other=0.0)
+    rows_q = qt * TILE_Q + tl.arange(0, TILE_Q)
+    q_ok = rows_q < n_q
+    qm = tl.load(QM + (bh.to(tl.int64) * n_q + rows_q[:, None]) * HEAD_DIM + offs_d[None, :],
+                 mask=q_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
     km_base = KM + bh.to(tl.int64) * n_k * HEAD_DIM
-    m = tl.full([CHUNK_K], float("-inf"), dtype=tl.float32)
-    s = tl.zeros([CHUNK_K], dtype=tl.float32)
-    for c in range(0, n_k, CHUNK_K):
-        logit, kb, valid = _chunk_logits(km_base, qm, c, n_k, seq_kv, scale, offs_d, dmask, HEAD_DIM, SYM_BLOCK_KV, CHUNK_K)
-        m_new = tl.maximum(m, logit)
-        # a lane that has seen no valid block keeps m = -inf; subtract 0 there so nothing computes inf - inf
-        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-        s = s * tl.exp(m - m_ref) + tl.exp(logit - m_ref)
+    m = tl.full([TILE_Q], float("-inf"), dtype=tl.float32)
+    s = tl.zeros([TILE_Q], dtype=tl.float32)
+    for c in range(0, n_k, TILE_K):
+        logit, kb, valid = _tile_logits(qm, km_base, c, n_k, seq_kv, scale, offs_d, HEAD_DIM, SYM_BLOCK_KV, TILE_K)
+        m_new = tl.maximum(m, tl.max(logit, 1))
+        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(logit - m_new[:, None]), 1)
         m = m_new
-    m_all = tl.max(m, 0)
-    total = tl.sum(s * tl.exp(m - m_all), 0)
-    out_row = Out + (bh.to(tl.int64) * n_q + qi) * n_k
-    for c in range(0, n_k, CHUNK_K):
-        logit, kb, valid = _chunk_logits(km_base, qm, c, n_k, seq_kv, scale, offs_d, dmask, HEAD_DIM, SYM_BLOCK_KV, CHUNK_K)
-        tl.store(out_row + kb, tl.exp(logit - m_all) / total, mask=valid)
+    out_rows = Out + (bh.to(tl.int64) * n_q + rows_q[:, None]) * n_k
+    for c in range(0, n_k, TILE_K):
+        logit, kb, valid = _tile_logits(qm, km_base, c, n_k, seq_kv, scale, offs_d, HEAD_DIM, SYM_BLOCK_KV, TILE_K)
+        tl.store(out_rows + kb[None, :], tl.exp(logit - m[:, None]) / s[:, None], mask=q_ok[:, None] & valid[None, :])
 
 
 def _launch_pooled(q, k, block_q, block_kv, scale):
@@ -114,14 +131,15 @@ def _launch_pooled(q, k, block_q, block_kv, scale):
     bd = max(16, next_pow2(D))
     qm = torch.empty(B * H, n_q, D, dtype=torch.float32, device=q.device)
     km = torch.empty(B * H, n_k, D, dtype=torch.float32, device=q.device)
-    for x, out, n, blk in ((q, qm, n_q, block_q), (k, km, n_k, block_kv)):
-        launch(_block_mean_kernel, (n, B * H),
-            x, out, x.shape[2], n, x.stride(0), x.stride(1), x.stride(2), H,
-            HEAD_DIM=D, BLOCK_D=bd, SYM_BLOCK=blk, CHUNK=min(blk, 32),
-        )
+    launch(_block_mean_kernel, (n_q + n_k, B * H),
+        q, k, qm, km, H, Sq, Skv, n_q, n_k,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        HEAD_DIM=D, BLOCK_D=bd, SYM_BLOCK_Q=block_q, SYM_BLOCK_KV=block_kv,
+        CHUNK_Q=min(block_q, 32), CHUNK_KV=min(block_kv, 32),
+    )
     scores = torch.empty(B, H, n_q, n_k, dtype=torch.float32, device=q.device)
-    launch(_block_softmax_kernel, (n_q, B * H),
-        qm, km, scores, n_q, n_k, Skv, scale, HEAD_DIM=D, BLOCK_D=bd, SYM_BLOCK_KV=block_kv, CHUNK_K=32,
+    launch(_block_softmax_kernel, (triton.cdiv(n_q, 32), B * H),
+        qm, km, scores, n_q, n_k, Skv, scale, HEAD_DIM=D, BLOCK_D=bd, SYM_BLOCK_KV=block_kv, TILE_Q=32, TILE_K=32,
     )
     return scores
 
