@@ -54,8 +54,9 @@ def tensor_memory_accelerator(mode: str) -> Iterator[None]:
     GEMMs on CUDA when the inputs qualify, where the H100 sweep measured it faster; attention keeps pointer
     loads, measured faster; off in Triton's CPU interpreter), ``"on"`` (every kernel, also in the
     interpreter, which emulates descriptors: how CI tests that path), ``"off"`` (plain pointer loads),
-    ``"device"`` (the attention kernel builds its descriptors inside the kernel, the form Triton's warp
-    specialization needs; also in the interpreter; the GEMMs then take their ``"auto"`` path)."""
+    ``"device"`` (descriptors built inside the kernels: the attention kernel's form for Triton's warp
+    specialization and the persistent GEMM-Q, both also in the interpreter; GEMM-O takes its ``"auto"``
+    path)."""
     global _tma
     if mode not in ("auto", "on", "off", "device"):
         raise ValueError(f"tensor_memory_accelerator mode must be 'auto', 'on', 'off' or 'device', got {mode!r}")

@@ -21,8 +21,8 @@ import triton
 import triton.language as tl
 
 from ._launch import launch
-from ._common import ensure_device_allocator, next_pow2, make_descriptor, op_for_call, tma_compatible, tma_enabled, check_float, grouped_tile, load_reuse_bit, triton_interpreting, use_triton
-from .linear_q import check_projection, num_persistent_programs, persistent_allowed
+from ._common import next_pow2, make_descriptor, op_for_call, tma_compatible, tma_enabled, check_float, grouped_tile, load_reuse_bit, triton_interpreting, use_triton
+from .linear_q import check_projection
 from .symbols import Symbols, row_head_selection
 
 
@@ -154,72 +154,6 @@ def _sparse_linear_o_kernel(
     tl.store(y_ptrs, acc.to(Y.dtype.element_ty), mask=out_mask)
 
 
-@triton.jit
-def _sparse_linear_o_persistent_kernel(
-    A, W, Bias, CacheBias, CacheBias1, CacheBias2, Y, HeadIdx, HeadCnt,
-    B, S, N, KH, H, T, coef_1, coef_2,
-    stride_ab, stride_as, stride_wn, stride_cb, stride_cs, stride_yb, stride_ys,
-    HEAD_DIM: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    N_CACHE: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    NUM_PROGRAMS: tl.constexpr,
-    H_POW2: tl.constexpr,
-    FLATTEN: tl.constexpr,
-    WARP_SPEC: tl.constexpr,
-    IEEE: tl.constexpr,
-):
-    """GEMM-O with one program per SM walking the output tiles. Grid: ``(NUM_PROGRAMS,)``; program ``p``
-    takes tiles ``p, p + NUM_PROGRAMS, ...`` of the ``B * T * cdiv(N, BLOCK_N)`` output tiles, column tiles
-    inner (tiles running together share their row tile of ``A``).
-
-    Layouts as in :func:`_sparse_linear_o_kernel` (``KH = H * HEAD_DIM``); row tiles never straddle query
-    blocks and ``HEAD_DIM % BLOCK_K == 0``. ``A``, ``W`` and ``Y`` are read and written through descriptors
-    built in the kernel (global scratch from the allocator); the bias terms through pointers.
-    """
-    pid = tl.program_id(0)
-    ad = tl.make_tensor_descriptor(A, shape=[B, S, KH], strides=[stride_ab, stride_as, 1],
-                                   block_shape=[1, BLOCK_M, BLOCK_K])
-    wd = tl.make_tensor_descriptor(W, shape=[N, KH], strides=[stride_wn, 1], block_shape=[BLOCK_N, BLOCK_K])
-    yd = tl.make_tensor_descriptor(Y, shape=[B, S, N], strides=[stride_yb, stride_ys, 1],
-                                   block_shape=[1, BLOCK_M, BLOCK_N])
-    CHUNKS: tl.constexpr = HEAD_DIM // BLOCK_K
-    n_tiles_n = tl.cdiv(N, BLOCK_N)
-    offs_h = tl.arange(0, H_POW2)
-    for i in tl.range(pid, B * T * n_tiles_n, NUM_PROGRAMS, flatten=FLATTEN, warp_specialize=WARP_SPEC):
-        bt = i // n_tiles_n
-        pid_n = i % n_tiles_n
-        b = bt // T
-        t = bt % T
-        offs_m = t * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        out_mask = (offs_m[:, None] < S) & (offs_n[None, :] < N)
-        if N_CACHE > 0:
-            c_off = b.to(tl.int64) * stride_cb + offs_m[:, None].to(tl.int64) * stride_cs + offs_n[None, :]
-            acc = tl.load(CacheBias + c_off, mask=out_mask, other=0.0).to(tl.float32)
-            if N_CACHE > 1:
-                acc += coef_1 * tl.load(CacheBias1 + c_off, mask=out_mask, other=0.0).to(tl.float32)
-            if N_CACHE > 2:
-                acc += coef_2 * tl.load(CacheBias2 + c_off, mask=out_mask, other=0.0).to(tl.float32)
-        else:
-            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        if HAS_BIAS:
-            acc += tl.load(Bias + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
-        cnt = tl.load(HeadCnt + bt)
-        heads = tl.load(HeadIdx + bt.to(tl.int64) * H + offs_h, mask=offs_h < cnt, other=0)
-        for it in range(0, cnt * CHUNKS):
-            col = tl.sum(tl.where(offs_h == it // CHUNKS, heads, 0)) * HEAD_DIM + (it % CHUNKS) * BLOCK_K
-            a = ad.load([b, t * BLOCK_M, col]).reshape(BLOCK_M, BLOCK_K)
-            wt = tl.trans(wd.load([pid_n * BLOCK_N, col]))
-            if IEEE:
-                acc = tl.dot(a, wt, acc, input_precision="ieee")
-            else:
-                acc = tl.dot(a, wt, acc)
-        yd.store([b, t * BLOCK_M, pid_n * BLOCK_N], acc.to(Y.dtype.element_ty).reshape(1, BLOCK_M, BLOCK_N))
-
-
 def linear_o_config(head_dim: int, block_q: int, dtype: torch.dtype, tma: bool = False) -> dict:
     """Tile shape; ``BLOCK_M`` never exceeds ``block_q`` so aligned row tiles never straddle blocks."""
     wide = dtype == torch.float32
@@ -234,47 +168,6 @@ def linear_o_config(head_dim: int, block_q: int, dtype: torch.dtype, tma: bool =
     return dict(cfg, num_warps=8 if tma and not wide else 4, num_stages=3)
 
 
-def persistent_linear_o_config(head_dim: int, block_q: int, dtype: torch.dtype) -> dict:
-    """Tiles of the persistent GEMM-O: ``linear_o_config``'s rows (the head schedule's row tiles) and K steps,
-    256 output columns (128 in fp32)."""
-    cfg = dict(linear_o_config(head_dim, block_q, dtype), BLOCK_N=64 if dtype == torch.float32 else 256,
-               FLATTEN=False, WARP_SPEC=False)
-    cfg.pop("HEADS_IN_REGISTERS")
-    return cfg if triton_interpreting() else dict(cfg, num_warps=8, num_stages=3)
-
-
-def _launch_linear_o_persistent(a, weight, bias, cache_bias, head_indices, head_counts, head_dim, block_m,
-                                config, cache_bias_1, cache_bias_2, coef_1, coef_2):
-    B, S, KH = a.shape
-    N = weight.shape[0]
-    H = KH // head_dim
-    T = triton.cdiv(S, block_m)
-    y = torch.empty(B, S, N, dtype=a.dtype, device=a.device)
-    cfg = dict(persistent_linear_o_config(head_dim, block_m, a.dtype) if config is None else config)
-    for key in ("PERSISTENT", "USE_TMA", "HEADS_IN_REGISTERS", "GROUP_M"):
-        cfg.pop(key, None)
-    programs = cfg.pop("NUM_PROGRAMS", None) or num_persistent_programs(a.device)
-    if cfg["BLOCK_M"] != block_m:
-        raise ValueError(f"head schedule was built for block_m={block_m}, kernel uses {cfg['BLOCK_M']}")
-    if not triton_interpreting():
-        ensure_device_allocator()
-    dummy = weight
-    tiles = B * T * triton.cdiv(N, cfg["BLOCK_N"])
-    launch(_sparse_linear_o_persistent_kernel, (min(programs, tiles),),
-        a, weight, bias if bias is not None else dummy, cache_bias if cache_bias is not None else dummy,
-        cache_bias_1 if cache_bias_1 is not None else dummy, cache_bias_2 if cache_bias_2 is not None else dummy, y,
-        head_indices, head_counts,
-        B, S, N, KH, H, T, float(coef_1), float(coef_2),
-        a.stride(0), a.stride(1), weight.stride(0),
-        cache_bias.stride(0) if cache_bias is not None else 0, cache_bias.stride(1) if cache_bias is not None else 0,
-        y.stride(0), y.stride(1),
-        HEAD_DIM=head_dim, HAS_BIAS=bias is not None,
-        N_CACHE=0 if cache_bias is None else 1 + (cache_bias_1 is not None) + (cache_bias_2 is not None),
-        NUM_PROGRAMS=programs, H_POW2=max(2, next_pow2(H)), IEEE=a.dtype == torch.float32, **cfg,
-    )
-    return y
-
-
 def _launch_linear_o(a, weight, bias, cache_bias, reuse_bits, head_indices, head_counts, block_q, head_dim,
                      row_offset, block_m, select_reused, config=None, cache_bias_1=None, cache_bias_2=None,
                      coef_1=0.0, coef_2=0.0):
@@ -286,12 +179,6 @@ def _launch_linear_o(a, weight, bias, cache_bias, reuse_bits, head_indices, head
     if use_tma is None:
         use_tma = tma_enabled() and tma_compatible(a) and tma_compatible(weight)
     block_k = (config or linear_o_config(head_dim, block_q, a.dtype))["BLOCK_K"]
-    persistent = (config or {}).get("PERSISTENT")
-    if persistent is None:  # the output is stored through a descriptor too: its rows 16-byte multiples
-        persistent = persistent_allowed(a, weight) and (N * a.element_size()) % 16 == 0
-    if persistent and not straddle and head_dim % block_k == 0:
-        return _launch_linear_o_persistent(a, weight, bias, cache_bias, head_indices, head_counts, head_dim,
-                                           block_m, config, cache_bias_1, cache_bias_2, coef_1, coef_2)
     use_tma = bool(use_tma) and not straddle and head_dim % block_k == 0
     cfg = dict(config or linear_o_config(head_dim, block_q, a.dtype, use_tma))
     cfg.pop("USE_TMA", None)

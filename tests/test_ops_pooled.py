@@ -41,6 +41,17 @@ def test_pooled_scores_match_golden(impl, B, H, D, bq, bkv, sq, skv, dtype, seed
     assert torch.allclose(p.sum(-1).double(), torch.ones(()).double(), atol=1e-5)
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("sq, skv", [(700, 600), (16 * 32, 16 * 64 + 1)])
+def test_pooled_scores_with_many_blocks(impl, sq, skv):
+    """More query and key blocks than the kernel's 32-block tiles, partial tiles on both axes."""
+    g = torch.Generator().manual_seed(sq)
+    q, k = (torch.randn(1, 2, n, 64, generator=g) * 3 for n in (sq, skv))
+    with impl_context(impl):
+        p = pooled_scores(q, k, 16, 16)
+    assert max_err(p, golden_pooled(q, k, 16, 16, 64**-0.5)) <= 1e-5
+
+
 def test_pooled_scores_rejects_bad_input_and_passes_opcheck():
     q = torch.randn(1, 2, 40, 64)
     with pytest.raises(ValueError, match="block_kv must be a power of two"):
