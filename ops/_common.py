@@ -116,6 +116,31 @@ except ImportError:  # pragma: no cover - older triton: pointer loads only
     _TensorDescriptor = None
 
 
+_HOPPER_WITH_NEW_TRITON: dict = {}
+
+
+def hopper_with_new_triton(device) -> bool:
+    """A CUDA device of compute capability 9.x (Hopper) with Triton 3.6 or newer: where the in-kernel
+    descriptor kernels (warp-specialized attention, persistent GEMM-Q) were measured and tested. Decided
+    once per device: the check runs on every call of a dispatch step. False in the interpreter."""
+    if triton_interpreting() or not torch.cuda.is_available():
+        return False
+    device = torch.device(device)
+    if device.type != "cuda":
+        return False
+    hit = _HOPPER_WITH_NEW_TRITON.get(device)
+    if hit is None:
+        import triton as _triton
+
+        try:
+            version = tuple(int(p) for p in _triton.__version__.split(".")[:2])
+        except ValueError:
+            version = (0, 0)
+        index = torch.cuda.current_device() if device.index is None else device.index
+        hit = _HOPPER_WITH_NEW_TRITON[device] = version >= (3, 6) and torch.cuda.get_device_capability(index)[0] == 9
+    return hit
+
+
 def check_float(name: str, t, dims: int, dtype: Optional[torch.dtype] = None, device=None) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")

@@ -16,7 +16,6 @@ Three implementations of one function:
 
 from __future__ import annotations
 
-import functools
 import os
 from typing import Optional, Tuple, Union
 
@@ -26,6 +25,7 @@ import triton.language as tl
 
 from ._launch import launch
 from ._common import (
+    hopper_with_new_triton,
     make_descriptor,
     op_for_call,
     tma_compatible,
@@ -323,25 +323,11 @@ def _sparse_attention_kernel(
 _WARP_SPEC = os.environ.get("OMNI_COMPILE_WARP_SPEC", "1") != "0"
 
 
-@functools.lru_cache(maxsize=None)
-def _hopper_with_new_triton(index: int) -> bool:
-    try:
-        version = tuple(int(p) for p in triton.__version__.split(".")[:2])
-    except ValueError:
-        return False
-    return version >= (3, 6) and torch.cuda.get_device_capability(index)[0] == 9
-
-
 def warp_specialization_available(device: Optional[torch.device] = None) -> bool:
     """Whether the attention kernel may use Triton's warp specialization here: a Hopper GPU (compute
     capability 9.x) and Triton 3.6 or newer, where it was measured and tested (``OMNI_COMPILE_WARP_SPEC=0``
     turns it off). Elsewhere the kernel keeps its plain software-pipelined loop."""
-    if not _WARP_SPEC or triton_interpreting() or not torch.cuda.is_available():
-        return False
-    device = torch.device("cuda") if device is None else torch.device(device)
-    if device.type != "cuda":
-        return False
-    return _hopper_with_new_triton(torch.cuda.current_device() if device.index is None else device.index)
+    return _WARP_SPEC and hopper_with_new_triton("cuda" if device is None else device)
 
 
 def attention_config(head_dim: int, block_q: int, block_kv: int, dtype: torch.dtype,

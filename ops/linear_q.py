@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from ._launch import launch
-from ._common import ensure_device_allocator, make_descriptor, op_for_call, tma_compatible, tma_enabled, tma_mode, check_float, check_head_dim, check_symbols_device, grouped_tile, load_reuse_bit, triton_interpreting, use_triton
+from ._common import ensure_device_allocator, hopper_with_new_triton, make_descriptor, op_for_call, tma_compatible, tma_enabled, tma_mode, check_float, check_head_dim, check_symbols_device, grouped_tile, load_reuse_bit, triton_interpreting, use_triton
 from .symbols import Symbols, row_head_selection
 
 
@@ -194,7 +194,7 @@ def persistent_rows(x: torch.Tensor, weight: torch.Tensor, block_q: int, head_di
     """
     if not _PERSISTENT or not use_triton(x) or tma_mode() == "off":
         return 0
-    if tma_mode() != "device" and not (x.dtype != torch.float32 and _persistent_device(x.device)):
+    if tma_mode() != "device" and not (x.dtype != torch.float32 and hopper_with_new_triton(x.device)):
         return 0
     block_m = min(128, block_q)
     if head_dim & (head_dim - 1) or row_offset % block_m or not (tma_compatible(x) and tma_compatible(weight)):
@@ -203,12 +203,6 @@ def persistent_rows(x: torch.Tensor, weight: torch.Tensor, block_q: int, head_di
 
 
 _PERSISTENT = os.environ.get("OMNI_COMPILE_PERSISTENT_GEMM", "1") != "0"
-
-
-def _persistent_device(device: torch.device) -> bool:
-    from .attention import warp_specialization_available
-
-    return warp_specialization_available(device)
 
 
 def persistent_linear_q_config(dtype: torch.dtype, block_m: int, head_dim: int) -> dict:
