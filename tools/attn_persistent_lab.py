@@ -1,0 +1,164 @@
+"""Experiment (not shipped): a persistent form of the sparse attention kernel, for low key density.
+
+    python tools/attn_persistent_lab.py [--out DIR]      (CUDA machine, repository root)
+
+At 4608 tokens and key density <= 0.2 the committed kernel sits on a ~0.1 ms floor (864 programs, each
+building five descriptors, loading its query tile and storing its output for a dozen or fewer key tiles),
+and at 16-34K tokens it is 1.16-1.24x FlexAttention where 1.3x is the target. Variants here:
+  * persistent: one program per SM walks the (query tile, batch*head) work items, heaviest first (the
+    kv_counts sorted descending: longest-processing-time order, so the tail is short), with 4-D
+    descriptors over the whole tensors built once per program; the key loop warp-specialized or software
+    pipelined;
+  * LPT grid: one program per work item as committed, launched heaviest first.
+Each is checked against the committed kernel (output and log-sum-exp) on the same inputs. The kernels take
+128x128 tiles (the symbol blocks) and one query tile per query block, as the Hopper default does."""
+import argparse
+import json
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+LSE_PAD = 4
+
+
+@triton.jit
+def _persistent_attention(
+    Q, K, V, Out, Lse, Order, KvIdx, KvCnt, qk_scale,
+    B, H, seq_q, seq_kv, n_qb, n_kb, n_items,
+    stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks,
+    stride_vb, stride_vh, stride_vs, stride_ob, stride_oh, stride_os,
+    HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, KV_PARTIAL: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
+    WS_INNER: tl.constexpr, IEEE: tl.constexpr,
+):
+    """Grid ``(NUM_PROGRAMS,)``; program p takes work items ``Order[p], Order[p + NUM_PROGRAMS], ...``, item
+    ``bh * n_qb + m`` being query tile m of batch*head bh. Q/K/V/Out ``[B, H, S, HEAD_DIM]`` (unit last
+    stride), Lse ``[B*H, seq_q, LSE_PAD]`` fp32; KvIdx/KvCnt as the committed kernel's."""
+    pid = tl.program_id(0)
+    qd = tl.make_tensor_descriptor(Q, shape=[B, H, seq_q, HEAD_DIM], strides=[stride_qb, stride_qh, stride_qs, 1],
+                                   block_shape=[1, 1, BLOCK, HEAD_DIM])
+    kd = tl.make_tensor_descriptor(K, shape=[B, H, seq_kv, HEAD_DIM], strides=[stride_kb, stride_kh, stride_ks, 1],
+                                   block_shape=[1, 1, BLOCK, HEAD_DIM])
+    vd = tl.make_tensor_descriptor(V, shape=[B, H, seq_kv, HEAD_DIM], strides=[stride_vb, stride_vh, stride_vs, 1],
+                                   block_shape=[1, 1, BLOCK, HEAD_DIM])
+    od = tl.make_tensor_descriptor(Out, shape=[B, H, seq_q, HEAD_DIM], strides=[stride_ob, stride_oh, stride_os, 1],
+                                   block_shape=[1, 1, BLOCK, HEAD_DIM])
+    ld = tl.make_tensor_descriptor(Lse, shape=[B * H, seq_q, LSE_PAD], strides=[seq_q * LSE_PAD, LSE_PAD, 1],
+                                   block_shape=[1, BLOCK, LSE_PAD])
+    offs_n = tl.arange(0, BLOCK)
+    for w in range(pid, n_items, NUM_PROGRAMS):
+        item = tl.load(Order + w)
+        bh = item // n_qb
+        m = item % n_qb
+        b = bh // H
+        h = bh % H
+        cnt = tl.load(KvCnt + item)
+        idx_row = KvIdx + item.to(tl.int64) * n_kb
+        q = qd.load([b, h, m * BLOCK, 0]).reshape(BLOCK, HEAD_DIM)
+        m_i = tl.full([BLOCK], -1.0e30, dtype=tl.float32)
+        l_i = tl.zeros([BLOCK], dtype=tl.float32)
+        acc = tl.zeros([BLOCK, HEAD_DIM], dtype=tl.float32)
+        for it in tl.range(0, cnt, warp_specialize=WS_INNER):
+            start_n = tl.load(idx_row + it) * BLOCK
+            kt = tl.trans(kd.load([b, h, start_n, 0]).reshape(BLOCK, HEAD_DIM))
+            if IEEE:
+                qk = tl.dot(q, kt, input_precision="ieee") * qk_scale
+            else:
+                qk = tl.dot(q, kt) * qk_scale
+            if KV_PARTIAL:
+                qk = tl.where((start_n + offs_n)[None, :] < seq_kv, qk, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            p = tl.math.exp2(qk - m_new[:, None])
+            alpha = tl.math.exp2(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = vd.load([b, h, start_n, 0]).reshape(BLOCK, HEAD_DIM)
+            if IEEE:
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+            else:
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m_i = m_new
+        has = l_i > 0.0
+        l_safe = tl.where(has, l_i, 1.0)
+        od.store([b, h, m * BLOCK, 0], (acc / l_safe[:, None]).to(Out.dtype.element_ty).reshape(1, 1, BLOCK, HEAD_DIM))
+        lse = tl.where(has, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+        ld.store([bh, m * BLOCK, 0], tl.broadcast_to(lse[:, None], [BLOCK, LSE_PAD]).reshape(1, BLOCK, LSE_PAD))
+
+
+def lpt_order(kv_counts: torch.Tensor) -> torch.Tensor:
+    """Work items (flat index into kv_counts [B, H, nQ]) by count, heaviest first."""
+    return torch.argsort(kv_counts.flatten(), descending=True, stable=True).to(torch.int32)
+
+
+def persistent_attention(q, k, v, kv_indices, kv_counts, order, block, scale, programs, ws, warps, stages):
+    B, H, Sq, D = q.shape
+    Skv = k.shape[2]
+    out = torch.empty(B, Sq, H, D, dtype=q.dtype, device=q.device).transpose(1, 2)
+    lse = torch.empty(B * H, Sq, LSE_PAD, dtype=torch.float32, device=q.device)
+    n_qb, n_kb = kv_counts.shape[-1], kv_indices.shape[-1]
+    n_items = B * H * n_qb
+    kw = {} if os.environ.get("TRITON_INTERPRET") == "1" else dict(num_warps=warps, num_stages=stages)
+    _persistent_attention[(min(programs, n_items),)](
+        q, k, v, out, lse, order, kv_indices, kv_counts, scale * LOG2E,
+        B, H, Sq, Skv, n_qb, n_kb, n_items,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+        HEAD_DIM=D, BLOCK=block, KV_PARTIAL=Skv % block != 0, NUM_PROGRAMS=programs, WS_INNER=ws,
+        IEEE=q.dtype == torch.float32, **kw)
+    return out, lse.view(B, H, Sq, LSE_PAD)[..., 0]
+
+
+def main():
+    from omni_compile.bench import bench_ms, make_symbols, rel_err
+    from omni_compile.ops import attention as A
+    from omni_compile.ops._common import ensure_device_allocator
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.environ.get("OUT", "out"))
+    ap.add_argument("--seqs", default="4608,16896,32656")
+    args = ap.parse_args()
+    ensure_device_allocator()
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    B, H, D, BLK = 1, 24, 128, 128
+    rows = []
+    for S in map(int, args.seqs.split(",")):
+        g = torch.Generator(device="cuda").manual_seed(S)
+        q, k, v = (torch.randn(B, S, H, D, device="cuda", dtype=torch.bfloat16, generator=g).transpose(1, 2)
+                   for _ in range(3))
+        for keep, reuse in ((1.0, 0.0), (0.2, 0.0), (0.1, 0.0), (0.2, 0.5), (0.1, 0.5)):
+            sym = make_symbols(S, keep, reuse)
+            idx, cnt = sym.kv_schedule()
+            order = lpt_order(cnt)
+            dens = sym.density()
+            base, base_lse = A._launch_attention(q, k, v, idx, cnt, BLK, BLK, D ** -0.5)
+            fin = torch.isfinite(base_lse)
+            variants = {
+                "committed default": lambda: A._launch_attention(q, k, v, idx, cnt, BLK, BLK, D ** -0.5),
+                "persistent ws w4 s2": lambda: persistent_attention(q, k, v, idx, cnt, order, BLK, D ** -0.5, sms, True, 4, 2),
+                "persistent ws w4 s2 2/SM": lambda: persistent_attention(q, k, v, idx, cnt, order, BLK, D ** -0.5, 2 * sms, True, 4, 2),
+                "persistent no-ws w8 s3": lambda: persistent_attention(q, k, v, idx, cnt, order, BLK, D ** -0.5, sms, False, 8, 3),
+                "LPT grid ws w4 s2": lambda: persistent_attention(q, k, v, idx, cnt, order, BLK, D ** -0.5, 1 << 30, True, 4, 2),
+            }
+            for name, fn in variants.items():
+                try:
+                    o, l = fn()
+                    err = rel_err(o, base)
+                    lse_ok = bool(torch.equal(torch.isfinite(l), fin)) and (l[fin] - base_lse[fin]).abs().max().item() < 2e-2
+                    ms = bench_ms(fn)
+                except Exception as e:
+                    print(f"S={S} keep={keep} reuse={reuse} {name}: FAILED {e!r}"[:300], flush=True)
+                    continue
+                tf = 4 * B * H * S * S * D * dens / ms / 1e9
+                rows.append(dict(S=S, keep=keep, reuse=reuse, density=dens, name=name, ms=ms, tflops=tf, err=err,
+                                 lse_ok=lse_ok))
+                print(f"S={S:6d} keep={keep:.1f} reuse={reuse:.1f} d={dens:.3f} {name:28s} {ms:8.4f} ms {tf:5.0f} TF/s "
+                      f"err {err:.1e} lse {'ok' if lse_ok else 'WRONG'}", flush=True)
+        del q, k, v
+        torch.cuda.empty_cache()
+    os.makedirs(args.out, exist_ok=True)
+    json.dump(rows, open(os.path.join(args.out, "attn_persistent_lab.json"), "w"), indent=1)
+
+
+if __name__ == "__main__":
+    main()
