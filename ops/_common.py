@@ -79,12 +79,13 @@ def tma_enabled() -> bool:
 
 def tma_compatible(t: torch.Tensor) -> bool:
     """TMA needs a 16-byte aligned base and 16-byte multiples for every stride but the last (1)."""
+    return t.data_ptr() % 16 == 0 and tma_strides_compatible(t)
+
+
+def tma_strides_compatible(t: torch.Tensor) -> bool:
+    """The stride half of :func:`tma_compatible`, which fake tensors (torch.compile's tracing) can answer."""
     size = t.element_size()
-    return (
-        t.data_ptr() % 16 == 0
-        and t.stride(-1) == 1
-        and all((st * size) % 16 == 0 for st in t.stride()[:-1])
-    )
+    return t.stride(-1) == 1 and all((st * size) % 16 == 0 for st in t.stride()[:-1])
 
 
 def make_descriptor(t: torch.Tensor, block_shape):

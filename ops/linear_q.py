@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from ._launch import launch
-from ._common import ensure_device_allocator, hopper_with_new_triton, make_descriptor, op_for_call, tma_compatible, tma_enabled, tma_mode, check_float, check_head_dim, check_symbols_device, grouped_tile, load_reuse_bit, triton_interpreting, use_triton
+from ._common import ensure_device_allocator, hopper_with_new_triton, make_descriptor, op_for_call, tma_compatible, tma_enabled, tma_mode, tma_strides_compatible, check_float, check_head_dim, check_symbols_device, grouped_tile, load_reuse_bit, triton_interpreting, use_triton
 from .symbols import Symbols, row_head_selection
 
 
@@ -197,7 +197,12 @@ def persistent_rows(x: torch.Tensor, weight: torch.Tensor, block_q: int, head_di
     if tma_mode() != "device" and not (x.dtype != torch.float32 and hopper_with_new_triton(x.device)):
         return 0
     block_m = min(128, block_q)
-    if head_dim & (head_dim - 1) or row_offset % block_m or not (tma_compatible(x) and tma_compatible(weight)):
+    if head_dim & (head_dim - 1) or row_offset % block_m:
+        return 0
+    # under torch.compile this runs on fake tensors: the base pointers' alignment is checked by the op
+    if not (tma_strides_compatible(x) and tma_strides_compatible(weight)):
+        return 0
+    if not torch.compiler.is_compiling() and not (tma_compatible(x) and tma_compatible(weight)):
         return 0
     return block_m
 
@@ -289,9 +294,10 @@ def _sparse_linear_q_op_impl(
 ) -> torch.Tensor:
     """Registered op. ``tiles`` / ``tile_count``: ``Symbols.tile_schedule(S, row_offset, block_m)`` of the
     same bits with ``block_m = min(128, block_q)``, given where :func:`persistent_rows` allows the
-    persistent kernel; without them (or on the reference path) the tile-grid kernel runs."""
+    persistent kernel; without them, with operands whose base is not 16-byte aligned (which a compiled
+    caller's wrapper cannot see), or on the reference path the tile-grid kernel runs."""
     if use_triton(x):
-        if tiles is not None and tile_count is not None:
+        if tiles is not None and tile_count is not None and tma_compatible(x) and tma_compatible(weight):
             return _launch_linear_q_persistent(x, weight, bias, tiles, tile_count, min(128, block_q), head_dim)
         return _launch_linear_q(x, weight, bias, reuse_bits, block_q, head_dim, row_offset)
     return sparse_linear_q_reference(x, weight, bias, reuse_bits, block_q, seq_q, head_dim, row_offset)

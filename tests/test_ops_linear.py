@@ -250,3 +250,31 @@ def test_persistent_gemm_q_is_taken_when_forced(monkeypatch):
         assert (got.float() - want.float()).abs().max() <= 2e-3 * want.float().abs().max().clamp_min(1)
         mask = computed.repeat_interleave(D, -1)
         assert torch.equal(got[~mask], torch.zeros_like(got[~mask]))
+
+
+@pytest.mark.parametrize("impl", ["reference", "triton-device-tma"])
+def test_gemm_q_traces_under_torch_compile(impl, monkeypatch):
+    """Under torch.compile the wrapper runs on fake tensors (no data pointers): the persistent path's
+    choice must not read one, the graph holds the registered op, and the compiled call still takes the
+    persistent kernel where the eager one does."""
+    import omni_compile.ops.linear_q as LQ
+
+    ran = []
+    real = LQ._launch_linear_q_persistent
+    monkeypatch.setattr(LQ, "_launch_linear_q_persistent", lambda *a, **k: ran.append(1) or real(*a, **k))
+    s, x, wq, bq_, _, _, _, _, D, _ = make((1, 2, 64, 32, 70, 0, 32, 40, torch.float32, 0.5, True, 4))
+    targets = []
+
+    def backend(gm, example_inputs):
+        targets.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return gm.forward
+
+    with impl_context(impl):
+        fn = torch.compile(lambda x: sparse_linear_q(x, wq, bq_, s, D) * 2, backend=backend, fullgraph=True)
+        got = fn(x)
+        compiled_runs = len(ran)
+        want = sparse_linear_q(x, wq, bq_, s, D) * 2
+    torch._dynamo.reset()
+    assert compiled_runs == len(ran) - compiled_runs == (1 if impl == "triton-device-tma" else 0)
+    assert torch.allclose(got, want, atol=1e-5)
+    assert any("flashomni.sparse_linear_q" in t for t in targets), targets
