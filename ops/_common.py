@@ -131,10 +131,8 @@ def hopper_with_new_triton(device) -> bool:
         return False
     hit = _HOPPER_WITH_NEW_TRITON.get(device)
     if hit is None:
-        import triton as _triton
-
         try:
-            version = tuple(int(p) for p in _triton.__version__.split(".")[:2])
+            version = tuple(int(p) for p in triton.__version__.split(".")[:2])
         except ValueError:
             version = (0, 0)
         index = torch.cuda.current_device() if device.index is None else device.index

@@ -61,6 +61,28 @@ def _pointer_k_loop(acc, X, W, b, rows, cols, K, stride_xb, stride_xs, stride_wn
 
 
 @triton.jit
+def _descriptor_k_loop(acc, X, W, b, row0, col0, K, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+                       IEEE: tl.constexpr):
+    """acc += X[b, row0:row0+BLOCK_M, :] @ W[col0:col0+BLOCK_N, :].T through tensor descriptors (host- or
+    kernel-built: ``X`` with blocks ``[1, BLOCK_M, BLOCK_K]``, ``W`` ``[BLOCK_N, BLOCK_K]``; out-of-range
+    rows and columns arrive as zeros)."""
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        xa = X.load([b, row0, k * BLOCK_K]).reshape(BLOCK_M, BLOCK_K)
+        wt = tl.trans(W.load([col0, k * BLOCK_K]))
+        if IEEE:
+            acc = tl.dot(xa, wt, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(xa, wt, acc)
+    return acc
+
+
+@triton.jit
+def _tile_coords(tile, T, H):
+    """(batch, row tile, head) of a flat tile index ``(b*T + t)*H + h``."""
+    return tile // (H * T), (tile // H) % T, tile % H
+
+
+@triton.jit
 def _sparse_linear_q_kernel(
     X, W, Bias, Y, ReuseBits,
     S, N, K, H, n_qbytes, row_offset,
@@ -100,13 +122,7 @@ def _sparse_linear_q_kernel(
         rows = offs_m % S  # clamped: out-of-range rows are computed on valid memory and never stored
         cols = offs_n % N
         if USE_TMA:
-            for k in range(0, tl.cdiv(K, BLOCK_K)):
-                xa = X.load([b, pid_m * BLOCK_M, k * BLOCK_K]).reshape(BLOCK_M, BLOCK_K)
-                wt = tl.trans(W.load([pid_n * BLOCK_N, k * BLOCK_K]))
-                if IEEE:
-                    acc = tl.dot(xa, wt, acc, input_precision="ieee")
-                else:
-                    acc = tl.dot(xa, wt, acc)
+            acc = _descriptor_k_loop(acc, X, W, b, pid_m * BLOCK_M, pid_n * BLOCK_N, K, BLOCK_M, BLOCK_K, IEEE)
         else:
             acc = _pointer_k_loop(acc, X, W, b, rows, cols, K, stride_xb, stride_xs, stride_wn,
                                   BLOCK_K, EVEN_K, IEEE)
@@ -148,27 +164,17 @@ def _sparse_linear_q_persistent_kernel(
     yd = tl.make_tensor_descriptor(Y, shape=[B, S, N], strides=[stride_yb, stride_ys, 1],
                                    block_shape=[1, BLOCK_M, BLOCK_N])
     computed = tl.load(TileCount)
-    k_tiles = tl.cdiv(K, BLOCK_K)
     for i in tl.range(pid, computed, NUM_PROGRAMS, flatten=FLATTEN, warp_specialize=WARP_SPEC):
-        tile = tl.load(Tiles + i)
-        h = tile % H
-        t = (tile // H) % T
-        b = tile // (H * T)
+        b, t, h = _tile_coords(tl.load(Tiles + i), T, H)
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for kk in range(0, k_tiles):
-            xa = xd.load([b, t * BLOCK_M, kk * BLOCK_K]).reshape(BLOCK_M, BLOCK_K)
-            wt = tl.trans(wd.load([h * BLOCK_N, kk * BLOCK_K]))
-            if IEEE:
-                acc = tl.dot(xa, wt, acc, input_precision="ieee")
-            else:
-                acc = tl.dot(xa, wt, acc)
+        acc = _descriptor_k_loop(acc, xd, wd, b, t * BLOCK_M, h * BLOCK_N, K, BLOCK_M, BLOCK_K, IEEE)
         if HAS_BIAS:
             acc += tl.load(Bias + h * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.float32)[None, :]
         yd.store([b, t * BLOCK_M, h * BLOCK_N], acc.to(Y.dtype.element_ty).reshape(1, BLOCK_M, BLOCK_N))
     zeros = tl.zeros([1, BLOCK_M, BLOCK_N], dtype=Y.dtype.element_ty)
     for i in range(computed + pid, num_tiles, NUM_PROGRAMS):
-        tile = tl.load(Tiles + i)
-        yd.store([tile // (H * T), ((tile // H) % T) * BLOCK_M, (tile % H) * BLOCK_N], zeros)
+        b, t, h = _tile_coords(tl.load(Tiles + i), T, H)
+        yd.store([b, t * BLOCK_M, h * BLOCK_N], zeros)
 
 
 def linear_q_config(dtype: torch.dtype, tma: bool = False) -> dict:
@@ -188,8 +194,8 @@ def persistent_rows(x: torch.Tensor, weight: torch.Tensor, block_q: int, head_di
 
     It applies where a tile is one (query block, head) or a whole part of one: ``head_dim`` a power of two
     (one head per column tile), row tiles that never straddle query blocks (``row_offset`` a multiple of
-    the tile height ``min(128, block_q)``), and operands the in-kernel descriptors take (16-byte aligned
-    base and strides); on a Hopper GPU with Triton 3.6+ (measured there), or wherever the descriptor mode
+    the tile height ``min(128, block_q)``), and operands whose strides the in-kernel descriptors take
+    (16-byte multiples; the op checks the base alignment); on a Hopper GPU with Triton 3.6+ (measured there), or wherever the descriptor mode
     is ``"device"`` (the interpreter too: how CI tests it). ``OMNI_COMPILE_PERSISTENT_GEMM=0`` turns it off.
     """
     if not _PERSISTENT or not use_triton(x) or tma_mode() == "off":
@@ -199,10 +205,9 @@ def persistent_rows(x: torch.Tensor, weight: torch.Tensor, block_q: int, head_di
     block_m = min(128, block_q)
     if head_dim & (head_dim - 1) or row_offset % block_m:
         return 0
-    # under torch.compile this runs on fake tensors: the base pointers' alignment is checked by the op
+    # strides only: under torch.compile this runs on fake tensors, which have no data pointer; the op
+    # checks the base pointers' alignment when it runs (and takes the tile grid where they are not)
     if not (tma_strides_compatible(x) and tma_strides_compatible(weight)):
-        return 0
-    if not torch.compiler.is_compiling() and not (tma_compatible(x) and tma_compatible(weight)):
         return 0
     return block_m
 
@@ -243,7 +248,6 @@ def _launch_linear_q_persistent(x, weight, bias, tiles, tile_count, block_m, hea
         raise ValueError(f"tile schedule has {tiles.numel()} tiles, the call needs B*T*H = {B * T * H}")
     y = torch.empty(B, S, N, dtype=x.dtype, device=x.device)
     cfg = dict(config or persistent_linear_q_config(x.dtype, block_m, head_dim))
-    cfg.pop("PERSISTENT", None)
     programs = cfg.pop("NUM_PROGRAMS", None) or num_persistent_programs(x.device)
     if not triton_interpreting():
         ensure_device_allocator()
