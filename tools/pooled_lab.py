@@ -29,30 +29,26 @@ args = ap.parse_args()
 def _mean_variant(X, Out, S, n_blocks, stride_xb, stride_xh, stride_xs, H,
                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, SYM_BLOCK: tl.constexpr, CHUNK: tl.constexpr,
                   ACC_2D: tl.constexpr):
-    """Grid (n_blocks, B*H); as ops/pooled.py's _block_rows_mean, with ACC_2D summing the chunks
-    elementwise and reducing across rows once."""
+    """Grid (n_blocks, B*H): ops/pooled.py's _block_rows_mean, or with ACC_2D the chunks summed
+    elementwise and reduced across rows once."""
     blk = tl.program_id(0)
     bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    offs_d = tl.arange(0, BLOCK_D)
-    base = X + b.to(tl.int64) * stride_xb + h.to(tl.int64) * stride_xh
     if ACC_2D:
+        b = bh // H
+        h = bh % H
+        offs_d = tl.arange(0, BLOCK_D)
+        base = X + b.to(tl.int64) * stride_xb + h.to(tl.int64) * stride_xh
         acc2 = tl.zeros([CHUNK, BLOCK_D], dtype=tl.float32)
         for r in tl.static_range(0, SYM_BLOCK, CHUNK):
             rows = blk * SYM_BLOCK + r + tl.arange(0, CHUNK)
             acc2 += tl.load(base + rows[:, None].to(tl.int64) * stride_xs + offs_d[None, :],
                             mask=(rows[:, None] < S) & (offs_d[None, :] < HEAD_DIM), other=0.0).to(tl.float32)
-        acc = tl.sum(acc2, 0)
+        count = tl.minimum(S - blk * SYM_BLOCK, SYM_BLOCK).to(tl.float32)
+        tl.store(Out + (bh.to(tl.int64) * n_blocks + blk) * HEAD_DIM + offs_d, tl.sum(acc2, 0) / count,
+                 mask=offs_d < HEAD_DIM)
     else:
-        acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-        for r in tl.static_range(0, SYM_BLOCK, CHUNK):
-            rows = blk * SYM_BLOCK + r + tl.arange(0, CHUNK)
-            x = tl.load(base + rows[:, None].to(tl.int64) * stride_xs + offs_d[None, :],
-                        mask=(rows[:, None] < S) & (offs_d[None, :] < HEAD_DIM), other=0.0)
-            acc += tl.sum(x.to(tl.float32), 0)
-    count = tl.minimum(S - blk * SYM_BLOCK, SYM_BLOCK).to(tl.float32)
-    tl.store(Out + (bh.to(tl.int64) * n_blocks + blk) * HEAD_DIM + offs_d, acc / count, mask=offs_d < HEAD_DIM)
+        P._block_rows_mean(X, Out, blk, bh, H, S, n_blocks, stride_xb, stride_xh, stride_xs,
+                           HEAD_DIM, BLOCK_D, SYM_BLOCK, CHUNK)
 
 
 def means(x, blk, chunk, acc_2d, warps):
