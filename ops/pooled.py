@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import op_for_call, check_float, check_head_dim, next_pow2, use_triton
+from ._common import op_for_call, check_float, check_head_dim, next_pow2, triton_interpreting, use_triton
 from ._launch import launch
 from .symbols import block_count, check_block_size, scale_or_default
 
@@ -44,17 +44,21 @@ def pooled_scores_reference(q, k, block_q, block_kv, scale):
 @triton.jit
 def _block_rows_mean(X, Out, blk, bh, H, S, n_blocks, stride_xb, stride_xh, stride_xs,
                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, SYM_BLOCK: tl.constexpr, CHUNK: tl.constexpr):
-    """Out[bh, blk, :] = the mean of block ``blk``'s rows of X[b, h] (``CHUNK`` rows per load)."""
+    """Out[bh, blk, :] = the mean of block ``blk``'s rows of X[b, h] (``CHUNK`` rows per load).
+
+    The chunks are summed elementwise into a ``[CHUNK, BLOCK_D]`` accumulator and reduced across rows once
+    at the end: a cross-thread reduction per chunk held the loads back (H200, 4608 and 33792 tokens: 1.4-1.6
+    TB/s per chunk, 3.1-3.2 TB/s with one reduction; tools/pooled_lab.py, session 9)."""
     b = bh // H
     h = bh % H
     offs_d = tl.arange(0, BLOCK_D)
-    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    acc2 = tl.zeros([CHUNK, BLOCK_D], dtype=tl.float32)
     base = X + b.to(tl.int64) * stride_xb + h.to(tl.int64) * stride_xh
     for r in tl.static_range(0, SYM_BLOCK, CHUNK):
         rows = blk * SYM_BLOCK + r + tl.arange(0, CHUNK)
-        x = tl.load(base + rows[:, None].to(tl.int64) * stride_xs + offs_d[None, :],
-                    mask=(rows[:, None] < S) & (offs_d[None, :] < HEAD_DIM), other=0.0)
-        acc += tl.sum(x.to(tl.float32), 0)
+        acc2 += tl.load(base + rows[:, None].to(tl.int64) * stride_xs + offs_d[None, :],
+                        mask=(rows[:, None] < S) & (offs_d[None, :] < HEAD_DIM), other=0.0).to(tl.float32)
+    acc = tl.sum(acc2, 0)
     count = tl.minimum(S - blk * SYM_BLOCK, SYM_BLOCK).to(tl.float32)
     tl.store(Out + (bh.to(tl.int64) * n_blocks + blk) * HEAD_DIM + offs_d, acc / count, mask=offs_d < HEAD_DIM)
 
@@ -124,6 +128,19 @@ def _block_softmax_kernel(
         tl.store(out_rows + kb[None, :], tl.exp(logit - m[:, None]) / s[:, None], mask=q_ok[:, None] & valid[None, :])
 
 
+#: block-softmax tiles and both kernels' warps, from an H200 sweep (tools/pooled_lab.py, session 9): with
+#: 8 query blocks by 64 key blocks a program and 2 warps the softmax took 0.0098 ms at 4608 tokens and
+#: 0.158 ms at 33792 (32 x 32 with 4 warps: 0.023 and 0.177); the block mean with 2 warps read at 4.9
+#: and 4.0 TB/s (4 warps: 3.2 and 3.1). Small tiles make more programs, which these short kernels need to
+#: fill the GPU; 1 warp or 64-wide query tiles were slower at one length or the other.
+_SOFTMAX_TILE_Q = 8
+_SOFTMAX_TILE_K = 64
+
+
+def _warps(n: int) -> dict:
+    return {} if triton_interpreting() else dict(num_warps=n)
+
+
 def _launch_pooled(q, k, block_q, block_kv, scale):
     B, H, Sq, D = q.shape
     Skv = k.shape[2]
@@ -135,11 +152,12 @@ def _launch_pooled(q, k, block_q, block_kv, scale):
         q, k, qm, km, H, Sq, Skv, n_q, n_k,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         HEAD_DIM=D, BLOCK_D=bd, SYM_BLOCK_Q=block_q, SYM_BLOCK_KV=block_kv,
-        CHUNK_Q=min(block_q, 32), CHUNK_KV=min(block_kv, 32),
+        CHUNK_Q=min(block_q, 32), CHUNK_KV=min(block_kv, 32), **_warps(2),
     )
     scores = torch.empty(B, H, n_q, n_k, dtype=torch.float32, device=q.device)
-    launch(_block_softmax_kernel, (triton.cdiv(n_q, 32), B * H),
-        qm, km, scores, n_q, n_k, Skv, scale, HEAD_DIM=D, BLOCK_D=bd, SYM_BLOCK_KV=block_kv, TILE_Q=32, TILE_K=32,
+    launch(_block_softmax_kernel, (triton.cdiv(n_q, _SOFTMAX_TILE_Q), B * H),
+        qm, km, scores, n_q, n_k, Skv, scale, HEAD_DIM=D, BLOCK_D=bd, SYM_BLOCK_KV=block_kv,
+        TILE_Q=_SOFTMAX_TILE_Q, TILE_K=_SOFTMAX_TILE_K, **_warps(2),
     )
     return scores
 

@@ -4,8 +4,8 @@
 
 Session 8 measured pooled_scores at 0.064 ms of GPU time at 4608 tokens (15 % of a dense attention; the
 target is 5 %) although it reads only ~56 MB (q and k, bf16; ~12 us at the H200's bandwidth). Rows: the
-committed block-mean launch and block-softmax launch timed apart, then block-mean variants (one
-cross-thread reduction at the end instead of one per chunk, chunk height, warps) as GB/s of the bytes they
+committed block-mean launch and block-softmax launch timed apart, then the block mean's chunk height and
+warps, and the block softmax's tile sizes and warps as GB/s of the bytes they
 must read, on the benchmark's contiguous layout and on the heads-inner layout the model sites hand over.
 Each variant's means are checked against the committed kernel's."""
 import argparse
@@ -27,36 +27,18 @@ args = ap.parse_args()
 
 @triton.jit
 def _mean_variant(X, Out, S, n_blocks, stride_xb, stride_xh, stride_xs, H,
-                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, SYM_BLOCK: tl.constexpr, CHUNK: tl.constexpr,
-                  ACC_2D: tl.constexpr):
-    """Grid (n_blocks, B*H): ops/pooled.py's _block_rows_mean, or with ACC_2D the chunks summed
-    elementwise and reduced across rows once."""
-    blk = tl.program_id(0)
-    bh = tl.program_id(1)
-    if ACC_2D:
-        b = bh // H
-        h = bh % H
-        offs_d = tl.arange(0, BLOCK_D)
-        base = X + b.to(tl.int64) * stride_xb + h.to(tl.int64) * stride_xh
-        acc2 = tl.zeros([CHUNK, BLOCK_D], dtype=tl.float32)
-        for r in tl.static_range(0, SYM_BLOCK, CHUNK):
-            rows = blk * SYM_BLOCK + r + tl.arange(0, CHUNK)
-            acc2 += tl.load(base + rows[:, None].to(tl.int64) * stride_xs + offs_d[None, :],
-                            mask=(rows[:, None] < S) & (offs_d[None, :] < HEAD_DIM), other=0.0).to(tl.float32)
-        count = tl.minimum(S - blk * SYM_BLOCK, SYM_BLOCK).to(tl.float32)
-        tl.store(Out + (bh.to(tl.int64) * n_blocks + blk) * HEAD_DIM + offs_d, tl.sum(acc2, 0) / count,
-                 mask=offs_d < HEAD_DIM)
-    else:
-        P._block_rows_mean(X, Out, blk, bh, H, S, n_blocks, stride_xb, stride_xh, stride_xs,
-                           HEAD_DIM, BLOCK_D, SYM_BLOCK, CHUNK)
+                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, SYM_BLOCK: tl.constexpr, CHUNK: tl.constexpr):
+    """Grid (n_blocks, B*H): ops/pooled.py's _block_rows_mean over one tensor."""
+    P._block_rows_mean(X, Out, tl.program_id(0), tl.program_id(1), H, S, n_blocks, stride_xb, stride_xh, stride_xs,
+                       HEAD_DIM, BLOCK_D, SYM_BLOCK, CHUNK)
 
 
-def means(x, blk, chunk, acc_2d, warps):
+def means(x, blk, chunk, warps):
     B, H, S, D = x.shape
     n = block_count(S, blk)
     out = torch.empty(B * H, n, D, dtype=torch.float32, device=x.device)
     _mean_variant[(n, B * H)](x, out, S, n, x.stride(0), x.stride(1), x.stride(2), H, HEAD_DIM=D, BLOCK_D=D,
-                              SYM_BLOCK=blk, CHUNK=chunk, ACC_2D=acc_2d, num_warps=warps)
+                              SYM_BLOCK=blk, CHUNK=chunk, num_warps=warps)
     return out
 
 
@@ -92,20 +74,41 @@ for S in (4608, 33792):
             rows.append(dict(S=S, layout=layout, name=name, ms=ms, graph_ms=g))
             bw = f"{byt / g / 1e6:6.0f} GB/s" if byt else ""
             print(f"S={S:5d} {layout:11s} {name:40s} {ms:.4f} ms graph {g:.4f} ms {bw}", flush=True)
-        for acc_2d in (False, True):
-            for chunk in (32, 64):
-                for warps in (4, 8):
-                    name = f"means q: {'2d acc' if acc_2d else 'per-chunk sum'} chunk {chunk} w{warps}"
-                    fn = lambda: means(q, BLK, chunk, acc_2d, warps)
-                    try:
-                        err = (fn() - ref_q).abs().max().item()
-                        g = graph_ms(fn)
-                    except Exception as e:
-                        print(f"S={S} {layout} {name}: FAILED {e!r}"[:300], flush=True)
-                        continue
-                    rows.append(dict(S=S, layout=layout, name=name, graph_ms=g, err=err))
-                    print(f"S={S:5d} {layout:11s} {name:40s} graph {g:.4f} ms {nbytes / 2 / g / 1e6:6.0f} GB/s "
-                          f"max err {err:.1e}", flush=True)
+        for chunk in (16, 32, 64):
+            for warps in (2, 4, 8):
+                name = f"means q: chunk {chunk} w{warps}"
+                fn = lambda: means(q, BLK, chunk, warps)
+                try:
+                    err = (fn() - ref_q).abs().max().item()
+                    g = graph_ms(fn)
+                except Exception as e:
+                    print(f"S={S} {layout} {name}: FAILED {e!r}"[:300], flush=True)
+                    continue
+                rows.append(dict(S=S, layout=layout, name=name, graph_ms=g, err=err))
+                print(f"S={S:5d} {layout:11s} {name:40s} graph {g:.4f} ms {nbytes / 2 / g / 1e6:6.0f} GB/s "
+                      f"max err {err:.1e}", flush=True)
+        if layout == "contiguous":
+            committed_softmax()
+            ref_s = scores.clone()
+            for tq in (8, 16, 32):
+                for tk in (16, 32, 64):
+                    for warps in (1, 2, 4):
+                        name = f"softmax TILE_Q {tq} TILE_K {tk} w{warps}"
+                        out = torch.empty_like(scores)
+
+                        def fn():
+                            P.launch(P._block_softmax_kernel, (triton.cdiv(n, tq), B * H), qm, km, out, n, n, S,
+                                     D ** -0.5, HEAD_DIM=D, BLOCK_D=D, SYM_BLOCK_KV=BLK, TILE_Q=tq, TILE_K=tk,
+                                     num_warps=warps)
+                        try:
+                            fn()
+                            err = (out - ref_s).abs().max().item()
+                            g = graph_ms(fn)
+                        except Exception as e:
+                            print(f"S={S} {name}: FAILED {e!r}"[:300], flush=True)
+                            continue
+                        rows.append(dict(S=S, layout=layout, name=name, graph_ms=g, err=err))
+                        print(f"S={S:5d} {layout:11s} {name:40s} graph {g:.4f} ms max err {err:.1e}", flush=True)
         del q, k
         torch.cuda.empty_cache()
 os.makedirs(args.out, exist_ok=True)
