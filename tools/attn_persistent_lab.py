@@ -21,7 +21,8 @@ import triton
 import triton.language as tl
 
 LOG2E = 1.4426950408889634
-LSE_PAD = 4
+LSE_PAD_INT = 4
+LSE_PAD = tl.constexpr(LSE_PAD_INT)
 
 
 @triton.jit
@@ -31,24 +32,25 @@ def _persistent_attention(
     stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks,
     stride_vb, stride_vh, stride_vs, stride_ob, stride_oh, stride_os,
     HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, KV_PARTIAL: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
-    WS_INNER: tl.constexpr, IEEE: tl.constexpr,
+    WS_INNER: tl.constexpr, WS_OUTER: tl.constexpr, DESC_2D: tl.constexpr, IEEE: tl.constexpr,
 ):
     """Grid ``(NUM_PROGRAMS,)``; program p takes work items ``Order[p], Order[p + NUM_PROGRAMS], ...``, item
     ``bh * n_qb + m`` being query tile m of batch*head bh. Q/K/V/Out ``[B, H, S, HEAD_DIM]`` (unit last
     stride), Lse ``[B*H, seq_q, LSE_PAD]`` fp32; KvIdx/KvCnt as the committed kernel's."""
     pid = tl.program_id(0)
-    qd = tl.make_tensor_descriptor(Q, shape=[B, H, seq_q, HEAD_DIM], strides=[stride_qb, stride_qh, stride_qs, 1],
-                                   block_shape=[1, 1, BLOCK, HEAD_DIM])
-    kd = tl.make_tensor_descriptor(K, shape=[B, H, seq_kv, HEAD_DIM], strides=[stride_kb, stride_kh, stride_ks, 1],
-                                   block_shape=[1, 1, BLOCK, HEAD_DIM])
-    vd = tl.make_tensor_descriptor(V, shape=[B, H, seq_kv, HEAD_DIM], strides=[stride_vb, stride_vh, stride_vs, 1],
-                                   block_shape=[1, 1, BLOCK, HEAD_DIM])
-    od = tl.make_tensor_descriptor(Out, shape=[B, H, seq_q, HEAD_DIM], strides=[stride_ob, stride_oh, stride_os, 1],
-                                   block_shape=[1, 1, BLOCK, HEAD_DIM])
-    ld = tl.make_tensor_descriptor(Lse, shape=[B * H, seq_q, LSE_PAD], strides=[seq_q * LSE_PAD, LSE_PAD, 1],
-                                   block_shape=[1, BLOCK, LSE_PAD])
+    if not DESC_2D:
+        qd = tl.make_tensor_descriptor(Q, shape=[B, H, seq_q, HEAD_DIM], strides=[stride_qb, stride_qh, stride_qs, 1],
+                                       block_shape=[1, 1, BLOCK, HEAD_DIM])
+        kd = tl.make_tensor_descriptor(K, shape=[B, H, seq_kv, HEAD_DIM], strides=[stride_kb, stride_kh, stride_ks, 1],
+                                       block_shape=[1, 1, BLOCK, HEAD_DIM])
+        vd = tl.make_tensor_descriptor(V, shape=[B, H, seq_kv, HEAD_DIM], strides=[stride_vb, stride_vh, stride_vs, 1],
+                                       block_shape=[1, 1, BLOCK, HEAD_DIM])
+        od = tl.make_tensor_descriptor(Out, shape=[B, H, seq_q, HEAD_DIM], strides=[stride_ob, stride_oh, stride_os, 1],
+                                       block_shape=[1, 1, BLOCK, HEAD_DIM])
+        ld = tl.make_tensor_descriptor(Lse, shape=[B * H, seq_q, LSE_PAD], strides=[seq_q * LSE_PAD, LSE_PAD, 1],
+                                       block_shape=[1, BLOCK, LSE_PAD])
     offs_n = tl.arange(0, BLOCK)
-    for w in range(pid, n_items, NUM_PROGRAMS):
+    for w in tl.range(pid, n_items, NUM_PROGRAMS, warp_specialize=WS_OUTER):
         item = tl.load(Order + w)
         bh = item // n_qb
         m = item % n_qb
@@ -56,13 +58,26 @@ def _persistent_attention(
         h = bh % H
         cnt = tl.load(KvCnt + item)
         idx_row = KvIdx + item.to(tl.int64) * n_kb
-        q = qd.load([b, h, m * BLOCK, 0]).reshape(BLOCK, HEAD_DIM)
+        if DESC_2D:
+            # per-item 2-D descriptors over one (batch, head) plane, as the committed kernel builds them
+            qd2 = tl.make_tensor_descriptor(Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh,
+                                            shape=[seq_q, HEAD_DIM], strides=[stride_qs, 1], block_shape=[BLOCK, HEAD_DIM])
+            kd2 = tl.make_tensor_descriptor(K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh,
+                                            shape=[seq_kv, HEAD_DIM], strides=[stride_ks, 1], block_shape=[BLOCK, HEAD_DIM])
+            vd2 = tl.make_tensor_descriptor(V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh,
+                                            shape=[seq_kv, HEAD_DIM], strides=[stride_vs, 1], block_shape=[BLOCK, HEAD_DIM])
+            q = qd2.load([m * BLOCK, 0])
+        else:
+            q = qd.load([b, h, m * BLOCK, 0]).reshape(BLOCK, HEAD_DIM)
         m_i = tl.full([BLOCK], -1.0e30, dtype=tl.float32)
         l_i = tl.zeros([BLOCK], dtype=tl.float32)
         acc = tl.zeros([BLOCK, HEAD_DIM], dtype=tl.float32)
         for it in tl.range(0, cnt, warp_specialize=WS_INNER):
             start_n = tl.load(idx_row + it) * BLOCK
-            kt = tl.trans(kd.load([b, h, start_n, 0]).reshape(BLOCK, HEAD_DIM))
+            if DESC_2D:
+                kt = tl.trans(kd2.load([start_n, 0]))
+            else:
+                kt = tl.trans(kd.load([b, h, start_n, 0]).reshape(BLOCK, HEAD_DIM))
             if IEEE:
                 qk = tl.dot(q, kt, input_precision="ieee") * qk_scale
             else:
@@ -73,7 +88,10 @@ def _persistent_attention(
             p = tl.math.exp2(qk - m_new[:, None])
             alpha = tl.math.exp2(m_i - m_new)
             l_i = l_i * alpha + tl.sum(p, 1)
-            v = vd.load([b, h, start_n, 0]).reshape(BLOCK, HEAD_DIM)
+            if DESC_2D:
+                v = vd2.load([start_n, 0])
+            else:
+                v = vd.load([b, h, start_n, 0]).reshape(BLOCK, HEAD_DIM)
             if IEEE:
                 acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
             else:
@@ -81,9 +99,17 @@ def _persistent_attention(
             m_i = m_new
         has = l_i > 0.0
         l_safe = tl.where(has, l_i, 1.0)
-        od.store([b, h, m * BLOCK, 0], (acc / l_safe[:, None]).to(Out.dtype.element_ty).reshape(1, 1, BLOCK, HEAD_DIM))
         lse = tl.where(has, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, float("-inf"))
-        ld.store([bh, m * BLOCK, 0], tl.broadcast_to(lse[:, None], [BLOCK, LSE_PAD]).reshape(1, BLOCK, LSE_PAD))
+        if DESC_2D:
+            od2 = tl.make_tensor_descriptor(Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh,
+                                            shape=[seq_q, HEAD_DIM], strides=[stride_os, 1], block_shape=[BLOCK, HEAD_DIM])
+            od2.store([m * BLOCK, 0], (acc / l_safe[:, None]).to(Out.dtype.element_ty))
+            ld2 = tl.make_tensor_descriptor(Lse + bh.to(tl.int64) * seq_q * LSE_PAD, shape=[seq_q, LSE_PAD],
+                                            strides=[LSE_PAD, 1], block_shape=[BLOCK, LSE_PAD])
+            ld2.store([m * BLOCK, 0], tl.broadcast_to(lse[:, None], [BLOCK, LSE_PAD]))
+        else:
+            od.store([b, h, m * BLOCK, 0], (acc / l_safe[:, None]).to(Out.dtype.element_ty).reshape(1, 1, BLOCK, HEAD_DIM))
+            ld.store([bh, m * BLOCK, 0], tl.broadcast_to(lse[:, None], [BLOCK, LSE_PAD]).reshape(1, BLOCK, LSE_PAD))
 
 
 def lpt_order(kv_counts: torch.Tensor) -> torch.Tensor:
@@ -91,11 +117,11 @@ def lpt_order(kv_counts: torch.Tensor) -> torch.Tensor:
     return torch.argsort(kv_counts.flatten(), descending=True, stable=True).to(torch.int32)
 
 
-def persistent_attention(q, k, v, kv_indices, kv_counts, order, block, scale, programs, ws, warps, stages):
+def persistent_attention(q, k, v, kv_indices, kv_counts, order, block, scale, programs, ws, warps, stages, desc2d=False):
     B, H, Sq, D = q.shape
     Skv = k.shape[2]
     out = torch.empty(B, Sq, H, D, dtype=q.dtype, device=q.device).transpose(1, 2)
-    lse = torch.empty(B * H, Sq, LSE_PAD, dtype=torch.float32, device=q.device)
+    lse = torch.empty(B * H, Sq, LSE_PAD_INT, dtype=torch.float32, device=q.device)
     n_qb, n_kb = kv_counts.shape[-1], kv_indices.shape[-1]
     n_items = B * H * n_qb
     kw = {} if os.environ.get("TRITON_INTERPRET") == "1" else dict(num_warps=warps, num_stages=stages)
@@ -104,9 +130,9 @@ def persistent_attention(q, k, v, kv_indices, kv_counts, order, block, scale, pr
         B, H, Sq, Skv, n_qb, n_kb, n_items,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
-        HEAD_DIM=D, BLOCK=block, KV_PARTIAL=Skv % block != 0, NUM_PROGRAMS=programs, WS_INNER=ws,
+        HEAD_DIM=D, BLOCK=block, KV_PARTIAL=Skv % block != 0, NUM_PROGRAMS=programs, WS_INNER=ws == "inner", WS_OUTER=ws == "outer", DESC_2D=desc2d,
         IEEE=q.dtype == torch.float32, **kw)
-    return out, lse.view(B, H, Sq, LSE_PAD)[..., 0]
+    return out, lse.view(B, H, Sq, LSE_PAD_INT)[..., 0]
 
 
 def main():
@@ -135,10 +161,11 @@ def main():
             fin = torch.isfinite(base_lse)
             variants = {
                 "committed default": lambda: A._launch_attention(q, k, v, idx, cnt, BLK, BLK, D ** -0.5),
-                "persistent ws w4 s2": lambda: persistent_attention(q, k, v, idx, cnt, order, BLK, D ** -0.5, sms, True, 4, 2),
-                "persistent ws w4 s2 2/SM": lambda: persistent_attention(q, k, v, idx, cnt, order, BLK, D ** -0.5, 2 * sms, True, 4, 2),
-                "persistent no-ws w8 s3": lambda: persistent_attention(q, k, v, idx, cnt, order, BLK, D ** -0.5, sms, False, 8, 3),
-                "LPT grid ws w4 s2": lambda: persistent_attention(q, k, v, idx, cnt, order, BLK, D ** -0.5, 1 << 30, True, 4, 2),
+                "persistent 2d ws-inner w4 s2": lambda: persistent_attention(q, k, v, idx, cnt, order, BLK, D ** -0.5, sms, "inner", 4, 2, True),
+                "persistent 2d ws-outer w4 s2": lambda: persistent_attention(q, k, v, idx, cnt, order, BLK, D ** -0.5, sms, "outer", 4, 2, True),
+                "persistent 2d ws-inner 2/SM": lambda: persistent_attention(q, k, v, idx, cnt, order, BLK, D ** -0.5, 2 * sms, "inner", 4, 2, True),
+                "persistent 4d no-ws w8 s3": lambda: persistent_attention(q, k, v, idx, cnt, order, BLK, D ** -0.5, sms, "none", 8, 3),
+                "LPT grid 2d ws-inner w4 s2": lambda: persistent_attention(q, k, v, idx, cnt, order, BLK, D ** -0.5, 1 << 30, "inner", 4, 2, True),
             }
             for name, fn in variants.items():
                 try:
