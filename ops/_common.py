@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from typing import Iterator, Optional
 
@@ -216,3 +217,15 @@ def device_constant(key, device, build) -> torch.Tensor:
     if t is None:
         t = _DEVICE_CONSTANTS[k] = build().to(device)
     return t
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def num_persistent_programs(device: torch.device) -> int:
+    """One program per SM on a GPU; 3 in the interpreter (few enough that each walks several tiles)."""
+    if device.type != "cuda":
+        return 3
+    return _sm_count(torch.cuda.current_device() if device.index is None else device.index)

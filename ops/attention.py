@@ -36,6 +36,7 @@ from ._common import (
     check_symbols_device,
     ensure_device_allocator,
     next_pow2,
+    num_persistent_programs,
     triton_interpreting,
     use_triton,
 )
@@ -297,30 +298,113 @@ def _sparse_attention_kernel(
                     USE_TMA, BLOCK_N,
                 )
 
-    has = l_i > 0.0
-    l_safe = tl.where(has, l_i, 1.0)
-    out = acc / l_safe[:, None]
     if DEVICE_TMA:
-        # through a descriptor (rows past the end are clipped): after a warp-specialized loop a masked
-        # pointer store wrote wrong rows (Triton 3.6, H200: rel. err 0.6-1.2, the descriptor store exact)
-        od = tl.make_tensor_descriptor(Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh,
-                                       shape=[seq_q, HEAD_DIM], strides=[stride_os, 1], block_shape=[BLOCK_M, HEAD_DIM])
-        od.store([start_m, 0], out.to(Out.dtype.element_ty))
+        _store_tile_descriptors(acc, m_i, l_i, Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh,
+                                Lse + pid_bh.to(tl.int64) * seq_q * LSE_PAD, start_m, seq_q, stride_os,
+                                HEAD_DIM, BLOCK_M, LSE_PAD)
     else:
+        has = l_i > 0.0
+        l_safe = tl.where(has, l_i, 1.0)
         o_ptrs = Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :]
-        tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=q_mask)
-    lse = tl.where(has, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, float("-inf"))
-    if DEVICE_TMA:
-        # the log-sum-exp too (the masked pointer store wrote wrong rows here as well): a row of
-        # LSE_PAD fp32 per query is the narrowest tile a descriptor takes (16 bytes)
-        ld = tl.make_tensor_descriptor(Lse + pid_bh.to(tl.int64) * seq_q * LSE_PAD, shape=[seq_q, LSE_PAD],
-                                       strides=[LSE_PAD, 1], block_shape=[BLOCK_M, LSE_PAD])
-        ld.store([start_m, 0], tl.broadcast_to(lse[:, None], [BLOCK_M, LSE_PAD]))
-    else:
+        tl.store(o_ptrs, (acc / l_safe[:, None]).to(Out.dtype.element_ty), mask=q_mask)
+        lse = tl.where(has, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, float("-inf"))
         tl.store(Lse + (pid_bh.to(tl.int64) * seq_q + offs_m) * LSE_PAD, lse, mask=offs_m < seq_q)
 
 
+@triton.jit
+def _store_tile_descriptors(acc, m_i, l_i, Out, Lse, start_m, seq_q, stride_os,
+                            HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, LSE_PAD: tl.constexpr):
+    """Normalise one query tile and store it and its log-sum-exp through in-kernel descriptors over this
+    (batch, head)'s ``Out [seq_q, HEAD_DIM]`` and ``Lse [seq_q, LSE_PAD]`` (rows past the end are clipped).
+
+    Descriptors, not masked pointer stores: after a warp-specialized loop a masked pointer store wrote
+    wrong rows (Triton 3.6, H200: rel. err 0.6-1.2, the descriptor store exact). A row of ``LSE_PAD``
+    fp32 per query is the narrowest tile a descriptor takes (16 bytes)."""
+    has = l_i > 0.0
+    l_safe = tl.where(has, l_i, 1.0)
+    od = tl.make_tensor_descriptor(Out, shape=[seq_q, HEAD_DIM], strides=[stride_os, 1], block_shape=[BLOCK_M, HEAD_DIM])
+    od.store([start_m, 0], (acc / l_safe[:, None]).to(Out.dtype.element_ty))
+    lse = tl.where(has, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+    ld = tl.make_tensor_descriptor(Lse, shape=[seq_q, LSE_PAD], strides=[LSE_PAD, 1], block_shape=[BLOCK_M, LSE_PAD])
+    ld.store([start_m, 0], tl.broadcast_to(lse[:, None], [BLOCK_M, LSE_PAD]))
+
+
+@triton.jit
+def _sparse_attention_persistent_kernel(
+    Q, K, V, Out, Lse, KvIdx, KvCnt, Order, qk_scale,
+    stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks,
+    stride_vb, stride_vh, stride_vs, stride_ob, stride_oh, stride_os,
+    H, seq_q, seq_kv, n_qb, n_kb, n_items,
+    HEAD_DIM: tl.constexpr, SYM_BLOCK_KV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    KV_PARTIAL: tl.constexpr, IEEE: tl.constexpr, WARP_SPEC: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
+    LSE_PAD: tl.constexpr = 4,
+):
+    """Block-sparse attention forward, persistent: the same function as :func:`_sparse_attention_kernel`.
+
+    Grid ``(NUM_PROGRAMS,)``; program ``p`` takes the work items ``Order[p], Order[p + NUM_PROGRAMS], ...``,
+    item ``bh * n_qb + m`` being query block ``m`` of batch*head ``bh`` (one ``BLOCK_M``-row tile: the
+    symbol block is the tile). ``Order [n_items]`` int32 lists every item once, heaviest (most kept key
+    blocks) first (:meth:`Symbols.kv_order`), so the last wave is short and reused tiles (count 0) come
+    last. Layouts as :func:`_sparse_attention_kernel`'s with ``DEVICE_TMA``: per item the program builds
+    2-D descriptors over its (batch, head)'s ``[S, HEAD_DIM]`` (``HEAD_DIM`` a power of two, 16-byte
+    aligned strides) and walks the kept sub-tiles in one flat loop, handed to Triton's warp specialization
+    with ``WARP_SPEC``; the partial last key block masks its columns past ``seq_kv`` (``KV_PARTIAL``)."""
+    pid = tl.program_id(0)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    SUB: tl.constexpr = SYM_BLOCK_KV // BLOCK_N
+    for w in range(pid, n_items, NUM_PROGRAMS):
+        item = tl.load(Order + w)
+        bh = item // n_qb
+        start_m = (item % n_qb) * BLOCK_M
+        b = bh // H
+        h = bh % H
+        cnt = tl.load(KvCnt + item)
+        idx_row = KvIdx + item.to(tl.int64) * n_kb
+        qd = tl.make_tensor_descriptor(Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh,
+                                       shape=[seq_q, HEAD_DIM], strides=[stride_qs, 1], block_shape=[BLOCK_M, HEAD_DIM])
+        kd = tl.make_tensor_descriptor(K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh,
+                                       shape=[seq_kv, HEAD_DIM], strides=[stride_ks, 1], block_shape=[BLOCK_N, HEAD_DIM])
+        vd = tl.make_tensor_descriptor(V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh,
+                                       shape=[seq_kv, HEAD_DIM], strides=[stride_vs, 1], block_shape=[BLOCK_N, HEAD_DIM])
+        q = qd.load([start_m, 0])
+        m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+        for it in tl.range(0, cnt * SUB, warp_specialize=WARP_SPEC):
+            kb = tl.load(idx_row + it // SUB)
+            acc, m_i, l_i = _attn_tile(
+                acc, m_i, l_i, q, kd, vd, kb * SYM_BLOCK_KV + (it % SUB) * BLOCK_N, seq_kv, qk_scale,
+                stride_ks, stride_vs, offs_n, offs_d, b, h, HEAD_DIM, True, KV_PARTIAL, IEEE, True, BLOCK_N, True,
+            )
+        _store_tile_descriptors(acc, m_i, l_i, Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh,
+                                Lse + bh.to(tl.int64) * seq_q * LSE_PAD, start_m, seq_q, stride_os,
+                                HEAD_DIM, BLOCK_M, LSE_PAD)
+
+
 _WARP_SPEC = os.environ.get("OMNI_COMPILE_WARP_SPEC", "1") != "0"
+_PERSISTENT = os.environ.get("OMNI_COMPILE_PERSISTENT_ATTENTION", "1") != "0"
+
+
+def kv_order_of(kv_counts: torch.Tensor) -> torch.Tensor:
+    """``[B*H*nQ]`` int32: the flat (batch*head, query block) tiles by kept key blocks, most first (ties in
+    index order); what the persistent kernel walks (:meth:`Symbols.kv_order` caches it)."""
+    return torch.argsort(kv_counts.reshape(-1), descending=True, stable=True).to(torch.int32)
+
+
+def persistent_attention_applies(q: torch.Tensor, block_q: int, block_kv: int) -> bool:
+    """Whether a call on ``q`` with these symbol blocks runs the persistent kernel, which reads
+    :meth:`Symbols.kv_order`: in-kernel descriptors (the Hopper warp-specialized configuration, or the
+    descriptor mode ``"device"``: the interpreter too, how CI tests it), a power-of-two head dim, and a
+    query block that is one kernel tile. ``OMNI_COMPILE_PERSISTENT_ATTENTION=0`` turns it off (the tile
+    grid then runs: H200, session 9, it was 1.20-1.30x slower at 4608 tokens and key density <= 0.2,
+    1.05-1.18x at 16896, 1.04-1.09x at 32656, the same dense; ``tools/attn_persistent_lab.py``)."""
+    if not _PERSISTENT or not use_triton(q) or _tma_mode() == "off":
+        return False
+    D = q.shape[-1]
+    cfg = attention_config(D, block_q, block_kv, q.dtype, q.device)
+    wants = cfg.get("DEVICE_TMA", False) or _tma_mode() == "device"
+    return bool(wants) and max(16, next_pow2(D)) == D and cfg["BLOCK_M"] == block_q
 
 
 def warp_specialization_available(device: Optional[torch.device] = None) -> bool:
@@ -373,7 +457,8 @@ def heads_inner_empty(B: int, H: int, S: int, D: int, like: torch.Tensor) -> tor
     return torch.empty(B, S, H, D, dtype=like.dtype, device=like.device).transpose(1, 2)
 
 
-def _launch_attention(q, k, v, kv_indices, kv_counts, block_q, block_kv, scale, config=None, heads_inner=False):
+def _launch_attention(q, k, v, kv_indices, kv_counts, block_q, block_kv, scale, config=None, heads_inner=False,
+                      kv_order=None):
     B, H, Sq, D = q.shape
     Skv = k.shape[2]
     # the kernel writes through out's strides, so either layout costs the same
@@ -407,6 +492,22 @@ def _launch_attention(q, k, v, kv_indices, kv_counts, block_q, block_kv, scale, 
         va = make_descriptor(v, [1, 1, cfg["BLOCK_N"], D])
     else:
         qa, ka, va = q, k, v
+    persistent = bool(cfg.pop("PERSISTENT", _PERSISTENT)) and device_tma and cfg["BLOCK_M"] == block_q
+    if persistent:
+        n_items = B * H * block_count(Sq, block_q)
+        if kv_order is None:
+            kv_order = kv_order_of(kv_counts)
+        programs = cfg.pop("NUM_PROGRAMS", None) or num_persistent_programs(q.device)
+        launch(_sparse_attention_persistent_kernel, (min(programs, n_items),),
+            q, k, v, out, lse, kv_indices, kv_counts, kv_order, scale * _LOG2E,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+            H, Sq, Skv, block_count(Sq, block_q), block_count(Skv, block_kv), n_items,
+            HEAD_DIM=D, SYM_BLOCK_KV=block_kv, KV_PARTIAL=Skv % block_kv != 0, IEEE=q.dtype == torch.float32,
+            WARP_SPEC=warp_spec, NUM_PROGRAMS=programs, LSE_PAD=LSE_PAD, **cfg,
+        )
+        return out, lse
+    cfg.pop("NUM_PROGRAMS", None)
     grid = (triton.cdiv(Sq, cfg["BLOCK_M"]), B * H)
     launch(_sparse_attention_kernel, grid,
         qa, ka, va, out, lse, kv_indices, kv_counts, scale * _LOG2E,
@@ -437,11 +538,15 @@ def _sparse_attention_op_impl(
     block_kv: int,
     scale: float,
     heads_inner: bool = False,
+    kv_order: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Registered op. ``kv_indices``/``kv_counts`` are ``Symbols.kv_schedule()`` of the same bits.
-    ``heads_inner``: ``out`` is laid out as ``[B, S, H, D]`` in memory (see :func:`heads_inner_empty`)."""
+    """Registered op. ``kv_indices``/``kv_counts`` are ``Symbols.kv_schedule()`` of the same bits, and
+    ``kv_order`` (optional) their ``Symbols.kv_order()``: the persistent kernel's walk, built here where
+    it is needed and not given. ``heads_inner``: ``out`` is laid out as ``[B, S, H, D]`` in memory (see
+    :func:`heads_inner_empty`)."""
     if use_triton(q):
-        return _launch_attention(q, k, v, kv_indices, kv_counts, block_q, block_kv, scale, heads_inner=heads_inner)
+        return _launch_attention(q, k, v, kv_indices, kv_counts, block_q, block_kv, scale, heads_inner=heads_inner,
+                                 kv_order=kv_order)
     out, lse = sparse_attention_reference(q, k, v, reuse_bits, skip_bits, block_q, block_kv, scale)
     if heads_inner:
         out = heads_inner_empty(*out.shape, out).copy_(out)
@@ -452,7 +557,8 @@ sparse_attention_op = torch.library.custom_op("flashomni::sparse_attention", _sp
 
 
 @sparse_attention_op.register_fake
-def _(q, k, v, reuse_bits, skip_bits, kv_indices, kv_counts, block_q, block_kv, scale, heads_inner=False):
+def _(q, k, v, reuse_bits, skip_bits, kv_indices, kv_counts, block_q, block_kv, scale, heads_inner=False,
+      kv_order=None):
     B, H, Sq, D = q.shape
     out = heads_inner_empty(B, H, Sq, D, q) if heads_inner else q.new_empty(B, H, Sq, D)
     return out, lse_empty(B, H, Sq, q.device)
@@ -489,8 +595,9 @@ def sparse_attention(
     symbols.check_for("symbols", B, H, Sq, k.shape[2])
     check_symbols_device(symbols, q.device)
     idx, cnt = symbols.kv_schedule()
+    order = symbols.kv_order() if persistent_attention_applies(q, symbols.block_q, symbols.block_kv) else None
     out, lse = op_for_call(sparse_attention_op, _sparse_attention_op_impl)(
         q, k, v, symbols.reuse_bits, symbols.skip_bits, idx, cnt, symbols.block_q, symbols.block_kv,
-        scale_or_default(scale, D), heads_inner,
+        scale_or_default(scale, D), heads_inner, order,
     )
     return (out, lse) if return_lse else out

@@ -15,7 +15,6 @@ that straddle blocks or heads), which early-exits on reused tiles.
 
 from __future__ import annotations
 
-import functools
 import os
 from typing import Optional
 
@@ -25,7 +24,7 @@ import triton
 import triton.language as tl
 
 from ._launch import launch
-from ._common import ensure_device_allocator, hopper_with_new_triton, make_descriptor, op_for_call, tma_compatible, tma_enabled, tma_mode, tma_strides_compatible, check_float, check_head_dim, check_symbols_device, grouped_tile, load_reuse_bit, triton_interpreting, use_triton
+from ._common import ensure_device_allocator, hopper_with_new_triton, make_descriptor, num_persistent_programs, op_for_call, tma_compatible, tma_enabled, tma_mode, tma_strides_compatible, check_float, check_head_dim, check_symbols_device, grouped_tile, load_reuse_bit, triton_interpreting, use_triton
 from .symbols import Symbols, row_head_selection
 
 
@@ -225,18 +224,6 @@ def persistent_linear_q_config(dtype: torch.dtype, block_m: int, head_dim: int) 
     # with 8 warps. 3 stages were 10-15 % slower, two programs per SM and warp specialization slower too
     # (4-warp specialization did not compile), the flattened loop 3 % faster at 4608 rows, 17 % slower at 33792.
     return cfg if triton_interpreting() else dict(cfg, num_warps=8, num_stages=4)
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def num_persistent_programs(device: torch.device) -> int:
-    """One program per SM on a GPU; 3 in the interpreter (few enough that each walks several tiles)."""
-    if device.type != "cuda":
-        return 3
-    return _sm_count(torch.cuda.current_device() if device.index is None else device.index)
 
 
 def _launch_linear_q_persistent(x, weight, bias, tiles, tile_count, block_m, head_dim, config=None):

@@ -90,6 +90,7 @@ class Symbols:
         "seq_q",
         "seq_kv",
         "_kv_schedule",
+        "_kv_order",
         "_head_schedules",
         "_tile_schedules",
         "_dense",
@@ -128,6 +129,7 @@ class Symbols:
         self.block_q, self.block_kv = block_q, block_kv
         self.seq_q, self.seq_kv = seq_q, seq_kv
         self._kv_schedule: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+        self._kv_order: Optional[torch.Tensor] = None
         self._head_schedules: dict = {}
         self._tile_schedules: dict = {}
         self._dense: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
@@ -311,6 +313,16 @@ class Symbols:
             self._kv_schedule = selected_first(~skip & ~reuse.unsqueeze(-1))
         return self._kv_schedule
 
+    def kv_order(self) -> torch.Tensor:
+        """``[B*H*nQ]`` int32: the flat ``(b*H + h)*nQ + qb`` tiles by their ``kv_counts``, most kept key
+        blocks first (ties in index order, reused tiles last): the persistent attention kernel's walk,
+        longest first so its last wave is short. Cached on this object."""
+        if self._kv_order is None:
+            from .attention import kv_order_of
+
+            self._kv_order = kv_order_of(self.kv_schedule()[1])
+        return self._kv_order
+
     def _shape(self) -> tuple:
         return (self.batch, self.heads, self.seq_q, self.seq_kv, self.block_q, self.block_kv)
 
@@ -324,6 +336,8 @@ class Symbols:
             return self  # other shapes or blocks decode other schedules
         if like._kv_schedule is not None:
             self.kv_schedule()
+        if like._kv_order is not None:
+            self.kv_order()
         for key in list(like._head_schedules):
             self.head_schedule(*key)
         for key in list(like._tile_schedules):

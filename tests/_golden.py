@@ -60,21 +60,32 @@ IMPLS = ["reference", "triton", "triton-tma"]
 #: also with descriptors built in the kernels: the attention kernel's warp-specialized form and the
 #: persistent GEMMs on Hopper
 DEVICE_TMA_IMPLS = IMPLS + ["triton-device-tma"]
+#: the attention tests also run the in-kernel-descriptor tile grid, which the persistent kernel replaces
+#: wherever a query block is one tile (most of the drawn shapes)
+ATTENTION_IMPLS = DEVICE_TMA_IMPLS + ["triton-device-tma-grid"]
 
 
 @contextlib.contextmanager
 def impl_context(impl):
     """``reference``: the fp32 PyTorch path; ``triton``: the kernels with plain pointer loads;
     ``triton-tma``: the kernels loading through tensor descriptors where the inputs qualify;
-    ``triton-device-tma``: descriptors built inside the kernels (the warp-specialized attention, the
-    persistent GEMMs where their shape conditions hold)."""
+    ``triton-device-tma``: descriptors built inside the kernels (the warp-specialized and persistent
+    attention, the persistent GEMMs where their shape conditions hold); ``triton-device-tma-grid``: the
+    same with the persistent attention off (its one-program-per-tile grid)."""
     if impl == "reference":
         with kernel_backend("reference"):
             yield
         return
-    tma = {"triton-tma": "on", "triton-device-tma": "device"}.get(impl, "off")
-    with kernel_backend("triton"), tensor_memory_accelerator(tma):
-        yield
+    tma = {"triton-tma": "on", "triton-device-tma": "device", "triton-device-tma-grid": "device"}.get(impl, "off")
+    from omni_compile.ops import attention
+
+    persistent = attention._PERSISTENT
+    attention._PERSISTENT = persistent and impl != "triton-device-tma-grid"
+    try:
+        with kernel_backend("triton"), tensor_memory_accelerator(tma):
+            yield
+    finally:
+        attention._PERSISTENT = persistent
 
 
 def poison_like(t, where_mask):

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from omni_compile.ops import Symbols, sparse_attention
 from omni_compile.ops.attention import sparse_attention_op
 
-from _golden import DEVICE_TMA_IMPLS as IMPLS, dtype_attention, golden_attention, impl_context, max_err, poison_like, tolerance
+from _golden import ATTENTION_IMPLS as IMPLS, dtype_attention, golden_attention, impl_context, max_err, poison_like, tolerance
 
 HEAD_DIMS = [64, 72, 80, 96, 128]
 
@@ -231,3 +231,42 @@ def test_tma_path_is_taken_when_forced(monkeypatch):
     with impl_context("triton"):
         plain = sparse_attention(q, k, v, s)
     assert len(made) == 3 and torch.equal(out, plain)
+
+
+def test_persistent_kernel_is_taken_where_a_query_block_is_one_tile(monkeypatch):
+    """In descriptor mode "device" a call whose query block is one kernel tile (and whose head dim is a
+    power of two) runs the persistent kernel, walking Symbols.kv_order; other calls run the tile grid.
+    Both give the grid's values."""
+    import omni_compile.ops.attention as A
+
+    seen = []
+    real = A.launch
+    monkeypatch.setattr(A, "launch", lambda kernel, *a, **kw: seen.append(kernel) or real(kernel, *a, **kw))
+    for bq, D, persistent in ((32, 64, True), (64, 64, True), (128, 64, False), (32, 80, False)):
+        q, k, v, s = make((1, 3, D, bq, 32, 150, 90, torch.float32, 0.3, 0.5, bq + D))
+        seen.clear()
+        with impl_context("triton-device-tma"):
+            out, lse = sparse_attention(q, k, v, s, return_lse=True)
+        assert seen == [A._sparse_attention_persistent_kernel if persistent else A._sparse_attention_kernel], (bq, D)
+        assert (s._kv_order is not None) == persistent
+        with impl_context("triton-device-tma-grid"):
+            grid_out, grid_lse = sparse_attention(q, k, v, s, return_lse=True)
+        assert torch.equal(out, grid_out) and torch.equal(lse, grid_lse)
+
+
+def test_persistent_kernel_walks_any_order_of_the_tiles():
+    """The kernel's result does not depend on the order it takes the tiles in (it is a performance
+    choice): the longest-first order, its reverse and a random one give the same values."""
+    import omni_compile.ops.attention as A
+
+    q, k, v, s = make((2, 2, 64, 32, 32, 110, 130, torch.float32, 0.3, 0.5, 7))
+    idx, cnt = s.kv_schedule()
+    order = s.kv_order()
+    assert sorted(order.tolist()) == list(range(cnt.numel()))
+    assert (cnt.reshape(-1)[order.long()].diff() <= 0).all()
+    cfg = dict(A._pointer_config(32, 32, q.dtype), PERSISTENT=True, NUM_PROGRAMS=2)
+    with impl_context("triton-device-tma"):
+        outs = [A._launch_attention(q, k, v, idx, cnt, 32, 32, 64 ** -0.5, cfg, kv_order=o)
+                for o in (order, order.flip(0), torch.randperm(order.numel()).to(torch.int32))]
+    for out, lse in outs[1:]:
+        assert torch.equal(out, outs[0][0]) and torch.equal(lse, outs[0][1])

@@ -173,8 +173,9 @@ def test_taylor_ops_realistic(dtype):
 @pytest.mark.parametrize("dtype", DT)
 @pytest.mark.parametrize("S", [4608, 4685])
 def test_warp_specialized_attention(dtype, S):
-    """The warp-specialized attention (device descriptors, 4 consumer warps: the Hopper default) against the
-    fp32 reference, output and log-sum-exp: a partial last block (4685), reuse and skipping mixed in."""
+    """The warp-specialized attention (device descriptors, 4 consumer warps: the Hopper default), as a tile
+    grid and persistent, against the fp32 reference, output and log-sum-exp: a partial last block (4685),
+    reuse and skipping mixed in."""
     from omni_compile.ops import attention as A
 
     B, H, D = 1, 24, 128
@@ -184,10 +185,17 @@ def test_warp_specialized_attention(dtype, S):
     ref, ref_lse = sparse_attention_reference(q, k, v, s.reuse_bits, s.skip_bits, 128, 128, D**-0.5)
     cfg = dict(BLOCK_M=128, BLOCK_N=128, num_warps=4, num_stages=2, DEVICE_TMA=True, WARP_SPEC=True)
     for heads_inner in (False, True):
-        out, lse = A._launch_attention(q, k, v, idx, cnt, 128, 128, D**-0.5, config=dict(cfg), heads_inner=heads_inner)
-        assert torch.isfinite(out).all() and rel(out, ref) < 1e-2, heads_inner
-        fin = torch.isfinite(ref_lse)
-        assert torch.equal(torch.isfinite(lse), fin)
-        assert (lse[fin] - ref_lse[fin]).abs().max().item() < 2e-2
+        outs = {}
+        for persistent in (False, True):  # the tile grid and the persistent kernel (longest tiles first)
+            out, lse = outs[persistent] = A._launch_attention(
+                q, k, v, idx, cnt, 128, 128, D**-0.5, config=dict(cfg, PERSISTENT=persistent),
+                heads_inner=heads_inner, kv_order=s.kv_order() if persistent else None)
+            assert torch.isfinite(out).all() and rel(out, ref) < 1e-2, (heads_inner, persistent)
+            fin = torch.isfinite(ref_lse)
+            assert torch.equal(torch.isfinite(lse), fin)
+            assert (lse[fin] - ref_lse[fin]).abs().max().item() < 2e-2
+        # the same tile steps in the same order per tile: the two kernels agree bit for bit
+        assert torch.equal(outs[True][0], outs[False][0]) and torch.equal(outs[True][1], outs[False][1])
     if A.warp_specialization_available(q.device):
         assert A.attention_config(D, 128, 128, dtype, q.device).get("WARP_SPEC")
+        assert A.persistent_attention_applies(q, 128, 128)  # what sparse_attention then runs
