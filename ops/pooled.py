@@ -100,13 +100,14 @@ def _tile_logits(qm, km_base, c, n_k, seq_kv, scale, offs_d,
 def _block_softmax_kernel(
     QM, KM, Out, n_q, n_k, seq_kv, scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, SYM_BLOCK_KV: tl.constexpr,
-    TILE_Q: tl.constexpr, TILE_K: tl.constexpr,
+    TILE_Q: tl.constexpr, TILE_K: tl.constexpr, ONE_TILE: tl.constexpr = False,
 ):
     """Grid ``(cdiv(n_q, TILE_Q), B*H)``. ``QM [B*H, n_q, HEAD_DIM]``, ``KM [B*H, n_k, HEAD_DIM]`` fp32 block
     means -> ``Out [B*H, n_q, n_k]`` fp32: softmax over key blocks of ``scale * qm.km + log(block rows)``.
     A program takes ``TILE_Q`` query blocks and walks the key blocks ``TILE_K`` at a time twice (running
     max and sum, then the normalised write); the products are fp32 ``tl.dot`` tiles, so each key block's
-    mean is read once per ``TILE_Q`` query blocks, not once per query block."""
+    mean is read once per ``TILE_Q`` query blocks, not once per query block. With ``ONE_TILE`` (``n_k <=
+    TILE_K``) one tile holds the whole row: its logits are computed once and normalised in registers."""
     qt = tl.program_id(0)
     bh = tl.program_id(1)
     offs_d = tl.arange(0, BLOCK_D)
@@ -115,17 +116,22 @@ def _block_softmax_kernel(
     qm = tl.load(QM + (bh.to(tl.int64) * n_q + rows_q[:, None]) * HEAD_DIM + offs_d[None, :],
                  mask=q_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
     km_base = KM + bh.to(tl.int64) * n_k * HEAD_DIM
-    m = tl.full([TILE_Q], float("-inf"), dtype=tl.float32)
-    s = tl.zeros([TILE_Q], dtype=tl.float32)
-    for c in range(0, n_k, TILE_K):
-        logit, kb, valid = _tile_logits(qm, km_base, c, n_k, seq_kv, scale, offs_d, HEAD_DIM, SYM_BLOCK_KV, TILE_K)
-        m_new = tl.maximum(m, tl.max(logit, 1))
-        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(logit - m_new[:, None]), 1)
-        m = m_new
     out_rows = Out + (bh.to(tl.int64) * n_q + rows_q[:, None]) * n_k
-    for c in range(0, n_k, TILE_K):
-        logit, kb, valid = _tile_logits(qm, km_base, c, n_k, seq_kv, scale, offs_d, HEAD_DIM, SYM_BLOCK_KV, TILE_K)
-        tl.store(out_rows + kb[None, :], tl.exp(logit - m[:, None]) / s[:, None], mask=q_ok[:, None] & valid[None, :])
+    if ONE_TILE:
+        logit, kb, valid = _tile_logits(qm, km_base, 0, n_k, seq_kv, scale, offs_d, HEAD_DIM, SYM_BLOCK_KV, TILE_K)
+        p = tl.exp(logit - tl.max(logit, 1)[:, None])
+        tl.store(out_rows + kb[None, :], p / tl.sum(p, 1)[:, None], mask=q_ok[:, None] & valid[None, :])
+    else:
+        m = tl.full([TILE_Q], float("-inf"), dtype=tl.float32)
+        s = tl.zeros([TILE_Q], dtype=tl.float32)
+        for c in range(0, n_k, TILE_K):
+            logit, kb, valid = _tile_logits(qm, km_base, c, n_k, seq_kv, scale, offs_d, HEAD_DIM, SYM_BLOCK_KV, TILE_K)
+            m_new = tl.maximum(m, tl.max(logit, 1))
+            s = s * tl.exp(m - m_new) + tl.sum(tl.exp(logit - m_new[:, None]), 1)
+            m = m_new
+        for c in range(0, n_k, TILE_K):
+            logit, kb, valid = _tile_logits(qm, km_base, c, n_k, seq_kv, scale, offs_d, HEAD_DIM, SYM_BLOCK_KV, TILE_K)
+            tl.store(out_rows + kb[None, :], tl.exp(logit - m[:, None]) / s[:, None], mask=q_ok[:, None] & valid[None, :])
 
 
 #: block-softmax tiles and both kernels' warps, from an H200 sweep (tools/pooled_lab.py, session 9): with
@@ -157,7 +163,7 @@ def _launch_pooled(q, k, block_q, block_kv, scale):
     scores = torch.empty(B, H, n_q, n_k, dtype=torch.float32, device=q.device)
     launch(_block_softmax_kernel, (triton.cdiv(n_q, _SOFTMAX_TILE_Q), B * H),
         qm, km, scores, n_q, n_k, Skv, scale, HEAD_DIM=D, BLOCK_D=bd, SYM_BLOCK_KV=block_kv,
-        TILE_Q=_SOFTMAX_TILE_Q, TILE_K=_SOFTMAX_TILE_K, **_warps(2),
+        TILE_Q=_SOFTMAX_TILE_Q, TILE_K=_SOFTMAX_TILE_K, ONE_TILE=n_k <= _SOFTMAX_TILE_K, **_warps(2),
     )
     return scores
 

@@ -44,7 +44,8 @@ def test_pooled_scores_match_golden(impl, B, H, D, bq, bkv, sq, skv, dtype, seed
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("sq, skv", [(700, 600), (16 * 32, 16 * 64 + 1)])
 def test_pooled_scores_with_many_blocks(impl, sq, skv):
-    """More query and key blocks than the kernel's 32-block tiles, partial tiles on both axes."""
+    """More query and key blocks than the softmax kernel's tiles (8 query x 64 key blocks), partial tiles on
+    both axes: 38 key blocks take its one-tile path, 65 its two-pass path."""
     g = torch.Generator().manual_seed(sq)
     q, k = (torch.randn(1, 2, n, 64, generator=g) * 3 for n in (sq, skv))
     with impl_context(impl):
