@@ -342,6 +342,24 @@ def block_ms_by_label(prof, prefix: str = "flashomni::block ") -> dict:
 
 
 
+def copies_by_caller(events, names=("cudaMemcpyAsync", "cudaMemcpy")) -> dict:
+    """``{"op < op < …": count}``: the chain of profiled ops (innermost first, three at most) that issued each
+    runtime call named in ``names`` (host-device copies by default), from a profile's ``events()``. The
+    FLUX-size update step held 58 copies that the step's code does not show on a CPU (design.md,
+    Session 9): this names them on the next device run."""
+    out: dict = {}
+    for e in events:
+        if e.name not in names:
+            continue
+        chain, p = [], getattr(e, "cpu_parent", None)
+        while p is not None and len(chain) < 3:
+            chain.append(p.name)
+            p = getattr(p, "cpu_parent", None)
+        key = " < ".join(chain) or "(top level)"
+        out[key] = out.get(key, 0) + 1
+    return out
+
+
 @torch.no_grad()
 def profile_actions(fn, latent, inputs, steps: int, done: int, warmup: int, interval: int, out_dir: str,
                     tag: str) -> dict:
@@ -373,7 +391,10 @@ def profile_actions(fn, latent, inputs, steps: int, done: int, warmup: int, inte
             syncs = calls.get("cudaStreamSynchronize", 0) + calls.get("cudaDeviceSynchronize", 0) - (
                 1 if torch.cuda.is_available() else 0)
             res[act] = dict(wall_ms=wall, device_ms=dev, host_ms=host, host_syncs=max(syncs, 0),
-                            memcpy=calls.get("cudaMemcpyAsync", 0) + calls.get("cudaMemcpy", 0))
+                            memcpy=calls.get("cudaMemcpyAsync", 0) + calls.get("cudaMemcpy", 0),
+                            copies_from=copies_by_caller(prof.events()),
+                            syncs_from=copies_by_caller(prof.events(), ("cudaStreamSynchronize",
+                                                                        "cudaDeviceSynchronize")))
             with open(os.path.join(out_dir, f"profile_{tag}_{act}.txt"), "w") as f:
                 f.write(avgs.table(sort_by="self_cpu_time_total", row_limit=40))
                 f.write("\n\n")
@@ -670,7 +691,9 @@ def markdown(res: dict) -> str:
         for act, p in (r.get("profile") or {}).items():
             lines.append(f"- {r['name']}, one {act} step profiled: wall {p['wall_ms']:.1f} ms, device "
                          + ", ".join(f"{k} {v:.1f}" for k, v in p["device_ms"].items())
-                         + f" ms; host syncs {p.get('host_syncs', '?')}, host-device copies {p.get('memcpy', '?')}")
+                         + f" ms; host syncs {p.get('host_syncs', '?')}, host-device copies {p.get('memcpy', '?')}"
+                         + "".join(f"; {what} from {v}" for what, v in (("copies", p.get("copies_from")),
+                                                                         ("syncs", p.get("syncs_from"))) if v))
     if res.get("block_ms"):
         total = (res.get("profile_split_dense") or {}).get("total")
         lines.append(f"- blocks (kernel ms, split graph, dense step): {len(res['block_ms'])} blocks, "

@@ -439,10 +439,9 @@ def run_attention(state, site: SiteRecord, q, k, v, mask, scale):
     out = _dense_attention(state, q, k, v, scale)
     _observe_features(state, site, ss, out, step)  # policies that declare needs_features (taylorseer)
     if ss.action == UPDATE:
-        need = _cache_estimate(state, site, B, H, Sq, D, out.element_size())
-        old = ss.memory_bytes() - (0 if ss.symbols is None else ss.symbols.reuse_bits.numel() + ss.symbols.skip_bits.numel())
         cap = cfg.max_cache_bytes
-        ss.capped = cap is not None and state.memory_bytes() - old + need > cap
+        # the estimate walks every site's caches (state.memory_bytes()): only with a cap to check
+        ss.capped = cap is not None and _over_cap(state, site, ss, cap, B, H, Sq, D, out.element_size())
         if ss.capped:
             ss.out_factors = ss.out_step = ss.reuse_rows = None
             ss.a_factors, ss.a_step, ss.bias_terms = {}, {}, {}
@@ -462,6 +461,13 @@ def run_attention(state, site: SiteRecord, q, k, v, mask, scale):
             ss.out_factors = ss.out_factors[: cfg.taylor_order]  # the forecast needs all orders only after updates
     _record(state, site, ss.action, dense, B * H * Sq * Skv)
     return out
+
+
+def _over_cap(state, site: SiteRecord, ss: SiteStream, cap: int, B: int, H: int, Sq: int, D: int, itemsize: int) -> bool:
+    """Whether this update's caches would take the state past ``max_cache_mb`` (those it replaces freed)."""
+    need = _cache_estimate(state, site, B, H, Sq, D, itemsize)
+    old = ss.memory_bytes() - (0 if ss.symbols is None else ss.symbols.reuse_bits.numel() + ss.symbols.skip_bits.numel())
+    return state.memory_bytes() - old + need > cap
 
 
 def _observe_output(cfg, ss: SiteStream, out, step: int) -> None:
@@ -605,7 +611,7 @@ def site_linear_o(
 ) -> torch.Tensor:
     """Output projection of a site over its heads (columns ``col_offset:col_offset+H*D`` of ``weight``):
     on dispatch steps reduces over computed heads only and adds the forecast cache bias of reused ones."""
-    from omni_compile.ops import cache_bias_for
+    from omni_compile.ops.linear_o import cache_bias_prechecked
 
     st = get_state(state)
     cfg = st.config
@@ -637,7 +643,10 @@ def site_linear_o(
         if _no_bias_terms(st, rec, row_offset, a.shape[1]):
             ss.bias_terms[key] = None  # these policies never reuse text rows: nothing to add back
         else:
-            ss.bias_terms[key] = [cache_bias_for(f.contiguous(), w, ss.symbols, head_dim, row_offset) for f in factors]
+            # every argument was built here (the refreshed factors are fresh contiguous tensors of a's
+            # shape, the symbols this update's): the public wrapper's checks are skipped, as on dispatch steps
+            ss.bias_terms[key] = [cache_bias_prechecked(f if f.is_contiguous() else f.contiguous(), w, ss.symbols,
+                                                        head_dim, row_offset) for f in factors]
         _keep_a(ss, key, factors[:D])
     elif ss.action == DENSE and _observe_on_dense_step(cfg, ss.step):
         old = ss.a_factors.get(key)

@@ -283,6 +283,14 @@ def sparse_linear_o_prechecked(a, weight, bias, symbols, head_dim, terms, scales
     return _run(a, weight, bias, terms, scales, symbols, head_dim, row_offset, False)
 
 
+def cache_bias_prechecked(a, weight, symbols, head_dim, row_offset=0):
+    """:func:`cache_bias_for` without its argument checks, for a caller that built every argument itself
+    (the runtime's update steps, once per Taylor order and GEMM-O projection, as
+    :func:`sparse_linear_o_prechecked` on dispatch steps). Wrong arguments give wrong results or a kernel
+    fault, not an error."""
+    return _run(a, weight, None, [], [], symbols, head_dim, row_offset, True)
+
+
 def _run(a, weight, bias, terms, scales, symbols, head_dim, row_offset, select_reused):
     extra = terms[1:] + [None] * (3 - len(terms))
     coefs = scales[1:] + [0.0] * (3 - len(scales))

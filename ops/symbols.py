@@ -310,7 +310,8 @@ class Symbols:
         """
         if self._kv_schedule is None:
             reuse, skip = self.to_dense()
-            self._kv_schedule = selected_first(~skip & ~reuse.unsqueeze(-1))
+            # ~skip & ~reuse as ~(skip | reuse): two ops instead of three
+            self._kv_schedule = selected_first(torch.logical_not(skip | reuse.unsqueeze(-1)))
         return self._kv_schedule
 
     def kv_order(self) -> torch.Tensor:
@@ -380,11 +381,24 @@ class Symbols:
         return out
 
     def _tile_selection(self, seq: int, row_offset: int, block_m: int, select_reused: bool) -> torch.Tensor:
-        """``[B, T, H]`` bool: row tile ``t`` holds a row that selects head ``h``."""
+        """``[B, T, H]`` bool, contiguous: row tile ``t`` holds a row that selects head ``h``. When every
+        tile lies in one query block (the usual aligned tiles) the blocks are a slice or a gather of the
+        reuse mask written once in this layout (one or two ops; the general path, an index, an ``any``
+        and the copy :func:`selected_first` made of the transposed result, was four: design.md, Session 9)."""
         reuse = self._dense[0] if self._dense is not None else unpack_bits(self.reuse_bits, self.num_q_blocks)
-        blocks = _tile_blocks(seq, row_offset, block_m, self.block_q, self.device)  # [T, k]
-        sel = reuse if select_reused else ~reuse
-        return sel[:, :, blocks].any(-1).transpose(1, 2)
+        plan = _tile_plan(seq, row_offset, block_m, self.block_q, self.device)
+        if plan[0] == "slice":
+            per_tile = reuse[:, :, plan[1]:plan[2]]  # [B, H, T] view
+        elif plan[0] == "gather":
+            per_tile = reuse.index_select(2, plan[1])
+        else:
+            sel = reuse if select_reused else ~reuse
+            return sel[:, :, plan[1]].any(-1).transpose(1, 2).contiguous()
+        view = per_tile.transpose(1, 2)
+        if select_reused:
+            return view.contiguous()
+        out = torch.empty(view.shape, dtype=torch.bool, device=view.device)
+        return torch.logical_not(view, out=out)
 
     def check_for(self, name: str, batch: int, heads: int, seq_q: int, seq_kv: Optional[int] = None):
         """Raise ValueError (naming ``name``) unless these symbols describe this call's shape."""
@@ -469,21 +483,53 @@ def selected_first_reference(mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Te
     return out, counts.squeeze(-1).to(torch.int32)
 
 
+def _tile_blocks_host(seq: int, row_offset: int, block_m: int, block_q: int) -> list:
+    """Per row tile of ``block_m`` rows (row ``r`` at query position ``r + row_offset``) the query blocks it
+    falls in, ascending."""
+    tiles = []
+    for t in range(block_count(seq, block_m)):
+        first = (t * block_m + row_offset) // block_q
+        last = (min(seq, (t + 1) * block_m) - 1 + row_offset) // block_q
+        tiles.append(list(range(first, last + 1)))
+    return tiles
+
+
 def _tile_blocks(seq: int, row_offset: int, block_m: int, block_q: int, device) -> torch.Tensor:
     """``[T, k]`` int64: the query blocks that rows ``[t*block_m, min(seq, (t+1)*block_m))`` of an operand
     (row ``r`` at query position ``r + row_offset``) fall in, padded with each tile's first block; made on the
     host once per argument tuple and device."""
 
     def build():
-        tiles = []
-        for t in range(block_count(seq, block_m)):
-            first = (t * block_m + row_offset) // block_q
-            last = (min(seq, (t + 1) * block_m) - 1 + row_offset) // block_q
-            tiles.append(list(range(first, last + 1)))
+        tiles = _tile_blocks_host(seq, row_offset, block_m, block_q)
         width = max(len(b) for b in tiles)
         return torch.tensor([b + [b[0]] * (width - len(b)) for b in tiles], dtype=torch.int64)
 
     return device_constant(("tile_blocks", seq, row_offset, block_m, block_q), device, build)
+
+
+_TILE_PLANS: dict = {}
+
+
+def _tile_plan(seq: int, row_offset: int, block_m: int, block_q: int, device) -> tuple:
+    """How :meth:`Symbols._tile_selection` reads the query blocks of each row tile, decided on the host once
+    per argument tuple and device: ``("slice", a, b)`` when tile ``t`` is block ``a + t`` alone,
+    ``("gather", index [T])`` when each tile lies in one block, else ``("any", blocks [T, k])``
+    (:func:`_tile_blocks`)."""
+    key = (seq, row_offset, block_m, block_q, str(device))
+    hit = _TILE_PLANS.get(key)
+    if hit is None:
+        tiles = _tile_blocks_host(seq, row_offset, block_m, block_q)
+        if all(len(b) == 1 for b in tiles):
+            first = [b[0] for b in tiles]
+            if first == list(range(first[0], first[0] + len(first))):
+                hit = ("slice", first[0], first[0] + len(first))
+            else:
+                hit = ("gather", device_constant(("tile_block", seq, row_offset, block_m, block_q), device,
+                                                 lambda: torch.tensor(first, dtype=torch.int64)))
+        else:
+            hit = ("any", _tile_blocks(seq, row_offset, block_m, block_q, device))
+        _TILE_PLANS[key] = hit
+    return hit
 
 
 def row_head_selection(

@@ -231,8 +231,8 @@ class Compose(BasePolicy):
             raise PolicyFallback("; ".join(fell))
         if fell:
             inp.notes.append("composed member(s) fell back and add no bits: " + "; ".join(fell))
-        skip = skip & ~reuse.unsqueeze(-1)
-        return reuse, keep_one_key(skip, reuse, inp)
+        skip = skip > reuse.unsqueeze(-1)  # skip & ~reuse: a row skipping every key block is computed
+        return reuse, _unskip_empty_rows(skip, skip.all(-1), inp)
 
     def __repr__(self) -> str:
         return "Compose(" + ", ".join(map(repr, self.policies)) + ")"
@@ -257,26 +257,39 @@ def keep_one_key(skip: torch.Tensor, reuse: torch.Tensor, inp: PolicyInput) -> t
     """``skip`` with one key block un-skipped in every computed row that skips them all: the row's
     largest pooled score when ``inp.scores`` is there, else the block holding the row's first query token
     (self/joint; block 0 for cross). No host sync."""
+    return _unskip_empty_rows(skip, skip.all(-1) & ~reuse, inp)
+
+
+def _unskip_empty_rows(skip: torch.Tensor, empty: torch.Tensor, inp: PolicyInput) -> torch.Tensor:
+    """``skip`` with the picked key block (:func:`keep_one_key`) cleared in the rows ``empty [B, H, nQ]``
+    marks, which must skip every key block. As ``empty & one-hot(pick)`` lies inside ``skip``, clearing is
+    an exclusive or: two ops with a cached one-hot table when there are no scores (was a zero fill, a
+    scatter, a negation and an and: design.md, Session 9)."""
     B, H, nQ, nK = skip.shape
-    empty = skip.all(-1) & ~reuse  # [B, H, nQ]
     if inp.scores is not None:
-        pick = inp.scores.argmax(-1)
+        onehot = inp.scores.argmax(-1, keepdim=True) == _key_positions(nK, skip.device)  # [B, H, nQ, nK]
     else:
-        pick = _diagonal_key_block(nQ, nK, inp.block_q, inp.block_kv, inp.kind == "cross", skip.device)
-        pick = pick.view(1, 1, nQ).expand(B, H, nQ)
-    unskip = torch.zeros_like(skip).scatter(-1, pick.unsqueeze(-1), empty.unsqueeze(-1))
-    return skip & ~unskip
+        onehot = _diagonal_onehot(nQ, nK, inp.block_q, inp.block_kv, inp.kind == "cross", skip.device)
+    return skip ^ (empty.unsqueeze(-1) & onehot)
 
 
-def _diagonal_key_block(nQ: int, nK: int, block_q: int, block_kv: int, cross: bool, device) -> torch.Tensor:
-    """``[nQ]`` int64: the key block holding each query block's first token (0 for cross attention), made
-    once per shape and device."""
+def _key_positions(nK: int, device) -> torch.Tensor:
+    """``[nK]`` int64 ``0 … nK-1`` on ``device``, made once."""
+    from omni_compile.ops._common import device_constant
+
+    return device_constant(("key_positions", nK), device, lambda: torch.arange(nK))
+
+
+def _diagonal_onehot(nQ: int, nK: int, block_q: int, block_kv: int, cross: bool, device) -> torch.Tensor:
+    """``[nQ, nK]`` bool: True at the key block holding each query block's first token (block 0 for cross
+    attention), made once per shape and device."""
     from omni_compile.ops._common import device_constant
 
     def build():
-        return torch.zeros(nQ, dtype=torch.long) if cross else (torch.arange(nQ) * block_q // block_kv).clamp_max(nK - 1)
+        pick = torch.zeros(nQ, dtype=torch.long) if cross else (torch.arange(nQ) * block_q // block_kv).clamp_max(nK - 1)
+        return pick.unsqueeze(-1) == torch.arange(nK)
 
-    return device_constant(("diagonal", nQ, nK, block_q, block_kv, cross), device, build)
+    return device_constant(("diagonal_onehot", nQ, nK, block_q, block_kv, cross), device, build)
 
 
 def finalize(policy, inp: PolicyInput, reuse: torch.Tensor, skip: torch.Tensor) -> Bits:
@@ -288,11 +301,14 @@ def finalize(policy, inp: PolicyInput, reuse: torch.Tensor, skip: torch.Tensor) 
         if not isinstance(t, torch.Tensor) or t.dtype != torch.bool or tuple(t.shape) != shape:
             got = f"{t.dtype} {list(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
             raise ValueError(f"policy {name!r} returned {what} as {got}; expected a bool tensor of shape {list(shape)}")
-    reuse, skip = reuse.to(inp.device), skip.to(inp.device)
+    dev = inp.device
+    if reuse.device != dev or skip.device != dev:
+        reuse, skip = reuse.to(dev), skip.to(dev)
     if not getattr(policy, "reuses_text", False):
-        reuse = reuse & ~inp.q_text.view(1, 1, nQ)
-    skip = skip & ~reuse.unsqueeze(-1)
-    return reuse, keep_one_key(skip, reuse, inp)
+        reuse = reuse > inp.q_text.view(1, 1, nQ)  # reuse & ~text in one op (bools: True > False only)
+    # reused rows lose their skip bits first, so a row that skips every key block is a computed one
+    skip = skip > reuse.unsqueeze(-1)  # skip & ~reuse
+    return reuse, _unskip_empty_rows(skip, skip.all(-1), inp)
 
 
 def run_policy(policy, inp: PolicyInput, config) -> Bits:
