@@ -396,15 +396,32 @@ def persistent_attention_applies(q: torch.Tensor, block_q: int, block_kv: int) -
     """Whether a call on ``q`` with these symbol blocks runs the persistent kernel, which reads
     :meth:`Symbols.kv_order`: in-kernel descriptors (the Hopper warp-specialized configuration, or the
     descriptor mode ``"device"``: the interpreter too, how CI tests it), a power-of-two head dim, and a
-    query block that is one kernel tile. ``OMNI_COMPILE_PERSISTENT_ATTENTION=0`` turns it off (the tile
-    grid then runs: H200, session 9, it was 1.20-1.30x slower at 4608 tokens and key density <= 0.2,
-    1.05-1.18x at 16896, 1.04-1.09x at 32656, the same dense; ``tools/attn_persistent_lab.py``)."""
+    query block that is one kernel tile, and at most :data:`PERSISTENT_MAX_WAVES` waves of tiles.
+    ``OMNI_COMPILE_PERSISTENT_ATTENTION=0`` turns it off (the tile grid then runs: H200, session 9, it
+    was 1.20-1.30x slower at 4608 tokens and key density <= 0.2, the same dense;
+    ``tools/attn_persistent_lab.py``)."""
     if not _PERSISTENT or not use_triton(q) or _tma_mode() == "off":
         return False
-    D = q.shape[-1]
+    B, H, Sq, D = q.shape
+    if not _few_waves(B * H * block_count(Sq, block_q), q.device):
+        return False
     cfg = attention_config(D, block_q, block_kv, q.dtype, q.device)
     wants = cfg.get("DEVICE_TMA", False) or _tma_mode() == "device"
     return bool(wants) and max(16, next_pow2(D)) == D and cfg["BLOCK_M"] == block_q
+
+
+#: the persistent attention runs where the tiles make at most this many waves of one program per SM. H200,
+#: session 9 (tools/order_lab.py: kept key blocks drawn per tile, as real policies give them): at 4608
+#: tokens (864 tiles, 6.5 waves) persistent 0.135 vs grid 0.153 ms; at 16896 (24 waves) 1.371 vs 1.311
+#: and at 32656 (46.5 waves) 5.217 vs 4.960, where the grid's dynamic block scheduling balances unequal
+#: tiles better than a static stride over the longest-first list (with equal counts per tile persistent
+#: was 4-18 % faster there too). The bound sits between the measured 6.5 and 24 waves, not on a measurement.
+PERSISTENT_MAX_WAVES = 12
+
+
+def _few_waves(tiles: int, device: torch.device) -> bool:
+    # the interpreter's 3 programs would make every drawn shape "many waves": there the bound is off
+    return device.type != "cuda" or tiles <= PERSISTENT_MAX_WAVES * num_persistent_programs(device)
 
 
 def warp_specialization_available(device: Optional[torch.device] = None) -> bool:
@@ -492,9 +509,12 @@ def _launch_attention(q, k, v, kv_indices, kv_counts, block_q, block_kv, scale, 
         va = make_descriptor(v, [1, 1, cfg["BLOCK_N"], D])
     else:
         qa, ka, va = q, k, v
-    persistent = bool(cfg.pop("PERSISTENT", _PERSISTENT)) and device_tma and cfg["BLOCK_M"] == block_q
+    n_items = B * H * block_count(Sq, block_q)
+    persistent = cfg.pop("PERSISTENT", None)
+    if persistent is None:
+        persistent = _PERSISTENT and _few_waves(n_items, q.device)
+    persistent = bool(persistent) and device_tma and cfg["BLOCK_M"] == block_q
     if persistent:
-        n_items = B * H * block_count(Sq, block_q)
         if kv_order is None:
             kv_order = kv_order_of(kv_counts)
         programs = cfg.pop("NUM_PROGRAMS", None) or num_persistent_programs(q.device)
