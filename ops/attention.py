@@ -349,38 +349,54 @@ def _sparse_attention_persistent_kernel(
     2-D descriptors over its (batch, head)'s ``[S, HEAD_DIM]`` (``HEAD_DIM`` a power of two, 16-byte
     aligned strides) and walks the kept sub-tiles in one flat loop, handed to Triton's warp specialization
     with ``WARP_SPEC``; the partial last key block masks its columns past ``seq_kv`` (``KV_PARTIAL``)."""
-    pid = tl.program_id(0)
+    for w in range(tl.program_id(0), n_items, NUM_PROGRAMS):
+        _persistent_tile(
+            Q, K, V, Out, Lse, KvIdx, KvCnt, tl.load(Order + w), qk_scale,
+            stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks,
+            stride_vb, stride_vh, stride_vs, stride_ob, stride_oh, stride_os, H, seq_q, seq_kv, n_qb, n_kb,
+            HEAD_DIM, SYM_BLOCK_KV, BLOCK_M, BLOCK_N, KV_PARTIAL, IEEE, WARP_SPEC, LSE_PAD,
+        )
+
+
+@triton.jit
+def _persistent_tile(
+    Q, K, V, Out, Lse, KvIdx, KvCnt, item, qk_scale,
+    stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks,
+    stride_vb, stride_vh, stride_vs, stride_ob, stride_oh, stride_os,
+    H, seq_q, seq_kv, n_qb, n_kb,
+    HEAD_DIM: tl.constexpr, SYM_BLOCK_KV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    KV_PARTIAL: tl.constexpr, IEEE: tl.constexpr, WARP_SPEC: tl.constexpr, LSE_PAD: tl.constexpr,
+):
+    """Work item ``item`` (``bh * n_qb + m``) of :func:`_sparse_attention_persistent_kernel`: its 2-D
+    descriptors, the kept sub-tiles in one (warp-specialized) loop, the descriptor epilogue."""
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     SUB: tl.constexpr = SYM_BLOCK_KV // BLOCK_N
-    for w in range(pid, n_items, NUM_PROGRAMS):
-        item = tl.load(Order + w)
-        bh = item // n_qb
-        start_m = (item % n_qb) * BLOCK_M
-        b = bh // H
-        h = bh % H
-        cnt = tl.load(KvCnt + item)
-        idx_row = KvIdx + item.to(tl.int64) * n_kb
-        qd = tl.make_tensor_descriptor(Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh,
-                                       shape=[seq_q, HEAD_DIM], strides=[stride_qs, 1], block_shape=[BLOCK_M, HEAD_DIM])
-        kd = tl.make_tensor_descriptor(K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh,
-                                       shape=[seq_kv, HEAD_DIM], strides=[stride_ks, 1], block_shape=[BLOCK_N, HEAD_DIM])
-        vd = tl.make_tensor_descriptor(V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh,
-                                       shape=[seq_kv, HEAD_DIM], strides=[stride_vs, 1], block_shape=[BLOCK_N, HEAD_DIM])
-        q = qd.load([start_m, 0])
-        m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
-        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-        acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-        for it in tl.range(0, cnt * SUB, warp_specialize=WARP_SPEC):
-            kb = tl.load(idx_row + it // SUB)
-            acc, m_i, l_i = _attn_tile(
-                acc, m_i, l_i, q, kd, vd, kb * SYM_BLOCK_KV + (it % SUB) * BLOCK_N, seq_kv, qk_scale,
-                stride_ks, stride_vs, offs_n, offs_d, b, h, HEAD_DIM, True, KV_PARTIAL, IEEE, True, BLOCK_N, True,
-            )
-        _store_tile_descriptors(acc, m_i, l_i, Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh,
-                                Lse + bh.to(tl.int64) * seq_q * LSE_PAD, start_m, seq_q, stride_os,
-                                HEAD_DIM, BLOCK_M, LSE_PAD)
-
+    bh = item // n_qb
+    start_m = (item % n_qb) * BLOCK_M
+    b = bh // H
+    h = bh % H
+    cnt = tl.load(KvCnt + item)
+    idx_row = KvIdx + item.to(tl.int64) * n_kb
+    qd = tl.make_tensor_descriptor(Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh,
+                                   shape=[seq_q, HEAD_DIM], strides=[stride_qs, 1], block_shape=[BLOCK_M, HEAD_DIM])
+    kd = tl.make_tensor_descriptor(K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh,
+                                   shape=[seq_kv, HEAD_DIM], strides=[stride_ks, 1], block_shape=[BLOCK_N, HEAD_DIM])
+    vd = tl.make_tensor_descriptor(V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh,
+                                   shape=[seq_kv, HEAD_DIM], strides=[stride_vs, 1], block_shape=[BLOCK_N, HEAD_DIM])
+    q = qd.load([start_m, 0])
+    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    for it in tl.range(0, cnt * SUB, warp_specialize=WARP_SPEC):
+        kb = tl.load(idx_row + it // SUB)
+        acc, m_i, l_i = _attn_tile(
+            acc, m_i, l_i, q, kd, vd, kb * SYM_BLOCK_KV + (it % SUB) * BLOCK_N, seq_kv, qk_scale,
+            stride_ks, stride_vs, offs_n, offs_d, b, h, HEAD_DIM, True, KV_PARTIAL, IEEE, True, BLOCK_N, True,
+        )
+    _store_tile_descriptors(acc, m_i, l_i, Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh,
+                            Lse + bh.to(tl.int64) * seq_q * LSE_PAD, start_m, seq_q, stride_os,
+                            HEAD_DIM, BLOCK_M, LSE_PAD)
 
 _WARP_SPEC = os.environ.get("OMNI_COMPILE_WARP_SPEC", "1") != "0"
 _PERSISTENT = os.environ.get("OMNI_COMPILE_PERSISTENT_ATTENTION", "1") != "0"

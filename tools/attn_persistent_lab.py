@@ -1,17 +1,17 @@
-"""Experiment (not shipped): a persistent form of the sparse attention kernel, for low key density.
+"""Experiment: the persistent form of the sparse attention kernel against the tile grid.
 
-    python tools/attn_persistent_lab.py [--out DIR]      (CUDA machine, repository root)
+    python tools/attn_persistent_lab.py [--out DIR] [--seqs ...]      (CUDA machine, repository root)
 
-At 4608 tokens and key density <= 0.2 the committed kernel sits on a ~0.1 ms floor (864 programs, each
-building five descriptors, loading its query tile and storing its output for a dozen or fewer key tiles),
-and at 16-34K tokens it is 1.16-1.24x FlexAttention where 1.3x is the target. Variants here:
-  * persistent: one program per SM walks the (query tile, batch*head) work items, heaviest first (the
-    kv_counts sorted descending: longest-processing-time order, so the tail is short), with 4-D
-    descriptors over the whole tensors built once per program; the key loop warp-specialized or software
-    pipelined;
-  * LPT grid: one program per work item as committed, launched heaviest first.
-Each is checked against the committed kernel (output and log-sum-exp) on the same inputs. The kernels take
-128x128 tiles (the symbol blocks) and one query tile per query block, as the Hopper default does."""
+At 4608 tokens and key density <= 0.2 the tile grid sat on a ~0.1 ms floor (864 programs, each building
+its descriptors, loading its query tile and storing its output for a dozen or fewer key tiles), and at
+16-34K tokens it was 1.16-1.24x FlexAttention where 1.3x is the target. Session 9 measured here the
+variants that led to ops/attention.py's persistent kernel (one program per SM walking the tiles longest
+first, 2-D descriptors per tile, the warp-specialized key loop): it, with two programs per SM, and a
+4-D-descriptor version built once per program without warp specialization (the one kernel of this file;
+with warp specialization it fails Triton's pass); earlier variants (the longest-first order on the grid,
+the outer loop specialized) are in docs/e2e/kernels/attn_persistent_lab_s9.json. Each is checked against
+the grid (output and log-sum-exp) on the same inputs; 128x128 tiles, equal kept counts per tile
+(tools/order_lab.py draws them per tile)."""
 import argparse
 import json
 import os
@@ -32,25 +32,24 @@ def _persistent_attention(
     stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks,
     stride_vb, stride_vh, stride_vs, stride_ob, stride_oh, stride_os,
     HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, KV_PARTIAL: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
-    WS_INNER: tl.constexpr, WS_OUTER: tl.constexpr, DESC_2D: tl.constexpr, IEEE: tl.constexpr,
+    IEEE: tl.constexpr,
 ):
     """Grid ``(NUM_PROGRAMS,)``; program p takes work items ``Order[p], Order[p + NUM_PROGRAMS], ...``, item
     ``bh * n_qb + m`` being query tile m of batch*head bh. Q/K/V/Out ``[B, H, S, HEAD_DIM]`` (unit last
     stride), Lse ``[B*H, seq_q, LSE_PAD]`` fp32; KvIdx/KvCnt as the committed kernel's."""
     pid = tl.program_id(0)
-    if not DESC_2D:
-        qd = tl.make_tensor_descriptor(Q, shape=[B, H, seq_q, HEAD_DIM], strides=[stride_qb, stride_qh, stride_qs, 1],
-                                       block_shape=[1, 1, BLOCK, HEAD_DIM])
-        kd = tl.make_tensor_descriptor(K, shape=[B, H, seq_kv, HEAD_DIM], strides=[stride_kb, stride_kh, stride_ks, 1],
-                                       block_shape=[1, 1, BLOCK, HEAD_DIM])
-        vd = tl.make_tensor_descriptor(V, shape=[B, H, seq_kv, HEAD_DIM], strides=[stride_vb, stride_vh, stride_vs, 1],
-                                       block_shape=[1, 1, BLOCK, HEAD_DIM])
-        od = tl.make_tensor_descriptor(Out, shape=[B, H, seq_q, HEAD_DIM], strides=[stride_ob, stride_oh, stride_os, 1],
-                                       block_shape=[1, 1, BLOCK, HEAD_DIM])
-        ld = tl.make_tensor_descriptor(Lse, shape=[B * H, seq_q, LSE_PAD], strides=[seq_q * LSE_PAD, LSE_PAD, 1],
-                                       block_shape=[1, BLOCK, LSE_PAD])
+    qd = tl.make_tensor_descriptor(Q, shape=[B, H, seq_q, HEAD_DIM], strides=[stride_qb, stride_qh, stride_qs, 1],
+                                   block_shape=[1, 1, BLOCK, HEAD_DIM])
+    kd = tl.make_tensor_descriptor(K, shape=[B, H, seq_kv, HEAD_DIM], strides=[stride_kb, stride_kh, stride_ks, 1],
+                                   block_shape=[1, 1, BLOCK, HEAD_DIM])
+    vd = tl.make_tensor_descriptor(V, shape=[B, H, seq_kv, HEAD_DIM], strides=[stride_vb, stride_vh, stride_vs, 1],
+                                   block_shape=[1, 1, BLOCK, HEAD_DIM])
+    od = tl.make_tensor_descriptor(Out, shape=[B, H, seq_q, HEAD_DIM], strides=[stride_ob, stride_oh, stride_os, 1],
+                                   block_shape=[1, 1, BLOCK, HEAD_DIM])
+    ld = tl.make_tensor_descriptor(Lse, shape=[B * H, seq_q, LSE_PAD], strides=[seq_q * LSE_PAD, LSE_PAD, 1],
+                                   block_shape=[1, BLOCK, LSE_PAD])
     offs_n = tl.arange(0, BLOCK)
-    for w in tl.range(pid, n_items, NUM_PROGRAMS, warp_specialize=WS_OUTER):
+    for w in range(pid, n_items, NUM_PROGRAMS):
         item = tl.load(Order + w)
         bh = item // n_qb
         m = item % n_qb
@@ -58,26 +57,13 @@ def _persistent_attention(
         h = bh % H
         cnt = tl.load(KvCnt + item)
         idx_row = KvIdx + item.to(tl.int64) * n_kb
-        if DESC_2D:
-            # per-item 2-D descriptors over one (batch, head) plane, as the committed kernel builds them
-            qd2 = tl.make_tensor_descriptor(Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh,
-                                            shape=[seq_q, HEAD_DIM], strides=[stride_qs, 1], block_shape=[BLOCK, HEAD_DIM])
-            kd2 = tl.make_tensor_descriptor(K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh,
-                                            shape=[seq_kv, HEAD_DIM], strides=[stride_ks, 1], block_shape=[BLOCK, HEAD_DIM])
-            vd2 = tl.make_tensor_descriptor(V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh,
-                                            shape=[seq_kv, HEAD_DIM], strides=[stride_vs, 1], block_shape=[BLOCK, HEAD_DIM])
-            q = qd2.load([m * BLOCK, 0])
-        else:
-            q = qd.load([b, h, m * BLOCK, 0]).reshape(BLOCK, HEAD_DIM)
+        q = qd.load([b, h, m * BLOCK, 0]).reshape(BLOCK, HEAD_DIM)
         m_i = tl.full([BLOCK], -1.0e30, dtype=tl.float32)
         l_i = tl.zeros([BLOCK], dtype=tl.float32)
         acc = tl.zeros([BLOCK, HEAD_DIM], dtype=tl.float32)
-        for it in tl.range(0, cnt, warp_specialize=WS_INNER):
+        for it in range(0, cnt):
             start_n = tl.load(idx_row + it) * BLOCK
-            if DESC_2D:
-                kt = tl.trans(kd2.load([start_n, 0]))
-            else:
-                kt = tl.trans(kd.load([b, h, start_n, 0]).reshape(BLOCK, HEAD_DIM))
+            kt = tl.trans(kd.load([b, h, start_n, 0]).reshape(BLOCK, HEAD_DIM))
             if IEEE:
                 qk = tl.dot(q, kt, input_precision="ieee") * qk_scale
             else:
@@ -88,10 +74,7 @@ def _persistent_attention(
             p = tl.math.exp2(qk - m_new[:, None])
             alpha = tl.math.exp2(m_i - m_new)
             l_i = l_i * alpha + tl.sum(p, 1)
-            if DESC_2D:
-                v = vd2.load([start_n, 0])
-            else:
-                v = vd.load([b, h, start_n, 0]).reshape(BLOCK, HEAD_DIM)
+            v = vd.load([b, h, start_n, 0]).reshape(BLOCK, HEAD_DIM)
             if IEEE:
                 acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
             else:
@@ -100,16 +83,8 @@ def _persistent_attention(
         has = l_i > 0.0
         l_safe = tl.where(has, l_i, 1.0)
         lse = tl.where(has, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, float("-inf"))
-        if DESC_2D:
-            od2 = tl.make_tensor_descriptor(Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh,
-                                            shape=[seq_q, HEAD_DIM], strides=[stride_os, 1], block_shape=[BLOCK, HEAD_DIM])
-            od2.store([m * BLOCK, 0], (acc / l_safe[:, None]).to(Out.dtype.element_ty))
-            ld2 = tl.make_tensor_descriptor(Lse + bh.to(tl.int64) * seq_q * LSE_PAD, shape=[seq_q, LSE_PAD],
-                                            strides=[LSE_PAD, 1], block_shape=[BLOCK, LSE_PAD])
-            ld2.store([m * BLOCK, 0], tl.broadcast_to(lse[:, None], [BLOCK, LSE_PAD]))
-        else:
-            od.store([b, h, m * BLOCK, 0], (acc / l_safe[:, None]).to(Out.dtype.element_ty).reshape(1, 1, BLOCK, HEAD_DIM))
-            ld.store([bh, m * BLOCK, 0], tl.broadcast_to(lse[:, None], [BLOCK, LSE_PAD]).reshape(1, BLOCK, LSE_PAD))
+        od.store([b, h, m * BLOCK, 0], (acc / l_safe[:, None]).to(Out.dtype.element_ty).reshape(1, 1, BLOCK, HEAD_DIM))
+        ld.store([bh, m * BLOCK, 0], tl.broadcast_to(lse[:, None], [BLOCK, LSE_PAD]).reshape(1, BLOCK, LSE_PAD))
 
 
 def lpt_order(kv_counts: torch.Tensor) -> torch.Tensor:
@@ -117,7 +92,7 @@ def lpt_order(kv_counts: torch.Tensor) -> torch.Tensor:
     return torch.argsort(kv_counts.flatten(), descending=True, stable=True).to(torch.int32)
 
 
-def persistent_attention(q, k, v, kv_indices, kv_counts, order, block, scale, programs, ws, warps, stages, desc2d=False):
+def persistent_attention_4d(q, k, v, kv_indices, kv_counts, order, block, scale, programs, warps, stages):
     B, H, Sq, D = q.shape
     Skv = k.shape[2]
     out = torch.empty(B, Sq, H, D, dtype=q.dtype, device=q.device).transpose(1, 2)
@@ -130,7 +105,7 @@ def persistent_attention(q, k, v, kv_indices, kv_counts, order, block, scale, pr
         B, H, Sq, Skv, n_qb, n_kb, n_items,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
-        HEAD_DIM=D, BLOCK=block, KV_PARTIAL=Skv % block != 0, NUM_PROGRAMS=programs, WS_INNER=ws == "inner", WS_OUTER=ws == "outer", DESC_2D=desc2d,
+        HEAD_DIM=D, BLOCK=block, KV_PARTIAL=Skv % block != 0, NUM_PROGRAMS=programs,
         IEEE=q.dtype == torch.float32, **kw)
     return out, lse.view(B, H, Sq, LSE_PAD_INT)[..., 0]
 
@@ -157,15 +132,17 @@ def main():
             idx, cnt = sym.kv_schedule()
             order = lpt_order(cnt)
             dens = sym.density()
-            base, base_lse = A._launch_attention(q, k, v, idx, cnt, BLK, BLK, D ** -0.5)
+            cfg = A.attention_config(D, BLK, BLK, q.dtype, q.device)
+            launch = lambda **extra: A._launch_attention(q, k, v, idx, cnt, BLK, BLK, D ** -0.5, dict(cfg, **extra),
+                                                         kv_order=order)
+            base, base_lse = launch(PERSISTENT=False)
             fin = torch.isfinite(base_lse)
             variants = {
-                "committed default": lambda: A._launch_attention(q, k, v, idx, cnt, BLK, BLK, D ** -0.5),
-                "persistent 2d ws-inner w4 s2": lambda: persistent_attention(q, k, v, idx, cnt, order, BLK, D ** -0.5, sms, "inner", 4, 2, True),
-                "persistent 2d ws-outer w4 s2": lambda: persistent_attention(q, k, v, idx, cnt, order, BLK, D ** -0.5, sms, "outer", 4, 2, True),
-                "persistent 2d ws-inner 2/SM": lambda: persistent_attention(q, k, v, idx, cnt, order, BLK, D ** -0.5, 2 * sms, "inner", 4, 2, True),
-                "persistent 4d no-ws w8 s3": lambda: persistent_attention(q, k, v, idx, cnt, order, BLK, D ** -0.5, sms, "none", 8, 3),
-                "LPT grid 2d ws-inner w4 s2": lambda: persistent_attention(q, k, v, idx, cnt, order, BLK, D ** -0.5, 1 << 30, "inner", 4, 2, True),
+                "committed default": lambda: launch(PERSISTENT=False),  # the tile grid
+                "persistent (shipped)": lambda: launch(PERSISTENT=True),
+                "persistent 2/SM": lambda: launch(PERSISTENT=True, NUM_PROGRAMS=2 * sms),
+                "persistent 4d no-ws w8 s3": lambda: persistent_attention_4d(q, k, v, idx, cnt, order, BLK, D ** -0.5,
+                                                                             sms, 8, 3),
             }
             for name, fn in variants.items():
                 try:

@@ -1,19 +1,29 @@
-"""Experiment (not shipped): does the persistent attention need its longest-first walk, and what does
-building that walk cost the host?
+"""Experiment (not shipped): does the persistent attention need its longest-first walk, can another walk
+of the same list balance unequal tiles as well as the grid, and what does building the list cost the host?
 
     python tools/order_lab.py [--out DIR]      (CUDA machine, repository root)
 
 `Symbols.kv_order` is one device argsort per site per update (the FLUX update-step profile counted three
 device copies inside each). Rows: the persistent kernel walking the tiles longest first, in index order,
 and computed-first (reused tiles last, index order otherwise), and the tile grid, on symbols whose kept
-key blocks vary per tile (uniform in [1, 0.5 n] blocks, reuse 0.3) as real policies' do; then the host
-time to issue `kv_order_of` (argsort) against a counting-sort formula of the same order. Each order's
-output is checked against the grid's."""
+key blocks vary per tile (uniform in [1, 0.5 n] blocks, reuse 0.3) as real policies' do; then two other
+walks of the longest-first list by a lab kernel around the shipped kernel's per-tile body
+(`_persistent_tile`): zig-zag (program p
+takes p, 2P-1-p, 2P+p, ...: each round's heavy and light tiles pair up) and dynamic (each program takes
+the next tile from an atomic counter, as the hardware scheduler hands blocks of a grid to free SMs);
+then the host time to issue `kv_order_of` (argsort) against a counting-sort formula of the same order.
+Each output is checked against the grid's.
+
+Session 9 (H200) ran the first part: the persistent kernel was 1.14x faster than the grid at 4608
+tokens and 5 % slower at 16896 and 32656, hence PERSISTENT_MAX_WAVES in ops/attention.py. The zig-zag and
+dynamic walks were written after the last device call (correct in the interpreter, not yet timed)."""
 import argparse
 import json
 import os
 
 import torch
+import triton
+import triton.language as tl
 
 from omni_compile.bench import bench_ms, rel_err
 from omni_compile.ops import Symbols
@@ -21,6 +31,53 @@ from omni_compile.ops import attention as A
 from omni_compile.ops._common import ensure_device_allocator
 
 from host_launch import host_us  # tools/, beside this script
+
+
+@triton.jit
+def _walked_attention(Q, K, V, Out, Lse, KvIdx, KvCnt, Order, Counter, qk_scale,
+                      stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks,
+                      stride_vb, stride_vh, stride_vs, stride_ob, stride_oh, stride_os,
+                      H, seq_q, seq_kv, n_qb, n_kb, n_items,
+                      HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, KV_PARTIAL: tl.constexpr, IEEE: tl.constexpr,
+                      WARP_SPEC: tl.constexpr, LSE_PAD: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
+                      DYNAMIC: tl.constexpr):
+    """Grid ``(NUM_PROGRAMS,)`` over ``Order``'s tiles: zig-zag rounds, or (``DYNAMIC``) the next list
+    position from ``Counter [1]`` int32 (zero at launch) until the list is done."""
+    pid = tl.program_id(0)
+    if DYNAMIC:
+        w = tl.atomic_add(Counter, 1)
+        while w < n_items:
+            A._persistent_tile(Q, K, V, Out, Lse, KvIdx, KvCnt, tl.load(Order + w), qk_scale,
+                               stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks,
+                               stride_vb, stride_vh, stride_vs, stride_ob, stride_oh, stride_os, H, seq_q, seq_kv,
+                               n_qb, n_kb, HEAD_DIM, BLOCK, BLOCK, BLOCK, KV_PARTIAL, IEEE, WARP_SPEC, LSE_PAD)
+            w = tl.atomic_add(Counter, 1)
+    else:
+        for r in range(0, tl.cdiv(n_items, NUM_PROGRAMS)):
+            w = r * NUM_PROGRAMS + tl.where(r % 2 == 0, pid, NUM_PROGRAMS - 1 - pid)
+            if w < n_items:
+                A._persistent_tile(Q, K, V, Out, Lse, KvIdx, KvCnt, tl.load(Order + w), qk_scale,
+                                   stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks,
+                                   stride_vb, stride_vh, stride_vs, stride_ob, stride_oh, stride_os, H, seq_q, seq_kv,
+                                   n_qb, n_kb, HEAD_DIM, BLOCK, BLOCK, BLOCK, KV_PARTIAL, IEEE, WARP_SPEC, LSE_PAD)
+
+
+def walked_attention(q, k, v, idx, cnt, order, scale, programs, dynamic, warp_spec=True, block=128):
+    B, H, Sq, D = q.shape
+    Skv = k.shape[2]
+    out = A.heads_inner_empty(B, H, Sq, D, q)
+    lse = A.lse_empty(B, H, Sq, q.device)
+    n_qb, n_kb = cnt.shape[-1], idx.shape[-1]
+    counter = torch.zeros(1, dtype=torch.int32, device=q.device)
+    kw = {} if os.environ.get("TRITON_INTERPRET") == "1" else dict(num_warps=4, num_stages=2)
+    _walked_attention[(programs,)](
+        q, k, v, out, lse, idx, cnt, order, counter, scale * A._LOG2E,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+        H, Sq, Skv, n_qb, n_kb, B * H * n_qb,
+        HEAD_DIM=D, BLOCK=block, KV_PARTIAL=Skv % block != 0, IEEE=q.dtype == torch.float32, WARP_SPEC=warp_spec,
+        LSE_PAD=A.LSE_PAD, NUM_PROGRAMS=programs, DYNAMIC=dynamic, **kw)
+    return out, lse
 
 
 def varied_symbols(S, H, reuse, seed, block=128):
@@ -69,9 +126,19 @@ def main():
                             ("persistent computed first", computed_first)):
             variants[name] = (lambda o: lambda: A._launch_attention(q, k, v, idx, cnt, BLK, BLK, D ** -0.5,
                                                                     dict(cfg, PERSISTENT=True), kv_order=o))(order)
+        sms = torch.cuda.get_device_properties(0).multi_processor_count
+        # the dynamic walk with warp specialization fails Triton's specialization pass (3.9, sm_90 compile
+        # here); without it the key loop is the software-pipelined one
+        for name, dyn, ws in (("lab: zig-zag longest first", False, True), ("lab: dynamic, no WS", True, False),
+                              ("lab: dynamic with WS", True, True)):
+            variants[name] = (lambda d, w: lambda: walked_attention(q, k, v, idx, cnt, lpt, D ** -0.5, sms, d, w))(dyn, ws)
         for name, fn in variants.items():
-            err = rel_err(fn()[0], base)
-            ms = bench_ms(fn)
+            try:
+                err = rel_err(fn()[0], base)
+                ms = bench_ms(fn)
+            except Exception as e:
+                print(f"S={S} {name}: FAILED {e!r}"[:300], flush=True)
+                continue
             rows.append(dict(S=S, density=sym.density(), name=name, ms=ms, err=err))
             print(f"S={S:6d} d={sym.density():.3f} {name:28s} {ms:8.4f} ms  err {err:.1e}", flush=True)
         for name, fn in (("host: kv_order_of (argsort)", lambda: A.kv_order_of(cnt)),
