@@ -53,15 +53,22 @@ def rel_err(out, ref):
     return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
-def make_symbols(S, keep_fraction, reuse_fraction=0.0, seed=0, device="cuda"):
+def make_symbols(S, keep_fraction, reuse_fraction=0.0, seed=0, device="cuda", varied=False):
     """Random block mask keeping ``keep_fraction`` of key blocks per tile (exact count per row, at least 1)
-    and reusing ``reuse_fraction`` of (query block, head) tiles."""
+    and reusing ``reuse_fraction`` of (query block, head) tiles. ``varied``: each tile's count is drawn
+    uniformly from ``1 .. 2·round(keep·n) - 1`` instead (the same mean), as real policies give unequal
+    tiles; equal counts flatter a kernel that splits the tiles statically (session 9: the persistent
+    attention, tools/order_lab.py)."""
     g = torch.Generator().manual_seed(seed)
     n = -(-S // BLOCK)
     kept = max(1, round(keep_fraction * n))
     order = torch.rand(B, H, n, n, generator=g).argsort(-1)
-    skip = torch.ones(B, H, n, n, dtype=torch.bool)
-    skip.scatter_(-1, order[..., :kept], False)
+    if varied:
+        counts = torch.randint(1, min(n, 2 * kept - 1) + 1, (B, H, n, 1), generator=g)
+        skip = order.argsort(-1) >= counts  # a key block's place in the random order against its tile's count
+    else:
+        skip = torch.ones(B, H, n, n, dtype=torch.bool)
+        skip.scatter_(-1, order[..., :kept], False)
     reuse = torch.zeros(B, H, n, dtype=torch.bool)
     if reuse_fraction > 0:
         r = round(reuse_fraction * n)
@@ -103,7 +110,7 @@ def sdpa_backend_runner(q, k, v, backend):
     return run
 
 
-def part_attention(seqs, densities, reuse_sweep, rows):
+def part_attention(seqs, densities, reuse_sweep, rows, varied=()):
     for S in seqs:
         g = torch.Generator(device="cuda").manual_seed(S)
         q, k, v = (torch.randn(B, H, S, D, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(3))
@@ -115,10 +122,11 @@ def part_attention(seqs, densities, reuse_sweep, rows):
             except Exception as e:  # a backend missing on this build is reported, not fatal
                 dense[be] = float("nan")
                 print(f"  SDPA {be} unavailable: {e!r}", file=sys.stderr)
-        settings = [(d, 0.0) for d in densities] + [(d, r) for d, r in reuse_sweep]
+        settings = ([(d, 0.0, False) for d in densities] + [(d, r, False) for d, r in reuse_sweep]
+                    + [(d, 0.0, True) for d in varied])
         own_dense = None
-        for keep, reuse in settings:
-            sym = make_symbols(S, keep, reuse)
+        for keep, reuse, unequal in settings:
+            sym = make_symbols(S, keep, reuse, varied=unequal)
             dens = sym.density()
             out = sparse_attention(q, k, v, sym)
             ref, _ = sparse_attention_reference(q, k, v, sym.reuse_bits, sym.skip_bits, BLOCK, BLOCK, D**-0.5)
@@ -136,7 +144,7 @@ def part_attention(seqs, densities, reuse_sweep, rows):
             if keep == 1.0 and reuse == 0.0:
                 own_dense = t
             row = dict(
-                part="attention", S=S, keep=keep, reuse=reuse, density=dens, ms=t, graph_ms=tg,
+                part="attention", S=S, keep=keep, reuse=reuse, varied=unequal, density=dens, ms=t, graph_ms=tg,
                 graph_tflops=flops_dense * dens / tg / 1e9,
                 tflops=flops_dense * dens / t / 1e9, err=err, ok=err < 2e-2,
                 cudnn_ms=dense["cudnn"], flash_ms=dense["flash"], flex_ms=flex_ms, flex_err=flex_err,
@@ -273,7 +281,8 @@ def markdown(rows):
                 "| S | kept key blocks | reuse | density | sparse_attention ms | graph-replay ms | TFLOP/s (kept) | cuDNN SDPA ms | FA2 SDPA ms | FlexAttention ms | vs cuDNN | vs Flex | vs own dense | rel err | ok |",
                 "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|:-:|"]
         for r in att:
-            out.append(f"| {r['S']} | {r['keep']:.2f} | {r['reuse']:.2f} | {r['density']:.3f} | {r['ms']:.3f} | {r['graph_ms']:.3f} | {r['tflops']:.0f} | "
+            keep = f"{r['keep']:.2f}" + (" (varied)" if r.get("varied") else "")
+            out.append(f"| {r['S']} | {keep} | {r['reuse']:.2f} | {r['density']:.3f} | {r['ms']:.3f} | {r['graph_ms']:.3f} | {r['tflops']:.0f} | "
                        f"{r['cudnn_ms']:.3f} | {r['flash_ms']:.3f} | {r['flex_ms']:.3f} | {r['vs_cudnn']:.2f} | {r['vs_flex']:.2f} | "
                        f"{r['speedup_vs_own_dense']:.2f} | {r['err']:.1e} | {'yes' if r['ok'] else 'NO'} |")
         out.append("")
@@ -328,7 +337,7 @@ def main(argv=None):
     if "sweep" in parts:
         part_sweep(rows)
     if "attention" in parts:
-        part_attention(seqs, dens, [(0.5, 0.5), (0.2, 0.5)], rows)
+        part_attention(seqs, dens, [(0.5, 0.5), (0.2, 0.5)], rows, varied=[0.2, 0.1])
     if "gemm" in parts:
         part_gemm([(4608, 3072, 3072, "FLUX q/o"), (33792, 3072, 3072, "HunyuanVideo q/o")], [0.0, 0.5, 0.75, 0.9], rows)
     if "pooled" in parts:
