@@ -526,10 +526,9 @@ def _launch_attention(q, k, v, kv_indices, kv_counts, block_q, block_kv, scale, 
     else:
         qa, ka, va = q, k, v
     n_items = B * H * block_count(Sq, block_q)
-    persistent = cfg.pop("PERSISTENT", None)
-    if persistent is None:
-        persistent = _PERSISTENT and _few_waves(n_items, q.device)
-    persistent = bool(persistent) and device_tma and cfg["BLOCK_M"] == block_q
+    # the caller decided (persistent_attention_applies) by passing the walk; PERSISTENT in a config
+    # overrides for sweeps and tests. Inputs the descriptors cannot take still get the grid
+    persistent = bool(cfg.pop("PERSISTENT", kv_order is not None)) and device_tma and cfg["BLOCK_M"] == block_q
     if persistent:
         if kv_order is None:
             kv_order = kv_order_of(kv_counts)
@@ -577,9 +576,10 @@ def _sparse_attention_op_impl(
     kv_order: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Registered op. ``kv_indices``/``kv_counts`` are ``Symbols.kv_schedule()`` of the same bits, and
-    ``kv_order`` (optional) their ``Symbols.kv_order()``: the persistent kernel's walk, built here where
-    it is needed and not given. ``heads_inner``: ``out`` is laid out as ``[B, S, H, D]`` in memory (see
-    :func:`heads_inner_empty`)."""
+    ``kv_order`` their ``Symbols.kv_order()``, given where :func:`persistent_attention_applies` allows the
+    persistent kernel; without it, with inputs whose base is not 16-byte aligned (which a compiled
+    caller's wrapper cannot see), or on the reference path the tile grid runs. ``heads_inner``: ``out`` is
+    laid out as ``[B, S, H, D]`` in memory (see :func:`heads_inner_empty`)."""
     if use_triton(q):
         return _launch_attention(q, k, v, kv_indices, kv_counts, block_q, block_kv, scale, heads_inner=heads_inner,
                                  kv_order=kv_order)
