@@ -231,8 +231,7 @@ class Compose(BasePolicy):
             raise PolicyFallback("; ".join(fell))
         if fell:
             inp.notes.append("composed member(s) fell back and add no bits: " + "; ".join(fell))
-        skip = skip > reuse.unsqueeze(-1)  # skip & ~reuse: a row skipping every key block is computed
-        return reuse, _unskip_empty_rows(skip, skip.all(-1), inp)
+        return reuse, _skip_of_computed_rows(skip, reuse, inp)
 
     def __repr__(self) -> str:
         return "Compose(" + ", ".join(map(repr, self.policies)) + ")"
@@ -258,6 +257,14 @@ def keep_one_key(skip: torch.Tensor, reuse: torch.Tensor, inp: PolicyInput) -> t
     largest pooled score when ``inp.scores`` is there, else the block holding the row's first query token
     (self/joint; block 0 for cross). No host sync."""
     return _unskip_empty_rows(skip, skip.all(-1) & ~reuse, inp)
+
+
+def _skip_of_computed_rows(skip: torch.Tensor, reuse: torch.Tensor, inp: PolicyInput) -> torch.Tensor:
+    """``skip`` without bits on reused tiles and with one key block kept in every computed row (as
+    :func:`keep_one_key`): what :class:`Compose` and :func:`finalize` hand on. Reused rows lose their skip
+    bits first, so a row that still skips every key block is a computed one."""
+    skip = skip > reuse.unsqueeze(-1)  # skip & ~reuse in one op (bools: True > False only)
+    return _unskip_empty_rows(skip, skip.all(-1), inp)
 
 
 def _unskip_empty_rows(skip: torch.Tensor, empty: torch.Tensor, inp: PolicyInput) -> torch.Tensor:
@@ -306,9 +313,7 @@ def finalize(policy, inp: PolicyInput, reuse: torch.Tensor, skip: torch.Tensor) 
         reuse, skip = reuse.to(dev), skip.to(dev)
     if not getattr(policy, "reuses_text", False):
         reuse = reuse > inp.q_text.view(1, 1, nQ)  # reuse & ~text in one op (bools: True > False only)
-    # reused rows lose their skip bits first, so a row that skips every key block is a computed one
-    skip = skip > reuse.unsqueeze(-1)  # skip & ~reuse
-    return reuse, _unskip_empty_rows(skip, skip.all(-1), inp)
+    return reuse, _skip_of_computed_rows(skip, reuse, inp)
 
 
 def run_policy(policy, inp: PolicyInput, config) -> Bits:
