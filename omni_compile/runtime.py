@@ -645,7 +645,7 @@ def site_linear_o(
         else:
             # every argument was built here (the refreshed factors are fresh contiguous tensors of a's
             # shape, the symbols this update's): the public wrapper's checks are skipped, as on dispatch steps
-            ss.bias_terms[key] = [cache_bias_prechecked(f if f.is_contiguous() else f.contiguous(), w, ss.symbols,
+            ss.bias_terms[key] = [cache_bias_prechecked(f.contiguous(), w, ss.symbols,
                                                         head_dim, row_offset) for f in factors]
         _keep_a(ss, key, factors[:D])
     elif ss.action == DENSE and _observe_on_dense_step(cfg, ss.step):
