@@ -16,9 +16,10 @@ import os
 
 import torch
 
-from omni_compile.bench import bench_ms, rel_err
 from omni_compile.ops import Symbols
 from omni_compile.ops import attention as A
+
+from lab_common import timed_row  # tools/, beside this script
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--out", default=os.environ.get("OUT", "out"))
@@ -49,17 +50,9 @@ for S in (32768, 32656, 4608, 4352 + 77):
         dens = sym.density()
         base = A._launch_attention(q, k, v, idx, cnt, BLK, BLK, D ** -0.5, config=dict(VARIANTS["pointer w8 s3"]))[0]
         for name, cfg in VARIANTS.items():
-            fn = lambda cfg=cfg: A._launch_attention(q, k, v, idx, cnt, BLK, BLK, D ** -0.5, config=dict(cfg))[0]
-            try:
-                err = rel_err(fn(), base)
-                ms = bench_ms(fn)
-            except Exception as e:
-                print(f"S={S} keep={keep} {name}: FAILED {e!r}"[:300], flush=True)
-                continue
-            tf = 4 * B * H * S * S * D * dens / ms / 1e9
-            rows.append(dict(S=S, keep=keep, reuse=reuse_f, density=dens, name=name, ms=ms, tflops=tf, err=err))
-            print(f"S={S:6d} keep={keep:.1f} reuse={reuse_f:.1f} d={dens:.3f} {name:32s} {ms:8.3f} ms {tf:5.0f} TF/s "
-                  f"err {err:.1e}", flush=True)
+            timed_row(rows, f"S={S:6d} keep={keep:.1f} reuse={reuse_f:.1f} d={dens:.3f}", name,
+                      lambda cfg=cfg: A._launch_attention(q, k, v, idx, cnt, BLK, BLK, D ** -0.5, config=dict(cfg))[0],
+                      base, flops=4 * B * H * S * S * D * dens, S=S, keep=keep, reuse=reuse_f, density=dens)
     del q, k, v
     torch.cuda.empty_cache()
 os.makedirs(args.out, exist_ok=True)

@@ -20,6 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
+from lab_common import timed_row  # tools/, beside this script
+
 LOG2E = 1.4426950408889634
 LSE_PAD_INT = 4
 LSE_PAD = tl.constexpr(LSE_PAD_INT)
@@ -87,11 +89,6 @@ def _persistent_attention(
         ld.store([bh, m * BLOCK, 0], tl.broadcast_to(lse[:, None], [BLOCK, LSE_PAD]).reshape(1, BLOCK, LSE_PAD))
 
 
-def lpt_order(kv_counts: torch.Tensor) -> torch.Tensor:
-    """Work items (flat index into kv_counts [B, H, nQ]) by count, heaviest first."""
-    return torch.argsort(kv_counts.flatten(), descending=True, stable=True).to(torch.int32)
-
-
 def persistent_attention_4d(q, k, v, kv_indices, kv_counts, order, block, scale, programs, warps, stages):
     B, H, Sq, D = q.shape
     Skv = k.shape[2]
@@ -111,7 +108,7 @@ def persistent_attention_4d(q, k, v, kv_indices, kv_counts, order, block, scale,
 
 
 def main():
-    from omni_compile.bench import bench_ms, make_symbols, rel_err
+    from omni_compile.bench import make_symbols
     from omni_compile.ops import attention as A
     from omni_compile.ops._common import ensure_device_allocator
 
@@ -130,7 +127,7 @@ def main():
         for keep, reuse in ((1.0, 0.0), (0.2, 0.0), (0.1, 0.0), (0.2, 0.5), (0.1, 0.5)):
             sym = make_symbols(S, keep, reuse)
             idx, cnt = sym.kv_schedule()
-            order = lpt_order(cnt)
+            order = A.kv_order_of(cnt)
             dens = sym.density()
             cfg = A.attention_config(D, BLK, BLK, q.dtype, q.device)
             launch = lambda **extra: A._launch_attention(q, k, v, idx, cnt, BLK, BLK, D ** -0.5, dict(cfg, **extra),
@@ -144,20 +141,11 @@ def main():
                 "persistent 4d no-ws w8 s3": lambda: persistent_attention_4d(q, k, v, idx, cnt, order, BLK, D ** -0.5,
                                                                              sms, 8, 3),
             }
+            lse_ok = lambda out: dict(lse_ok=bool(torch.equal(torch.isfinite(out[1]), fin))
+                                      and (out[1][fin] - base_lse[fin]).abs().max().item() < 2e-2)
             for name, fn in variants.items():
-                try:
-                    o, l = fn()
-                    err = rel_err(o, base)
-                    lse_ok = bool(torch.equal(torch.isfinite(l), fin)) and (l[fin] - base_lse[fin]).abs().max().item() < 2e-2
-                    ms = bench_ms(fn)
-                except Exception as e:
-                    print(f"S={S} keep={keep} reuse={reuse} {name}: FAILED {e!r}"[:300], flush=True)
-                    continue
-                tf = 4 * B * H * S * S * D * dens / ms / 1e9
-                rows.append(dict(S=S, keep=keep, reuse=reuse, density=dens, name=name, ms=ms, tflops=tf, err=err,
-                                 lse_ok=lse_ok))
-                print(f"S={S:6d} keep={keep:.1f} reuse={reuse:.1f} d={dens:.3f} {name:28s} {ms:8.4f} ms {tf:5.0f} TF/s "
-                      f"err {err:.1e} lse {'ok' if lse_ok else 'WRONG'}", flush=True)
+                timed_row(rows, f"S={S:6d} keep={keep:.1f} reuse={reuse:.1f} d={dens:.3f}", name, fn, base,
+                          flops=4 * B * H * S * S * D * dens, check=lse_ok, S=S, keep=keep, reuse=reuse, density=dens)
         del q, k, v
         torch.cuda.empty_cache()
     os.makedirs(args.out, exist_ok=True)

@@ -21,6 +21,8 @@ from omni_compile.ops import attention as A
 from omni_compile.ops import linear_o as LO
 from omni_compile.ops import linear_q as LQ
 
+from lab_common import timed_row  # tools/, beside this script
+
 ap = argparse.ArgumentParser()
 ap.add_argument("--parts", default="attention,gemm")
 ap.add_argument("--out", default=os.environ.get("OUT", "out"))
@@ -31,21 +33,12 @@ rows = []
 
 
 def row(kind, shape, name, fn, ref, flops, anchor_ms, extra=None):
-    try:
-        o = fn()
-        o = o[0] if isinstance(o, tuple) else o
-        err = rel_err(o, ref)
-        ms = bench_ms(fn)
-    except Exception as e:  # a variant that does not compile here is a row, not a crash
-        print(f"{kind} {shape} {name}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
-        rows.append(dict(kind=kind, shape=shape, name=name, failed=repr(e)[:500]))
+    r = timed_row(rows, f"{kind:9s} {shape:28s}", name, fn, ref, flops=flops, keep_failures=True,
+                  note=lambda r: f"x{anchor_ms / r['ms']:5.2f} anchor", kind=kind, shape=shape, **(extra or {}))
+    if r is None:
         return None
-    r = dict(kind=kind, shape=shape, name=name, ms=ms, tflops=flops / ms / 1e9, err=err, anchor_ms=anchor_ms,
-             vs_anchor=anchor_ms / ms, **(extra or {}))
-    rows.append(r)
-    print(f"{kind:9s} {shape:28s} {name:44s} {ms:8.4f} ms {r['tflops']:5.0f} TF/s x{anchor_ms / ms:5.2f} anchor "
-          f"err {err:.1e}", flush=True)
-    return ms
+    r.update(anchor_ms=anchor_ms, vs_anchor=anchor_ms / r["ms"])
+    return r["ms"]
 
 
 ATTN = {

@@ -6,17 +6,18 @@ of the same list balance unequal tiles as well as the grid, and what does buildi
 `Symbols.kv_order` is one device argsort per site per update (the FLUX update-step profile counted three
 device copies inside each). Rows: the persistent kernel walking the tiles longest first, in index order,
 and computed-first (reused tiles last, index order otherwise), and the tile grid, on symbols whose kept
-key blocks vary per tile (uniform in [1, 0.5 n] blocks, reuse 0.3) as real policies' do; then two other
-walks of the longest-first list by a lab kernel around the shipped kernel's per-tile body
-(`_persistent_tile`): zig-zag (program p
-takes p, 2P-1-p, 2P+p, ...: each round's heavy and light tiles pair up) and dynamic (each program takes
-the next tile from an atomic counter, as the hardware scheduler hands blocks of a grid to free SMs);
+key blocks vary per tile (the benchmark's `make_symbols(..., varied=True)` at keep 0.25: 1 .. ~n/2 blocks,
+reuse 0.3) as real policies' do; then two other walks of the longest-first list by a lab kernel around
+the shipped kernel's per-tile body (`_persistent_tile`): zig-zag (program p takes p, 2P-1-p, 2P+p, ...:
+each round's heavy and light tiles pair up) and dynamic (each program takes the next tile from an atomic
+counter, as the hardware scheduler hands blocks of a grid to free SMs);
 then the host time to issue `kv_order_of` (argsort) against a counting-sort formula of the same order.
 Each output is checked against the grid's.
 
 Session 9 (H200) ran the first part: the persistent kernel was 1.14x faster than the grid at 4608
-tokens and 5 % slower at 16896 and 32656, hence PERSISTENT_MAX_WAVES in ops/attention.py. The zig-zag and
-dynamic walks were written after the last device call (correct in the interpreter, not yet timed)."""
+tokens and 5 % slower at 16896 and 32656, hence PERSISTENT_MAX_WAVES in ops/attention.py (its masks
+then: counts uniform in 1 .. n/2 and each tile reused with probability 0.3, drawn by this file). The
+zig-zag and dynamic walks were written after the last device call (correct in the interpreter, not yet timed)."""
 import argparse
 import json
 import os
@@ -25,12 +26,12 @@ import torch
 import triton
 import triton.language as tl
 
-from omni_compile.bench import bench_ms, rel_err
-from omni_compile.ops import Symbols
+from omni_compile.bench import make_symbols
 from omni_compile.ops import attention as A
 from omni_compile.ops._common import ensure_device_allocator
 
 from host_launch import host_us  # tools/, beside this script
+from lab_common import timed_row
 
 
 @triton.jit
@@ -80,16 +81,6 @@ def walked_attention(q, k, v, idx, cnt, order, scale, programs, dynamic, warp_sp
     return out, lse
 
 
-def varied_symbols(S, H, reuse, seed, block=128):
-    g = torch.Generator().manual_seed(seed)
-    n = -(-S // block)
-    kept = torch.randint(1, max(2, n // 2 + 1), (1, H, n, 1), generator=g)
-    rank = torch.rand(1, H, n, n, generator=g).argsort(-1).argsort(-1)
-    skip = rank >= kept
-    re = torch.rand(1, H, n, generator=g) < reuse
-    return Symbols.from_dense(re, skip, block, block, S, S).to("cuda")
-
-
 def counting_order(cnt, n_kb):
     """The same stable longest-first order without a sort: bucket starts from a histogram, ranks inside a
     bucket from a cumulative sum of the one-hot counts."""
@@ -111,7 +102,7 @@ def main():
     H, D, BLK = 24, 128, 128
     for S in (4608, 16896, 32656):
         q, k, v = (torch.randn(1, S, H, D, device="cuda", dtype=torch.bfloat16).transpose(1, 2) for _ in range(3))
-        sym = varied_symbols(S, H, 0.3, S)
+        sym = make_symbols(S, 0.25, 0.3, seed=S, varied=True)
         idx, cnt = sym.kv_schedule()
         n_kb = idx.shape[-1]
         lpt = sym.kv_order()
@@ -133,14 +124,7 @@ def main():
                               ("lab: dynamic with WS", True, True)):
             variants[name] = (lambda d, w: lambda: walked_attention(q, k, v, idx, cnt, lpt, D ** -0.5, sms, d, w))(dyn, ws)
         for name, fn in variants.items():
-            try:
-                err = rel_err(fn()[0], base)
-                ms = bench_ms(fn)
-            except Exception as e:
-                print(f"S={S} {name}: FAILED {e!r}"[:300], flush=True)
-                continue
-            rows.append(dict(S=S, density=sym.density(), name=name, ms=ms, err=err))
-            print(f"S={S:6d} d={sym.density():.3f} {name:28s} {ms:8.4f} ms  err {err:.1e}", flush=True)
+            timed_row(rows, f"S={S:6d} d={sym.density():.3f}", name, fn, base, S=S, density=sym.density())
         for name, fn in (("host: kv_order_of (argsort)", lambda: A.kv_order_of(cnt)),
                          ("host: counting order", lambda: counting_order(cnt, n_kb))):
             us = host_us(fn)
