@@ -341,12 +341,15 @@ def block_ms_by_label(prof, prefix: str = "flashomni::block ") -> dict:
     return out
 
 
+_COPY_CALLS = ("cudaMemcpyAsync", "cudaMemcpy")  # host-device copies (device-to-device ones too)
+_SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize")
 
-def copies_by_caller(events, names=("cudaMemcpyAsync", "cudaMemcpy")) -> dict:
+
+def calls_by_caller(events, names=_COPY_CALLS) -> dict:
     """``{"op < op < …": count}``: the chain of profiled ops (innermost first, three at most) that issued each
-    runtime call named in ``names`` (host-device copies by default), from a profile's ``events()``. The
-    FLUX-size update step held 58 copies that the step's code does not show on a CPU (design.md,
-    Session 9): this names them on the next device run."""
+    runtime call named in ``names`` (host-device copies by default), from a profile's ``events()``: what
+    named the FLUX-size update step's copies, which its code does not show on a CPU (the argsort of
+    ``Symbols.kv_order``; docs/benchmarks.md, Session 9)."""
     out: dict = {}
     for e in events:
         if e.name not in names:
@@ -388,13 +391,11 @@ def profile_actions(fn, latent, inputs, steps: int, done: int, warmup: int, inte
             host = {a.key: a.cpu_time_total / 1000 for a in avgs if a.key.startswith("flashomni::")}
             calls = {a.key: a.count for a in avgs}
             # host waits on the device during the step (the profiled region's own final sync excluded)
-            syncs = calls.get("cudaStreamSynchronize", 0) + calls.get("cudaDeviceSynchronize", 0) - (
-                1 if torch.cuda.is_available() else 0)
+            syncs = sum(calls.get(n, 0) for n in _SYNC_CALLS) - (1 if torch.cuda.is_available() else 0)
+            events = prof.events()
             res[act] = dict(wall_ms=wall, device_ms=dev, host_ms=host, host_syncs=max(syncs, 0),
-                            memcpy=calls.get("cudaMemcpyAsync", 0) + calls.get("cudaMemcpy", 0),
-                            copies_from=copies_by_caller(prof.events()),
-                            syncs_from=copies_by_caller(prof.events(), ("cudaStreamSynchronize",
-                                                                        "cudaDeviceSynchronize")))
+                            memcpy=sum(calls.get(n, 0) for n in _COPY_CALLS),
+                            copies_from=calls_by_caller(events), syncs_from=calls_by_caller(events, _SYNC_CALLS))
             with open(os.path.join(out_dir, f"profile_{tag}_{act}.txt"), "w") as f:
                 f.write(avgs.table(sort_by="self_cpu_time_total", row_limit=40))
                 f.write("\n\n")

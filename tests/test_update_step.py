@@ -150,13 +150,13 @@ def test_fixed_loop_output_unchanged_by_the_host_work_cuts():
     assert torch.equal(new, old)
 
 
-def test_copies_by_caller_names_the_ops_that_issued_them():
+def test_calls_by_caller_names_the_ops_that_issued_them():
     from types import SimpleNamespace as E
 
-    from omni_compile.bench_e2e import copies_by_caller
+    from omni_compile.bench_e2e import calls_by_caller
 
     top = E(name="flashomni::site_attention", cpu_parent=None)
     mid = E(name="aten::copy_", cpu_parent=E(name="aten::_to_copy", cpu_parent=top))
     evs = [E(name="cudaMemcpyAsync", cpu_parent=mid), E(name="cudaMemcpyAsync", cpu_parent=mid),
            E(name="cudaMemcpyAsync", cpu_parent=None), E(name="cudaLaunchKernel", cpu_parent=mid)]
-    assert copies_by_caller(evs) == {"aten::copy_ < aten::_to_copy < flashomni::site_attention": 2, "(top level)": 1}
+    assert calls_by_caller(evs) == {"aten::copy_ < aten::_to_copy < flashomni::site_attention": 2, "(top level)": 1}
