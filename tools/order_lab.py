@@ -4,20 +4,23 @@ of the same list balance unequal tiles as well as the grid, and what does buildi
     python tools/order_lab.py [--out DIR]      (CUDA machine, repository root)
 
 `Symbols.kv_order` is one device argsort per site per update (the FLUX update-step profile counted three
-device copies inside each). Rows: the persistent kernel walking the tiles longest first, in index order,
-and computed-first (reused tiles last, index order otherwise), and the tile grid, on symbols whose kept
-key blocks vary per tile (the benchmark's `make_symbols(..., varied=True)` at keep 0.25: 1 .. ~n/2 blocks,
-reuse 0.3) as real policies' do; then two other walks of the longest-first list by a lab kernel around
-the shipped kernel's per-tile body (`_persistent_tile`): zig-zag (program p takes p, 2P-1-p, 2P+p, ...:
-each round's heavy and light tiles pair up) and dynamic (each program takes the next tile from an atomic
-counter, as the hardware scheduler hands blocks of a grid to free SMs);
-then the host time to issue `kv_order_of` (argsort) against a counting-sort formula of the same order.
-Each output is checked against the grid's.
+device copies inside each). Rows: the persistent kernel (its zig-zag walk: program p takes p, 2P-1-p,
+2P+p, ...) over the tiles longest first, in index order, and computed-first (reused tiles last, index
+order otherwise), and the tile grid, on symbols whose kept key blocks vary per tile (the benchmark's
+`make_symbols(..., varied=True)` at keep 0.25: 1 .. ~n/2 blocks, reuse 0.3) as real policies' do; then
+two other walks of the longest-first list by a lab kernel around the shipped kernel's per-tile body
+(`_persistent_tile`): a plain stride (p, p+P, ...) and dynamic (each program takes the next tile from an
+atomic counter, as the hardware scheduler hands blocks of a grid to free SMs); then the host time to
+issue `kv_order_of` (argsort) against a counting-sort formula of the same order. Each output is checked
+against the grid's.
 
-Session 9 (H200) ran the first part: the persistent kernel was 1.14x faster than the grid at 4608
-tokens and 5 % slower at 16896 and 32656, hence PERSISTENT_MAX_WAVES in ops/attention.py (its masks
-then: counts uniform in 1 .. n/2 and each tile reused with probability 0.3, drawn by this file). The
-zig-zag and dynamic walks were written after the last device call (correct in the interpreter, not yet timed)."""
+Session 9 (H200): the plain-stride persistent kernel was 1.14x faster than the grid at 4608 tokens and
+5 % slower at 16896 and 32656, hence PERSISTENT_MAX_WAVES in ops/attention.py (its masks then: counts
+uniform in 1 .. n/2 and each tile reused with probability 0.3, drawn by this file). Session 10 (H200,
+docs/e2e/kernels/order_lab_s10.log): zig-zag 0.113 vs stride 0.124 vs grid 0.141 ms at 4608, but the
+grid still first at 16896 (1.271 vs 1.329 zig-zag) and 32656 (4.865 vs 5.274); the dynamic walk without
+warp specialization 2.6-2.9x slower than the grid, with it not compiled; hence the zig-zag in the
+shipped kernel and the wave bound kept."""
 import argparse
 import json
 import os
@@ -42,8 +45,9 @@ def _walked_attention(Q, K, V, Out, Lse, KvIdx, KvCnt, Order, Counter, qk_scale,
                       HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, KV_PARTIAL: tl.constexpr, IEEE: tl.constexpr,
                       WARP_SPEC: tl.constexpr, LSE_PAD: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
                       DYNAMIC: tl.constexpr):
-    """Grid ``(NUM_PROGRAMS,)`` over ``Order``'s tiles: zig-zag rounds, or (``DYNAMIC``) the next list
-    position from ``Counter [1]`` int32 (zero at launch) until the list is done."""
+    """Grid ``(NUM_PROGRAMS,)`` over ``Order``'s tiles: a plain stride (program p takes p, p+P, ...: the
+    session-9 walk), or (``DYNAMIC``) the next list position from ``Counter [1]`` int32 (zero at launch)
+    until the list is done."""
     pid = tl.program_id(0)
     if DYNAMIC:
         w = tl.atomic_add(Counter, 1)
@@ -54,13 +58,11 @@ def _walked_attention(Q, K, V, Out, Lse, KvIdx, KvCnt, Order, Counter, qk_scale,
                                n_qb, n_kb, HEAD_DIM, BLOCK, BLOCK, BLOCK, KV_PARTIAL, IEEE, WARP_SPEC, LSE_PAD)
             w = tl.atomic_add(Counter, 1)
     else:
-        for r in range(0, tl.cdiv(n_items, NUM_PROGRAMS)):
-            w = r * NUM_PROGRAMS + tl.where(r % 2 == 0, pid, NUM_PROGRAMS - 1 - pid)
-            if w < n_items:
-                A._persistent_tile(Q, K, V, Out, Lse, KvIdx, KvCnt, tl.load(Order + w), qk_scale,
-                                   stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks,
-                                   stride_vb, stride_vh, stride_vs, stride_ob, stride_oh, stride_os, H, seq_q, seq_kv,
-                                   n_qb, n_kb, HEAD_DIM, BLOCK, BLOCK, BLOCK, KV_PARTIAL, IEEE, WARP_SPEC, LSE_PAD)
+        for w in range(pid, n_items, NUM_PROGRAMS):
+            A._persistent_tile(Q, K, V, Out, Lse, KvIdx, KvCnt, tl.load(Order + w), qk_scale,
+                               stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks,
+                               stride_vb, stride_vh, stride_vs, stride_ob, stride_oh, stride_os, H, seq_q, seq_kv,
+                               n_qb, n_kb, HEAD_DIM, BLOCK, BLOCK, BLOCK, KV_PARTIAL, IEEE, WARP_SPEC, LSE_PAD)
 
 
 def walked_attention(q, k, v, idx, cnt, order, scale, programs, dynamic, warp_spec=True, block=128):
@@ -118,10 +120,9 @@ def main():
             variants[name] = (lambda o: lambda: A._launch_attention(q, k, v, idx, cnt, BLK, BLK, D ** -0.5,
                                                                     dict(cfg, PERSISTENT=True), kv_order=o))(order)
         sms = torch.cuda.get_device_properties(0).multi_processor_count
-        # the dynamic walk with warp specialization fails Triton's specialization pass (3.9, sm_90 compile
-        # here); without it the key loop is the software-pipelined one
-        for name, dyn, ws in (("lab: zig-zag longest first", False, True), ("lab: dynamic, no WS", True, False),
-                              ("lab: dynamic with WS", True, True)):
+        # the dynamic walk with warp specialization fails Triton's specialization pass (3.6 on the H200 and
+        # 3.9 for sm_90: "Other parent ops are not supported"); without it the key loop is the pipelined one
+        for name, dyn, ws in (("lab: plain stride longest first", False, True), ("lab: dynamic, no WS", True, False)):
             variants[name] = (lambda d, w: lambda: walked_attention(q, k, v, idx, cnt, lpt, D ** -0.5, sms, d, w))(dyn, ws)
         for name, fn in variants.items():
             timed_row(rows, f"S={S:6d} d={sym.density():.3f}", name, fn, base, S=S, density=sym.density())
