@@ -230,11 +230,39 @@ def _sparse_attention_kernel(
     """
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
     start_m = pid_m * BLOCK_M
-    qb = start_m // SYM_BLOCK_Q
-    tile = pid_bh * n_qb + qb
+    tile = pid_bh * n_qb + start_m // SYM_BLOCK_Q
+    if DEVICE_TMA:
+        _descriptor_tile(
+            Q, K, V, Out, Lse, KvIdx, KvCnt, tile, pid_bh, start_m, qk_scale,
+            stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks,
+            stride_vb, stride_vh, stride_vs, stride_ob, stride_oh, stride_os, H, seq_q, seq_kv, n_kb,
+            HEAD_DIM, SYM_BLOCK_KV, BLOCK_M, BLOCK_N, KV_PARTIAL, IEEE, WARP_SPEC, LSE_PAD,
+        )
+    else:
+        _pointer_tile(
+            Q, K, V, Out, Lse, KvIdx, KvCnt, tile, pid_bh, start_m, qk_scale,
+            stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks,
+            stride_vb, stride_vh, stride_vs, stride_ob, stride_oh, stride_os, H, seq_q, seq_kv, n_kb,
+            HEAD_DIM, BLOCK_D, SYM_BLOCK_KV, BLOCK_M, BLOCK_N, KV_PARTIAL, IEEE, USE_TMA, LSE_PAD,
+        )
+
+
+@triton.jit
+def _pointer_tile(
+    Q, K, V, Out, Lse, KvIdx, KvCnt, tile, bh, start_m, qk_scale,
+    stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks,
+    stride_vb, stride_vh, stride_vs, stride_ob, stride_oh, stride_os,
+    H, seq_q, seq_kv, n_kb,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, SYM_BLOCK_KV: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, KV_PARTIAL: tl.constexpr, IEEE: tl.constexpr, USE_TMA: tl.constexpr,
+    LSE_PAD: tl.constexpr,
+):
+    """Query rows ``[start_m, start_m + BLOCK_M)`` of batch*head ``bh`` (symbol tile ``tile``) through
+    pointer loads, or host-built 4-D descriptors (``USE_TMA``): the software-pipelined key loop, the partial
+    last key block in a pass of its own so only it pays the bounds masks, masked pointer stores."""
+    b = bh // H
+    h = bh % H
     cnt = tl.load(KvCnt + tile)
     idx_row = KvIdx + tile.to(tl.int64) * n_kb
 
@@ -243,15 +271,7 @@ def _sparse_attention_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
     q_mask = (offs_m[:, None] < seq_q) & (offs_d[None, :] < HEAD_DIM)
-    if DEVICE_TMA:
-        qd = tl.make_tensor_descriptor(Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh,
-                                       shape=[seq_q, HEAD_DIM], strides=[stride_qs, 1], block_shape=[BLOCK_M, HEAD_DIM])
-        q = qd.load([start_m, 0])
-        k_base = tl.make_tensor_descriptor(K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh,
-                                           shape=[seq_kv, HEAD_DIM], strides=[stride_ks, 1], block_shape=[BLOCK_N, HEAD_DIM])
-        v_base = tl.make_tensor_descriptor(V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh,
-                                           shape=[seq_kv, HEAD_DIM], strides=[stride_vs, 1], block_shape=[BLOCK_N, HEAD_DIM])
-    elif USE_TMA:
+    if USE_TMA:
         q = Q.load([b, h, start_m, 0]).reshape(BLOCK_M, BLOCK_D)
         k_base = K
         v_base = V
@@ -266,30 +286,18 @@ def _sparse_attention_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
     n_full = cnt
-    if KV_PARTIAL and not DEVICE_TMA:
+    if KV_PARTIAL:
         last = tl.load(idx_row + tl.maximum(cnt - 1, 0))
         n_full = cnt - ((cnt > 0) & (last == n_kb - 1)).to(tl.int32)
     SUB: tl.constexpr = SYM_BLOCK_KV // BLOCK_N
-    if DEVICE_TMA:
-        # one flat loop over every kept sub-tile, the partial last key block included (each tile then masks
-        # the columns past the end): the shape Triton's warp specialization pipelines. With that block in a
-        # pass after the specialized loop, lengths off a 128 multiple ran 2.7x slower (HunyuanVideo's 32656
-        # tokens: 81.9 vs 26.0 ms dense, H200; tools/attn_partial_lab.py)
-        for it in tl.range(0, cnt * SUB, warp_specialize=WARP_SPEC):
-            kb = tl.load(idx_row + it // SUB)
+    for i in range(0, n_full):
+        kb = tl.load(idx_row + i)
+        for j in tl.static_range(SUB):
             acc, m_i, l_i = _attn_tile(
-                acc, m_i, l_i, q, k_base, v_base, kb * SYM_BLOCK_KV + (it % SUB) * BLOCK_N, seq_kv, qk_scale,
-                stride_ks, stride_vs, offs_n, offs_d, b, h, HEAD_DIM, EVEN_D, KV_PARTIAL, IEEE, True, BLOCK_N, True,
+                acc, m_i, l_i, q, k_base, v_base, kb * SYM_BLOCK_KV + j * BLOCK_N, seq_kv, qk_scale,
+                stride_ks, stride_vs, offs_n, offs_d, b, h, HEAD_DIM, EVEN_D, False, IEEE, USE_TMA, BLOCK_N,
             )
-    else:
-        for i in range(0, n_full):
-            kb = tl.load(idx_row + i)
-            for j in tl.static_range(SUB):
-                acc, m_i, l_i = _attn_tile(
-                    acc, m_i, l_i, q, k_base, v_base, kb * SYM_BLOCK_KV + j * BLOCK_N, seq_kv, qk_scale,
-                    stride_ks, stride_vs, offs_n, offs_d, b, h, HEAD_DIM, EVEN_D, False, IEEE, USE_TMA, BLOCK_N,
-                )
-    if KV_PARTIAL and not DEVICE_TMA:
+    if KV_PARTIAL:
         if n_full < cnt:
             for j in tl.static_range(SUB):
                 acc, m_i, l_i = _attn_tile(
@@ -298,17 +306,12 @@ def _sparse_attention_kernel(
                     USE_TMA, BLOCK_N,
                 )
 
-    if DEVICE_TMA:
-        _store_tile_descriptors(acc, m_i, l_i, Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh,
-                                Lse + pid_bh.to(tl.int64) * seq_q * LSE_PAD, start_m, seq_q, stride_os,
-                                HEAD_DIM, BLOCK_M, LSE_PAD)
-    else:
-        has = l_i > 0.0
-        l_safe = tl.where(has, l_i, 1.0)
-        o_ptrs = Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :]
-        tl.store(o_ptrs, (acc / l_safe[:, None]).to(Out.dtype.element_ty), mask=q_mask)
-        lse = tl.where(has, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, float("-inf"))
-        tl.store(Lse + (pid_bh.to(tl.int64) * seq_q + offs_m) * LSE_PAD, lse, mask=offs_m < seq_q)
+    has = l_i > 0.0
+    l_safe = tl.where(has, l_i, 1.0)
+    o_ptrs = Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :]
+    tl.store(o_ptrs, (acc / l_safe[:, None]).to(Out.dtype.element_ty), mask=q_mask)
+    lse = tl.where(has, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+    tl.store(Lse + (bh.to(tl.int64) * seq_q + offs_m) * LSE_PAD, lse, mask=offs_m < seq_q)
 
 
 @triton.jit
@@ -357,34 +360,40 @@ def _sparse_attention_persistent_kernel(
         # plain stride; tools/order_lab.py)
         w = r * NUM_PROGRAMS + tl.where(r % 2 == 0, pid, NUM_PROGRAMS - 1 - pid)
         if w < n_items:
-            _persistent_tile(
-                Q, K, V, Out, Lse, KvIdx, KvCnt, tl.load(Order + w), qk_scale,
+            item = tl.load(Order + w)
+            _descriptor_tile(
+                Q, K, V, Out, Lse, KvIdx, KvCnt, item, item // n_qb, (item % n_qb) * BLOCK_M, qk_scale,
                 stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks,
-                stride_vb, stride_vh, stride_vs, stride_ob, stride_oh, stride_os, H, seq_q, seq_kv, n_qb, n_kb,
+                stride_vb, stride_vh, stride_vs, stride_ob, stride_oh, stride_os, H, seq_q, seq_kv, n_kb,
                 HEAD_DIM, SYM_BLOCK_KV, BLOCK_M, BLOCK_N, KV_PARTIAL, IEEE, WARP_SPEC, LSE_PAD,
             )
 
 
 @triton.jit
-def _persistent_tile(
-    Q, K, V, Out, Lse, KvIdx, KvCnt, item, qk_scale,
+def _descriptor_tile(
+    Q, K, V, Out, Lse, KvIdx, KvCnt, tile, bh, start_m, qk_scale,
     stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks,
     stride_vb, stride_vh, stride_vs, stride_ob, stride_oh, stride_os,
-    H, seq_q, seq_kv, n_qb, n_kb,
+    H, seq_q, seq_kv, n_kb,
     HEAD_DIM: tl.constexpr, SYM_BLOCK_KV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     KV_PARTIAL: tl.constexpr, IEEE: tl.constexpr, WARP_SPEC: tl.constexpr, LSE_PAD: tl.constexpr,
 ):
-    """Work item ``item`` (``bh * n_qb + m``) of :func:`_sparse_attention_persistent_kernel`: its 2-D
-    descriptors, the kept sub-tiles in one (warp-specialized) loop, the descriptor epilogue."""
+    """Query rows ``[start_m, start_m + BLOCK_M)`` of batch*head ``bh`` (symbol tile ``tile``) through 2-D
+    descriptors built here over this (batch, head)'s ``[S, HEAD_DIM]``: every kept sub-tile in one flat
+    (warp-specialized) loop, the descriptor epilogue. The grid kernel's ``DEVICE_TMA`` form runs one per
+    program, the persistent kernel one per work item.
+
+    One flat loop over every kept sub-tile, the partial last key block included (each tile then masks the
+    columns past the end): the shape Triton's warp specialization pipelines. With that block in a pass after
+    the specialized loop, lengths off a 128 multiple ran 2.7x slower (HunyuanVideo's 32656 tokens: 81.9 vs
+    26.0 ms dense, H200; tools/attn_partial_lab.py)."""
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     SUB: tl.constexpr = SYM_BLOCK_KV // BLOCK_N
-    bh = item // n_qb
-    start_m = (item % n_qb) * BLOCK_M
     b = bh // H
     h = bh % H
-    cnt = tl.load(KvCnt + item)
-    idx_row = KvIdx + item.to(tl.int64) * n_kb
+    cnt = tl.load(KvCnt + tile)
+    idx_row = KvIdx + tile.to(tl.int64) * n_kb
     qd = tl.make_tensor_descriptor(Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh,
                                    shape=[seq_q, HEAD_DIM], strides=[stride_qs, 1], block_shape=[BLOCK_M, HEAD_DIM])
     kd = tl.make_tensor_descriptor(K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh,

@@ -9,7 +9,7 @@ device copies inside each). Rows: the persistent kernel (its zig-zag walk: progr
 order otherwise), and the tile grid, on symbols whose kept key blocks vary per tile (the benchmark's
 `make_symbols(..., varied=True)` at keep 0.25: 1 .. ~n/2 blocks, reuse 0.3) as real policies' do; then
 two other walks of the longest-first list by a lab kernel around the shipped kernel's per-tile body
-(`_persistent_tile`): a plain stride (p, p+P, ...) and dynamic (each program takes the next tile from an
+(`_descriptor_tile`): a plain stride (p, p+P, ...) and dynamic (each program takes the next tile from an
 atomic counter, as the hardware scheduler hands blocks of a grid to free SMs); then the host time to
 issue `kv_order_of` (argsort) against a counting-sort formula of the same order. Each output is checked
 against the grid's.
@@ -38,6 +38,18 @@ from lab_common import timed_row
 
 
 @triton.jit
+def _lab_tile(Q, K, V, Out, Lse, KvIdx, KvCnt, item, qk_scale,
+              stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks,
+              stride_vb, stride_vh, stride_vs, stride_ob, stride_oh, stride_os, H, seq_q, seq_kv, n_qb, n_kb,
+              HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, KV_PARTIAL: tl.constexpr, IEEE: tl.constexpr,
+              WARP_SPEC: tl.constexpr, LSE_PAD: tl.constexpr):
+    A._descriptor_tile(Q, K, V, Out, Lse, KvIdx, KvCnt, item, item // n_qb, (item % n_qb) * BLOCK, qk_scale,
+                       stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks,
+                       stride_vb, stride_vh, stride_vs, stride_ob, stride_oh, stride_os, H, seq_q, seq_kv, n_kb,
+                       HEAD_DIM, BLOCK, BLOCK, BLOCK, KV_PARTIAL, IEEE, WARP_SPEC, LSE_PAD)
+
+
+@triton.jit
 def _walked_attention(Q, K, V, Out, Lse, KvIdx, KvCnt, Order, Counter, qk_scale,
                       stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks,
                       stride_vb, stride_vh, stride_vs, stride_ob, stride_oh, stride_os,
@@ -52,17 +64,17 @@ def _walked_attention(Q, K, V, Out, Lse, KvIdx, KvCnt, Order, Counter, qk_scale,
     if DYNAMIC:
         w = tl.atomic_add(Counter, 1)
         while w < n_items:
-            A._persistent_tile(Q, K, V, Out, Lse, KvIdx, KvCnt, tl.load(Order + w), qk_scale,
-                               stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks,
-                               stride_vb, stride_vh, stride_vs, stride_ob, stride_oh, stride_os, H, seq_q, seq_kv,
-                               n_qb, n_kb, HEAD_DIM, BLOCK, BLOCK, BLOCK, KV_PARTIAL, IEEE, WARP_SPEC, LSE_PAD)
+            _lab_tile(Q, K, V, Out, Lse, KvIdx, KvCnt, tl.load(Order + w), qk_scale,
+                      stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks,
+                      stride_vb, stride_vh, stride_vs, stride_ob, stride_oh, stride_os, H, seq_q, seq_kv,
+                      n_qb, n_kb, HEAD_DIM, BLOCK, KV_PARTIAL, IEEE, WARP_SPEC, LSE_PAD)
             w = tl.atomic_add(Counter, 1)
     else:
         for w in range(pid, n_items, NUM_PROGRAMS):
-            A._persistent_tile(Q, K, V, Out, Lse, KvIdx, KvCnt, tl.load(Order + w), qk_scale,
-                               stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks,
-                               stride_vb, stride_vh, stride_vs, stride_ob, stride_oh, stride_os, H, seq_q, seq_kv,
-                               n_qb, n_kb, HEAD_DIM, BLOCK, BLOCK, BLOCK, KV_PARTIAL, IEEE, WARP_SPEC, LSE_PAD)
+            _lab_tile(Q, K, V, Out, Lse, KvIdx, KvCnt, tl.load(Order + w), qk_scale,
+                      stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks,
+                      stride_vb, stride_vh, stride_vs, stride_ob, stride_oh, stride_os, H, seq_q, seq_kv,
+                      n_qb, n_kb, HEAD_DIM, BLOCK, KV_PARTIAL, IEEE, WARP_SPEC, LSE_PAD)
 
 
 def walked_attention(q, k, v, idx, cnt, order, scale, programs, dynamic, warp_spec=True, block=128):
