@@ -40,7 +40,7 @@ from ._common import (
     triton_interpreting,
     use_triton,
 )
-from .symbols import Symbols, block_count, scale_or_default, unpack_bits
+from .symbols import Symbols, block_count, longest_first, scale_or_default, unpack_bits
 
 _LOG2E = 1.4426950408889634
 _LN2 = 0.6931471805599453
@@ -356,8 +356,8 @@ def _sparse_attention_persistent_kernel(
     pid = tl.program_id(0)
     for r in range(0, tl.cdiv(n_items, NUM_PROGRAMS)):
         # zig-zag: odd rounds hand the list out in reverse, so the program that took a round's heaviest
-        # tile takes the next round's lightest (H200, 4608 tokens, unequal tiles: 0.113 vs 0.124 ms for a
-        # plain stride; tools/order_lab.py)
+        # tile takes the next round's lightest (H200, 4608 tokens, unequal tiles, graph replays: 0.115 ms
+        # vs 0.124 for a plain stride and 0.140 for the grid; tools/order_lab.py)
         w = r * NUM_PROGRAMS + tl.where(r % 2 == 0, pid, NUM_PROGRAMS - 1 - pid)
         if w < n_items:
             item = tl.load(Order + w)
@@ -420,8 +420,9 @@ _PERSISTENT = os.environ.get("OMNI_COMPILE_PERSISTENT_ATTENTION", "1") != "0"
 
 def kv_order_of(kv_counts: torch.Tensor) -> torch.Tensor:
     """``[B*H*nQ]`` int32: the flat (batch*head, query block) tiles by kept key blocks, most first (ties in
-    index order); what the persistent kernel walks (:meth:`Symbols.kv_order` caches it)."""
-    return torch.argsort(kv_counts.reshape(-1), descending=True, stable=True).to(torch.int32)
+    index order; :func:`~omni_compile.ops.symbols.longest_first`); what the persistent kernel walks
+    (:meth:`Symbols.kv_order` caches it)."""
+    return longest_first(kv_counts)
 
 
 def persistent_attention_applies(q: torch.Tensor, block_q: int, block_kv: int) -> bool:
@@ -442,12 +443,13 @@ def persistent_attention_applies(q: torch.Tensor, block_q: int, block_kv: int) -
     return bool(wants) and max(16, next_pow2(D)) == D and cfg["BLOCK_M"] == block_q
 
 
-#: the persistent attention runs where the tiles make at most this many waves of one program per SM. H200,
-#: session 9 (tools/order_lab.py: kept key blocks drawn per tile, as real policies give them): at 4608
-#: tokens (864 tiles, 6.5 waves) persistent 0.135 vs grid 0.153 ms; at 16896 (24 waves) 1.371 vs 1.311
-#: and at 32656 (46.5 waves) 5.217 vs 4.960, where the grid's dynamic block scheduling balances unequal
-#: tiles better than a static stride over the longest-first list (with equal counts per tile persistent
-#: was 4-18 % faster there too). The bound sits between the measured 6.5 and 24 waves, not on a measurement.
+#: the persistent attention runs where the tiles make at most this many waves of one program per SM. H200
+#: (tools/order_lab.py: kept key blocks drawn per tile, as real policies give them; session 10, graph
+#: replays, zig-zag walk): at 4608 tokens (864 tiles, 6.5 waves) persistent 0.115 vs grid 0.140 ms; at 16896
+#: (24 waves) 1.378 vs 1.315 and at 32656 (46.5 waves) 5.381 vs 4.949, where the grid's dynamic block
+#: scheduling balances unequal tiles better than a static walk of the longest-first list (with equal counts
+#: per tile persistent was 4-18 % faster there, session 9). The bound sits between the measured 6.5 and 24
+#: waves, not on a measurement.
 PERSISTENT_MAX_WAVES = 12
 
 

@@ -483,6 +483,50 @@ def selected_first_reference(mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Te
     return out, counts.squeeze(-1).to(torch.int32)
 
 
+@triton.jit
+def _longest_first_kernel(Cnt, Order, n, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr):
+    """Grid ``(cdiv(n, BLOCK_I),)``; ``Cnt [n]`` int32 and ``Order [n]`` int32, contiguous. Entry ``i`` goes
+    to position ``#{j: Cnt[j] > Cnt[i]} + #{j < i: Cnt[j] == Cnt[i]}`` of ``Order``: its rank in a stable
+    descending sort, counted against every entry in ``BLOCK_J``-wide tiles (O(n²) compares, no sort)."""
+    offs_i = tl.program_id(0) * BLOCK_I + tl.arange(0, BLOCK_I)
+    inside = offs_i < n
+    c_i = tl.load(Cnt + offs_i, mask=inside, other=0)
+    rank = tl.zeros([BLOCK_I], dtype=tl.int32)
+    for j0 in range(0, n, BLOCK_J):
+        offs_j = j0 + tl.arange(0, BLOCK_J)
+        c_j = tl.load(Cnt + offs_j, mask=offs_j < n, other=0)
+        before = (c_j[None, :] > c_i[:, None]) | ((c_j[None, :] == c_i[:, None]) & (offs_j[None, :] < offs_i[:, None]))
+        rank += tl.sum((before & (offs_j[None, :] < n)).to(tl.int32), 1)
+    tl.store(Order + rank, offs_i, mask=inside)
+
+
+#: lists longer than this rank with torch.argsort: the kernel's compares grow with the square of the length
+_LONGEST_FIRST_MAX = 16384
+
+
+def longest_first(counts: torch.Tensor) -> torch.Tensor:
+    """``[counts.numel()]`` int32: the flat positions of ``counts`` (int32) by value, largest first, ties in
+    index order (``torch.argsort(counts.reshape(-1), descending=True, stable=True)``). On CUDA one Triton
+    launch that ranks every entry against all others (lists up to 16384; the persistent attention's at most
+    ~1600 tiles); elsewhere :func:`longest_first_reference`. The launch replaces a device sort whose host
+    cost was 46-111 µs a call (H200, session 10, tools/order_lab.py) and its three device copies."""
+    from ._common import use_triton
+
+    c = counts.reshape(-1)
+    n = c.numel()
+    if not use_triton(c) or n == 0 or n > _LONGEST_FIRST_MAX or torch.compiler.is_compiling():
+        return longest_first_reference(counts)
+    c = c.to(torch.int32).contiguous()
+    order = torch.empty(n, dtype=torch.int32, device=c.device)
+    launch(_longest_first_kernel, (triton.cdiv(n, 64),), c, order, n, BLOCK_I=64, BLOCK_J=128)
+    return order
+
+
+def longest_first_reference(counts: torch.Tensor) -> torch.Tensor:
+    """:func:`longest_first` in PyTorch: a stable descending sort."""
+    return torch.argsort(counts.reshape(-1), descending=True, stable=True).to(torch.int32)
+
+
 def _tile_blocks_host(seq: int, row_offset: int, block_m: int, block_q: int) -> list:
     """Per row tile of ``block_m`` rows (row ``r`` at query position ``r + row_offset``) the query blocks it
     falls in, ascending."""

@@ -121,6 +121,16 @@ def test_schedule_compaction_kernel(rows, n, p):
     assert torch.equal(idx, want_idx) and torch.equal(cnt, want_cnt)
 
 
+@pytest.mark.parametrize("n, top", [(864, 36), (1728, 36), (6120, 255), (1, 0), (16384, 3)])
+def test_longest_first_kernel(n, top):
+    """Symbols.kv_order's ranking kernel against torch's stable descending sort: FLUX's tiles (one and two
+    images), HunyuanVideo's, one tile, the longest list the kernel takes (few distinct counts: long ties)."""
+    from omni_compile.ops.symbols import longest_first, longest_first_reference
+
+    counts = torch.randint(0, top + 1, (n,), device="cuda", dtype=torch.int32)
+    assert torch.equal(longest_first(counts), longest_first_reference(counts))
+
+
 def test_cached_launch_equals_tritons_launch(load_path):
     """The ops' launch cache (ops/_launch.py) calls the compiled kernel straight through its launcher: on
     every op, on two shapes, and on an input view 6 bytes off alignment (another Triton specialization,

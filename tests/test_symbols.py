@@ -231,3 +231,20 @@ def test_shared_dense_view_is_what_the_bits_say():
     for a, b in zip(shared.to_dense(), plain.to_dense()):
         assert torch.equal(a, b)
     assert shared == plain and shared.to("meta")._dense is None
+
+
+@given(st.integers(1, 300), st.integers(0, 40), st.integers(0, 2**31 - 1))
+def test_longest_first_is_a_stable_descending_sort(n, top, seed):
+    """The persistent attention's walk (``Symbols.kv_order``) equals ``argsort(descending, stable)`` entry
+    for entry: lengths off the kernel's 64/128 tiles, all counts equal (``top = 0``: every entry ties,
+    index order), and many ties."""
+    from omni_compile.ops import kernel_backend
+    from omni_compile.ops.symbols import longest_first
+
+    g = torch.Generator().manual_seed(seed)
+    counts = torch.randint(0, top + 1, (n,), generator=g, dtype=torch.int32)
+    want = torch.sort(counts, descending=True, stable=True).indices
+    for backend in ("reference", "triton"):  # torch's sort; the kernel (interpreter on CPU)
+        with kernel_backend(backend):
+            got = longest_first(counts.reshape(1, -1, 1)[:, :, 0])  # any shape: ranked flat
+        assert got.dtype == torch.int32 and torch.equal(got.long(), want), backend

@@ -3,24 +3,25 @@ of the same list balance unequal tiles as well as the grid, and what does buildi
 
     python tools/order_lab.py [--out DIR]      (CUDA machine, repository root)
 
-`Symbols.kv_order` is one device argsort per site per update (the FLUX update-step profile counted three
-device copies inside each). Rows: the persistent kernel (its zig-zag walk: program p takes p, 2P-1-p,
+`Symbols.kv_order` is built once per site per update (session 9: a device argsort, whose FLUX update-step
+profile counted three device copies each). Rows: the persistent kernel (its zig-zag walk: program p takes p, 2P-1-p,
 2P+p, ...) over the tiles longest first, in index order, and computed-first (reused tiles last, index
 order otherwise), and the tile grid, on symbols whose kept key blocks vary per tile (the benchmark's
 `make_symbols(..., varied=True)` at keep 0.25: 1 .. ~n/2 blocks, reuse 0.3) as real policies' do; then
 two other walks of the longest-first list by a lab kernel around the shipped kernel's per-tile body
 (`_descriptor_tile`): a plain stride (p, p+P, ...) and dynamic (each program takes the next tile from an
 atomic counter, as the hardware scheduler hands blocks of a grid to free SMs); then the host time to
-issue `kv_order_of` (argsort) against a counting-sort formula of the same order. Each output is checked
-against the grid's.
+issue `kv_order_of` (the ranking kernel since session 10) against argsort and a counting-sort formula of
+the same order. Each output is checked against the grid's.
 
 Session 9 (H200): the plain-stride persistent kernel was 1.14x faster than the grid at 4608 tokens and
 5 % slower at 16896 and 32656, hence PERSISTENT_MAX_WAVES in ops/attention.py (its masks then: counts
 uniform in 1 .. n/2 and each tile reused with probability 0.3, drawn by this file). Session 10 (H200,
-docs/e2e/kernels/order_lab_s10.log): zig-zag 0.113 vs stride 0.124 vs grid 0.141 ms at 4608, but the
-grid still first at 16896 (1.271 vs 1.329 zig-zag) and 32656 (4.865 vs 5.274); the dynamic walk without
-warp specialization 2.6-2.9x slower than the grid, with it not compiled; hence the zig-zag in the
-shipped kernel and the wave bound kept."""
+graph replays, docs/e2e/kernels/order_lab_s10.log): zig-zag 0.1146 vs stride 0.1242 vs grid 0.1400 ms at
+4608, but the grid still first at 16896 (1.315 vs 1.378 zig-zag, 1.448 stride) and 32656 (4.949 vs
+5.381, 5.486); the dynamic walk without warp specialization 2.6-2.9x slower than the grid, with it not
+compiled; hence the zig-zag in the shipped kernel and the wave bound kept. (The session's first run,
+order_lab_s10_wall.log, timed wall clocks, in which the shipped launcher's host time showed at 4608.)"""
 import argparse
 import json
 import os
@@ -32,6 +33,7 @@ import triton.language as tl
 from omni_compile.bench import make_symbols
 from omni_compile.ops import attention as A
 from omni_compile.ops._common import ensure_device_allocator
+from omni_compile.ops.symbols import longest_first_reference
 
 from host_launch import host_us  # tools/, beside this script
 from lab_common import timed_row
@@ -138,7 +140,8 @@ def main():
             variants[name] = (lambda d, w: lambda: walked_attention(q, k, v, idx, cnt, lpt, D ** -0.5, sms, d, w))(dyn, ws)
         for name, fn in variants.items():
             timed_row(rows, f"S={S:6d} d={sym.density():.3f}", name, fn, base, S=S, density=sym.density())
-        for name, fn in (("host: kv_order_of (argsort)", lambda: A.kv_order_of(cnt)),
+        for name, fn in (("host: kv_order_of (longest_first kernel)", lambda: A.kv_order_of(cnt)),
+                         ("host: argsort (session 9)", lambda: longest_first_reference(cnt)),
                          ("host: counting order", lambda: counting_order(cnt, n_kb))):
             us = host_us(fn)
             rows.append(dict(S=S, name=name, host_us=us))
