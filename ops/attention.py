@@ -25,6 +25,7 @@ import triton.language as tl
 
 from ._launch import launch
 from ._common import (
+    cdiv,
     hopper_with_new_triton,
     make_descriptor,
     op_for_call,
@@ -561,7 +562,7 @@ def _launch_attention(q, k, v, kv_indices, kv_counts, block_q, block_kv, scale, 
         )
         return out, lse
     cfg.pop("NUM_PROGRAMS", None)
-    grid = (triton.cdiv(Sq, cfg["BLOCK_M"]), B * H)
+    grid = (cdiv(Sq, cfg["BLOCK_M"]), B * H)
     launch(_sparse_attention_kernel, grid,
         qa, ka, va, out, lse, kv_indices, kv_counts, scale * _LOG2E,
         q.stride(0), q.stride(1), q.stride(2),

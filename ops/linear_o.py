@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from ._launch import launch
-from ._common import next_pow2, make_descriptor, op_for_call, tma_compatible, tma_enabled, check_float, grouped_tile, load_reuse_bit, triton_interpreting, use_triton
+from ._common import cdiv, next_pow2, make_descriptor, op_for_call, tma_compatible, tma_enabled, check_float, grouped_tile, load_reuse_bit, triton_interpreting, use_triton
 from .linear_q import check_projection
 from .symbols import Symbols, row_head_selection
 
@@ -184,7 +184,7 @@ def _launch_linear_o(a, weight, bias, cache_bias, reuse_bits, head_indices, head
     cfg.pop("USE_TMA", None)
     if cfg["BLOCK_M"] != block_m:
         raise ValueError(f"head schedule was built for block_m={block_m}, kernel uses {cfg['BLOCK_M']}")
-    grid = (triton.cdiv(S, block_m) * triton.cdiv(N, cfg["BLOCK_N"]), B)
+    grid = (cdiv(S, block_m) * cdiv(N, cfg["BLOCK_N"]), B)
     aa, wa = a, weight
     if use_tma:
         aa = make_descriptor(a, [1, block_m, cfg["BLOCK_K"]])

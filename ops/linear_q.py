@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from ._launch import launch
-from ._common import ensure_device_allocator, hopper_with_new_triton, make_descriptor, num_persistent_programs, op_for_call, tma_compatible, tma_enabled, tma_mode, tma_strides_compatible, check_float, check_head_dim, check_symbols_device, grouped_tile, load_reuse_bit, triton_interpreting, use_triton
+from ._common import cdiv, ensure_device_allocator, hopper_with_new_triton, make_descriptor, num_persistent_programs, op_for_call, tma_compatible, tma_enabled, tma_mode, tma_strides_compatible, check_float, check_head_dim, check_symbols_device, grouped_tile, load_reuse_bit, triton_interpreting, use_triton
 from .symbols import Symbols, row_head_selection
 
 
@@ -229,7 +229,7 @@ def persistent_linear_q_config(dtype: torch.dtype, block_m: int, head_dim: int) 
 def _launch_linear_q_persistent(x, weight, bias, tiles, tile_count, block_m, head_dim, config=None):
     B, S, K = x.shape
     N = weight.shape[0]
-    T = triton.cdiv(S, block_m)
+    T = cdiv(S, block_m)
     H = N // head_dim
     if tiles.numel() != B * T * H or tile_count.numel() != 1:
         raise ValueError(f"tile schedule has {tiles.numel()} tiles, the call needs B*T*H = {B * T * H}")
@@ -260,7 +260,7 @@ def _launch_linear_q(x, weight, bias, reuse_bits, block_q, head_dim, row_offset,
     if use_tma:
         xa = make_descriptor(x, [1, cfg["BLOCK_M"], cfg["BLOCK_K"]])
         wa = make_descriptor(weight, [cfg["BLOCK_N"], cfg["BLOCK_K"]])
-    grid = (triton.cdiv(S, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]), B)
+    grid = (cdiv(S, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"]), B)
     launch(_sparse_linear_q_kernel, grid,
         xa, wa, bias if bias is not None else weight, y, reuse_bits,
         S, N, K, reuse_bits.shape[1], reuse_bits.shape[2], row_offset,

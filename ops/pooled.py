@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import op_for_call, check_float, check_head_dim, next_pow2, triton_interpreting, use_triton
+from ._common import cdiv, op_for_call, check_float, check_head_dim, next_pow2, triton_interpreting, use_triton
 from ._launch import launch
 from .symbols import block_count, check_block_size, scale_or_default
 
@@ -161,7 +161,7 @@ def _launch_pooled(q, k, block_q, block_kv, scale):
         CHUNK_Q=min(block_q, 32), CHUNK_KV=min(block_kv, 32), **_warps(2),
     )
     scores = torch.empty(B, H, n_q, n_k, dtype=torch.float32, device=q.device)
-    launch(_block_softmax_kernel, (triton.cdiv(n_q, _SOFTMAX_TILE_Q), B * H),
+    launch(_block_softmax_kernel, (cdiv(n_q, _SOFTMAX_TILE_Q), B * H),
         qm, km, scores, n_q, n_k, Skv, scale, HEAD_DIM=D, BLOCK_D=bd, SYM_BLOCK_KV=block_kv,
         TILE_Q=_SOFTMAX_TILE_Q, TILE_K=_SOFTMAX_TILE_K, ONE_TILE=n_k <= _SOFTMAX_TILE_K, **_warps(2),
     )

@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import device_constant
+from ._common import cdiv, device_constant, next_pow2
 from ._launch import launch
 
 __all__ = ["Symbols", "pack_bits", "unpack_bits", "block_count", "check_block_size"]
@@ -467,7 +467,7 @@ def selected_first(mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     idx = torch.empty(m.shape, dtype=torch.int32, device=m.device)
     cnt = torch.empty(m.shape[:-1], dtype=torch.int32, device=m.device)
     rows = m.numel() // n
-    launch(_selected_first_kernel, (rows,), m.view(torch.uint8), idx, cnt, n, N_POW2=max(16, triton.next_power_of_2(n)))
+    launch(_selected_first_kernel, (rows,), m.view(torch.uint8), idx, cnt, n, N_POW2=max(16, next_pow2(n)))
     return idx, cnt
 
 
@@ -518,7 +518,7 @@ def longest_first(counts: torch.Tensor) -> torch.Tensor:
         return longest_first_reference(counts)
     c = c.to(torch.int32).contiguous()
     order = torch.empty(n, dtype=torch.int32, device=c.device)
-    launch(_longest_first_kernel, (triton.cdiv(n, 64),), c, order, n, BLOCK_I=64, BLOCK_J=128)
+    launch(_longest_first_kernel, (cdiv(n, 64),), c, order, n, BLOCK_I=64, BLOCK_J=128)
     return order
 
 

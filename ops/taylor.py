@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import FLOAT_DTYPES, op_for_call, use_triton
+from ._common import FLOAT_DTYPES, cdiv, op_for_call, use_triton
 from ._launch import launch
 
 MAX_FACTORS = 3
@@ -99,7 +99,7 @@ def _taylor_refresh_kernel(New, Sub, Old0, Old1, Out0, Out1, Out2, inv_delta, n,
 
 
 def _grid(n):
-    return (triton.cdiv(n, _BLOCK),)
+    return (cdiv(n, _BLOCK),)
 
 
 def _taylor_sum_triton(factors, coefs, base):
