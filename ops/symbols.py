@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import cdiv, device_constant, next_pow2
+from ._common import cdiv, device_constant, next_pow2, use_triton
 from ._launch import launch
 
 __all__ = ["Symbols", "pack_bits", "unpack_bits", "block_count", "check_block_size"]
@@ -457,8 +457,6 @@ def selected_first(mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     gives), and how many are True. On CUDA one Triton launch (a prefix sum per row); elsewhere
     :func:`selected_first_reference`. Either replaces a sort: on CUDA a segmented sort costs ~0.15 ms of
     host time a call, and every update step decodes a few schedules per site."""
-    from ._common import use_triton
-
     n = mask.shape[-1]
     # under torch.compile (a user compiling code that decodes symbols) the PyTorch formula traces as ops
     if not use_triton(mask) or mask.numel() == 0 or n > _COMPACT_MAX_ROW or torch.compiler.is_compiling():
@@ -510,8 +508,6 @@ def longest_first(counts: torch.Tensor) -> torch.Tensor:
     launch that ranks every entry against all others (lists up to 16384; the persistent attention's at most
     ~1600 tiles); elsewhere :func:`longest_first_reference`. The launch replaces a device sort whose host
     cost was 46-111 µs a call (H200, session 10, tools/order_lab.py) and its three device copies."""
-    from ._common import use_triton
-
     c = counts.reshape(-1)
     n = c.numel()
     if not use_triton(c) or n == 0 or n > _LONGEST_FIRST_MAX or torch.compiler.is_compiling():
