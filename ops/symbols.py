@@ -37,7 +37,7 @@ _BIT_WEIGHTS = (1, 2, 4, 8, 16, 32, 64, 128)
 
 def block_count(seq: int, block: int) -> int:
     """Number of blocks of ``block`` rows covering ``seq`` rows (the last one may be partial)."""
-    return -(-seq // block)
+    return cdiv(seq, block)
 
 
 def check_block_size(name: str, value: int) -> int:
