@@ -419,13 +419,6 @@ _WARP_SPEC = os.environ.get("OMNI_COMPILE_WARP_SPEC", "1") != "0"
 _PERSISTENT = os.environ.get("OMNI_COMPILE_PERSISTENT_ATTENTION", "1") != "0"
 
 
-def kv_order_of(kv_counts: torch.Tensor) -> torch.Tensor:
-    """``[B*H*nQ]`` int32: the flat (batch*head, query block) tiles by kept key blocks, most first (ties in
-    index order; :func:`~omni_compile.ops.symbols.longest_first`); what the persistent kernel walks
-    (:meth:`Symbols.kv_order` caches it)."""
-    return longest_first(kv_counts)
-
-
 def persistent_attention_applies(q: torch.Tensor, block_q: int, block_kv: int) -> bool:
     """Whether a call on ``q`` with these symbol blocks runs the persistent kernel, which reads
     :meth:`Symbols.kv_order`: in-kernel descriptors (the Hopper warp-specialized configuration, or the
@@ -550,7 +543,7 @@ def _launch_attention(q, k, v, kv_indices, kv_counts, block_q, block_kv, scale, 
     persistent = bool(cfg.pop("PERSISTENT", kv_order is not None)) and device_tma and cfg["BLOCK_M"] == block_q
     if persistent:
         if kv_order is None:
-            kv_order = kv_order_of(kv_counts)
+            kv_order = longest_first(kv_counts)
         programs = cfg.pop("NUM_PROGRAMS", None) or num_persistent_programs(q.device)
         launch(_sparse_attention_persistent_kernel, (min(programs, n_items),),
             q, k, v, out, lse, kv_indices, kv_counts, kv_order, scale * _LOG2E,

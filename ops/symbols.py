@@ -319,9 +319,7 @@ class Symbols:
         blocks first (ties in index order, reused tiles last): the persistent attention kernel's walk,
         longest first so its last wave is short. Cached on this object."""
         if self._kv_order is None:
-            from .attention import kv_order_of
-
-            self._kv_order = kv_order_of(self.kv_schedule()[1])
+            self._kv_order = longest_first(self.kv_schedule()[1])
         return self._kv_order
 
     def _shape(self) -> tuple:

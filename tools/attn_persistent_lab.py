@@ -111,6 +111,7 @@ def main():
     from omni_compile.bench import make_symbols
     from omni_compile.ops import attention as A
     from omni_compile.ops._common import ensure_device_allocator
+    from omni_compile.ops.symbols import longest_first
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "out"))
@@ -127,7 +128,7 @@ def main():
         for keep, reuse in ((1.0, 0.0), (0.2, 0.0), (0.1, 0.0), (0.2, 0.5), (0.1, 0.5)):
             sym = make_symbols(S, keep, reuse)
             idx, cnt = sym.kv_schedule()
-            order = A.kv_order_of(cnt)
+            order = longest_first(cnt)
             dens = sym.density()
             cfg = A.attention_config(D, BLK, BLK, q.dtype, q.device)
             launch = lambda **extra: A._launch_attention(q, k, v, idx, cnt, BLK, BLK, D ** -0.5, dict(cfg, **extra),

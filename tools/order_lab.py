@@ -11,8 +11,8 @@ order otherwise), and the tile grid, on symbols whose kept key blocks vary per t
 two other walks of the longest-first list by a lab kernel around the shipped kernel's per-tile body
 (`_descriptor_tile`): a plain stride (p, p+P, ...) and dynamic (each program takes the next tile from an
 atomic counter, as the hardware scheduler hands blocks of a grid to free SMs); then the host time to
-issue `kv_order_of` (the ranking kernel since session 10) against argsort and a counting-sort formula of
-the same order. Each output is checked against the grid's.
+issue `Symbols.kv_order`'s `longest_first` (the ranking kernel since session 10) against argsort and a
+counting-sort formula of the same order. Each output is checked against the grid's.
 
 Session 9 (H200): the plain-stride persistent kernel was 1.14x faster than the grid at 4608 tokens and
 5 % slower at 16896 and 32656, hence PERSISTENT_MAX_WAVES in ops/attention.py (its masks then: counts
@@ -33,7 +33,7 @@ import triton.language as tl
 from omni_compile.bench import make_symbols
 from omni_compile.ops import attention as A
 from omni_compile.ops._common import ensure_device_allocator
-from omni_compile.ops.symbols import longest_first_reference
+from omni_compile.ops.symbols import longest_first, longest_first_reference
 
 from host_launch import host_us  # tools/, beside this script
 from lab_common import timed_row
@@ -140,7 +140,7 @@ def main():
             variants[name] = (lambda d, w: lambda: walked_attention(q, k, v, idx, cnt, lpt, D ** -0.5, sms, d, w))(dyn, ws)
         for name, fn in variants.items():
             timed_row(rows, f"S={S:6d} d={sym.density():.3f}", name, fn, base, S=S, density=sym.density())
-        for name, fn in (("host: kv_order_of (longest_first kernel)", lambda: A.kv_order_of(cnt)),
+        for name, fn in (("host: longest_first (ranking kernel)", lambda: longest_first(cnt)),
                          ("host: argsort (session 9)", lambda: longest_first_reference(cnt)),
                          ("host: counting order", lambda: counting_order(cnt, n_kb))):
             us = host_us(fn)
