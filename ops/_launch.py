@@ -98,7 +98,35 @@ def launch(kernel, grid, *args, **kwargs) -> None:
         kernel[grid](*args, **kwargs)
         return
     device = _driver.active.get_current_device()
-    key = (id(kernel), device, tuple(map(_spec, args)), tuple(kwargs.items()), tuple(map(type, kwargs.values())))
+    _launch_keyed(_key(kernel, device, args, kwargs), device, kernel, grid, args, kwargs)
+
+
+def launch_planned(plan, kernel, grid, args: tuple, kwargs: dict) -> None:
+    """:func:`launch` for a caller that vouches that the hashable ``plan`` determines every argument's
+    specialization (each tensor's dtype and 16-byte alignment, each int's value class, every keyword),
+    so the ~10 µs of per-argument keying is skipped: the attention op's launch plans
+    (``ops.attention``), whose key holds the shapes, strides, dtypes and alignments the arguments
+    derive from. The first launch of a plan takes :func:`launch`'s full key, so a plan never launches a
+    kernel that key would not pick."""
+    if not enabled() or _hooked():
+        kernel[grid](*args, **kwargs)
+        return
+    device = _driver.active.get_current_device()
+    key = ("plan", id(kernel), device, plan)
+    hit = _CACHE.get(key)
+    if hit is None:
+        full = _key(kernel, device, args, kwargs)
+        _launch_keyed(full, device, kernel, grid, args, kwargs)
+        _CACHE[key] = _CACHE[full]
+        return
+    _run(hit, device, kernel, grid, args, kwargs)
+
+
+def _key(kernel, device, args, kwargs) -> tuple:
+    return (id(kernel), device, tuple(map(_spec, args)), tuple(kwargs.items()), tuple(map(type, kwargs.values())))
+
+
+def _launch_keyed(key, device, kernel, grid, args, kwargs) -> None:
     hit = _CACHE.get(key)
     if hit is None:
         compiled = kernel[grid](*args, **kwargs)
@@ -106,6 +134,10 @@ def launch(kernel, grid, *args, **kwargs) -> None:
             compiled = compiled.result()
         _CACHE[key] = _entry(kernel, compiled, len(args), kwargs) or False
         return
+    _run(hit, device, kernel, grid, args, kwargs)
+
+
+def _run(hit, device, kernel, grid, args, kwargs) -> None:
     if hit is False:
         kernel[grid](*args, **kwargs)
         return

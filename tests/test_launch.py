@@ -38,3 +38,40 @@ def test_interpreter_and_disabled_runs_take_tritons_path(monkeypatch):
         _launch.launch(FakeKernel(), (3,), 1, 2, BLOCK=4)
     assert calls == [((3,), (1, 2), {"BLOCK": 4})] * 2
     assert _launch._CACHE == cached_before  # nothing was cached on either path
+
+
+def test_planned_launch_takes_the_full_key_first_then_the_plan(monkeypatch):
+    """``launch_planned``: a plan's first launch is keyed and compiled as ``launch`` would; later launches of
+    that plan run the cached launcher directly; a new plan whose arguments specialize alike finds the
+    compiled kernel under the full key, and one whose arguments specialize otherwise compiles its own."""
+    compiles, runs = [], []
+
+    class Compiled:
+        function, packed_metadata = "fn", "meta"
+
+        def run(self, gx, gy, gz, stream, function, packed, *rest):
+            runs.append((gx, rest[3:]))
+
+    class FakeKernel:
+        arg_names = ["X", "n", "BLOCK"]
+
+        def __getitem__(self, grid):
+            return lambda *a, **k: compiles.append((grid, a, k)) or Compiled()
+
+    class Active:
+        get_current_device = staticmethod(lambda: 0)
+        get_current_stream = staticmethod(lambda device: 7)
+
+    monkeypatch.setattr(_launch, "_driver", type("Driver", (), {"active": Active})())
+    monkeypatch.setattr(_launch, "_CACHE", {})
+    monkeypatch.setattr(_launch, "_hooked", lambda: False)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    kernel, x = FakeKernel(), torch.zeros(8)
+    with _launch.launch_cache(True):
+        _launch.launch_planned("a", kernel, (2,), (x, 5), {"BLOCK": 4})
+        _launch.launch_planned("a", kernel, (3,), (x, 5), {"BLOCK": 4})
+        _launch.launch_planned("b", kernel, (4,), (x, 7), {"BLOCK": 4})  # 5 and 7 specialize alike
+        _launch.launch_planned("c", kernel, (5,), (x, 16), {"BLOCK": 4})  # 16: divisible by 16
+    assert [c[0] for c in compiles] == [(2,), (5,)]
+    assert runs == [(3, (x, 5, 4)), (4, (x, 7, 4))]
+    assert {k[0] for k in _launch._CACHE if k[0] == "plan"} and len(_launch._CACHE) == 5

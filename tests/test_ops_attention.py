@@ -240,8 +240,9 @@ def test_persistent_kernel_is_taken_where_a_query_block_is_one_tile(monkeypatch)
     import omni_compile.ops.attention as A
 
     seen = []
-    real = A.launch
+    real, real_planned = A.launch, A.launch_planned
     monkeypatch.setattr(A, "launch", lambda kernel, *a, **kw: seen.append(kernel) or real(kernel, *a, **kw))
+    monkeypatch.setattr(A, "launch_planned", lambda plan, kernel, *a: seen.append(kernel) or real_planned(plan, kernel, *a))
     for bq, D, persistent in ((32, 64, True), (64, 64, True), (128, 64, False), (32, 80, False)):
         q, k, v, s = make((1, 3, D, bq, 32, 150, 90, torch.float32, 0.3, 0.5, bq + D))
         seen.clear()
@@ -252,6 +253,52 @@ def test_persistent_kernel_is_taken_where_a_query_block_is_one_tile(monkeypatch)
         with impl_context("triton-device-tma-grid"):
             grid_out, grid_lse = sparse_attention(q, k, v, s, return_lse=True)
         assert torch.equal(out, grid_out) and torch.equal(lse, grid_lse)
+
+
+def test_launch_plans_follow_the_inputs_and_the_modes():
+    """The public wrapper keeps its checks' outcome and its launch plan per input key (shapes, strides,
+    alignment, layout, modes): a call that differs from a cached one in any of them is planned afresh,
+    and every call matches the uncached op's values."""
+    import omni_compile.ops.attention as A
+
+    q, k, v, s = make((1, 2, 64, 32, 32, 100, 90, torch.float16, 0.3, 0.5, 11))
+    base = torch.empty(q.numel() + 8, dtype=q.dtype)
+    shifted = base[1:1 + q.numel()].view(q.shape).copy_(q)  # 2 bytes off a 16-byte boundary
+    strided = q.transpose(1, 2).contiguous().transpose(1, 2)  # heads inner
+
+    def plan_of(qq, heads_inner=False):
+        persistent, key = A._CALLS[A._call_key(qq, k, v, s, heads_inner)]
+        return persistent, A._PLANS[key]
+
+    def op(qq, heads_inner=False):
+        idx, cnt = s.kv_schedule()
+        order = s.kv_order() if A.persistent_attention_applies(qq, 32, 32) else None
+        return A._sparse_attention_op_impl(qq, k, v, s.reuse_bits, s.skip_bits, idx, cnt, 32, 32, 64 ** -0.5,
+                                           heads_inner, order)
+
+    A._CALLS.clear(), A._PLANS.clear()
+    with impl_context("triton-device-tma"):
+        for qq, heads_inner in ((q, False), (q, True), (shifted, False), (strided, False), (q, False)):
+            out, lse = sparse_attention(qq, k, v, s, return_lse=True, heads_inner=heads_inner)
+            want, want_lse = op(qq, heads_inner)
+            assert torch.equal(out, want) and torch.equal(lse, want_lse)
+            assert (out.stride(1) == 64) == heads_inner
+        aligned, misaligned = plan_of(q)[1], plan_of(shifted)[1]
+        assert plan_of(q)[0] and aligned.persistent and not misaligned.persistent  # the walk is passed, unused
+        assert misaligned.kernel is A._sparse_attention_kernel and not misaligned.kwargs["DEVICE_TMA"]
+        assert plan_of(strided)[1].ints[:3] == strided.stride()[:3] != q.stride()[:3]
+        assert plan_of(q, True)[1].ints[9:12] == (100 * 2 * 64, 64, 2 * 64)
+        assert len(A._CALLS) == 4
+    with impl_context("triton-device-tma-grid"):  # persistence off: another key, the grid
+        out = sparse_attention(q, k, v, s)
+        assert not plan_of(q)[0] and plan_of(q)[1].kernel is A._sparse_attention_kernel
+    with impl_context("triton"):  # descriptors off
+        assert torch.equal(sparse_attention(q, k, v, s), out)
+        assert not plan_of(q)[1].kwargs["DEVICE_TMA"]
+    with impl_context("reference"):  # not planned: the reference path
+        sparse_attention(q, k, v, s)
+        assert A._call_key(q, k, v, s, False) not in A._CALLS
+    assert len(A._CALLS) == 6
 
 
 def test_persistent_kernel_walks_any_order_of_the_tiles():
