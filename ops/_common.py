@@ -205,6 +205,23 @@ def grouped_tile(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
     return pid_m, pid_n
 
 
+def tensors_key(*tensors) -> tuple:
+    """Per tensor (``None`` stays ``None``) its shape, strides, dtype, device and whether its base is 16-byte
+    aligned: what the ops' checks and kernel choices read of an input, so the public wrappers can keep
+    their decisions per call key (``ops.attention``, ``ops.linear_q``)."""
+    return tuple([None if t is None else (t.shape, t.stride(), t.dtype, t.device, t.data_ptr() % 16 == 0)
+                  for t in tensors])
+
+
+def eager_plain(*tensors) -> bool:
+    """Plain tensors (``None`` allowed) outside torch.compile's tracing: the calls whose decisions the
+    wrappers may cache (fake tensors have no data pointer, subclasses may behave otherwise)."""
+    for t in tensors:
+        if t is not None and type(t) is not torch.Tensor:
+            return False
+    return not torch.compiler.is_compiling()
+
+
 def op_for_call(op, impl):
     """The registered op while torch.compile traces (so graphs hold ``flashomni::*`` nodes), the plain
     implementation in eager mode: the dispatcher round trip costs ~10-20 us a call on the host, as much

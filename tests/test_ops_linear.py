@@ -252,6 +252,38 @@ def test_persistent_gemm_q_is_taken_when_forced(monkeypatch):
         assert torch.equal(got[~mask], torch.zeros_like(got[~mask]))
 
 
+def test_gemm_q_call_plans_follow_the_operands_and_the_modes():
+    """The GEMM-Q wrapper keeps its checks' outcome and kernel choice per call key: a base off a 16-byte
+    boundary, another row offset, a missing bias or another descriptor mode is decided afresh, and every
+    call equals the registered op's value on the same operands."""
+    import omni_compile.ops.linear_q as LQ
+
+    s, x, wq, bq_, _, _, _, _, D, _ = make((1, 3, 64, 32, 150, 32, 32, 40, torch.float16, 0.5, True, 5))
+    buf = torch.empty(x.numel() + 8, dtype=x.dtype)
+    shifted = buf[1:1 + x.numel()].view(x.shape).copy_(x)
+
+    def op(xx, bias, off):
+        block_m = LQ.persistent_rows(xx, wq, s.block_q, D, off)
+        tiles, count = s.tile_schedule(xx.shape[1], off, block_m) if block_m else (None, None)
+        return LQ._sparse_linear_q_op_impl(xx, wq, bias, s.reuse_bits, s.block_q, s.seq_q, D, off, tiles, count)
+
+    LQ._CALLS.clear()
+    with impl_context("triton-device-tma"):
+        for xx, bias, off in ((x, bq_, 32), (shifted, bq_, 32), (x, None, 32), (x, bq_, 0), (x, bq_, 32)):
+            assert torch.equal(sparse_linear_q(xx, wq, bias, s, D, row_offset=off), op(xx, bias, off))
+        assert len(LQ._CALLS) == 4 and LQ._CALLS[LQ._call_key(x, wq, bq_, s, D, 0)] == 32
+        assert LQ._CALLS[LQ._call_key(x, wq, None, s, D, 32)] == 32
+        assert LQ._CALLS[LQ._call_key(x, wq, bq_, s, D, 32)] == 32
+        assert LQ._CALLS[LQ._call_key(shifted, wq, bq_, s, D, 32)] == 0  # misaligned: the tile grid
+    with impl_context("triton"):
+        assert torch.equal(sparse_linear_q(x, wq, bq_, s, D, row_offset=32), op(x, bq_, 32))
+        assert LQ._CALLS[LQ._call_key(x, wq, bq_, s, D, 32)] == 0
+    with impl_context("reference"):
+        sparse_linear_q(x, wq, bq_, s, D, row_offset=32)
+        assert LQ._call_key(x, wq, bq_, s, D, 32) not in LQ._CALLS
+    assert len(LQ._CALLS) == 5
+
+
 @pytest.mark.parametrize("impl", ["reference", "triton-device-tma"])
 def test_gemm_q_traces_under_torch_compile(impl, monkeypatch):
     """Under torch.compile the wrapper runs on fake tensors (no data pointers): the persistent path's
