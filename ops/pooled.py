@@ -12,7 +12,6 @@ attention at the same length.
 
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
@@ -98,52 +97,6 @@ def _tile_logits(qm, km_base, c, n_k, seq_kv, scale, offs_d,
 
 
 @triton.jit
-def _one_tile_softmax_rows(QM, KM, Out, qt, bh, n_q, n_k, seq_kv, scale, HEAD_DIM: tl.constexpr,
-                           BLOCK_D: tl.constexpr, SYM_BLOCK_KV: tl.constexpr, TILE_Q: tl.constexpr,
-                           TILE_K: tl.constexpr):
-    """Softmax rows of query blocks ``qt*TILE_Q ..`` of batch*head ``bh`` where one ``TILE_K`` tile holds
-    every key block (``n_k <= TILE_K``): the logits computed once and normalised in registers."""
-    offs_d = tl.arange(0, BLOCK_D)
-    rows_q = qt * TILE_Q + tl.arange(0, TILE_Q)
-    q_ok = rows_q < n_q
-    qm = tl.load(QM + (bh.to(tl.int64) * n_q + rows_q[:, None]) * HEAD_DIM + offs_d[None, :],
-                 mask=q_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
-    logit, kb, valid = _tile_logits(qm, KM + bh.to(tl.int64) * n_k * HEAD_DIM, 0, n_k, seq_kv, scale, offs_d,
-                                    HEAD_DIM, SYM_BLOCK_KV, TILE_K)
-    p = tl.exp(logit - tl.max(logit, 1)[:, None])
-    tl.store(Out + (bh.to(tl.int64) * n_q + rows_q[:, None]) * n_k + kb[None, :], p / tl.sum(p, 1)[:, None],
-             mask=q_ok[:, None] & valid[None, :])
-
-
-@triton.jit
-def _pooled_scores_fused_kernel(
-    Q, K, QM, KM, Out, Done, H, seq_q, seq_kv, n_q, n_k, scale,
-    stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, SYM_BLOCK_Q: tl.constexpr, SYM_BLOCK_KV: tl.constexpr,
-    CHUNK_Q: tl.constexpr, CHUNK_KV: tl.constexpr, TILE_Q: tl.constexpr, TILE_K: tl.constexpr,
-):
-    """Both steps in one launch, for grids whose softmax is small (``n_k <= TILE_K``, few query blocks).
-
-    Grid ``(n_q + n_k, B*H)``, layouts as :func:`_block_mean_kernel` and :func:`_block_softmax_kernel`
-    (``Out [B*H, n_q, n_k]``). ``Done [B*H]`` int32, zeroed: each program pools its block, then counts itself
-    done for its (batch, head) with an acquire-release atomic; the program that counts last (so every mean of
-    that head is stored and visible to it) writes the head's softmax rows, ``TILE_Q`` query blocks at a time."""
-    blk = tl.program_id(0)
-    bh = tl.program_id(1)
-    if blk < n_q:
-        _block_rows_mean(Q, QM, blk, bh, H, seq_q, n_q, stride_qb, stride_qh, stride_qs,
-                         HEAD_DIM, BLOCK_D, SYM_BLOCK_Q, CHUNK_Q)
-    else:
-        _block_rows_mean(K, KM, blk - n_q, bh, H, seq_kv, n_k, stride_kb, stride_kh, stride_ks,
-                         HEAD_DIM, BLOCK_D, SYM_BLOCK_KV, CHUNK_KV)
-    done = tl.atomic_add(Done + bh, 1, sem="acq_rel", scope="gpu")
-    if done == n_q + n_k - 1:
-        for qt in range(0, tl.cdiv(n_q, TILE_Q)):
-            _one_tile_softmax_rows(QM, KM, Out, qt, bh, n_q, n_k, seq_kv, scale, HEAD_DIM, BLOCK_D, SYM_BLOCK_KV,
-                                   TILE_Q, TILE_K)
-
-
-@triton.jit
 def _block_softmax_kernel(
     QM, KM, Out, n_q, n_k, seq_kv, scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, SYM_BLOCK_KV: tl.constexpr,
@@ -157,17 +110,18 @@ def _block_softmax_kernel(
     TILE_K``) one tile holds the whole row: its logits are computed once and normalised in registers."""
     qt = tl.program_id(0)
     bh = tl.program_id(1)
+    offs_d = tl.arange(0, BLOCK_D)
+    rows_q = qt * TILE_Q + tl.arange(0, TILE_Q)
+    q_ok = rows_q < n_q
+    qm = tl.load(QM + (bh.to(tl.int64) * n_q + rows_q[:, None]) * HEAD_DIM + offs_d[None, :],
+                 mask=q_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    km_base = KM + bh.to(tl.int64) * n_k * HEAD_DIM
+    out_rows = Out + (bh.to(tl.int64) * n_q + rows_q[:, None]) * n_k
     if ONE_TILE:
-        _one_tile_softmax_rows(QM, KM, Out, qt, bh, n_q, n_k, seq_kv, scale, HEAD_DIM, BLOCK_D, SYM_BLOCK_KV,
-                               TILE_Q, TILE_K)
+        logit, kb, valid = _tile_logits(qm, km_base, 0, n_k, seq_kv, scale, offs_d, HEAD_DIM, SYM_BLOCK_KV, TILE_K)
+        p = tl.exp(logit - tl.max(logit, 1)[:, None])
+        tl.store(out_rows + kb[None, :], p / tl.sum(p, 1)[:, None], mask=q_ok[:, None] & valid[None, :])
     else:
-        offs_d = tl.arange(0, BLOCK_D)
-        rows_q = qt * TILE_Q + tl.arange(0, TILE_Q)
-        q_ok = rows_q < n_q
-        qm = tl.load(QM + (bh.to(tl.int64) * n_q + rows_q[:, None]) * HEAD_DIM + offs_d[None, :],
-                     mask=q_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
-        km_base = KM + bh.to(tl.int64) * n_k * HEAD_DIM
-        out_rows = Out + (bh.to(tl.int64) * n_q + rows_q[:, None]) * n_k
         m = tl.full([TILE_Q], float("-inf"), dtype=tl.float32)
         s = tl.zeros([TILE_Q], dtype=tl.float32)
         for c in range(0, n_k, TILE_K):
@@ -193,38 +147,20 @@ def _warps(n: int) -> dict:
     return {} if triton_interpreting() else dict(num_warps=n)
 
 
-#: one launch for both steps (:func:`_pooled_scores_fused_kernel`) where every key block fits one softmax
-#: tile and there are at most this many query blocks: there one program per (batch, head) writes the whole
-#: softmax after the pooling, instead of a second launch (FLUX's 36 x 36 blocks). Larger grids keep two
-#: launches: their softmax needs many programs (33792 tokens: 264 x 264 blocks a head).
-#: ``OMNI_COMPILE_FUSED_POOLED=0`` turns it off.
-FUSED_MAX_Q_BLOCKS = 64
-_FUSED = os.environ.get("OMNI_COMPILE_FUSED_POOLED", "1") != "0"
-
-
-def pooled_fused_applies(n_q: int, n_k: int) -> bool:
-    return _FUSED and n_k <= _SOFTMAX_TILE_K and n_q <= FUSED_MAX_Q_BLOCKS
-
-
-def _launch_pooled(q, k, block_q, block_kv, scale, fused=None):
+def _launch_pooled(q, k, block_q, block_kv, scale):
     B, H, Sq, D = q.shape
     Skv = k.shape[2]
     n_q, n_k = block_count(Sq, block_q), block_count(Skv, block_kv)
     bd = max(16, next_pow2(D))
     qm = torch.empty(B * H, n_q, D, dtype=torch.float32, device=q.device)
     km = torch.empty(B * H, n_k, D, dtype=torch.float32, device=q.device)
+    launch(_block_mean_kernel, (n_q + n_k, B * H),
+        q, k, qm, km, H, Sq, Skv, n_q, n_k,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        HEAD_DIM=D, BLOCK_D=bd, SYM_BLOCK_Q=block_q, SYM_BLOCK_KV=block_kv,
+        CHUNK_Q=min(block_q, 32), CHUNK_KV=min(block_kv, 32), **_warps(2),
+    )
     scores = torch.empty(B, H, n_q, n_k, dtype=torch.float32, device=q.device)
-    means = dict(HEAD_DIM=D, BLOCK_D=bd, SYM_BLOCK_Q=block_q, SYM_BLOCK_KV=block_kv,
-                 CHUNK_Q=min(block_q, 32), CHUNK_KV=min(block_kv, 32))
-    strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2))
-    if pooled_fused_applies(n_q, n_k) if fused is None else fused:
-        done = torch.zeros(B * H, dtype=torch.int32, device=q.device)
-        launch(_pooled_scores_fused_kernel, (n_q + n_k, B * H),
-            q, k, qm, km, scores, done, H, Sq, Skv, n_q, n_k, scale, *strides,
-            TILE_Q=_SOFTMAX_TILE_Q, TILE_K=_SOFTMAX_TILE_K, **means, **_warps(2),
-        )
-        return scores
-    launch(_block_mean_kernel, (n_q + n_k, B * H), q, k, qm, km, H, Sq, Skv, n_q, n_k, *strides, **means, **_warps(2))
     launch(_block_softmax_kernel, (cdiv(n_q, _SOFTMAX_TILE_Q), B * H),
         qm, km, scores, n_q, n_k, Skv, scale, HEAD_DIM=D, BLOCK_D=bd, SYM_BLOCK_KV=block_kv,
         TILE_Q=_SOFTMAX_TILE_Q, TILE_K=_SOFTMAX_TILE_K, ONE_TILE=n_k <= _SOFTMAX_TILE_K, **_warps(2),

@@ -53,26 +53,6 @@ def test_pooled_scores_with_many_blocks(impl, sq, skv):
     assert max_err(p, golden_pooled(q, k, 16, 16, 64**-0.5)) <= 1e-5
 
 
-@pytest.mark.parametrize("impl", [i for i in IMPLS if i != "reference"])
-@pytest.mark.parametrize("fused", [True, False])
-def test_pooled_scores_in_one_launch_or_two(impl, fused, monkeypatch):
-    """Where the softmax is small the pooling and the softmax run in one launch (the head's last program to
-    finish its block writes the softmax); the two-launch path stays for larger grids and
-    OMNI_COMPILE_FUSED_POOLED=0. Both match the golden on the same inputs (several heads, partial blocks)."""
-    import omni_compile.ops.pooled as P
-
-    monkeypatch.setattr(P, "_FUSED", fused)
-    launched = []
-    real = P.launch
-    monkeypatch.setattr(P, "launch", lambda kernel, *a, **kw: launched.append(kernel) or real(kernel, *a, **kw))
-    g = torch.Generator().manual_seed(5)
-    q, k = (torch.randn(2, 3, n, 64, generator=g) * 3 for n in (300, 290))
-    with impl_context(impl):
-        p = pooled_scores(q, k, 16, 32)
-    assert launched == ([P._pooled_scores_fused_kernel] if fused else [P._block_mean_kernel, P._block_softmax_kernel])
-    assert max_err(p, golden_pooled(q, k, 16, 32, 64**-0.5)) <= 1e-5
-
-
 def test_pooled_scores_rejects_bad_input_and_passes_opcheck():
     q = torch.randn(1, 2, 40, 64)
     with pytest.raises(ValueError, match="block_kv must be a power of two"):
