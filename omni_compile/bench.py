@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from .ops import Symbols, cache_bias_for, pooled_scores, sparse_attention, sparse_linear_o, sparse_linear_q
 from .ops.attention import _launch_attention, sparse_attention_reference
 from .ops.linear_q import sparse_linear_q_reference
+from .ops.symbols import row_head_selection
 
 B, H, D = 1, 24, 128
 BLOCK = 128
@@ -190,15 +191,23 @@ def part_gemm(shapes, reuses, rows):
             errq = rel_err(yq, refq) if computed > 0 else float(yq.abs().max())
             tq = bench_ms(lambda: sparse_linear_q(x, wq, bias, sym, D))
             tqg = graph_ms(lambda: sparse_linear_q(x, wq, bias, sym, D))
+            # what the runtime's sites run: reused tiles left unwritten; checked on the computed tiles
+            computed_cols = row_head_selection(sym.reuse_bits, BLOCK, M, M, 0, select_reused=False).repeat_interleave(D, -1)
+            yu = sparse_linear_q(x, wq, bias, sym, D, fill_reused=False)
+            erru = rel_err(torch.where(computed_cols, yu, torch.zeros_like(yu)), refq) if computed > 0 else 0.0
+            tu = bench_ms(lambda: sparse_linear_q(x, wq, bias, sym, D, fill_reused=False))
+            tug = graph_ms(lambda: sparse_linear_q(x, wq, bias, sym, D, fill_reused=False))
             cb = cache_bias_for(a, wo, sym, D)
             yo = sparse_linear_o(a, wo, bias, sym, D, cb)
             erro = rel_err(yo, F.linear(a.float(), wo.float(), bias.float()))
             to = bench_ms(lambda: sparse_linear_o(a, wo, bias, sym, D, cb))
             tog = graph_ms(lambda: sparse_linear_o(a, wo, bias, sym, D, cb))
             ideal_o = 1.0 / max(computed, 1e-9)
-            for op, t, tg, lin, err in (("gemm_q", tq, tqg, lin_q, errq), ("gemm_o", to, tog, lin_o, erro)):
+            for op, t, tg, lin, err in (("gemm_q", tq, tqg, lin_q, errq), ("gemm_q unfilled", tu, tug, lin_q, erru),
+                                        ("gemm_o", to, tog, lin_o, erro)):
+                is_q = op.startswith("gemm_q")
                 rows.append(dict(
-                    part="gemm", op=op, shape=label, M=M, K=K if op == "gemm_q" else N, N=N if op == "gemm_q" else K,
+                    part="gemm", op=op, shape=label, M=M, K=K if is_q else N, N=N if is_q else K,
                     reuse=r, computed=computed, ms=t, graph_ms=tg, cublas_ms=lin, speedup=lin / t,
                     graph_speedup=lin / tg, graph_of_ideal=(lin / tg) / ideal_o,
                     time_over_f_cublas=t / (computed * lin) if computed > 0 else float("nan"),

@@ -584,7 +584,9 @@ def site_linear_q(
     ss = stream_for(st, rec, x.shape[0], seq_q)
     if ss is not None and ss.action == DISPATCH:
         ss.sparse_calls["linear_q"] += 1
-        return sparse_linear_q(x, weight, bias, ss.symbols, head_dim, row_offset)
+        # the attention skips reused tiles and the chain to it is per-(token, head) local (the passes
+        # proved it), so those tiles need not be written
+        return sparse_linear_q(x, weight, bias, ss.symbols, head_dim, row_offset, fill_reused=False)
     return _dense_linear(st, x, weight, bias, head_dim, row_offset, seq_q, "q")
 
 

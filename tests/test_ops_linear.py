@@ -310,3 +310,21 @@ def test_gemm_q_traces_under_torch_compile(impl, monkeypatch):
     assert compiled_runs == len(ran) - compiled_runs == (1 if impl == "triton-device-tma" else 0)
     assert torch.allclose(got, want, atol=1e-5)
     assert any("flashomni.sparse_linear_q" in t for t in targets), targets
+
+
+def test_gemm_q_can_leave_reused_tiles_unwritten(monkeypatch):
+    """``fill_reused=False``: the persistent kernel skips its zero-writing walk (reused tiles keep what the
+    memory held: NaN here) and its computed tiles equal the filled call's; the tile grid writes zeros
+    either way."""
+    import omni_compile.ops.linear_q as LQ
+
+    s, x, wq, bq_, _, _, _, computed, D, _ = make((2, 3, 64, 32, 150, 32, 32, 40, torch.float16, 0.5, True, 6))
+    real = LQ._output
+    monkeypatch.setattr(LQ, "_output", lambda *a: real(*a).fill_(float("nan")))
+    mask = computed.repeat_interleave(D, -1)
+    for impl, written in (("triton-device-tma", False), ("triton", True)):
+        with impl_context(impl):
+            filled = sparse_linear_q(x, wq, bq_, s, D, row_offset=32)
+            left = sparse_linear_q(x, wq, bq_, s, D, row_offset=32, fill_reused=False)
+        assert torch.equal(left[mask], filled[mask]) and torch.equal(filled[~mask], torch.zeros_like(filled[~mask]))
+        assert torch.equal(left[~mask], torch.zeros_like(left[~mask])) if written else torch.isnan(left[~mask]).all()

@@ -416,3 +416,32 @@ def test_history_keeps_the_current_and_previous_generation_only(flux):
     assert st.clock.generation == 2
     assert {r.generation for r in st.history} == {1, 2}
     assert len(st.history) == 2 * 4 * sum(s.rewritten for s in st.sites)
+
+
+def test_unwritten_reused_q_tiles_never_reach_the_output(flux, monkeypatch):
+    """Dispatch steps run GEMM-Q with ``fill_reused=False``: the persistent kernel leaves the reused tiles
+    unwritten. With those tiles NaN, the loop's output (Triton kernels, in-kernel descriptors) is finite and
+    bit-equal to the run where the memory held whatever it held: nothing downstream reads them."""
+    import omni_compile.ops.linear_q as LQ
+    from _golden import impl_context
+
+    model, make_inputs, lat = flux
+    unfilled = []
+    real = LQ._output
+
+    def poisoned(B, S, N, like, fill_reused):
+        unfilled.append(not fill_reused)
+        out = real(B, S, N, like, fill_reused)
+        return out if fill_reused else out.fill_(float("nan"))
+
+    def loop():
+        torch._dynamo.reset()
+        st = _state(policy="fixed", reuse_fraction=0.5, skip_fraction=0.5, interval=3)
+        with impl_context("triton-device-tma"):
+            return denoise(_compile(model, st), make_inputs, lat, 6)
+
+    plain = loop()
+    monkeypatch.setattr(LQ, "_output", poisoned)
+    got = loop()
+    assert any(unfilled), "no dispatch-step GEMM-Q left its reused tiles unwritten"
+    assert torch.isfinite(got).all() and torch.equal(got, plain)
