@@ -213,9 +213,17 @@ def tensors_key(*tensors) -> tuple:
                   for t in tensors])
 
 
-def eager_plain(*tensors) -> bool:
-    """Plain tensors (``None`` allowed) outside torch.compile's tracing: the calls whose decisions the
-    wrappers may cache (fake tensors have no data pointer, subclasses may behave otherwise)."""
+#: ``OMNI_COMPILE_CALL_PLANS=0``: the public wrappers check and plan every call afresh (slower on the host;
+#: for ruling the kept decisions out when something looks wrong)
+CALL_PLANS = os.environ.get("OMNI_COMPILE_CALL_PLANS", "1") != "0"
+
+
+def plans_apply(*tensors) -> bool:
+    """Whether a public wrapper may keep its checks' outcome and launch plan for this call: plain tensors
+    (``None`` allowed) outside torch.compile's tracing (fake tensors have no data pointer, subclasses may
+    behave otherwise), unless ``OMNI_COMPILE_CALL_PLANS=0``."""
+    if not CALL_PLANS:
+        return False
     for t in tensors:
         if t is not None and type(t) is not torch.Tensor:
             return False

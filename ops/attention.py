@@ -27,7 +27,7 @@ from . import _common
 from ._launch import launch, launch_planned
 from ._common import (
     cdiv,
-    eager_plain,
+    plans_apply,
     hopper_with_new_triton,
     make_descriptor,
     op_for_call,
@@ -580,9 +580,11 @@ def _plan_key(q, k, v, block_q, block_kv, heads_inner, persistent) -> tuple:
 
 def _launch_attention(q, k, v, kv_indices, kv_counts, block_q, block_kv, scale, config=None, heads_inner=False,
                       kv_order=None, plan_key=None):
-    """One launch. Without ``config`` the plan is cached by :func:`_plan_key` (``plan_key`` when the caller
-    built it already); a ``config`` (sweeps, tests) is planned afresh on every call."""
-    if config is not None:
+    """One launch. Without ``config`` the plan is kept by :func:`_plan_key` (``plan_key`` when the caller
+    built it already); a ``config`` (sweeps, tests) or ``OMNI_COMPILE_CALL_PLANS=0`` plans afresh on every
+    call and launches through the full key."""
+    kept = config is None and _common.CALL_PLANS
+    if not kept:
         plan = _attention_launch_plan(q, k, v, block_q, block_kv, heads_inner, kv_order is not None, config)
     else:
         if plan_key is None:
@@ -609,7 +611,7 @@ def _launch_attention(q, k, v, kv_indices, kv_counts, block_q, block_kv, scale, 
                 out, lse, kv_indices, kv_counts, scale * _LOG2E, *plan.ints)
     else:
         args = (q, k, v, out, lse, kv_indices, kv_counts, scale * _LOG2E, *plan.ints)
-    if config is None and plan.descriptor_blocks is None:
+    if kept and plan.descriptor_blocks is None:
         # the plan key fixes q, k, v and the fresh outputs; the schedules' alignment and dtype complete it
         schedules = tuple((t.dtype, t.data_ptr() % 16 == 0) for t in args[5:8 if plan.persistent else 7])
         launch_planned((plan_key, schedules), plan.kernel, plan.grid, args, plan.kwargs)
@@ -728,7 +730,7 @@ def _call_key(q, k, v, symbols, heads_inner) -> Optional[tuple]:
     descriptors, warp specialization, persistence and its wave bound). Measured on the CPU with the launch
     stubbed: 71 µs a call (plus ~10 µs of per-argument launch keying) -> 34 µs, of which ~16 µs
     allocate the two outputs."""
-    if type(symbols) is not Symbols or not eager_plain(q, k, v):
+    if type(symbols) is not Symbols or not plans_apply(q, k, v):
         return None
     return (*tensors_key(q, k, v), symbols._shape(), symbols.device, heads_inner, _common._mode, _tma_mode(),
             _WARP_SPEC, _PERSISTENT, PERSISTENT_MAX_WAVES)

@@ -25,7 +25,7 @@ import triton.language as tl
 
 from . import _common
 from ._launch import launch, launch_planned
-from ._common import cdiv, eager_plain, tensors_key, ensure_device_allocator, hopper_with_new_triton, make_descriptor, num_persistent_programs, op_for_call, tma_compatible, tma_enabled, tma_mode, tma_strides_compatible, check_float, check_head_dim, check_symbols_device, grouped_tile, load_reuse_bit, triton_interpreting, use_triton
+from ._common import cdiv, plans_apply, tensors_key, ensure_device_allocator, hopper_with_new_triton, make_descriptor, num_persistent_programs, op_for_call, tma_compatible, tma_enabled, tma_mode, tma_strides_compatible, check_float, check_head_dim, check_symbols_device, grouped_tile, load_reuse_bit, triton_interpreting, use_triton
 from .symbols import Symbols, row_head_selection
 
 
@@ -416,7 +416,7 @@ def _call_key(x, weight, bias, symbols, head_dim, row_offset, fill_reused=True):
     shapes, strides, dtypes, devices and base alignment, the symbols' shape and device, the head layout and
     the process-wide modes. Measured on the CPU with the launch stubbed (FLUX's 4608 x 3072 x 3072 shapes
     at 512 rows): 58 µs a call (plus ~8 µs of per-argument launch keying) -> 24 µs."""
-    if type(symbols) is not Symbols or not eager_plain(x, weight, bias):
+    if type(symbols) is not Symbols or not plans_apply(x, weight, bias):
         return None
     return (*tensors_key(x, weight, bias), symbols._shape(), symbols.device, head_dim, row_offset, fill_reused,
             _common._mode, tma_mode(), _PERSISTENT)

@@ -301,6 +301,20 @@ def test_launch_plans_follow_the_inputs_and_the_modes():
     assert len(A._CALLS) == 6
 
 
+def test_call_plans_can_be_turned_off(monkeypatch):
+    """OMNI_COMPILE_CALL_PLANS=0 (``_common.CALL_PLANS``): nothing is kept, and the values are the same."""
+    import omni_compile.ops.attention as A
+    from omni_compile.ops import _common
+
+    q, k, v, s = make((1, 2, 64, 32, 32, 100, 90, torch.float16, 0.3, 0.5, 12))
+    with impl_context("triton-device-tma"):
+        kept = sparse_attention(q, k, v, s)
+        A._CALLS.clear(), A._PLANS.clear()
+        monkeypatch.setattr(_common, "CALL_PLANS", False)
+        assert torch.equal(sparse_attention(q, k, v, s), kept)
+    assert not A._CALLS and not A._PLANS
+
+
 def test_persistent_kernel_walks_any_order_of_the_tiles():
     """The kernel's result does not depend on the order it takes the tiles in (it is a performance
     choice): the longest-first order, its reverse and a random one give the same values."""
