@@ -218,6 +218,19 @@ def tensors_key(*tensors) -> tuple:
 CALL_PLANS = os.environ.get("OMNI_COMPILE_CALL_PLANS", "1") != "0"
 
 
+#: the wrappers' kept calls and launch plans are emptied at this many entries (a model has a few shapes,
+#: a sweep may have many)
+MAX_KEPT = 1024
+
+
+def keep(cache: dict, key, value):
+    """``cache[key] = value`` (returned), the cache emptied first when it already holds :data:`MAX_KEPT`."""
+    if len(cache) >= MAX_KEPT:
+        cache.clear()
+    cache[key] = value
+    return value
+
+
 def plans_apply(*tensors) -> bool:
     """Whether a public wrapper may keep its checks' outcome and launch plan for this call: plain tensors
     (``None`` allowed) outside torch.compile's tracing (fake tensors have no data pointer, subclasses may

@@ -29,6 +29,7 @@ from ._common import (
     cdiv,
     plans_apply,
     hopper_with_new_triton,
+    keep,
     make_descriptor,
     op_for_call,
     tma_compatible,
@@ -591,10 +592,8 @@ def _launch_attention(q, k, v, kv_indices, kv_counts, block_q, block_kv, scale, 
             plan_key = _plan_key(q, k, v, block_q, block_kv, heads_inner, kv_order is not None)
         plan = _PLANS.get(plan_key)
         if plan is None:
-            if len(_PLANS) >= _MAX_PLANS:
-                _PLANS.clear()
-            plan = _PLANS[plan_key] = _attention_launch_plan(q, k, v, block_q, block_kv, heads_inner,
-                                                              kv_order is not None, None)
+            plan = keep(_PLANS, plan_key, _attention_launch_plan(q, k, v, block_q, block_kv, heads_inner,
+                                                                 kv_order is not None, None))
     B, H, Sq, D = q.shape
     # the kernel writes through out's strides, so either layout costs the same
     out = heads_inner_empty(B, H, Sq, D, q) if heads_inner else torch.empty(B, H, Sq, D, dtype=q.dtype, device=q.device)
@@ -697,9 +696,8 @@ def sparse_attention(
         check_symbols_device(symbols, q.device)
         persistent = persistent_attention_applies(q, symbols.block_q, symbols.block_kv)
         if key is not None and use_triton(q):
-            if len(_CALLS) >= _MAX_PLANS:
-                _CALLS.clear()
-            call = _CALLS[key] = (persistent, _plan_key(q, k, v, symbols.block_q, symbols.block_kv, heads_inner, persistent))
+            call = keep(_CALLS, key, (persistent, _plan_key(q, k, v, symbols.block_q, symbols.block_kv, heads_inner,
+                                                            persistent)))
     idx, cnt = symbols.kv_schedule()
     scale = scale_or_default(scale, q.shape[-1])
     if call is not None:
@@ -718,8 +716,6 @@ def sparse_attention(
 
 #: the public wrapper's checked calls by :func:`_call_key`: ``(persistent walk, launch plan key)``
 _CALLS: dict = {}
-#: either cache is cleared when it holds this many entries (a model has a few shapes; a sweep may not)
-_MAX_PLANS = 1024
 
 
 def _call_key(q, k, v, symbols, heads_inner) -> Optional[tuple]:

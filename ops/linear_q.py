@@ -25,7 +25,7 @@ import triton.language as tl
 
 from . import _common
 from ._launch import launch, launch_planned
-from ._common import cdiv, plans_apply, tensors_key, ensure_device_allocator, hopper_with_new_triton, make_descriptor, num_persistent_programs, op_for_call, tma_compatible, tma_enabled, tma_mode, tma_strides_compatible, check_float, check_head_dim, check_symbols_device, grouped_tile, load_reuse_bit, triton_interpreting, use_triton
+from ._common import cdiv, keep, plans_apply, tensors_key, ensure_device_allocator, hopper_with_new_triton, make_descriptor, num_persistent_programs, op_for_call, tma_compatible, tma_enabled, tma_mode, tma_strides_compatible, check_float, check_head_dim, check_symbols_device, grouped_tile, load_reuse_bit, triton_interpreting, use_triton
 from .symbols import Symbols, row_head_selection
 
 
@@ -230,10 +230,21 @@ def persistent_linear_q_config(dtype: torch.dtype, block_m: int, head_dim: int) 
     return cfg if triton_interpreting() else dict(cfg, num_warps=8, num_stages=4)
 
 
-def _launch_linear_q_persistent(x, weight, bias, tiles, tile_count, block_m, head_dim, config=None, plan_key=None,
-                                fill_reused=True):
-    """One launch; ``plan_key`` (the public wrapper's call key, which fixes every argument's specialization
-    but the schedule's) keeps the configuration and launches without per-argument keying."""
+def _persistent_plan(x, weight, bias, block_m, head_dim, fill_reused, config=None) -> tuple:
+    """``(grid, keywords, needs the device allocator)`` of a persistent launch on these operands."""
+    B, S, _ = x.shape
+    tiles = B * cdiv(S, block_m) * (weight.shape[0] // head_dim)
+    cfg = dict(config or persistent_linear_q_config(x.dtype, block_m, head_dim))
+    programs = cfg.pop("NUM_PROGRAMS", None) or num_persistent_programs(x.device)
+    kwargs = dict(HAS_BIAS=bias is not None, NUM_PROGRAMS=programs, IEEE=x.dtype == torch.float32,
+                  FILL_REUSED=fill_reused, **cfg)
+    return (min(programs, tiles),), kwargs, not triton_interpreting()
+
+
+def _launch_linear_q_persistent(x, weight, bias, tiles, tile_count, block_m, head_dim, config=None, fill_reused=True,
+                                planned=None):
+    """One launch. ``planned``: ``(call key, plan)`` the public wrapper kept (the key fixes every argument's
+    specialization but the schedule's), launched without per-argument keying; otherwise planned here."""
     B, S, K = x.shape
     N = weight.shape[0]
     T = cdiv(S, block_m)
@@ -241,32 +252,18 @@ def _launch_linear_q_persistent(x, weight, bias, tiles, tile_count, block_m, hea
     if tiles.numel() != B * T * H or tile_count.numel() != 1:
         raise ValueError(f"tile schedule has {tiles.numel()} tiles, the call needs B*T*H = {B * T * H}")
     y = _output(B, S, N, x, fill_reused)
-    plan = _PLANS.get(plan_key) if plan_key is not None and config is None else None
-    if plan is None:
-        cfg = dict(config or persistent_linear_q_config(x.dtype, block_m, head_dim))
-        programs = cfg.pop("NUM_PROGRAMS", None) or num_persistent_programs(x.device)
-        kwargs = dict(HAS_BIAS=bias is not None, NUM_PROGRAMS=programs, IEEE=x.dtype == torch.float32,
-                      FILL_REUSED=fill_reused, **cfg)
-        plan = ((min(programs, B * T * H),), kwargs, not triton_interpreting())
-        if plan_key is not None and config is None:
-            if len(_PLANS) >= 1024:
-                _PLANS.clear()
-            _PLANS[plan_key] = plan
-    grid, kwargs, needs_allocator = plan
+    grid, kwargs, needs_allocator = (planned[1] if planned is not None
+                                     else _persistent_plan(x, weight, bias, block_m, head_dim, fill_reused, config))
     if needs_allocator:
         ensure_device_allocator()
     args = (x, weight, bias if bias is not None else weight, y, tiles, tile_count, B, S, N, K, T, H, B * T * H,
             x.stride(0), x.stride(1), weight.stride(0), y.stride(0), y.stride(1))
-    if plan_key is not None and config is None:
-        launch_planned((plan_key, tiles.dtype, tiles.data_ptr() % 16 == 0, tile_count.dtype,
+    if planned is not None:
+        launch_planned((planned[0], tiles.dtype, tiles.data_ptr() % 16 == 0, tile_count.dtype,
                         tile_count.data_ptr() % 16 == 0), _sparse_linear_q_persistent_kernel, grid, args, kwargs)
     else:
         launch(_sparse_linear_q_persistent_kernel, grid, *args, **kwargs)
     return y
-
-
-#: the persistent launch's grid, keywords and allocator need by the wrapper's call key
-_PLANS: dict = {}
 
 
 def _output(B: int, S: int, N: int, like: torch.Tensor, fill_reused: bool) -> torch.Tensor:
@@ -395,19 +392,20 @@ def sparse_linear_q(
                 x, weight, bias, symbols.reuse_bits, symbols.block_q, symbols.seq_q, head_dim, row_offset, tiles, count,
                 fill_reused,
             )
-        if len(_CALLS) >= 1024:  # a model has a few projection shapes; a sweep may have many
-            _CALLS.clear()
         # the key holds the bases' alignment, so the op's alignment check is decided here once
-        call = _CALLS[key] = block_m if block_m and tma_compatible(x) and tma_compatible(weight) else 0
-    if call:
-        tiles, count = symbols.tile_schedule(x.shape[1], row_offset, call)
-        return _launch_linear_q_persistent(x, weight, bias, tiles, count, call, head_dim, plan_key=key,
-                                           fill_reused=fill_reused)
+        persistent = block_m and tma_compatible(x) and tma_compatible(weight)
+        call = keep(_CALLS, key, (block_m, _persistent_plan(x, weight, bias, block_m, head_dim, fill_reused))
+                    if persistent else (0, None))
+    block_m, plan = call
+    if block_m:
+        tiles, count = symbols.tile_schedule(x.shape[1], row_offset, block_m)
+        return _launch_linear_q_persistent(x, weight, bias, tiles, count, block_m, head_dim, fill_reused=fill_reused,
+                                           planned=(key, plan))
     return _launch_linear_q(x, weight, bias, symbols.reuse_bits, symbols.block_q, head_dim, row_offset)
 
 
-#: the public wrapper's checked eager calls by :func:`_call_key`: the persistent kernel's row-tile height, or
-#: 0 for the tile grid
+#: the public wrapper's checked eager calls by :func:`_call_key`: ``(row-tile height, launch plan)`` of the
+#: persistent kernel, or ``(0, None)`` for the tile grid
 _CALLS: dict = {}
 
 

@@ -267,17 +267,20 @@ def test_gemm_q_call_plans_follow_the_operands_and_the_modes():
         tiles, count = s.tile_schedule(xx.shape[1], off, block_m) if block_m else (None, None)
         return LQ._sparse_linear_q_op_impl(xx, wq, bias, s.reuse_bits, s.block_q, s.seq_q, D, off, tiles, count)
 
+    def block_m_of(*args):  # the kept row-tile height: 0 for the tile grid
+        return LQ._CALLS[LQ._call_key(*args)][0]
+
     LQ._CALLS.clear()
     with impl_context("triton-device-tma"):
         for xx, bias, off in ((x, bq_, 32), (shifted, bq_, 32), (x, None, 32), (x, bq_, 0), (x, bq_, 32)):
             assert torch.equal(sparse_linear_q(xx, wq, bias, s, D, row_offset=off), op(xx, bias, off))
-        assert len(LQ._CALLS) == 4 and LQ._CALLS[LQ._call_key(x, wq, bq_, s, D, 0)] == 32
-        assert LQ._CALLS[LQ._call_key(x, wq, None, s, D, 32)] == 32
-        assert LQ._CALLS[LQ._call_key(x, wq, bq_, s, D, 32)] == 32
-        assert LQ._CALLS[LQ._call_key(shifted, wq, bq_, s, D, 32)] == 0  # misaligned: the tile grid
+        assert len(LQ._CALLS) == 4 and block_m_of(x, wq, bq_, s, D, 0) == 32
+        assert block_m_of(x, wq, None, s, D, 32) == 32
+        assert block_m_of(x, wq, bq_, s, D, 32) == 32
+        assert block_m_of(shifted, wq, bq_, s, D, 32) == 0  # misaligned: the tile grid
     with impl_context("triton"):
         assert torch.equal(sparse_linear_q(x, wq, bq_, s, D, row_offset=32), op(x, bq_, 32))
-        assert LQ._CALLS[LQ._call_key(x, wq, bq_, s, D, 32)] == 0
+        assert block_m_of(x, wq, bq_, s, D, 32) == 0
     with impl_context("reference"):
         sparse_linear_q(x, wq, bq_, s, D, row_offset=32)
         assert LQ._call_key(x, wq, bq_, s, D, 32) not in LQ._CALLS
