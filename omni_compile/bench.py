@@ -26,7 +26,6 @@ import torch.nn.functional as F
 from .ops import Symbols, cache_bias_for, pooled_scores, sparse_attention, sparse_linear_o, sparse_linear_q
 from .ops.attention import _launch_attention, sparse_attention_reference
 from .ops.linear_q import sparse_linear_q_reference
-from .ops.symbols import row_head_selection
 
 B, H, D = 1, 24, 128
 BLOCK = 128
@@ -192,7 +191,7 @@ def part_gemm(shapes, reuses, rows):
             tq = bench_ms(lambda: sparse_linear_q(x, wq, bias, sym, D))
             tqg = graph_ms(lambda: sparse_linear_q(x, wq, bias, sym, D))
             # what the runtime's sites run: reused tiles left unwritten; checked on the computed tiles
-            computed_cols = row_head_selection(sym.reuse_bits, BLOCK, M, M, 0, select_reused=False).repeat_interleave(D, -1)
+            computed_cols = sym.row_selection(M, 0, False).repeat_interleave(D, -1)
             yu = sparse_linear_q(x, wq, bias, sym, D, fill_reused=False)
             erru = rel_err(torch.where(computed_cols, yu, torch.zeros_like(yu)), refq) if computed > 0 else 0.0
             tu = bench_ms(lambda: sparse_linear_q(x, wq, bias, sym, D, fill_reused=False))

@@ -104,8 +104,8 @@ def launch(kernel, grid, *args, **kwargs) -> None:
 def launch_planned(plan, kernel, grid, args: tuple, kwargs: dict) -> None:
     """:func:`launch` for a caller that vouches that the hashable ``plan`` determines every argument's
     specialization (each tensor's dtype and 16-byte alignment, each int's value class, every keyword),
-    so the ~10 µs of per-argument keying is skipped: the attention op's launch plans
-    (``ops.attention``), whose key holds the shapes, strides, dtypes and alignments the arguments
+    so the ~10 µs of per-argument keying is skipped: the launch plans ``sparse_attention`` and
+    ``sparse_linear_q`` keep, whose keys hold the shapes, strides, dtypes and alignments the arguments
     derive from. The first launch of a plan takes :func:`launch`'s full key, so a plan never launches a
     kernel that key would not pick."""
     if not enabled() or _hooked():
