@@ -149,12 +149,13 @@ def _attn_tile(
         qk = tl.dot(q, kt, input_precision="ieee")
     else:
         qk = tl.dot(q, kt)
-    qk = qk * qk_scale
     if MASK_KV:
         qk = tl.where(cols[None, :] < seq_kv, qk, float("-inf"))
-    # m_i starts finite (-1e30), so a fully masked tile gives exp2(-inf) = 0, never NaN
-    m_new = tl.maximum(m_i, tl.max(qk, 1))
-    p = tl.math.exp2(qk - m_new[:, None])
+    # m_i starts finite (-1e30), so a fully masked tile gives exp2(-inf) = 0, never NaN. The row max is
+    # taken of the raw products and scaled once (qk_scale > 0), so each logit costs one fused multiply-add
+    # (qk * scale - m) instead of a multiply and a subtract: the softmax, not the dots, bounds this loop.
+    m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+    p = tl.math.exp2(qk * qk_scale - m_new[:, None])
     alpha = tl.math.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)
     if TMA_2D:
@@ -584,6 +585,11 @@ def _launch_attention(q, k, v, kv_indices, kv_counts, block_q, block_kv, scale, 
     """One launch. Without ``config`` the plan is kept by :func:`_plan_key` (``plan_key`` when the caller
     built it already); a ``config`` (sweeps, tests) or ``OMNI_COMPILE_CALL_PLANS=0`` plans afresh on every
     call and launches through the full key."""
+    if scale <= 0:
+        # the kernel takes each row's max of the raw products and scales it (max(s*x) = s*max(x) needs s > 0);
+        # a negative scale is the positive one on -q, a zero scale is q * 0 at scale 1 (both exact, NaN and
+        # inf propagate as in (q.k) * 0). Their plan is keyed on the new q
+        q, scale, plan_key = (q * 0, 1.0, None) if scale == 0 else (-q, -scale, None)
     kept = config is None and _common.CALL_PLANS
     if not kept:
         plan = _attention_launch_plan(q, k, v, block_q, block_kv, heads_inner, kv_order is not None, config)

@@ -151,8 +151,9 @@ def test_strided_views_from_bshd_layout(impl):
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("scale", [-0.2, 0.0])
 def test_non_positive_scale(impl, scale):
-    # the kernel folds a positive scale into the row maximum (max(s*x) = s*max(x)); zero and negative
-    # scales take the multiply-first path, with a partial last key block for the masked variant too
+    # the kernel scales each row's max of the raw products (max(s*x) = s*max(x) only for s > 0): a negative
+    # scale runs as -scale on -q and zero as scale 1 on q * 0; a partial last key block for the masked
+    # variant too
     g = torch.Generator().manual_seed(5)
     q, k, v = (torch.randn(1, 2, 70, 64, generator=g).half() * 3 for _ in range(3))
     s = Symbols.from_dense(torch.tensor([[[False, True, False]] * 2]), torch.rand(1, 2, 3, 3, generator=g) < 0.4, 32, 32, 70, 70)
