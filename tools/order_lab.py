@@ -1,7 +1,7 @@
 """Experiment (not shipped): does the persistent attention need its longest-first walk, can another walk
 of the same list balance unequal tiles as well as the grid, and what does building the list cost the host?
 
-    python tools/order_lab.py [--out DIR]      (CUDA machine, repository root)
+    python tools/order_lab.py [--out DIR] [--seqs 4608,16896,32656] [--only NAME,...]   (CUDA machine, repository root)
 
 `Symbols.kv_order` is built once per site per update (session 9: a device argsort, whose FLUX update-step
 profile counted three device copies each). Rows: the persistent kernel (its zig-zag walk: program p takes p, 2P-1-p,
@@ -112,11 +112,15 @@ def counting_order(cnt, n_kb):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "out"))
+    ap.add_argument("--seqs", default="4608,16896,32656")
+    ap.add_argument("--only", default="", help="comma-separated row names to time (default: all), e.g. "
+                    "grid,persistent_longest_first for where PERSISTENT_MAX_WAVES should sit")
     args = ap.parse_args()
+    only = [n.replace("_", " ") for n in args.only.split(",") if n]  # "_" for a space: device_call.sh splits on spaces
     ensure_device_allocator()
     rows = []
     H, D, BLK = 24, 128, 128
-    for S in (4608, 16896, 32656):
+    for S in map(int, args.seqs.split(",")):
         q, k, v = (torch.randn(1, S, H, D, device="cuda", dtype=torch.bfloat16).transpose(1, 2) for _ in range(3))
         sym = make_symbols(S, 0.25, 0.3, seed=S, varied=True)
         idx, cnt = sym.kv_schedule()
@@ -139,10 +143,14 @@ def main():
         for name, dyn, ws in (("lab: plain stride longest first", False, True), ("lab: dynamic, no WS", True, False)):
             variants[name] = (lambda d, w: lambda: walked_attention(q, k, v, idx, cnt, lpt, D ** -0.5, sms, d, w))(dyn, ws)
         for name, fn in variants.items():
+            if only and name not in only:
+                continue
             timed_row(rows, f"S={S:6d} d={sym.density():.3f}", name, fn, base, S=S, density=sym.density())
         for name, fn in (("host: longest_first (ranking kernel)", lambda: longest_first(cnt)),
                          ("host: argsort (session 9)", lambda: longest_first_reference(cnt)),
                          ("host: counting order", lambda: counting_order(cnt, n_kb))):
+            if only and name not in only:
+                continue
             us = host_us(fn)
             rows.append(dict(S=S, name=name, host_us=us))
             print(f"S={S:6d} {name:40s} {us:7.1f} us of host time a call", flush=True)
