@@ -12,6 +12,7 @@ attention at the same length.
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -85,14 +86,20 @@ def _block_mean_kernel(
 
 @triton.jit
 def _tile_logits(qm, km_base, c, n_k, seq_kv, scale, offs_d,
-                 HEAD_DIM: tl.constexpr, SYM_BLOCK_KV: tl.constexpr, TILE_K: tl.constexpr):
-    """Logits ``[TILE_Q, TILE_K]`` of key blocks ``c .. c+TILE_K`` (``-inf`` past ``n_k``) and their indices."""
+                 HEAD_DIM: tl.constexpr, SYM_BLOCK_KV: tl.constexpr, TILE_K: tl.constexpr, TF32X3: tl.constexpr):
+    """Logits ``[TILE_Q, TILE_K]`` of key blocks ``c .. c+TILE_K`` (``-inf`` past ``n_k``) and their indices.
+    ``TF32X3``: the fp32 product from three tf32 tensor-core products (hi*hi + hi*lo + lo*hi, within ~1e-7
+    relative of the fp32 one) instead of fp32 FMAs."""
     kb = c + tl.arange(0, TILE_K)
     valid = kb < n_k
     km = tl.load(km_base + kb[:, None] * HEAD_DIM + offs_d[None, :],
                  mask=valid[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
     rows = tl.minimum(seq_kv - kb * SYM_BLOCK_KV, SYM_BLOCK_KV).to(tl.float32)
-    logit = tl.dot(qm, tl.trans(km), input_precision="ieee") * scale + tl.log(tl.where(valid, rows, 1.0))[None, :]
+    if TF32X3:
+        dot = tl.dot(qm, tl.trans(km), input_precision="tf32x3")
+    else:
+        dot = tl.dot(qm, tl.trans(km), input_precision="ieee")
+    logit = dot * scale + tl.log(tl.where(valid, rows, 1.0))[None, :]
     return tl.where(valid[None, :], logit, float("-inf")), kb, valid
 
 
@@ -100,7 +107,7 @@ def _tile_logits(qm, km_base, c, n_k, seq_kv, scale, offs_d,
 def _block_softmax_kernel(
     QM, KM, Out, n_q, n_k, seq_kv, scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, SYM_BLOCK_KV: tl.constexpr,
-    TILE_Q: tl.constexpr, TILE_K: tl.constexpr, ONE_TILE: tl.constexpr = False,
+    TILE_Q: tl.constexpr, TILE_K: tl.constexpr, ONE_TILE: tl.constexpr = False, TF32X3: tl.constexpr = False,
 ):
     """Grid ``(cdiv(n_q, TILE_Q), B*H)``. ``QM [B*H, n_q, HEAD_DIM]``, ``KM [B*H, n_k, HEAD_DIM]`` fp32 block
     means -> ``Out [B*H, n_q, n_k]`` fp32: softmax over key blocks of ``scale * qm.km + log(block rows)``.
@@ -118,33 +125,60 @@ def _block_softmax_kernel(
     km_base = KM + bh.to(tl.int64) * n_k * HEAD_DIM
     out_rows = Out + (bh.to(tl.int64) * n_q + rows_q[:, None]) * n_k
     if ONE_TILE:
-        logit, kb, valid = _tile_logits(qm, km_base, 0, n_k, seq_kv, scale, offs_d, HEAD_DIM, SYM_BLOCK_KV, TILE_K)
+        logit, kb, valid = _tile_logits(qm, km_base, 0, n_k, seq_kv, scale, offs_d, HEAD_DIM, SYM_BLOCK_KV, TILE_K, TF32X3)
         p = tl.exp(logit - tl.max(logit, 1)[:, None])
         tl.store(out_rows + kb[None, :], p / tl.sum(p, 1)[:, None], mask=q_ok[:, None] & valid[None, :])
     else:
         m = tl.full([TILE_Q], float("-inf"), dtype=tl.float32)
         s = tl.zeros([TILE_Q], dtype=tl.float32)
         for c in range(0, n_k, TILE_K):
-            logit, kb, valid = _tile_logits(qm, km_base, c, n_k, seq_kv, scale, offs_d, HEAD_DIM, SYM_BLOCK_KV, TILE_K)
+            logit, kb, valid = _tile_logits(qm, km_base, c, n_k, seq_kv, scale, offs_d, HEAD_DIM, SYM_BLOCK_KV, TILE_K, TF32X3)
             m_new = tl.maximum(m, tl.max(logit, 1))
             s = s * tl.exp(m - m_new) + tl.sum(tl.exp(logit - m_new[:, None]), 1)
             m = m_new
         for c in range(0, n_k, TILE_K):
-            logit, kb, valid = _tile_logits(qm, km_base, c, n_k, seq_kv, scale, offs_d, HEAD_DIM, SYM_BLOCK_KV, TILE_K)
+            logit, kb, valid = _tile_logits(qm, km_base, c, n_k, seq_kv, scale, offs_d, HEAD_DIM, SYM_BLOCK_KV, TILE_K, TF32X3)
             tl.store(out_rows + kb[None, :], tl.exp(logit - m[:, None]) / s[:, None], mask=q_ok[:, None] & valid[None, :])
 
 
-#: block-softmax tiles and both kernels' warps, from an H200 sweep (tools/pooled_lab.py, session 9): with
-#: 8 query blocks by 64 key blocks a program and 2 warps the softmax took 0.0098 ms at 4608 tokens and
-#: 0.158 ms at 33792 (32 x 32 with 4 warps: 0.023 and 0.177); the block mean with 2 warps read at 4.9
-#: and 4.0 TB/s (4 warps: 3.2 and 3.1). Small tiles make more programs, which these short kernels need to
-#: fill the GPU; 1 warp or 64-wide query tiles were slower at one length or the other.
-_SOFTMAX_TILE_Q = 8
+#: block-softmax tiles, warps and products. The logits come from tensor cores (``TF32X3``: three tf32
+#: products, ~9e-8 relative error against the fp32 reference, as with fp32 FMAs): H200, graph replays
+#: (tools/pooled_pdl_lab.py, session 12). Walking a row 64 key blocks at a time, 32 query blocks a program
+#: with 4 warps took 0.0184 / 0.0379 ms at 16896 / 33792 tokens, against 0.0687 / 0.1577 for the fp32-FMA
+#: product on 8 x 64 tiles with 2 warps (session 9's choice; with FMAs 32-row tiles spilled). Where one
+#: 64-block tile holds the whole row (FLUX's 36 key blocks), 16 query blocks with 4 warps: 0.0035 vs 0.0053
+#: ms at 4608 tokens, the whole op 0.0212 vs 0.0228.
 _SOFTMAX_TILE_K = 64
+_SOFTMAX_WALK = dict(TILE_Q=32, num_warps=4, TF32X3=True)
+_SOFTMAX_ONE_TILE = dict(TILE_Q=16, num_warps=4, TF32X3=True)
+#: the block mean's warps (session 9: 2 warps read at 4.9 and 4.0 TB/s at 4608 and 33792 tokens, 4 warps
+#: at 3.2 and 3.1, on q alone, which stays in L2 between replays; session 12, q and k, 56-400 MB: 2 warps
+#: and 32-row chunks 3.4 / 4.0 / 4.2 TB/s at 4608 / 16896 / 33792, within 2 % of the best of 1-8 warps and
+#: 16-128-row chunks on either layout)
+_MEAN_WARPS = 2
 
 
 def _warps(n: int) -> dict:
     return {} if triton_interpreting() else dict(num_warps=n)
+
+
+def _softmax_config(n_k: int, device: torch.device) -> dict:
+    """The block softmax's tiles and launch options: one tile per row where ``n_k`` fits, tensor-core
+    logits where the GPU has tf32 (compute capability 8+; the interpreter computes either in fp32)."""
+    cfg = dict(_SOFTMAX_ONE_TILE if n_k <= _SOFTMAX_TILE_K else _SOFTMAX_WALK)
+    warps = cfg.pop("num_warps")
+    if cfg["TF32X3"] and device.type == "cuda" and not triton_interpreting() and _capability(device)[0] < 8:
+        cfg["TF32X3"] = False
+    return dict(cfg, ONE_TILE=n_k <= _SOFTMAX_TILE_K, TILE_K=_SOFTMAX_TILE_K, **_warps(warps))
+
+
+@functools.lru_cache(maxsize=None)
+def _capability_of(index: int) -> tuple:
+    return torch.cuda.get_device_capability(index)
+
+
+def _capability(device: torch.device) -> tuple:
+    return _capability_of(torch.cuda.current_device() if device.index is None else device.index)
 
 
 def _launch_pooled(q, k, block_q, block_kv, scale):
@@ -158,12 +192,12 @@ def _launch_pooled(q, k, block_q, block_kv, scale):
         q, k, qm, km, H, Sq, Skv, n_q, n_k,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         HEAD_DIM=D, BLOCK_D=bd, SYM_BLOCK_Q=block_q, SYM_BLOCK_KV=block_kv,
-        CHUNK_Q=min(block_q, 32), CHUNK_KV=min(block_kv, 32), **_warps(2),
+        CHUNK_Q=min(block_q, 32), CHUNK_KV=min(block_kv, 32), **_warps(_MEAN_WARPS),
     )
     scores = torch.empty(B, H, n_q, n_k, dtype=torch.float32, device=q.device)
-    launch(_block_softmax_kernel, (cdiv(n_q, _SOFTMAX_TILE_Q), B * H),
-        qm, km, scores, n_q, n_k, Skv, scale, HEAD_DIM=D, BLOCK_D=bd, SYM_BLOCK_KV=block_kv,
-        TILE_Q=_SOFTMAX_TILE_Q, TILE_K=_SOFTMAX_TILE_K, ONE_TILE=n_k <= _SOFTMAX_TILE_K, **_warps(2),
+    cfg = _softmax_config(n_k, q.device)
+    launch(_block_softmax_kernel, (cdiv(n_q, cfg["TILE_Q"]), B * H),
+        qm, km, scores, n_q, n_k, Skv, scale, HEAD_DIM=D, BLOCK_D=bd, SYM_BLOCK_KV=block_kv, **cfg,
     )
     return scores
 
