@@ -230,6 +230,57 @@ def part_pooled(seqs, rows):
         rows.append(dict(part="pooled", S=S, ms=t, graph_ms=tg, cudnn_ms=dense, fraction=t / dense,
                          graph_fraction=tg / dense, err=err, ok=err < 1e-3))
         print(f"  pooled S={S}: {t:.4f} ms = {100 * t / dense:.2f}% of one dense attention, err {err:.1e}")
+        rows.append(symbol_generation_row(q, k, dense))
+
+
+#: the joint site the symbol-generation row models: FLUX's 512 text tokens first, vision after
+TEXT_TOKENS = 512
+
+
+def symbol_generation_row(q, k, dense_ms):
+    """The whole update-step symbol generation of one site as the runtime runs it (runtime.make_symbols and
+    the schedule prefetch): pooled scores, the ``flashomni`` policy (joint site, ``TEXT_TOKENS`` text tokens
+    first, default thresholds) and its finalize, the bits packed, and the schedules a dispatch step reads
+    decoded (attention's key lists and walk order, GEMM-Q's tiles, GEMM-O's head lists). Timed from
+    Python: the policy's host decisions are part of the cost. Checked: the bits equal those the same
+    pipeline makes from the fp32 reference scores (``differing`` counts blocks that differ, where a
+    score sits on a tail boundary)."""
+    from .config import OmniConfig
+    from .ops.pooled import pooled_scores_reference
+    from .policies import PolicyInput, run_policy
+    from .policies.base import block_text_mask
+
+    S = q.shape[2]
+    segs = [("text", 0, TEXT_TOKENS), ("vision", TEXT_TOKENS, S)]
+    text = block_text_mask(segs, S, BLOCK, q.device)
+    n_text = -(-TEXT_TOKENS // BLOCK)
+    cfg = OmniConfig()
+
+    def bits(scores):
+        inp = PolicyInput(scores=scores, scores_square=scores, kind="joint", q_text=text, kv_text=text, batch=B,
+                          heads=H, seq_q=S, seq_kv=S, block_q=BLOCK, block_kv=BLOCK, text_q_blocks=n_text)
+        return run_policy("flashomni", inp, cfg)
+
+    def generate():
+        reuse, skip = bits(pooled_scores(q, k, BLOCK, BLOCK))
+        sym = Symbols.from_dense(reuse, skip, BLOCK, BLOCK, S, S, share_dense=True)
+        sym.kv_schedule()
+        sym.kv_order()
+        sym.tile_schedule(S, 0, BLOCK)
+        sym.head_schedule(S, 0, BLOCK, False)
+        return sym
+
+    sym = generate()
+    ref_reuse, ref_skip = bits(pooled_scores_reference(q, k, BLOCK, BLOCK, D**-0.5))
+    reuse, skip = sym.to_dense()
+    differing = int((reuse != ref_reuse).sum() + (skip != ref_skip).sum())
+    t = bench_ms(generate)
+    row = dict(part="symbols", S=S, ms=t, cudnn_ms=dense_ms, fraction=t / dense_ms, density=sym.density(),
+               reuse=reuse.float().mean().item(), differing=differing,
+               ok=differing <= 1e-3 * (reuse.numel() + skip.numel()))
+    print(f"  symbol generation S={S}: {t:.4f} ms = {100 * t / dense_ms:.2f}% of one dense attention, "
+          f"density {row['density']:.3f}, reuse {row['reuse']:.2f}, {differing} blocks differ from the reference")
+    return row
 
 
 def _sweep_row(rows, op, cfg, run, ref, flops, keep=""):
@@ -318,6 +369,15 @@ def markdown(rows):
         for r in pool:
             out.append(f"| {r['S']} | {r['ms']:.4f} | {r['graph_ms']:.4f} | {r['cudnn_ms']:.3f} | {100 * r['fraction']:.2f} % | "
                        f"{100 * r['graph_fraction']:.2f} % | {r['err']:.1e} |")
+        out.append("")
+    gen = [r for r in rows if r["part"] == "symbols"]
+    if gen:
+        out += ["### Update-step symbol generation: pooled scores + flashomni policy + bits + schedules (from Python)", "",
+                "| S | ms | cuDNN dense attention ms | fraction | density | reuse | blocks differing from the reference | ok |",
+                "|---:|---:|---:|---:|---:|---:|---:|:-:|"]
+        for r in gen:
+            out.append(f"| {r['S']} | {r['ms']:.4f} | {r['cudnn_ms']:.3f} | {100 * r['fraction']:.2f} % | {r['density']:.3f} | "
+                       f"{r['reuse']:.2f} | {r['differing']} | {'yes' if r['ok'] else 'NO'} |")
         out.append("")
     sw = [r for r in rows if r["part"] == "sweep"]
     if sw:

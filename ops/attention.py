@@ -447,8 +447,9 @@ def persistent_attention_applies(q: torch.Tensor, block_q: int, block_kv: int) -
 #: replays, zig-zag walk): at 4608 tokens (864 tiles, 6.5 waves) persistent 0.115 vs grid 0.140 ms; at 16896
 #: (24 waves) 1.378 vs 1.315 and at 32656 (46.5 waves) 5.381 vs 4.949, where the grid's dynamic block
 #: scheduling balances unequal tiles better than a static walk of the longest-first list (with equal counts
-#: per tile persistent was 4-18 % faster there, session 9). The bound sits between the measured 6.5 and 24
-#: waves, not on a measurement.
+#: per tile persistent was 4-18 % faster there, session 9). Between them (session 12, same masks): 8192
+#: tokens (11.6 waves) persistent 0.343 vs grid 0.359 ms, 10240 (14.5) 0.502 vs 0.507, 12288 (17.5) 0.733
+#: vs 0.732: the crossing lies near 15-17 waves, and 12 keeps the lengths where persistence gains > 1 %.
 PERSISTENT_MAX_WAVES = 12
 
 

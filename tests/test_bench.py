@@ -16,3 +16,24 @@ def test_equal_and_varied_masks_keep_the_asked_fraction():
         assert (c_eq == kept).all()
         assert c_var.min() >= 1 and c_var.max() <= min(n, 2 * kept - 1) and c_var.unique().numel() > 1
         assert abs(varied.density() - equal.density()) < 0.02
+
+
+def test_symbol_generation_row_runs_the_update_pipeline(monkeypatch):
+    """The benchmark's update-step symbol-generation row on the CPU (its timer stubbed): it runs the
+    flashomni policy on a joint site, decodes the schedules, and compares its bits with the reference
+    pipeline's (here the same path, so none differ)."""
+    from omni_compile import bench
+
+    calls = []
+    monkeypatch.setattr(bench, "bench_ms", lambda fn: calls.append(fn()) or 0.5)
+    g = torch.Generator().manual_seed(0)
+    S = 1000  # 8 blocks, the last partial; the first 4 hold the 512 text tokens
+    q, k = (torch.randn(1, bench.H, S, bench.D, generator=g) for _ in range(2))
+    row = bench.symbol_generation_row(q, k, dense_ms=2.0)
+    assert row["part"] == "symbols" and row["ok"] and row["differing"] == 0
+    assert row["fraction"] == 0.25 and 0 < row["density"] <= 1
+    sym = calls[0]
+    reuse, skip = sym.to_dense()
+    assert not reuse[:, :, :4].any(), "text query blocks are never reused"
+    assert not skip[:, :, :, :4].any(), "text key blocks are never skipped"
+    assert sym._kv_order is not None and sym._tile_schedules and sym._head_schedules
