@@ -33,6 +33,11 @@ VARIANTS = {
         ("    m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)\n    p = tl.math.exp2(qk * qk_scale - m_new[:, None])\n",
          "    m_new = tl.maximum(m_i, tl.max(qk, 1))\n    p = tl.math.exp2(qk - m_new[:, None])\n"),
     ],
+    "mask_last_tile": [
+        ("    if MASK_KV:\n        qk = tl.where(cols[None, :] < seq_kv, qk, float(\"-inf\"))\n",
+         "    if MASK_KV:\n        if start_n + BLOCK_N > seq_kv:\n"
+         "            qk = tl.where(cols[None, :] < seq_kv, qk, float(\"-inf\"))\n"),
+    ],
 }
 
 
