@@ -358,14 +358,8 @@ def low_tail(score: torch.Tensor, cand: torch.Tensor, tau: float) -> torch.Tenso
     cand = cand.expand_as(score)
     if tau <= 0:
         return torch.zeros_like(cand)
-    s = torch.where(cand, score.float(), torch.zeros((), device=score.device))
-    total = s.sum(-1, keepdim=True)
-    key = torch.where(cand, s, torch.full((), float("inf"), device=score.device))
-    order = torch.sort(key, dim=-1, stable=True).indices
-    cum = torch.gather(s, -1, order).cumsum(-1)
-    sel_sorted = (cum <= tau * total) & torch.gather(cand, -1, order)
-    sel = torch.zeros_like(cand)
-    return sel.scatter(-1, order, sel_sorted)
+    s = _candidate_scores(score.float(), cand)
+    return _tail_of_sorted(s, cand, tau * s.sum(-1, keepdim=True))
 
 
 def skip_tail(scores: torch.Tensor, rows: torch.Tensor, kv_protect: torch.Tensor, tau_kv: float) -> torch.Tensor:
@@ -383,12 +377,23 @@ def skip_tail(scores: torch.Tensor, rows: torch.Tensor, kv_protect: torch.Tensor
 
 
 def _low_tail_abs(score: torch.Tensor, cand: torch.Tensor, budget: float) -> torch.Tensor:
-    s = torch.where(cand, score, torch.zeros((), device=score.device))
-    key = torch.where(cand, s, torch.full((), float("inf"), device=score.device))
-    order = torch.sort(key, dim=-1, stable=True).indices
+    return _tail_of_sorted(_candidate_scores(score, cand), cand, budget)
+
+
+def _candidate_scores(score: torch.Tensor, cand: torch.Tensor) -> torch.Tensor:
+    # a Python 0.0, not a 0-d device tensor: one fill kernel and allocation fewer per call on a GPU
+    return torch.where(cand, score, 0.0)
+
+
+def _tail_of_sorted(s: torch.Tensor, cand: torch.Tensor, budget) -> torch.Tensor:
+    """The candidates of ``s`` (0 elsewhere) that, sorted ascending (stable), have a cumulative sum up to and
+    including them ``<= budget`` (a float or a tensor broadcasting against the cumulative sums). The sort's
+    indices are a permutation of the last axis, so the scatter writes every element of an empty tensor:
+    no zero fill first."""
+    order = torch.sort(torch.where(cand, s, float("inf")), dim=-1, stable=True).indices
     cum = torch.gather(s, -1, order).cumsum(-1)
     sel_sorted = (cum <= budget) & torch.gather(cand, -1, order)
-    return torch.zeros_like(cand).scatter(-1, order, sel_sorted)
+    return torch.empty_like(cand).scatter_(-1, order, sel_sorted)
 
 
 def contribution(P: torch.Tensor, from_rows: torch.Tensor) -> torch.Tensor:
@@ -401,7 +406,7 @@ def guidance(P: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.T
     ``[B, H, nRows]`` from ``P [B, H, nRows, nCols]``."""
     M = P.float() * rows.view(1, 1, -1, 1) * cols.view(1, 1, 1, -1)
     colsum = M.sum(-2, keepdim=True)
-    beta = torch.where(colsum > 0, M / colsum.clamp_min(1e-30), torch.zeros((), device=P.device))
+    beta = torch.where(colsum > 0, M / colsum.clamp_min(1e-30), 0.0)
     return beta.sum(-1)
 
 

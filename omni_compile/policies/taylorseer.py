@@ -57,7 +57,7 @@ class TaylorSeer(BasePolicy):
         k = int(round(float(self.fraction) * n_vis))
         if k == 0:
             return reuse, skip
-        key = torch.where(vis.view(1, 1, -1), change, torch.full((), float("inf"), device=change.device))
+        key = torch.where(vis.view(1, 1, -1), change, float("inf"))
         order = torch.sort(key, dim=-1, stable=True).indices
         rank = torch.empty_like(order).scatter_(-1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order))
         return (rank < k) & vis.view(1, 1, -1), skip

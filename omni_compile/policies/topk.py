@@ -52,7 +52,7 @@ class TopK(BasePolicy):
             return reuse, skip_tail(inp.scores, rows, inp.kv_text, 1.0 - float(self.mass))
         nK = inp.num_kv_blocks
         cand = ~inp.kv_text
-        s = torch.where(cand.view(1, 1, 1, nK), inp.scores.float(), torch.full((), -float("inf"), device=inp.device))
+        s = torch.where(cand.view(1, 1, 1, nK), inp.scores.float(), -float("inf"))
         order = torch.sort(-s, dim=-1, stable=True).indices  # descending, ties by index
         rank = torch.empty_like(order).scatter_(-1, order, torch.arange(nK, device=inp.device).expand_as(order))
         skip = (rank >= self.k) & cand.view(1, 1, 1, nK) & rows.unsqueeze(-1)
