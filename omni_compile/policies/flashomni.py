@@ -48,7 +48,9 @@ def flashomni(inp: PolicyInput, config, tau_q: Optional[float] = None, tau_kv: O
         P = inp.scores_square
         C = contribution(P, inp.q_text)
         G = guidance(P, vis_q, inp.q_text)
-        reuse = low_tail(C, vis_q, tau_q) & low_tail(G, vis_q, tau_q)
+        # both tails in one sort, gather, cumsum and scatter: ~10 launches fewer per site than two calls
+        both = low_tail(torch.stack((C, G)), vis_q, tau_q)
+        reuse = both[0] & both[1]
     else:  # vision-only self-attention (a text-only site has no candidates)
         C = contribution(inp.scores_square, torch.ones_like(vis_q))
         reuse = low_tail(C, vis_q, tau_q)
