@@ -275,8 +275,8 @@ def symbol_generation_row(q, k, dense_ms):
     reuse, skip = sym.to_dense()
     differing = int((reuse != ref_reuse).sum() + (skip != ref_skip).sum())
     t = bench_ms(generate)
-    # GPU time alone where the pipeline captures into a CUDA graph (it reads nothing back): what a loop
-    # whose host runs ahead of the GPU pays
+    # GPU time alone, where the pipeline captures into a CUDA graph (NaN where it cannot, e.g. on a
+    # read-back): what a loop whose host runs ahead of the GPU pays
     tg = graph_ms(generate) if q.is_cuda else float("nan")
     row = dict(part="symbols", S=S, ms=t, graph_ms=tg, cudnn_ms=dense_ms, fraction=t / dense_ms,
                graph_fraction=tg / dense_ms, density=sym.density(),

@@ -30,7 +30,11 @@ for S in map(int, args.seqs.split(",")):
         for _ in range(5):
             fn()
         torch.cuda.synchronize()
-    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40)
-    dev = prof.key_averages().table(sort_by="self_device_time_total", row_limit=15)
-    open(os.path.join(args.out, f"symbols_profile_{S}.txt"), "w").write(table + "\n\n" + dev)
-    print(f"S={S}: 5 calls\n{table}\n{dev}")
+    events = prof.key_averages()
+    table = events.table(sort_by="self_cpu_time_total", row_limit=40)
+    dev = events.table(sort_by="self_device_time_total", row_limit=15)
+    # every copy and read-back, not only those among the top rows (session 12's table cut them off)
+    stalls = "\n".join(f"{e.key}: {e.count} calls, {e.self_cpu_time_total:.1f} us host" for e in events
+                       if any(w in e.key for w in ("Memcpy", "Synchronize", "_local_scalar_dense", "nonzero")))
+    open(os.path.join(args.out, f"symbols_profile_{S}.txt"), "w").write(table + "\n\n" + dev + "\n\n" + stalls)
+    print(f"S={S}: 5 calls\n{table}\n{dev}\ncopies and read-backs:\n{stalls}")
