@@ -261,13 +261,20 @@ def symbol_generation_row(q, k, dense_ms):
                           heads=H, seq_q=S, seq_kv=S, block_q=BLOCK, block_kv=BLOCK, text_q_blocks=n_text)
         return run_policy("flashomni", inp, cfg)
 
-    def generate():
-        reuse, skip = bits(pooled_scores(q, k, BLOCK, BLOCK))
+    def generate(stages=4):
+        """The pipeline's first ``stages`` of: pooled scores, policy, packed bits, schedules."""
+        scores = pooled_scores(q, k, BLOCK, BLOCK)
+        if stages == 1:
+            return scores
+        reuse, skip = bits(scores)
+        if stages == 2:
+            return skip
         sym = Symbols.from_dense(reuse, skip, BLOCK, BLOCK, S, S, share_dense=True)
-        sym.kv_schedule()
-        sym.kv_order()
-        sym.tile_schedule(S, 0, BLOCK)
-        sym.head_schedule(S, 0, BLOCK, False)
+        if stages == 4:
+            sym.kv_schedule()
+            sym.kv_order()
+            sym.tile_schedule(S, 0, BLOCK)
+            sym.head_schedule(S, 0, BLOCK, False)
         return sym
 
     sym = generate()
@@ -278,13 +285,18 @@ def symbol_generation_row(q, k, dense_ms):
     # GPU time alone, where the pipeline captures into a CUDA graph (NaN where it cannot, e.g. on a
     # read-back): what a loop whose host runs ahead of the GPU pays
     tg = graph_ms(generate) if q.is_cuda else float("nan")
+    # where it goes: each stage's share as the difference of the timed prefixes (wall, from Python)
+    prefix = [bench_ms(lambda n=n: generate(n)) for n in (1, 2, 3)] + [t]
+    stages = dict(zip(("pooled_ms", "policy_ms", "pack_ms", "schedules_ms"),
+                      [prefix[0]] + [b - a for a, b in zip(prefix, prefix[1:])]))
     row = dict(part="symbols", S=S, ms=t, graph_ms=tg, cudnn_ms=dense_ms, fraction=t / dense_ms,
-               graph_fraction=tg / dense_ms, density=sym.density(),
+               graph_fraction=tg / dense_ms, density=sym.density(), **stages,
                reuse=reuse.float().mean().item(), differing=differing,
                ok=differing <= 1e-3 * (reuse.numel() + skip.numel()))
     print(f"  symbol generation S={S}: {t:.4f} ms = {100 * t / dense_ms:.2f}% of one dense attention "
-          f"(graph replay {tg:.4f} ms = {100 * tg / dense_ms:.2f}%), "
-          f"density {row['density']:.3f}, reuse {row['reuse']:.2f}, {differing} blocks differ from the reference")
+          f"(graph replay {tg:.4f} ms = {100 * tg / dense_ms:.2f}%; "
+          + ", ".join(f"{k[:-3]} {v:.4f}" for k, v in stages.items())
+          + f"), density {row['density']:.3f}, reuse {row['reuse']:.2f}, {differing} blocks differ from the reference")
     return row
 
 
@@ -378,10 +390,11 @@ def markdown(rows):
     gen = [r for r in rows if r["part"] == "symbols"]
     if gen:
         out += ["### Update-step symbol generation: pooled scores + flashomni policy + bits + schedules", "",
-                "| S | ms | graph-replay ms | cuDNN dense attention ms | fraction | fraction (graph) | density | reuse | blocks differing from the reference | ok |",
-                "|---:|---:|---:|---:|---:|---:|---:|---:|---:|:-:|"]
+                "| S | ms | graph-replay ms | pooled / policy / bits / schedules ms | cuDNN dense attention ms | fraction | fraction (graph) | density | reuse | blocks differing from the reference | ok |",
+                "|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|:-:|"]
         for r in gen:
-            out.append(f"| {r['S']} | {r['ms']:.4f} | {r['graph_ms']:.4f} | {r['cudnn_ms']:.3f} | {100 * r['fraction']:.2f} % | "
+            split = " / ".join(f"{r.get(k, float('nan')):.3f}" for k in ("pooled_ms", "policy_ms", "pack_ms", "schedules_ms"))
+            out.append(f"| {r['S']} | {r['ms']:.4f} | {r['graph_ms']:.4f} | {split} | {r['cudnn_ms']:.3f} | {100 * r['fraction']:.2f} % | "
                        f"{100 * r['graph_fraction']:.2f} % | {r['density']:.3f} | "
                        f"{r['reuse']:.2f} | {r['differing']} | {'yes' if r['ok'] else 'NO'} |")
         out.append("")

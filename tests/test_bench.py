@@ -32,6 +32,9 @@ def test_symbol_generation_row_runs_the_update_pipeline(monkeypatch):
     row = bench.symbol_generation_row(q, k, dense_ms=2.0)
     assert row["part"] == "symbols" and row["ok"] and row["differing"] == 0
     assert row["fraction"] == 0.25 and 0 < row["density"] <= 1
+    # the stage split: the stubbed timer gives every prefix 0.5 ms, so all of it lands on the first stage
+    assert (row["pooled_ms"], row["policy_ms"], row["pack_ms"], row["schedules_ms"]) == (0.5, 0.0, 0.0, 0.0)
+    assert calls[1].shape == (1, bench.H, 8, 8) and calls[2].dtype == torch.bool and calls[3].density() == row["density"]
     sym = calls[0]
     reuse, skip = sym.to_dense()
     assert not reuse[:, :, :4].any(), "text query blocks are never reused"
