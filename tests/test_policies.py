@@ -369,3 +369,30 @@ def test_docs_show_the_worked_example_verbatim():
     root = pathlib.Path(__file__).resolve().parents[1]
     code = (root / "tests" / "_user_policy.py").read_text().split("\n", 2)[2]  # minus the two comment lines
     assert code.strip() in (root / "docs" / "policies.md").read_text()
+
+
+class _HostReads(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the ops that read a tensor back to the host or build one from host data: on CUDA each is a
+    sync or a copy that stalls the pipelined loop once per site and update."""
+
+    READS = ("_local_scalar_dense", "nonzero", "masked_select", "lift_fresh")
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.__name__.split(".")[0]
+        if name in self.READS:
+            self.seen.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("policy", [FlashOmni(), TopK(mass=0.9), TopK(k=2), Broadcast(), TaylorSeer(fraction=0.5)])
+@pytest.mark.parametrize("text", [0, 16])
+def test_score_policies_read_nothing_back(policy, text):
+    inp, _ = _inp(96, text, True, H=3)
+    inp.change = torch.rand(1, 3, inp.q_text.numel(), generator=torch.Generator().manual_seed(1))
+    with _HostReads() as reads:
+        run_policy(policy, inp, CFG)
+    assert reads.seen == [], (policy, reads.seen)

@@ -53,7 +53,9 @@ class TaylorSeer(BasePolicy):
         change = inp.change.float()
         if self.threshold is not None:
             return (change <= float(self.threshold)) & vis.view(1, 1, -1), skip
-        n_vis = int(vis.sum())
+        # the host count, not int(vis.sum()): reading a device tensor back would stall the pipelined loop
+        # once per site and update
+        n_vis = inp.q_text.numel() - int(inp.text_q_blocks)
         k = int(round(float(self.fraction) * n_vis))
         if k == 0:
             return reuse, skip
