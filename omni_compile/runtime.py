@@ -165,9 +165,15 @@ def _cache_estimate(state, site: SiteRecord, batch: int, heads: int, seq_q: int,
     return (D + 1) * batch * heads * seq_q * head_dim * itemsize + batch * heads * seq_q
 
 
+def _text_blocks(segments, n: int, block: int) -> int:
+    """How many of ``n`` blocks of ``block`` tokens hold a text token (a host count: no device read)."""
+    return sum(1 for j in range(n) if any(m == "text" and a < (j + 1) * block and b > j * block for m, a, b in segments))
+
+
 def _layout(state, site: SiteRecord, device, kv_segments=None, seq_kv=None):
-    """``(q_text [nQ], kv_text [nK], text query blocks)`` of a site, cached. ``kv_segments`` / ``seq_kv``
-    describe the keys actually attended when a key-padding mask dropped some (see :func:`_kept_keys`)."""
+    """``(q_text [nQ], kv_text [nK], text query blocks, text key blocks)`` of a site, cached.
+    ``kv_segments`` / ``seq_kv`` describe the keys actually attended when a key-padding mask dropped some
+    (see :func:`_kept_keys`)."""
     from .policy import block_text_mask
 
     kv_segments = site.kv_segments if kv_segments is None else kv_segments
@@ -179,9 +185,8 @@ def _layout(state, site: SiteRecord, device, kv_segments=None, seq_kv=None):
         cfg = state.config
         q_text = block_text_mask(site.segments, site.seq_q, cfg.block_q, device)
         kv_text = block_text_mask(kv_segments, seq_kv, cfg.block_kv, device)
-        n_text = sum(1 for j in range(q_text.numel())
-                     if any(m == "text" and a < (j + 1) * cfg.block_q and b > j * cfg.block_q for m, a, b in site.segments))
-        hit = cache[key] = (q_text, kv_text, n_text)
+        hit = cache[key] = (q_text, kv_text, _text_blocks(site.segments, q_text.numel(), cfg.block_q),
+                            _text_blocks(kv_segments, kv_text.numel(), cfg.block_kv))
     return hit
 
 
@@ -274,7 +279,8 @@ def make_symbols(state, site: SiteRecord, q, k, scale, step: int, timestep: floa
     cfg, policy = site_policy(state, site)
     B, H, Sq, _ = q.shape
     Skv = k.shape[2]
-    q_text, kv_text, n_text = _layout(state, site, q.device, kv_segments, Skv if kv_segments is not None else None)
+    q_text, kv_text, n_text, n_text_kv = _layout(state, site, q.device, kv_segments,
+                                                 Skv if kv_segments is not None else None)
     scores = square = None
     if policy.needs_scores:
         scores = pooled_scores(q, k, cfg.block_q, cfg.block_kv, scale)
@@ -293,7 +299,7 @@ def make_symbols(state, site: SiteRecord, q, k, scale, step: int, timestep: floa
             change = feature_change(now, prev, s1 - s0)
     inp = PolicyInput(scores=scores, scores_square=square, kind=site.kind, q_text=q_text, kv_text=kv_text,
                       batch=B, heads=H, seq_q=Sq, seq_kv=Skv, block_q=cfg.block_q, block_kv=cfg.block_kv,
-                      text_q_blocks=n_text, site_id=site.site_id, step=step, timestep=timestep, site_name=site.name,
+                      text_q_blocks=n_text, text_kv_blocks=n_text_kv, site_id=site.site_id, step=step, timestep=timestep, site_name=site.name,
                       layout=layout, layout_reason=layout_reason or "", change=change)
     try:
         reuse, skip = finalize(policy, inp, *policy(inp, cfg))

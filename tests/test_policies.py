@@ -396,3 +396,26 @@ def test_score_policies_read_nothing_back(policy, text):
     with _HostReads() as reads:
         run_policy(policy, inp, CFG)
     assert reads.seen == [], (policy, reads.seen)
+
+
+@pytest.mark.parametrize("text_kv_blocks", [None, 1])
+def test_window_reads_back_only_without_the_host_count(text_kv_blocks):
+    # 16 text tokens then a 5 x 16 grid, blocks of 16: one text key block (the runtime passes the count)
+    inp, _ = _inp(96, 16, True, H=2, layout=TokenLayout(1, 5, 16, 16))
+    inp.text_kv_blocks = text_kv_blocks
+    run_policy(Window(size=(1, 3, 3)), inp, CFG)  # the window's key mask is built on the host once per shape
+    with _HostReads() as reads:
+        reuse, skip = run_policy(Window(size=(1, 3, 3)), inp, CFG)
+    assert reads.seen == ([] if text_kv_blocks is not None else ["_local_scalar_dense"])
+    assert skip[..., 1:, 1:].any() and not skip[..., 0].any()  # vision keys outside the window skipped, text kept
+    inp.text_kv_blocks = None
+    assert all(torch.equal(a, b) for a, b in zip(run_policy(Window(size=(1, 3, 3)), inp, CFG), (reuse, skip)))
+
+
+def test_runtime_text_block_counts():
+    from omni_compile.runtime import _text_blocks
+
+    segs = [("text", 0, 20), ("vision", 20, 100), ("text", 100, 103)]
+    assert _text_blocks(segs, 7, 16) == 3  # blocks 0, 1 (tokens 16-19) and 6 (96-111)
+    assert _text_blocks(segs, 4, 32) == 2 and _text_blocks([("vision", 0, 64)], 4, 16) == 0
+    assert _text_blocks(segs, 7, 16) == int(block_text_mask(segs, 103, 16).sum())

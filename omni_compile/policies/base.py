@@ -80,6 +80,9 @@ class PolicyInput:
     block_kv: int
     text_q_blocks: int = 0
     """How many query blocks are text (a host int: policies branch on it without a device sync)."""
+    text_kv_blocks: Optional[int] = None
+    """How many key blocks hold a text token, as a host int (the runtime sets it); None where unknown,
+    and a policy then reads ``kv_text`` (a device read-back)."""
     site_id: int = 0
     step: int = 0
     timestep: float = 0.0

@@ -121,11 +121,17 @@ class Window(BasePolicy):
 
     def __call__(self, inp: PolicyInput, config) -> Bits:
         reuse, skip = no_bits(inp)
-        if inp.kind == "cross" or bool(inp.kv_text.all()):
+        keys_all_text = (inp.text_kv_blocks == inp.num_kv_blocks if inp.text_kv_blocks is not None
+                         else bool(inp.kv_text.all()))  # the host count where the runtime gave it: no sync
+        if inp.kind == "cross" or keys_all_text:
             return reuse, skip  # keys are all text: nothing to skip
         if inp.layout is None:
             raise PolicyFallback(f"window needs the token layout: {inp.layout_reason}")
-        keep = window_keep(inp.layout, self.size, inp.seq_q, inp.seq_kv, inp.block_q, inp.block_kv).to(inp.device)
+        from omni_compile.ops._common import device_constant
+
+        args = (inp.layout, self.size, inp.seq_q, inp.seq_kv, inp.block_q, inp.block_kv)
+        # kept on the device per shape: a .to(device) per call was a host-to-device copy per site and update
+        keep = device_constant(("window_keep", *args), inp.device, lambda: window_keep(*args))
         rows = ~inp.q_text.view(-1, 1)
         s = ~keep & rows & ~inp.kv_text.view(1, -1)
         return reuse, skip | s.view(1, 1, *s.shape)
