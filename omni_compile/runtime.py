@@ -299,8 +299,9 @@ def make_symbols(state, site: SiteRecord, q, k, scale, step: int, timestep: floa
             change = feature_change(now, prev, s1 - s0)
     inp = PolicyInput(scores=scores, scores_square=square, kind=site.kind, q_text=q_text, kv_text=kv_text,
                       batch=B, heads=H, seq_q=Sq, seq_kv=Skv, block_q=cfg.block_q, block_kv=cfg.block_kv,
-                      text_q_blocks=n_text, text_kv_blocks=n_text_kv, site_id=site.site_id, step=step, timestep=timestep, site_name=site.name,
-                      layout=layout, layout_reason=layout_reason or "", change=change)
+                      text_q_blocks=n_text, text_kv_blocks=n_text_kv, site_id=site.site_id, step=step,
+                      timestep=timestep, site_name=site.name, layout=layout, layout_reason=layout_reason or "",
+                      change=change)
     try:
         reuse, skip = finalize(policy, inp, *policy(inp, cfg))
     except PolicyFallback as e:
