@@ -136,8 +136,7 @@ def hopper_with_new_triton(device) -> bool:
             version = tuple(int(p) for p in triton.__version__.split(".")[:2])
         except ValueError:
             version = (0, 0)
-        index = torch.cuda.current_device() if device.index is None else device.index
-        hit = _HOPPER_WITH_NEW_TRITON[device] = version >= (3, 6) and torch.cuda.get_device_capability(index)[0] == 9
+        hit = _HOPPER_WITH_NEW_TRITON[device] = version >= (3, 6) and device_capability(device)[0] == 9
     return hit
 
 
@@ -264,13 +263,28 @@ def device_constant(key, device, build) -> torch.Tensor:
     return t
 
 
+def _cuda_index(device: torch.device) -> int:
+    return torch.cuda.current_device() if device.index is None else device.index
+
+
 @functools.lru_cache(maxsize=None)
 def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(index: int) -> tuple:
+    return torch.cuda.get_device_capability(index)
+
+
+def device_capability(device: torch.device) -> tuple:
+    """``(major, minor)`` compute capability of a CUDA device, asked once per device: the ops' launch
+    choices read it on every call."""
+    return _capability(_cuda_index(device))
 
 
 def num_persistent_programs(device: torch.device) -> int:
     """One program per SM on a GPU; 3 in the interpreter (few enough that each walks several tiles)."""
     if device.type != "cuda":
         return 3
-    return _sm_count(torch.cuda.current_device() if device.index is None else device.index)
+    return _sm_count(_cuda_index(device))

@@ -12,14 +12,13 @@ attention at the same length.
 
 from __future__ import annotations
 
-import functools
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from ._common import cdiv, op_for_call, check_float, check_head_dim, next_pow2, triton_interpreting, use_triton
+from ._common import cdiv, device_capability, op_for_call, check_float, check_head_dim, next_pow2, triton_interpreting, use_triton
 from ._launch import launch
 from .symbols import block_count, check_block_size, scale_or_default
 
@@ -167,18 +166,9 @@ def _softmax_config(n_k: int, device: torch.device) -> dict:
     logits where the GPU has tf32 (compute capability 8+; the interpreter computes either in fp32)."""
     cfg = dict(_SOFTMAX_ONE_TILE if n_k <= _SOFTMAX_TILE_K else _SOFTMAX_WALK)
     warps = cfg.pop("num_warps")
-    if cfg["TF32X3"] and device.type == "cuda" and not triton_interpreting() and _capability(device)[0] < 8:
+    if cfg["TF32X3"] and device.type == "cuda" and not triton_interpreting() and device_capability(device)[0] < 8:
         cfg["TF32X3"] = False
     return dict(cfg, ONE_TILE=n_k <= _SOFTMAX_TILE_K, TILE_K=_SOFTMAX_TILE_K, **_warps(warps))
-
-
-@functools.lru_cache(maxsize=None)
-def _capability_of(index: int) -> tuple:
-    return torch.cuda.get_device_capability(index)
-
-
-def _capability(device: torch.device) -> tuple:
-    return _capability_of(torch.cuda.current_device() if device.index is None else device.index)
 
 
 def _launch_pooled(q, k, block_q, block_kv, scale):
