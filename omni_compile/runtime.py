@@ -165,11 +165,6 @@ def _cache_estimate(state, site: SiteRecord, batch: int, heads: int, seq_q: int,
     return (D + 1) * batch * heads * seq_q * head_dim * itemsize + batch * heads * seq_q
 
 
-def _text_blocks(segments, n: int, block: int) -> int:
-    """How many of ``n`` blocks of ``block`` tokens hold a text token (a host count: no device read)."""
-    return sum(1 for j in range(n) if any(m == "text" and a < (j + 1) * block and b > j * block for m, a, b in segments))
-
-
 def _layout(state, site: SiteRecord, device, kv_segments=None, seq_kv=None):
     """``(q_text [nQ], kv_text [nK], text query blocks, text key blocks)`` of a site, cached.
     ``kv_segments`` / ``seq_kv`` describe the keys actually attended when a key-padding mask dropped some
@@ -183,10 +178,10 @@ def _layout(state, site: SiteRecord, device, kv_segments=None, seq_kv=None):
     hit = cache.get(key)
     if hit is None:
         cfg = state.config
-        q_text = block_text_mask(site.segments, site.seq_q, cfg.block_q, device)
-        kv_text = block_text_mask(kv_segments, seq_kv, cfg.block_kv, device)
-        hit = cache[key] = (q_text, kv_text, _text_blocks(site.segments, q_text.numel(), cfg.block_q),
-                            _text_blocks(kv_segments, kv_text.numel(), cfg.block_kv))
+        # built on the host, so the text-block counts are read there, before the masks go to the device
+        q_text = block_text_mask(site.segments, site.seq_q, cfg.block_q)
+        kv_text = block_text_mask(kv_segments, seq_kv, cfg.block_kv)
+        hit = cache[key] = (q_text.to(device), kv_text.to(device), int(q_text.sum()), int(kv_text.sum()))
     return hit
 
 

@@ -412,10 +412,20 @@ def test_window_reads_back_only_without_the_host_count(text_kv_blocks):
     assert all(torch.equal(a, b) for a, b in zip(run_policy(Window(size=(1, 3, 3)), inp, CFG), (reuse, skip)))
 
 
-def test_runtime_text_block_counts():
-    from omni_compile.runtime import _text_blocks
+def _site_layout(segs, seq, block_q, block_kv, site_id=0):
+    """The runtime's cached ``(q_text, kv_text, text query blocks, text key blocks)`` of a self site."""
+    from types import SimpleNamespace
 
+    from omni_compile.runtime import _layout
+
+    state = SimpleNamespace(config=SimpleNamespace(block_q=block_q, block_kv=block_kv))
+    site = SimpleNamespace(site_id=site_id, segments=segs, seq_q=seq, kv_segments=segs, seq_kv=seq)
+    return _layout(state, site, torch.device("cpu"))
+
+
+def test_runtime_text_block_counts():
     segs = [("text", 0, 20), ("vision", 20, 100), ("text", 100, 103)]
-    assert _text_blocks(segs, 7, 16) == 3  # blocks 0, 1 (tokens 16-19) and 6 (96-111)
-    assert _text_blocks(segs, 4, 32) == 2 and _text_blocks([("vision", 0, 64)], 4, 16) == 0
-    assert _text_blocks(segs, 7, 16) == int(block_text_mask(segs, 103, 16).sum())
+    q_text, kv_text, n_q, n_kv = _site_layout(segs, 103, 16, 32)
+    assert (n_q, n_kv) == (3, 2)  # 16-blocks 0, 1 (tokens 16-19) and 6 (96-102); 32-blocks 0 and 3
+    assert torch.equal(q_text, block_text_mask(segs, 103, 16)) and torch.equal(kv_text, block_text_mask(segs, 103, 32))
+    assert _site_layout([("vision", 0, 64)], 64, 16, 16)[2:] == (0, 0)
