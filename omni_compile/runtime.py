@@ -267,9 +267,9 @@ def make_symbols(state, site: SiteRecord, q, k, scale, step: int, timestep: floa
     ``kv_segments``: the modality segments of ``k`` when it is not the site's full key sequence (keys
     dropped by a key-padding mask); ``k_square``: the full key sequence then, for the scores on the square
     (query block = key block) grid that joint/self metrics read."""
-    from omni_compile.ops import Symbols, pooled_scores
+    from omni_compile.ops import pooled_scores
 
-    from .policies import PolicyFallback, PolicyInput, feature_change, finalize
+    from .policies import PolicyFallback, PolicyInput, feature_change, policy_symbols
 
     cfg, policy = site_policy(state, site)
     B, H, Sq, _ = q.shape
@@ -298,17 +298,14 @@ def make_symbols(state, site: SiteRecord, q, k, scale, step: int, timestep: floa
                       timestep=timestep, site_name=site.name, layout=layout, layout_reason=layout_reason or "",
                       change=change)
     try:
-        reuse, skip = finalize(policy, inp, *policy(inp, cfg))
+        sym = policy_symbols(policy, inp, cfg, allow_reuse)
     except PolicyFallback as e:
         reason = f"policy {policy.name!r} cannot run here: {e}: dense"
         _policy_fallbacks(state)[site.site_id] = site.runtime_reason = reason
         return state.dense_symbols(B, H, Sq, Skv, q.device)
     if inp.notes:
         site.runtime_reason = "; ".join(inp.notes)
-    if not allow_reuse:
-        reuse = torch.zeros_like(reuse)
-    # the masks are this call's own (finalize made them): the symbols keep them as their dense view
-    return Symbols.from_dense(reuse, skip, cfg.block_q, cfg.block_kv, Sq, Skv, share_dense=True)
+    return sym
 
 
 def _record(state, site: SiteRecord, action: str, sym, work: int) -> None:

@@ -6,6 +6,7 @@ namespace ``flashomni``). This package imports torch and triton only.
 
 from ._common import kernel_backend, triton_interpreting
 from .attention import sparse_attention, sparse_attention_reference
+from .flashomni_policy import flashomni_symbols, flashomni_symbols_reference
 from .linear_o import cache_bias_for, sparse_linear_o, sparse_linear_o_reference
 from .linear_q import sparse_linear_q, sparse_linear_q_reference
 from .pooled import pooled_scores, pooled_scores_reference
@@ -23,6 +24,8 @@ __all__ = [
     "sparse_linear_o",
     "sparse_linear_o_reference",
     "cache_bias_for",
+    "flashomni_symbols",
+    "flashomni_symbols_reference",
     "pooled_scores",
     "pooled_scores_reference",
     "taylor_sum",

@@ -169,6 +169,22 @@ class Symbols:
         return out
 
     @classmethod
+    def from_decoded(cls, reuse_bits: torch.Tensor, skip_bits: torch.Tensor, block_q: int, block_kv: int, seq_q: int,
+                     seq_kv: int, dense: Tuple[torch.Tensor, torch.Tensor],
+                     kv_schedule: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> "Symbols":
+        """From packed bits together with what was decoded beside them (``ops.flashomni_symbols``' kernels
+        write all at once): ``dense``, the ``(reuse, skip)`` bool masks the bits pack, kept as the
+        :meth:`to_dense` view, and ``kv_schedule``, what :meth:`kv_schedule` would decode. Only for a caller
+        that made them from one decision and never changes them (their tests check they agree)."""
+        out = cls(reuse_bits, skip_bits, block_q, block_kv, seq_q, seq_kv)
+        reuse, skip = dense
+        if tuple(reuse.shape) != (out.batch, out.heads, out.num_q_blocks) or tuple(skip.shape) != tuple(out.skip_bits.shape[:3]) + (out.num_kv_blocks,):
+            raise ValueError(f"dense masks of shapes {list(reuse.shape)} and {list(skip.shape)} do not match {out!r}")
+        out._dense = (reuse, skip)
+        out._kv_schedule = kv_schedule
+        return out
+
+    @classmethod
     def dense(
         cls,
         batch: int,
@@ -498,6 +514,10 @@ def _longest_first_kernel(Cnt, Order, n, BLOCK_I: tl.constexpr, BLOCK_J: tl.cons
 
 #: lists longer than this rank with torch.argsort: the kernel's compares grow with the square of the length
 _LONGEST_FIRST_MAX = 16384
+#: entries ranked a program, entries compared a step: H200, graph replays (tools/flashomni_policy_lab.py,
+#: session 13): 3.5 / 18.9 us for FLUX's 864 and HunyuanVideo's 6336 tiles, against 8.5 / 54.9 with
+#: 64 x 128 (four times fewer programs: the ranking is a serial walk over the list per program)
+_LONGEST_FIRST_I, _LONGEST_FIRST_J = 16, 256
 
 
 def longest_first(counts: torch.Tensor) -> torch.Tensor:
@@ -512,7 +532,8 @@ def longest_first(counts: torch.Tensor) -> torch.Tensor:
         return longest_first_reference(counts)
     c = c.to(torch.int32).contiguous()
     order = torch.empty(n, dtype=torch.int32, device=c.device)
-    launch(_longest_first_kernel, (cdiv(n, 64),), c, order, n, BLOCK_I=64, BLOCK_J=128)
+    launch(_longest_first_kernel, (cdiv(n, _LONGEST_FIRST_I),), c, order, n, BLOCK_I=_LONGEST_FIRST_I,
+           BLOCK_J=_LONGEST_FIRST_J)
     return order
 
 

@@ -94,3 +94,73 @@ def poison_like(t, where_mask):
 
 
 nullcontext = contextlib.nullcontext
+
+
+# ---- the flashomni policy's decision, in float64 with its boundary cases marked -----------------------
+
+#: a running sum this close to its budget (relative to the row's total), or two neighbours across the cut
+#: this close (relative to their values), is a boundary case: fp32 sums in another order may put the block
+#: on either side. Several times fp32's rounding of a few-hundred-term sum.
+TAIL_MARGIN = 1e-5
+
+
+def golden_tail(x, cand, budget, total):
+    """``(selected, uncertain)`` of the low tail in float64: candidates sorted ascending (stable), selected
+    while the running sum is ``<= budget [..., 1]``. ``uncertain [...]`` marks rows where a running sum
+    lies within ``TAIL_MARGIN × total`` of the budget, where the last selected and first unselected values
+    lie within ``TAIL_MARGIN`` of each other (their fp32 order may swap), or where a value is NaN."""
+    x = x.double()
+    cand = cand.expand_as(x)
+    key = torch.where(cand, x, float("inf"))
+    order = torch.sort(key, dim=-1, stable=True).indices
+    xs = torch.gather(torch.where(cand, x, 0.0), -1, order)
+    cs = torch.gather(cand, -1, order)
+    cum = xs.cumsum(-1)
+    sel_sorted = (cum <= budget) & cs
+    sel = torch.zeros_like(cand).scatter(-1, order, sel_sorted)
+    tol = TAIL_MARGIN * total.abs()
+    near_budget = (((cum - budget).abs() <= tol) & cs).any(-1)
+    cut = sel_sorted[..., :-1] & ~sel_sorted[..., 1:] & cs[..., 1:]
+    near_tie = (cut & ((xs[..., 1:] - xs[..., :-1]).abs() <= TAIL_MARGIN * xs[..., 1:].abs())).any(-1)
+    nan = (torch.isnan(x) & cand).any(-1) | torch.isnan(budget.squeeze(-1))
+    return sel, near_budget | near_tie | nan
+
+
+def golden_flashomni(scores, square, q_text, kv_text, mode, tau_q, tau_kv):
+    """``(reuse, skip, reuse_uncertain [B, H], skip_uncertain [B, H, nQ])`` of the flashomni decision
+    (docs/runtime.md) in float64; mode 0 joint, 1 self, 2 cross."""
+    S = scores.detach().cpu().double()
+    P = S if square is None else square.detach().cpu().double()
+    qt, kt = q_text.cpu(), kv_text.cpu()
+    vis = ~qt
+    B, H, nQ, nK = S.shape
+
+    def tail(x):
+        xv = torch.where(vis, x, 0.0)
+        total = xv.sum(-1, keepdim=True)
+        if tau_q <= 0:
+            return torch.zeros_like(x, dtype=torch.bool), torch.zeros(x.shape[:-1], dtype=torch.bool)
+        return golden_tail(x, vis, tau_q * total, total)
+
+    def guid(M, rows, cols):
+        M = M * rows.view(1, 1, -1, 1) * cols.view(1, 1, 1, -1)
+        colsum = M.sum(-2, keepdim=True)
+        return torch.where(colsum > 0, M / colsum.clamp_min(1e-300), 0.0).sum(-1)
+
+    if mode == 2:
+        reuse, unc = tail(guid(S, vis, torch.ones(nK, dtype=torch.bool)))
+    elif mode == 0:
+        (rc, uc), (rg, ug) = tail((P * qt.view(1, 1, -1, 1)).sum(-2)), tail(guid(P, vis, qt))
+        reuse, unc = rc & rg, uc | ug
+    else:
+        reuse, unc = tail(P.sum(-2))
+    reuse = reuse & vis
+    rows = ~reuse & vis.view(1, 1, -1)
+    if tau_kv <= 0:
+        skip = torch.zeros(B, H, nQ, nK, dtype=torch.bool)
+        sunc = torch.zeros(B, H, nQ, dtype=torch.bool)
+    else:
+        ones = torch.ones(B, H, nQ, 1, dtype=torch.float64)
+        skip, sunc = golden_tail(S, ~kt.view(1, 1, 1, -1), tau_kv * ones, ones)
+        skip = skip.scatter(-1, S.argmax(-1, keepdim=True), False) & rows.unsqueeze(-1)
+    return reuse, skip, unc, sunc

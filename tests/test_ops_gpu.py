@@ -113,6 +113,35 @@ def test_pooled_realistic(dtype, S):
     assert rel(p, pooled_scores_reference(q, k, 128, 128, 128**-0.5)) < 1e-6
 
 
+@pytest.mark.parametrize("S, Skv, text, mode", [(4608, 4608, 512, 0), (33792, 33792, 512, 0), (16896, 16896, 0, 1),
+                                                 (32656, 32656, 1000, 0), (4608, 333, 0, 2)])
+def test_flashomni_symbols_realistic(S, Skv, text, mode):
+    """The fused policy kernels on pooled scores of FLUX-, HunyuanVideo-size and odd sites (joint with the
+    text first, vision-only self, cross onto 333 text tokens): against the fp64 golden on every row off a
+    budget boundary (at least 80 % of them: near-equal pooled values put a head's tails on a boundary
+    more often than the CPU tests' draws do), and the bits, key lists and contract on all."""
+    from omni_compile.ops.flashomni_policy import flashomni_symbols
+
+    from test_ops_flashomni_policy import check_against_golden, text_mask
+
+    def tokens(n):  # per-block offsets: block means differ as a real site's do (white noise pools to ~0,
+        nb = -(-n // 128)  # and near-uniform scores put nearly every block on a budget boundary)
+        x = torch.randn(1, 24, nb, 128, 128, device="cuda") + torch.randn(1, 24, nb, 1, 128, device="cuda") * 0.5
+        return x.reshape(1, 24, nb * 128, 128)[:, :, :n].to(torch.bfloat16)
+
+    scores = pooled_scores(tokens(S), tokens(Skv), 128, 128)
+    square = None if mode == 2 else scores
+    nq, nk = scores.shape[-2:]
+    qt = text_mask(nq, -(-text // 128), "first").cuda()
+    kt = qt.clone() if mode != 2 else torch.zeros(nk, dtype=torch.bool, device="cuda")
+    out = flashomni_symbols(scores, square, qt, kt, mode, 0.5, 0.05)
+    torch.cuda.synchronize()
+    out = [t.cpu() for t in out]
+    check_against_golden(out, scores.cpu(), None if square is None else square.cpu(), qt.cpu(), kt.cpu(), mode,
+                         0.5, 0.05, True, min_certain=0.8)
+    assert out[0].any() and out[1].any()
+
+
 @pytest.mark.parametrize("rows, n, p", [(24 * 254, 254, 0.2), (24 * 36, 36, 0.8), (7, 1, 0.5), (3, 2048, 0.01)])
 def test_schedule_compaction_kernel(rows, n, p):
     from omni_compile.ops.symbols import selected_first, selected_first_reference

@@ -13,7 +13,10 @@ object with
 * ``reuses_text`` — it may reuse query blocks that hold text tokens. When False the runtime clears such
   bits (so a buggy policy cannot produce a wrong output) and skips the cache bias of projections whose
   rows are all text;
-* ``__call__(inp: PolicyInput, config: OmniConfig) -> (reuse, skip)`` on the device of ``inp.q_text``.
+* ``__call__(inp: PolicyInput, config: OmniConfig) -> (reuse, skip)`` on the device of ``inp.q_text``;
+* optionally ``symbols(inp, config, allow_reuse) -> Symbols or None``: the packed symbols made directly
+  (fused kernels), which must equal what :func:`policy_symbols` makes of ``__call__``'s bits; None falls
+  back to that path.
 
 A policy that cannot run at a site raises :class:`PolicyFallback`; the runtime then keeps that site dense
 and says why in ``site.runtime_reason``. Policies import nothing of the runtime (design.md, dependency
@@ -28,6 +31,9 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Protocol, Tuple, runtime_checkable
 
 import torch
+
+# the tails and metrics are defined beside their fused kernels (ops.flashomni_policy); re-exported here
+from omni_compile.ops.flashomni_policy import contribution, guidance, low_tail, skip_tail  # noqa: F401
 
 Bits = Tuple[torch.Tensor, torch.Tensor]
 
@@ -320,9 +326,31 @@ def finalize(policy, inp: PolicyInput, reuse: torch.Tensor, skip: torch.Tensor) 
 
 
 def run_policy(policy, inp: PolicyInput, config) -> Bits:
-    """What the runtime does with a policy on an update step: call it and :func:`finalize` its bits."""
+    """A policy's bits as the runtime takes them: called and :func:`finalize`-d."""
     policy = resolve_policy(policy)
     return finalize(policy, inp, *policy(inp, config))
+
+
+def policy_symbols(policy, inp: PolicyInput, config, allow_reuse: bool = True):
+    """What the runtime does with a policy on an update step: its symbols (``ops.Symbols``, with the masks
+    kept as their dense view). A policy with a ``symbols(inp, config, allow_reuse)`` method makes them
+    itself (the ``flashomni`` policy's fused kernels) unless that returns None; any other is called,
+    :func:`finalize`-d and packed. ``allow_reuse=False`` clears the reuse bits after the decision: the rows
+    the policy would reuse are computed, without skip bits. Raises :class:`PolicyFallback` as the policy
+    does."""
+    from omni_compile.ops import Symbols
+
+    policy = resolve_policy(policy)
+    make = getattr(policy, "symbols", None)
+    if make is not None:
+        out = make(inp, config, allow_reuse)
+        if out is not None:
+            return out
+    reuse, skip = finalize(policy, inp, *policy(inp, config))
+    if not allow_reuse:
+        reuse = torch.zeros_like(reuse)
+    # the masks are this call's own (finalize made them): the symbols keep them as their dense view
+    return Symbols.from_dense(reuse, skip, inp.block_q, inp.block_kv, inp.seq_q, inp.seq_kv, share_dense=True)
 
 
 def block_text_mask(segments, seq: int, block: int, device=None) -> torch.Tensor:
@@ -352,65 +380,6 @@ def block_means(x: torch.Tensor, block: int) -> torch.Tensor:
 def feature_change(now: torch.Tensor, prev: torch.Tensor, steps: int) -> torch.Tensor:
     """``[B, H, nQ]``: ``‖now − prev‖ / (‖prev‖ + 1e-6) / steps`` over the last axis (block means)."""
     return (now - prev).norm(dim=-1) / (prev.norm(dim=-1) + 1e-6) / max(1, int(steps))
-
-
-def low_tail(score: torch.Tensor, cand: torch.Tensor, tau: float) -> torch.Tensor:
-    """Bool mask (shape of ``score [..., n]``): the candidates in the low tail — sorted ascending (stable), a
-    candidate is selected when the cumulative score up to and including it is ``<= tau`` × the candidates'
-    total. ``cand`` broadcasts against ``score``. ``tau == 0`` selects nothing."""
-    cand = cand.expand_as(score)
-    if tau <= 0:
-        return torch.zeros_like(cand)
-    s = _candidate_scores(score.float(), cand)
-    return _tail_of_sorted(s, cand, tau * s.sum(-1, keepdim=True))
-
-
-def skip_tail(scores: torch.Tensor, rows: torch.Tensor, kv_protect: torch.Tensor, tau_kv: float) -> torch.Tensor:
-    """``[B, H, nQ, nK]`` bool skip mask: in selected ``rows [B, H, nQ]``, the unprotected key blocks
-    (sorted ascending, stable) whose cumulative mass up to and including them is ``<= tau_kv`` — an
-    absolute budget, since pooled rows sum to 1. The row's largest block is always kept."""
-    B, H, nQ, nK = scores.shape
-    if tau_kv <= 0:
-        return torch.zeros(B, H, nQ, nK, dtype=torch.bool, device=scores.device)
-    cand = (~kv_protect).view(1, 1, 1, nK).expand(B, H, nQ, nK)
-    skip = _low_tail_abs(scores.float(), cand, tau_kv)
-    top = scores.argmax(-1, keepdim=True)
-    skip = skip.scatter(-1, top, False)
-    return skip & rows.unsqueeze(-1)
-
-
-def _low_tail_abs(score: torch.Tensor, cand: torch.Tensor, budget: float) -> torch.Tensor:
-    return _tail_of_sorted(_candidate_scores(score, cand), cand, budget)
-
-
-def _candidate_scores(score: torch.Tensor, cand: torch.Tensor) -> torch.Tensor:
-    # a Python 0.0, not a 0-d device tensor: one fill kernel and allocation fewer per call on a GPU
-    return torch.where(cand, score, 0.0)
-
-
-def _tail_of_sorted(s: torch.Tensor, cand: torch.Tensor, budget) -> torch.Tensor:
-    """The candidates of ``s`` (0 elsewhere) that, sorted ascending (stable), have a cumulative sum up to and
-    including them ``<= budget`` (a float or a tensor broadcasting against the cumulative sums). The sort's
-    indices are a permutation of the last axis, so the scatter writes every element of an empty tensor:
-    no zero fill first."""
-    order = torch.sort(torch.where(cand, s, float("inf")), dim=-1, stable=True).indices
-    cum = torch.gather(s, -1, order).cumsum(-1)
-    sel_sorted = (cum <= budget) & torch.gather(cand, -1, order)
-    return torch.empty_like(cand).scatter_(-1, order, sel_sorted)
-
-
-def contribution(P: torch.Tensor, from_rows: torch.Tensor) -> torch.Tensor:
-    """``C_i = Σ_{j in from_rows} P[j, i]``: ``[B, H, n]`` from ``P [B, H, n, n]``."""
-    return (P.float() * from_rows.view(1, 1, -1, 1)).sum(-2)
-
-
-def guidance(P: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    """``G_i = Σ_{j in cols} P[i, j] / Σ_{i' in rows} P[i', j]`` for ``i`` in ``rows`` (0 elsewhere):
-    ``[B, H, nRows]`` from ``P [B, H, nRows, nCols]``."""
-    M = P.float() * rows.view(1, 1, -1, 1) * cols.view(1, 1, 1, -1)
-    colsum = M.sum(-2, keepdim=True)
-    beta = torch.where(colsum > 0, M / colsum.clamp_min(1e-30), 0.0)
-    return beta.sum(-1)
 
 
 def _check_fraction(owner: str, name: str, v, lo_open: bool = False) -> None:

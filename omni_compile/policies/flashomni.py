@@ -31,33 +31,36 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-import torch
+from omni_compile.ops.flashomni_policy import flashomni_decision, flashomni_mode
 
-from .base import BasePolicy, Bits, PolicyInput, contribution, guidance, low_tail, skip_tail
+from .base import BasePolicy, Bits, PolicyInput
+
+
+def _thresholds(config, tau_q, tau_kv):
+    return (float(config.tau_q if tau_q is None else tau_q), float(config.tau_kv if tau_kv is None else tau_kv))
 
 
 def flashomni(inp: PolicyInput, config, tau_q: Optional[float] = None, tau_kv: Optional[float] = None) -> Bits:
-    """The paper's policy (module docstring); thresholds from ``config`` unless given."""
-    vis_q = ~inp.q_text
-    tau_q = float(config.tau_q if tau_q is None else tau_q)
-    tau_kv = float(config.tau_kv if tau_kv is None else tau_kv)
-    if inp.kind == "cross":
-        G = guidance(inp.scores, vis_q, torch.ones_like(inp.kv_text))
-        reuse = low_tail(G, vis_q, tau_q)
-    elif inp.kind == "joint" and 0 < inp.text_q_blocks < inp.q_text.numel():
-        P = inp.scores_square
-        C = contribution(P, inp.q_text)
-        G = guidance(P, vis_q, inp.q_text)
-        # both tails in one sort, gather, cumsum and scatter: ~10 launches fewer per site than two calls
-        both = low_tail(torch.stack((C, G)), vis_q, tau_q)
-        reuse = both[0] & both[1]
-    else:  # vision-only self-attention (a text-only site has no candidates)
-        C = contribution(inp.scores_square, torch.ones_like(vis_q))
-        reuse = low_tail(C, vis_q, tau_q)
-    reuse = reuse & vis_q
-    rows = ~reuse & vis_q.view(1, 1, -1)
-    skip = skip_tail(inp.scores, rows, inp.kv_text, tau_kv)
-    return reuse, skip
+    """The paper's policy (module docstring) in PyTorch ops; thresholds from ``config`` unless given."""
+    tau_q, tau_kv = _thresholds(config, tau_q, tau_kv)
+    mode = flashomni_mode(inp.kind, inp.text_q_blocks, inp.num_q_blocks)
+    return flashomni_decision(inp.scores, inp.scores_square, inp.q_text, inp.kv_text, mode, tau_q, tau_kv)
+
+
+def flashomni_symbols(inp: PolicyInput, config, allow_reuse: bool = True, tau_q: Optional[float] = None,
+                      tau_kv: Optional[float] = None):
+    """The policy's symbols from ``ops.flashomni_symbols`` (two Triton launches on CUDA, the PyTorch ops
+    elsewhere): the bits of :func:`flashomni`, packed, with the attention's key lists decoded. No
+    :func:`~.base.finalize`: the decision meets the runtime's contract by construction (tested)."""
+    from omni_compile.ops import Symbols
+    from omni_compile.ops.flashomni_policy import flashomni_symbols as fused
+
+    tau_q, tau_kv = _thresholds(config, tau_q, tau_kv)
+    mode = flashomni_mode(inp.kind, inp.text_q_blocks, inp.num_q_blocks)
+    reuse, skip, reuse_bits, skip_bits, idx, cnt = fused(inp.scores, inp.scores_square, inp.q_text, inp.kv_text,
+                                                         mode, tau_q, tau_kv, allow_reuse)
+    return Symbols.from_decoded(reuse_bits, skip_bits, inp.block_q, inp.block_kv, inp.seq_q, inp.seq_kv,
+                                (reuse, skip), (idx, cnt))
 
 
 @dataclass(frozen=True)
@@ -87,3 +90,10 @@ class FlashOmni(BasePolicy):
 
     def __call__(self, inp: PolicyInput, config) -> Bits:
         return flashomni(inp, config, self.tau_q, self.tau_kv)
+
+    def symbols(self, inp: PolicyInput, config, allow_reuse: bool = True):
+        """The fused path (:func:`flashomni_symbols`); None for a subclass that overrides ``__call__``,
+        whose bits the fused kernels do not make."""
+        if type(self).__call__ is not FlashOmni.__call__:
+            return None
+        return flashomni_symbols(inp, config, allow_reuse, self.tau_q, self.tau_kv)
