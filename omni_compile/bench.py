@@ -240,14 +240,16 @@ TEXT_TOKENS = 512
 def symbol_generation_row(q, k, dense_ms):
     """The whole update-step symbol generation of one site as the runtime runs it (runtime.make_symbols and
     the schedule prefetch): pooled scores, the ``flashomni`` policy (joint site, ``TEXT_TOKENS`` text tokens
-    first, default thresholds) and its finalize, the bits packed, and the schedules a dispatch step reads
-    decoded (attention's key lists and walk order, GEMM-Q's tiles, GEMM-O's head lists). Timed from
-    Python: the policy's host decisions are part of the cost. Checked: the bits equal those the same
-    pipeline makes from the fp32 reference scores (``differing`` counts blocks that differ, where a
-    score sits on a tail boundary)."""
+    first, default thresholds) made into symbols by ``policies.policy_symbols`` (its fused kernels: the
+    decision, the bits and the attention's key lists), and the schedules a dispatch step reads decoded
+    (walk order, GEMM-Q's tiles, GEMM-O's head lists). Timed from Python, the host's work included, and as
+    graph replays (GPU time); beside it the same pipeline through the policy's PyTorch ops (call,
+    finalize, pack, decode: the path of any other policy). Checked: the bits equal those the PyTorch path
+    makes from the fp32 reference scores (``differing`` counts blocks that differ, where a running sum
+    sits on a budget)."""
     from .config import OmniConfig
     from .ops.pooled import pooled_scores_reference
-    from .policies import PolicyInput, run_policy
+    from .policies import PolicyInput, policy_symbols, run_policy
     from .policies.base import block_text_mask
 
     S = q.shape[2]
@@ -256,47 +258,55 @@ def symbol_generation_row(q, k, dense_ms):
     n_text = -(-TEXT_TOKENS // BLOCK)
     cfg = OmniConfig()
 
-    def bits(scores):
-        inp = PolicyInput(scores=scores, scores_square=scores, kind="joint", q_text=text, kv_text=text, batch=B,
-                          heads=H, seq_q=S, seq_kv=S, block_q=BLOCK, block_kv=BLOCK, text_q_blocks=n_text)
-        return run_policy("flashomni", inp, cfg)
+    def policy_input(scores):
+        return PolicyInput(scores=scores, scores_square=scores, kind="joint", q_text=text, kv_text=text, batch=B,
+                           heads=H, seq_q=S, seq_kv=S, block_q=BLOCK, block_kv=BLOCK, text_q_blocks=n_text,
+                           text_kv_blocks=n_text)
 
-    def generate(stages=4):
-        """The pipeline's first ``stages`` of: pooled scores, policy, packed bits, schedules."""
+    def unfused(scores):
+        reuse, skip = run_policy("flashomni", policy_input(scores), cfg)
+        return Symbols.from_dense(reuse, skip, BLOCK, BLOCK, S, S, share_dense=True)
+
+    def decode(sym):
+        sym.kv_schedule()
+        sym.kv_order()
+        sym.tile_schedule(S, 0, BLOCK)
+        sym.head_schedule(S, 0, BLOCK, False)
+        return sym
+
+    def generate(stages=3, fused=True):
+        """The pipeline's first ``stages`` of: pooled scores, symbols, schedules."""
         scores = pooled_scores(q, k, BLOCK, BLOCK)
         if stages == 1:
             return scores
-        reuse, skip = bits(scores)
-        if stages == 2:
-            return skip
-        sym = Symbols.from_dense(reuse, skip, BLOCK, BLOCK, S, S, share_dense=True)
-        if stages == 4:
-            sym.kv_schedule()
-            sym.kv_order()
-            sym.tile_schedule(S, 0, BLOCK)
-            sym.head_schedule(S, 0, BLOCK, False)
-        return sym
+        sym = policy_symbols("flashomni", policy_input(scores), cfg) if fused else unfused(scores)
+        return decode(sym) if stages == 3 else sym
 
     sym = generate()
-    ref_reuse, ref_skip = bits(pooled_scores_reference(q, k, BLOCK, BLOCK, D**-0.5))
-    reuse, skip = sym.to_dense()
+    ref = unfused(pooled_scores_reference(q, k, BLOCK, BLOCK, D**-0.5))
+    (reuse, skip), (ref_reuse, ref_skip) = sym.to_dense(), ref.to_dense()
     differing = int((reuse != ref_reuse).sum() + (skip != ref_skip).sum())
+    lists_agree = all(bool(torch.equal(a, b)) for a, b in zip(sym.kv_schedule(), Symbols(
+        sym.reuse_bits, sym.skip_bits, BLOCK, BLOCK, S, S).kv_schedule()))
     t = bench_ms(generate)
     # GPU time alone, where the pipeline captures into a CUDA graph (NaN where it cannot, e.g. on a
     # read-back): what a loop whose host runs ahead of the GPU pays
     tg = graph_ms(generate) if q.is_cuda else float("nan")
+    t_unfused = bench_ms(lambda: generate(fused=False))
+    tg_unfused = graph_ms(lambda: generate(fused=False)) if q.is_cuda else float("nan")
     # where it goes: each stage's share as the difference of the timed prefixes (wall, from Python)
-    prefix = [bench_ms(lambda n=n: generate(n)) for n in (1, 2, 3)] + [t]
-    stages = dict(zip(("pooled_ms", "policy_ms", "pack_ms", "schedules_ms"),
+    prefix = [bench_ms(lambda n=n: generate(n)) for n in (1, 2)] + [t]
+    stages = dict(zip(("pooled_ms", "symbols_ms", "schedules_ms"),
                       [prefix[0]] + [b - a for a, b in zip(prefix, prefix[1:])]))
-    row = dict(part="symbols", S=S, ms=t, graph_ms=tg, cudnn_ms=dense_ms, fraction=t / dense_ms,
-               graph_fraction=tg / dense_ms, density=sym.density(), **stages,
-               reuse=reuse.float().mean().item(), differing=differing,
-               ok=differing <= 1e-3 * (reuse.numel() + skip.numel()))
+    row = dict(part="symbols", S=S, ms=t, graph_ms=tg, unfused_ms=t_unfused, unfused_graph_ms=tg_unfused,
+               cudnn_ms=dense_ms, fraction=t / dense_ms, graph_fraction=tg / dense_ms, density=sym.density(),
+               **stages, reuse=reuse.float().mean().item(), differing=differing, lists_agree=lists_agree,
+               ok=lists_agree and differing <= 1e-3 * (reuse.numel() + skip.numel()))
     print(f"  symbol generation S={S}: {t:.4f} ms = {100 * t / dense_ms:.2f}% of one dense attention "
           f"(graph replay {tg:.4f} ms = {100 * tg / dense_ms:.2f}%; "
           + ", ".join(f"{k[:-3]} {v:.4f}" for k, v in stages.items())
-          + f"), density {row['density']:.3f}, reuse {row['reuse']:.2f}, {differing} blocks differ from the reference")
+          + f"; PyTorch-ops policy {t_unfused:.4f} ms, graph {tg_unfused:.4f}), density {row['density']:.3f}, "
+          f"reuse {row['reuse']:.2f}, {differing} blocks differ from the reference, key lists agree: {lists_agree}")
     return row
 
 
@@ -390,13 +400,14 @@ def markdown(rows):
     gen = [r for r in rows if r["part"] == "symbols"]
     if gen:
         out += ["### Update-step symbol generation: pooled scores + flashomni policy + bits + schedules", "",
-                "| S | ms | graph-replay ms | pooled / policy / bits / schedules ms | cuDNN dense attention ms | fraction | fraction (graph) | density | reuse | blocks differing from the reference | ok |",
-                "|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|:-:|"]
+                "| S | ms | graph-replay ms | pooled / symbols / schedules ms | PyTorch-ops policy ms (graph) | cuDNN dense attention ms | fraction | fraction (graph) | density | reuse | blocks differing from the reference | ok |",
+                "|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|:-:|"]
         for r in gen:
-            split = " / ".join(f"{r.get(k, float('nan')):.3f}" for k in ("pooled_ms", "policy_ms", "pack_ms", "schedules_ms"))
-            out.append(f"| {r['S']} | {r['ms']:.4f} | {r['graph_ms']:.4f} | {split} | {r['cudnn_ms']:.3f} | {100 * r['fraction']:.2f} % | "
-                       f"{100 * r['graph_fraction']:.2f} % | {r['density']:.3f} | "
-                       f"{r['reuse']:.2f} | {r['differing']} | {'yes' if r['ok'] else 'NO'} |")
+            split = " / ".join(f"{r.get(k, float('nan')):.3f}" for k in ("pooled_ms", "symbols_ms", "schedules_ms"))
+            out.append(f"| {r['S']} | {r['ms']:.4f} | {r['graph_ms']:.4f} | {split} | "
+                       f"{r.get('unfused_ms', float('nan')):.4f} ({r.get('unfused_graph_ms', float('nan')):.4f}) | "
+                       f"{r['cudnn_ms']:.3f} | {100 * r['fraction']:.2f} % | {100 * r['graph_fraction']:.2f} % | "
+                       f"{r['density']:.3f} | {r['reuse']:.2f} | {r['differing']} | {'yes' if r['ok'] else 'NO'} |")
         out.append("")
     sw = [r for r in rows if r["part"] == "sweep"]
     if sw:

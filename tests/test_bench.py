@@ -20,8 +20,9 @@ def test_equal_and_varied_masks_keep_the_asked_fraction():
 
 def test_symbol_generation_row_runs_the_update_pipeline(monkeypatch):
     """The benchmark's update-step symbol-generation row on the CPU (its timer stubbed): it runs the
-    flashomni policy on a joint site, decodes the schedules, and compares its bits with the reference
-    pipeline's (here the same path, so none differ)."""
+    flashomni policy on a joint site through ``policy_symbols`` (the runtime's path) and through the
+    PyTorch ops, decodes the schedules, and compares its bits with the reference pipeline's (here the same
+    path, so none differ)."""
     from omni_compile import bench
 
     calls = []
@@ -30,13 +31,14 @@ def test_symbol_generation_row_runs_the_update_pipeline(monkeypatch):
     S = 1000  # 8 blocks, the last partial; the first 4 hold the 512 text tokens
     q, k = (torch.randn(1, bench.H, S, bench.D, generator=g) for _ in range(2))
     row = bench.symbol_generation_row(q, k, dense_ms=2.0)
-    assert row["part"] == "symbols" and row["ok"] and row["differing"] == 0
-    assert row["fraction"] == 0.25 and 0 < row["density"] <= 1
+    assert row["part"] == "symbols" and row["ok"] and row["differing"] == 0 and row["lists_agree"]
+    assert row["fraction"] == 0.25 and 0 < row["density"] <= 1 and row["unfused_ms"] == 0.5
     # the stage split: the stubbed timer gives every prefix 0.5 ms, so all of it lands on the first stage
-    assert (row["pooled_ms"], row["policy_ms"], row["pack_ms"], row["schedules_ms"]) == (0.5, 0.0, 0.0, 0.0)
-    assert calls[1].shape == (1, bench.H, 8, 8) and calls[2].dtype == torch.bool and calls[3].density() == row["density"]
-    sym = calls[0]
-    reuse, skip = sym.to_dense()
+    assert (row["pooled_ms"], row["symbols_ms"], row["schedules_ms"]) == (0.5, 0.0, 0.0)
+    fused, unfused, pooled, symbols = calls[0], calls[1], calls[2], calls[3]
+    assert pooled.shape == (1, bench.H, 8, 8) and symbols._kv_order is None and symbols.density() == row["density"]
+    assert fused == unfused and fused._dense is not None
+    reuse, skip = fused.to_dense()
     assert not reuse[:, :, :4].any(), "text query blocks are never reused"
     assert not skip[:, :, :, :4].any(), "text key blocks are never skipped"
-    assert sym._kv_order is not None and sym._tile_schedules and sym._head_schedules
+    assert fused._kv_order is not None and fused._tile_schedules and fused._head_schedules
