@@ -14,13 +14,13 @@ host-bound at every size (docs/benchmarks.md, session 12). Here it is two Triton
 
 A tail is taken without a sort. With keys ordering the blocks as a stable ascending sort does (a value's
 IEEE bits — values are >= 0, so the bits order as the values — then its index), the running sum up to key
-``m``, ``S(m) = Σ_{key_j <= m} x_j``, is nondecreasing in ``m`` (also in fp32: a sum of nonnegative terms
-cannot shrink when a zero is replaced by a positive term, whatever the order of the additions), and the
+``m``, ``S(m) = Σ_{key_j <= m} x_j``, is nondecreasing in ``m`` (also in fp32 with the additions in one
+fixed order: rounding is monotone, so a sum cannot shrink when a zero term becomes a positive one), and the
 tail is every candidate keyed at or below the largest ``m`` with ``S(m) <= budget``: a bisection over the
-key range, ~40 masked row sums. Tried first: a bitonic ``tl.sort`` of packed keys (~30x slower than the
-PyTorch ops in Triton's CPU interpreter, where CI runs the kernels) and each block's running sum from ``n``
-compares with the others (n² work: 0.44 ms at 33792 tokens on an H200, against ~0.1 ms for all of
-today's PyTorch-ops policy).
+key range, ~40 masked row sums (the skip kernel: 59 µs for 24 heads at 33792 tokens on an H200). Tried
+first: a bitonic ``tl.sort`` of packed keys (8-10 s for a 36-block, 2-head site in Triton's CPU
+interpreter, where CI runs the kernels, against 0.8 s), and each block's running sum from ``n`` compares
+with the others (n² work: 435 µs at 33792 tokens; docs/benchmarks.md, session 13).
 
 The PyTorch helpers here (:func:`low_tail`, :func:`skip_tail`, :func:`contribution`, :func:`guidance`) are
 the policy's own definition (``omni_compile.policies`` re-exports them) and :func:`flashomni_symbols_reference`

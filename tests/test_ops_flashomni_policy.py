@@ -197,3 +197,17 @@ def test_flashomni_symbols_rejects_bad_input_and_passes_opcheck():
             torch.library.opcheck(flashomni_symbols_op, (scores, scores, qt, qt, MODES["joint"], 0.5, 0.2, True))
             torch.library.opcheck(flashomni_symbols_op, (scores[..., :4], scores[..., :4], qt, qt[:4],
                                                          MODES["cross"], 0.5, 0.2, False))
+
+
+def test_rows_past_the_kernels_limit_take_the_reference(monkeypatch):
+    """Rows longer than ``_MAX_ROW`` blocks (a program holds whole rows) run the PyTorch reference, with
+    the same outputs; the kernels are not launched."""
+    from omni_compile.ops import flashomni_policy as fp
+
+    scores, _ = make_scores(1, 2, 12, 12, 5, "smooth")
+    qt = text_mask(12, 2, "first")
+    want = run("triton", scores, scores, qt, qt.clone(), MODES["joint"], 0.5, 0.3, True)
+    monkeypatch.setattr(fp, "_MAX_ROW", 11)
+    monkeypatch.setattr(fp, "_launch_flashomni_symbols", lambda *a: pytest.fail("launched past the limit"))
+    got = run("triton", scores, scores, qt, qt.clone(), MODES["joint"], 0.5, 0.3, True)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))

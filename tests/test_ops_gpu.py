@@ -139,7 +139,7 @@ def test_flashomni_symbols_realistic(S, Skv, text, mode):
     out = [t.cpu() for t in out]
     check_against_golden(out, scores.cpu(), None if square is None else square.cpu(), qt.cpu(), kt.cpu(), mode,
                          0.5, 0.05, True, min_certain=0.8)
-    assert out[0].any() and out[1].any()
+    assert out[0].any() and (out[1].any() or mode == 2)  # 3 key blocks of text: none within a 0.05 tail
 
 
 @pytest.mark.parametrize("rows, n, p", [(24 * 254, 254, 0.2), (24 * 36, 36, 0.8), (7, 1, 0.5), (3, 2048, 0.01)])

@@ -80,10 +80,12 @@ for S in map(int, args.seqs.split(",")):
     order = torch.empty_like(counts)
     n = counts.numel()
     rows_out = []
-    for bi, bj, w in itertools.product((16, 32, 64), (128, 256), (2, 4)):
+    for bi, bj, w in itertools.product((16, 32, 64), (128, 256), (2, 4)):  # session 12 shipped 64 x 128, 4 warps
         run = lambda: launch(_longest_first_kernel, (cdiv(n, bi),), counts, order, n, BLOCK_I=bi, BLOCK_J=bj, num_warps=w)
         run()
         rows_out.append((graph(run), f"longest_first BLOCK_I={bi} BLOCK_J={bj} warps={w}", bool(torch.equal(order, want))))
     for t, name, same in sorted(rows_out)[:4]:
         print(f"  {name}: {t:.1f} us, equal: {same}")
-    print(f"  shipped: longest_first {[r for r in rows_out if 'BLOCK_I=64 BLOCK_J=128 warps=4' in r[1]]}")
+    from omni_compile.ops.symbols import _LONGEST_FIRST_I, _LONGEST_FIRST_J
+
+    print(f"  shipped: longest_first BLOCK_I={_LONGEST_FIRST_I} BLOCK_J={_LONGEST_FIRST_J}")
