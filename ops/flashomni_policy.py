@@ -288,9 +288,9 @@ _MAX_ROW = 4096
 
 
 #: launch configs: H200, graph replays, tools/flashomni_policy_lab.py (session 13). The skip kernel with one
-#: row and 2 warps a program took 8.7 / 58.7 us at 4608 / 33792 tokens (24 heads), against ~11 / 92 with
-#: 4-8 rows; the reuse kernel's 8-row chunks with 4 warps 15.8 / 33.6 us (with its two tails bisected one
-#: after the other; 8 warps were 1 us faster at 33792, 1 us slower at 4608).
+#: row and 2 warps a program took 8.7 / 25.4 / 58.7 us at 4608 / 16896 / 33792 tokens (24 heads), against
+#: ~11 / 26-34 / 92 with 4-8 rows (2 rows: 21.2 at 16896, slower elsewhere); the reuse kernel's 8-row
+#: chunks with 4 warps 9.3 / 16.2 / 25.5 us (8 warps: 2 us faster at 33792, 0.5-1 slower below).
 _SKIP_ROWS, _SKIP_WARPS = 1, 2
 _REUSE_CHUNK, _REUSE_WARPS = 8, 4
 

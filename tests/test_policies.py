@@ -429,3 +429,36 @@ def test_runtime_text_block_counts():
     assert (n_q, n_kv) == (3, 2)  # 16-blocks 0, 1 (tokens 16-19) and 6 (96-102); 32-blocks 0 and 3
     assert torch.equal(q_text, block_text_mask(segs, 103, 16)) and torch.equal(kv_text, block_text_mask(segs, 103, 32))
     assert _site_layout([("vision", 0, 64)], 64, 16, 16)[2:] == (0, 0)
+
+
+def test_fixed_hands_out_one_symbols_object_per_site():
+    """``Fixed.symbols``: the symbols the generic path makes of its bits, and the same object on every later
+    update of the site (no finalize, packing or decoding again; decoded schedules stay with it); another
+    site, another ``allow_reuse`` or other fractions make their own. A subclass overriding ``__call__`` is
+    not memoised."""
+    from omni_compile.ops import Symbols
+    from omni_compile.policies import Fixed, policy_symbols
+    from omni_compile.policies.base import symbols_from_call
+
+    inp, _ = _inp(200, 40, True, B=2, H=3)
+    cfg = OmniConfig(policy="fixed", reuse_fraction=0.3, skip_fraction=0.5)
+    first = policy_symbols("fixed", inp, cfg)
+    first.kv_schedule()
+    again = policy_symbols("fixed", inp, cfg)
+    assert again is first and again._kv_schedule is not None
+    generic = symbols_from_call(Fixed(), inp, cfg)
+    assert isinstance(first, Symbols) and first == generic and first.reuse_fraction() > 0
+    capped = policy_symbols("fixed", inp, cfg, allow_reuse=False)
+    assert capped is not first and capped.reuse_fraction() == 0
+    inp.site_id = 7
+    assert policy_symbols("fixed", inp, cfg) is not first
+    assert policy_symbols("fixed", inp, OmniConfig(policy="fixed", reuse_fraction=0.0, skip_fraction=0.5)) is not first
+    inp.site_id = 0
+    assert policy_symbols("fixed", inp, cfg, allow_reuse=False) is capped  # site 0's one entry
+    assert policy_symbols("fixed", inp, cfg) is not first and policy_symbols("fixed", inp, cfg) == first
+
+    class Mine(Fixed):
+        def __call__(self, inp, config):
+            return super().__call__(inp, config)
+
+    assert Mine().symbols(inp, cfg) is None

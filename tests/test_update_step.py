@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from omni_compile import OmniConfig
-from omni_compile.policies import BasePolicy, PolicyInput, block_text_mask, finalize
+from omni_compile.policies import BasePolicy, Fixed, PolicyInput, block_text_mask, finalize
 
 pytestmark = pytest.mark.usefixtures("fresh_dynamo")  # tests/conftest.py
 
@@ -27,20 +27,39 @@ def _update_ops():
     return mod
 
 
-@pytest.fixture(scope="module")
-def counted():
-    """Per-site counts of the tiny FLUX (1 double-stream + 2 single-stream blocks) at the benchmark's
-    aggressive fixed setting: steps 0 (dense), 5 (update), 6 (dispatch)."""
+class _Unmemoised(Fixed):
+    """``fixed``'s bits through the path every other policy takes (call, finalize, pack, decode): a
+    subclass that overrides ``__call__`` gets no memoised symbols."""
+
+    def __call__(self, inp, config):
+        return super().__call__(inp, config)
+
+
+def _count(**config):
     torch._dynamo.reset()
-    res, state = _update_ops().measure(layers=1, single=2, repeats=0)
+    res, state = _update_ops().measure(layers=1, single=2, repeats=0, **config)
     torch._dynamo.reset()
     return res, state
 
 
-def test_update_step_launches_at_most_41_ops_per_site(counted):
-    """Session 9 took the update step from 52.3 to 40.3 launches per site (each op implementation one
-    launch, as on a GPU; the dense step's SDPA and F.linear one each): 41 catches one op more per site."""
-    res, state = counted
+@pytest.fixture(scope="module")
+def counted():
+    """Per-site counts of the tiny FLUX (1 double-stream + 2 single-stream blocks) at the benchmark's
+    aggressive fixed setting: steps 0 (dense), 5 (update), 6 (dispatch)."""
+    return _count()
+
+
+@pytest.fixture(scope="module")
+def counted_generic():
+    """The same with ``fixed``'s bits through the generic path (no memoised symbols)."""
+    return _count(policy=_Unmemoised())
+
+
+def test_update_step_launches_at_most_41_ops_per_site(counted_generic):
+    """Session 9 took the update step from 52.3 to 40.3 launches per site on the path every policy without
+    its own ``symbols`` takes (each op implementation one launch, as on a GPU; the dense step's SDPA and
+    F.linear one each): 41 catches one op more per site."""
+    res, state = counted_generic
     assert len(state.sites) == 3
     up = res["update"]
     assert up["gpu"] <= 41, up["gpu_by_op"]
@@ -54,12 +73,24 @@ def test_update_step_launches_at_most_41_ops_per_site(counted):
         assert res[act]["gpu"] <= 4.5, (act, res[act]["gpu_by_op"])
 
 
-def test_update_step_copies_nothing_between_host_and_device(counted):
+def test_fixed_update_steps_make_no_symbols_again(counted, counted_generic):
+    """With ``fixed``'s memoised symbols (session 13) an update step after the first launches only its
+    kernels: 7.7 ops a site against 40.3; the attention site itself none (no policy, finalize, packing or
+    schedule decoding). Dense and dispatch steps are unchanged."""
+    res, _ = counted
+    assert res["update"]["gpu"] <= 9, res["update"]["gpu_by_op"]
+    assert res["update"]["gpu_by_op"].get("site_attention", 0) == 0
+    assert "selected_first" not in res["update"]["gpu_by_op"]
+    for act in ("dense", "dispatch"):
+        assert res[act]["gpu"] == counted_generic[0][act]["gpu"]
+
+
+def test_update_step_copies_nothing_between_host_and_device(counted, counted_generic):
     """No op on any step of the loop builds a tensor from host values, reads one back or sizes an output
     by its data (each a host-device copy or a sync on CUDA)."""
-    res, _ = counted
-    for act in ("update", "dense", "dispatch"):
-        assert res[act]["suspects"] == {}, (act, res[act]["suspects"])
+    for res, _ in (counted, counted_generic):
+        for act in ("update", "dense", "dispatch"):
+            assert res[act]["suspects"] == {}, (act, res[act]["suspects"])
 
 
 # ---- the shorter formulas are the old ones ---------------------------------------------------------

@@ -346,6 +346,13 @@ def policy_symbols(policy, inp: PolicyInput, config, allow_reuse: bool = True):
         out = make(inp, config, allow_reuse)
         if out is not None:
             return out
+    return symbols_from_call(policy, inp, config, allow_reuse)
+
+
+def symbols_from_call(policy, inp: PolicyInput, config, allow_reuse: bool = True):
+    """:func:`policy_symbols` without the policy's own ``symbols``: called, :func:`finalize`-d, packed."""
+    from omni_compile.ops import Symbols
+
     reuse, skip = finalize(policy, inp, *policy(inp, config))
     if not allow_reuse:
         reuse = torch.zeros_like(reuse)

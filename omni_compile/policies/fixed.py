@@ -10,6 +10,7 @@ from .base import BasePolicy, Bits, PolicyInput
 
 _MEMO: dict = {}
 _MEMO_MAX = 4096
+_SYMBOLS: dict = {}  # site id -> (key, Symbols, the layout tensors the key's ids name)
 
 
 def fixed(inp: PolicyInput, config) -> Bits:
@@ -20,16 +21,23 @@ def fixed(inp: PolicyInput, config) -> Bits:
     The bits depend on nothing but these arguments, so they are drawn once and memoised: drawing them on
     the CPU costs ~0.1 s per site at 33K tokens (256 x 256 blocks x 24 heads), which made every update
     step of a HunyuanVideo-size loop seconds slower than a dense step."""
+    return _memoised(("bits",) + _key(inp, config), inp, lambda: _draw(inp, config))
+
+
+def _key(inp: PolicyInput, config) -> tuple:
     # the layout tensors are cached per site by the runtime, so their identity stands for their content
     # (reading them back would be two device-to-host copies per site and update); the memo keeps them
     # alive so an id is never reused for another tensor while its entry exists
-    key = (int(config.seed), int(inp.site_id), inp.batch, inp.heads, float(config.reuse_fraction),
-           float(config.skip_fraction), id(inp.q_text), id(inp.kv_text))
+    return (int(config.seed), int(inp.site_id), inp.batch, inp.heads, float(config.reuse_fraction),
+            float(config.skip_fraction), id(inp.q_text), id(inp.kv_text))
+
+
+def _memoised(key: tuple, inp: PolicyInput, make):
     hit = _MEMO.get(key)
     if hit is None:
         if len(_MEMO) >= _MEMO_MAX:
             _MEMO.clear()
-        hit = _MEMO[key] = (_draw(inp, config), inp.q_text, inp.kv_text)
+        hit = _MEMO[key] = (make(), inp.q_text, inp.kv_text)
     return hit[0]
 
 
@@ -63,6 +71,25 @@ class Fixed(BasePolicy):
 
     def __call__(self, inp: PolicyInput, config) -> Bits:
         return fixed(inp, config)
+
+    def symbols(self, inp: PolicyInput, config, allow_reuse: bool = True):
+        """The same ``Symbols`` object on every update of a site (its bits never change): after the first,
+        no finalize, no packing, and no schedule decoding (the runtime's prefetch finds them decoded on the
+        object it already has). Symbols are never modified after they are made, so sharing one is safe.
+        One object is kept per site id, the one its stream holds anyway; a site whose streams differ in
+        shape or ``allow_reuse`` alternates and rebuilds (as without the memo). None for a subclass that
+        overrides ``__call__``."""
+        if type(self).__call__ is not Fixed.__call__:
+            return None
+        from .base import symbols_from_call
+
+        key = (bool(allow_reuse), inp.block_q, inp.block_kv, inp.seq_q, inp.seq_kv) + _key(inp, config)
+        hit = _SYMBOLS.get(inp.site_id)
+        if hit is None or hit[0] != key:
+            # one entry per site: a new config or shape frees the old symbols (at HunyuanVideo size a site's
+            # key lists alone are ~7 MB) instead of keeping every config's alive
+            hit = _SYMBOLS[inp.site_id] = (key, symbols_from_call(self, inp, config, allow_reuse), inp.q_text, inp.kv_text)
+        return hit[1]
 
     def __repr__(self) -> str:
         return "Fixed()"
