@@ -317,9 +317,13 @@ def _launch_flashomni_symbols(scores, square, q_text, kv_text, mode, tau_q, tau_
     reuse = torch.empty(B, H, n_q, dtype=torch.bool, device=dev)
     reuse_bits = torch.empty(B, H, n_qbytes, dtype=torch.uint8, device=dev)
     nq_pow2 = max(16, next_pow2(n_q))
-    launch(_reuse_kernel, (B * H,), P, qt, reuse.view(torch.uint8), reuse_bits, n_q, P.shape[-1], n_qbytes,
-           float(tau_q), MODE=mode, ALLOW_REUSE=bool(allow_reuse), N_POW2=nq_pow2, LOG2N=nq_pow2.bit_length() - 1,
-           CHUNK=_REUSE_CHUNK, **_warps(_REUSE_WARPS))
+    if tau_q <= 0:  # nothing reused (skipping alone, as the topk policy's): no metrics to compute
+        reuse.zero_()
+        reuse_bits.zero_()
+    else:
+        launch(_reuse_kernel, (B * H,), P, qt, reuse.view(torch.uint8), reuse_bits, n_q, P.shape[-1], n_qbytes,
+               float(tau_q), MODE=mode, ALLOW_REUSE=bool(allow_reuse), N_POW2=nq_pow2,
+               LOG2N=nq_pow2.bit_length() - 1, CHUNK=_REUSE_CHUNK, **_warps(_REUSE_WARPS))
     skip = torch.empty(B, H, n_q, n_k, dtype=torch.bool, device=dev)
     skip_bits = torch.empty(B, H, n_q, n_kbytes, dtype=torch.uint8, device=dev)
     idx = torch.empty(B, H, n_q, n_k, dtype=torch.int32, device=dev)

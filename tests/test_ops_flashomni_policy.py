@@ -16,6 +16,7 @@ from omni_compile.policies import FlashOmni, PolicyInput, finalize, flashomni, p
 from _golden import golden_flashomni
 
 IMPLS = ["reference", "triton"]
+CFG = OmniConfig()
 
 
 def make_scores(B, H, nQ, nK, seed, style):
@@ -211,3 +212,29 @@ def test_rows_past_the_kernels_limit_take_the_reference(monkeypatch):
     monkeypatch.setattr(fp, "_launch_flashomni_symbols", lambda *a: pytest.fail("launched past the limit"))
     got = run("triton", scores, scores, qt, qt.clone(), MODES["joint"], 0.5, 0.3, True)
     assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+@pytest.mark.parametrize("kind, n_text", [("joint", 3), ("self", 0), ("cross", 0)])
+def test_topk_mass_mode_takes_the_fused_skip_kernel(kind, n_text):
+    """``TopK(mass=m)`` is the flashomni skip tail with budget ``1 - m`` and nothing reused, so its
+    ``symbols`` runs the fused op (without the reuse kernel): the same symbols as its own bits give, on the
+    reference and in the kernels. ``k`` mode keeps its PyTorch path."""
+    from omni_compile.policies import TopK
+    from omni_compile.policies.base import symbols_from_call
+
+    nQ, nK = 9, (5 if kind == "cross" else 9)
+    scores, _ = make_scores(2, 2, nQ, nK, 13, "smooth")
+    qt = text_mask(nQ, n_text, "first")
+    kt = qt.clone() if kind != "cross" else torch.zeros(nK, dtype=torch.bool)
+    inp = PolicyInput(scores=scores, scores_square=None if kind == "cross" else scores, kind=kind, q_text=qt,
+                      kv_text=kt, batch=2, heads=2, seq_q=nQ * 16, seq_kv=nK * 16, block_q=16, block_kv=16,
+                      text_q_blocks=int(qt.sum()), text_kv_blocks=int(kt.sum()))
+    for mass in (0.7, 1.0):
+        want = symbols_from_call(TopK(mass=mass), inp, CFG)
+        for impl in IMPLS:
+            with kernel_backend(impl):
+                got = policy_symbols(TopK(mass=mass), inp, CFG)
+            assert got == want and got._kv_schedule is not None
+            assert all(torch.equal(a, b) for a, b in zip(got.kv_schedule(), want.kv_schedule()))
+        assert want.reuse_fraction() == 0 and (want.density() < 1) == (mass < 1)
+    assert TopK(k=2).symbols(inp, CFG) is None

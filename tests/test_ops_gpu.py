@@ -142,6 +142,31 @@ def test_flashomni_symbols_realistic(S, Skv, text, mode):
     assert out[0].any() and (out[1].any() or mode == 2)  # 3 key blocks of text: none within a 0.05 tail
 
 
+def test_topk_symbols_on_the_gpu_take_the_fused_skip_kernel():
+    """TopK's mass mode through the fused skip kernel (no reuse kernel) against its own PyTorch bits on the
+    same FLUX-size scores: at most one block in a thousand may differ (a running sum on the budget), and the
+    key lists are those of the bits."""
+    from omni_compile.config import OmniConfig
+    from omni_compile.policies import PolicyInput, TopK, policy_symbols
+    from omni_compile.policies.base import symbols_from_call
+
+    g = torch.Generator(device="cuda").manual_seed(1)
+    x = torch.randn(1, 24, 36, 128, 128, device="cuda", generator=g)
+    q = (x + torch.randn(1, 24, 36, 1, 128, device="cuda", generator=g) * 0.5).reshape(1, 24, 4608, 128)
+    scores = pooled_scores(q.to(torch.bfloat16), q.flip(2).to(torch.bfloat16), 128, 128)
+    qt = torch.zeros(36, dtype=torch.bool, device="cuda")
+    qt[:4] = True
+    inp = PolicyInput(scores=scores, scores_square=scores, kind="joint", q_text=qt, kv_text=qt, batch=1, heads=24,
+                      seq_q=4608, seq_kv=4608, block_q=128, block_kv=128, text_q_blocks=4, text_kv_blocks=4)
+    got = policy_symbols(TopK(mass=0.8), inp, OmniConfig())
+    want = symbols_from_call(TopK(mass=0.8), inp, OmniConfig())
+    (r, s), (wr, ws) = got.to_dense(), want.to_dense()
+    assert not r.any() and not wr.any() and ws.any()
+    assert (s != ws).sum().item() <= 1e-3 * s.numel()
+    decoded = Symbols(got.reuse_bits, got.skip_bits, 128, 128, 4608, 4608).kv_schedule()
+    assert all(torch.equal(a, b) for a, b in zip(got.kv_schedule(), decoded))
+
+
 @pytest.mark.parametrize("rows, n, p", [(24 * 254, 254, 0.2), (24 * 36, 36, 0.8), (7, 1, 0.5), (3, 2048, 0.01)])
 def test_schedule_compaction_kernel(rows, n, p):
     from omni_compile.ops.symbols import selected_first, selected_first_reference

@@ -57,3 +57,17 @@ class TopK(BasePolicy):
         rank = torch.empty_like(order).scatter_(-1, order, torch.arange(nK, device=inp.device).expand_as(order))
         skip = (rank >= self.k) & cand.view(1, 1, 1, nK) & rows.unsqueeze(-1)
         return reuse, skip
+
+    def symbols(self, inp: PolicyInput, config, allow_reuse: bool = True):
+        """``mass`` mode through ``ops.flashomni_symbols``' skip kernel (the same tail with budget ``1 -
+        mass`` and nothing reused): bits and key lists in one launch. None in ``k`` mode and for a subclass
+        that overrides ``__call__``."""
+        if self.k is not None or type(self).__call__ is not TopK.__call__:
+            return None
+        from omni_compile.ops import Symbols
+        from omni_compile.ops.flashomni_policy import MODES, flashomni_symbols
+
+        reuse, skip, reuse_bits, skip_bits, idx, cnt = flashomni_symbols(
+            inp.scores, None, inp.q_text, inp.kv_text, MODES["cross"], 0.0, 1.0 - float(self.mass), allow_reuse)
+        return Symbols.from_decoded(reuse_bits, skip_bits, inp.block_q, inp.block_kv, inp.seq_q, inp.seq_kv,
+                                    (reuse, skip), (idx, cnt))
