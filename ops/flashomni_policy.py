@@ -338,9 +338,13 @@ def _launch_flashomni_symbols(scores, square, q_text, kv_text, mode, tau_q, tau_
     return reuse, skip, reuse_bits, skip_bits, idx, cnt
 
 
+#: the op's outputs (torch.library infers the schema from the annotation: a fixed-length tuple)
+_SixTensors = Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+
+
 def _flashomni_symbols_impl(scores: torch.Tensor, square: torch.Tensor, q_text: torch.Tensor, kv_text: torch.Tensor,
                             mode: int, tau_q: float, tau_kv: float, allow_reuse: bool
-                            ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                            ) -> _SixTensors:
     n_q, n_k = scores.shape[-2:]
     if use_triton(scores) and max(n_q, n_k) <= _MAX_ROW and scores.numel() > 0:
         return _launch_flashomni_symbols(scores, square, q_text, kv_text, mode, tau_q, tau_kv, allow_reuse)
@@ -382,7 +386,8 @@ def flashomni_symbols(scores: torch.Tensor, square, q_text: torch.Tensor, kv_tex
             raise ValueError("the joint and self modes read the square scores; got None")
         square = scores
     elif tuple(square.shape) != (B, H, n_q, n_q) or square.dtype != torch.float32:
-        raise ValueError(f"square must be a [B, H, {n_q}, {n_q}] float32 tensor, got {square.dtype} {list(square.shape)}")
+        raise ValueError(f"square must be a [B, H, {n_q}, {n_q}] float32 tensor, got {square.dtype} "
+                         f"{list(square.shape)}")
     for name, t, n in (("q_text", q_text, n_q), ("kv_text", kv_text, n_k)):
         if t.dtype != torch.bool or tuple(t.shape) != (n,) or t.device != scores.device:
             raise ValueError(f"{name} must be a bool tensor of shape [{n}] on {scores.device}, got {t.dtype} "

@@ -114,7 +114,10 @@ def test_flashomni_symbols_decide_nearly_everything_exactly(impl, mode, nQ, nK, 
     if mode == MODES["self"] or nQ == nK:
         square = scores
     qt = text_mask(nQ, n_text, "first")
-    kt = text_mask(nK, -(-n_text * nK // nQ) if n_text else 0, "first") if mode != MODES["cross"] else torch.zeros(nK, dtype=torch.bool)
+    if mode == MODES["cross"]:
+        kt = torch.zeros(nK, dtype=torch.bool)
+    else:
+        kt = text_mask(nK, -(-n_text * nK // nQ) if n_text else 0, "first")
     out = run(impl, scores, square, qt, kt, mode, 0.5, 0.3, True)
     check_against_golden(out, scores, square, qt, kt, mode, 0.5, 0.3, True, min_certain=0.95)
     assert 0 < out[0].float().mean() < 1 and out[1].any()

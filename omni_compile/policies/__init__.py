@@ -20,8 +20,8 @@ One file per strategy; this package registers them by name::
 
 from .base import (POLICIES, BasePolicy, Bits, Compose, Policy, PolicyFallback, PolicyInput, TokenLayout,
                    block_means, block_text_mask, check_policy, contribution, feature_change, finalize, guidance,
-                   keep_one_key, low_tail, no_bits, policy_name, policy_symbols, register_policy, resolve_policy, run_policy,
-                   skip_tail)
+                   keep_one_key, low_tail, no_bits, policy_name, policy_symbols, register_policy, resolve_policy,
+                   run_policy, skip_tail)
 from .broadcast import Broadcast
 from .dense import Dense, dense
 from .fixed import Fixed, fixed
@@ -49,6 +49,7 @@ __all__ = [
     "POLICIES", "BUILTIN", "BasePolicy", "Bits", "Broadcast", "Compose", "Dense", "Fixed", "FlashOmni", "Policy",
     "PolicyFallback", "PolicyInput", "TaylorSeer", "TokenLayout", "TopK", "Window", "block_means",
     "block_text_mask", "check_policy", "contribution", "dense", "feature_change", "finalize", "fixed", "flashomni",
-    "guidance", "keep_one_key", "low_tail", "needs_scores", "no_bits", "policy_name", "policy_symbols", "register_policy",
+    "guidance", "keep_one_key", "low_tail", "needs_scores", "no_bits", "policy_name", "policy_symbols",
+    "register_policy",
     "resolve_policy", "run_policy", "skip_tail", "strategy_config", "strategy_configs", "window_keep",
 ]

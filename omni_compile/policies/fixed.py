@@ -88,7 +88,8 @@ class Fixed(BasePolicy):
         if hit is None or hit[0] != key:
             # one entry per site: a new config or shape frees the old symbols (at HunyuanVideo size a site's
             # key lists alone are ~7 MB) instead of keeping every config's alive
-            hit = _SYMBOLS[inp.site_id] = (key, symbols_from_call(self, inp, config, allow_reuse), inp.q_text, inp.kv_text)
+            sym = symbols_from_call(self, inp, config, allow_reuse)
+            hit = _SYMBOLS[inp.site_id] = (key, sym, inp.q_text, inp.kv_text)
         return hit[1]
 
     def __repr__(self) -> str:
