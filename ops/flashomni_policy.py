@@ -183,6 +183,17 @@ def _pack_row_bits(bits, R: tl.constexpr, N: tl.constexpr):
 
 
 @triton.jit
+def _chunk(QText, j0, n, CHUNK: tl.constexpr, TEXT_ONLY: tl.constexpr):
+    """Blocks ``j0 .. j0 + CHUNK - 1`` and which of them a metric reads: those below ``n``, and with
+    ``TEXT_ONLY`` only text blocks (``QText [n]`` uint8)."""
+    idx = j0 + tl.arange(0, CHUNK)
+    sel = idx < n
+    if TEXT_ONLY:
+        sel = sel & (tl.load(QText + idx, mask=sel, other=0) != 0)
+    return idx, sel
+
+
+@triton.jit
 def _reuse_kernel(P, QText, Reuse, ReuseBits, n_q, n_cols, n_qbytes, tau_q,
                   MODE: tl.constexpr, ALLOW_REUSE: tl.constexpr, N_POW2: tl.constexpr, LOG2N: tl.constexpr,
                   CHUNK: tl.constexpr):
@@ -203,10 +214,7 @@ def _reuse_kernel(P, QText, Reuse, ReuseBits, n_q, n_cols, n_qbytes, tau_q,
     c = tl.zeros([N_POW2], dtype=tl.float32)
     if MODE != 2:
         for j0 in range(0, n_q, CHUNK):
-            rows = j0 + tl.arange(0, CHUNK)
-            rsel = rows < n_q
-            if MODE == 0:
-                rsel = rsel & (tl.load(QText + rows, mask=rsel, other=0) != 0)
+            rows, rsel = _chunk(QText, j0, n_q, CHUNK, MODE == 0)
             if tl.max(rsel.to(tl.int32), 0) > 0:
                 tile = tl.load(base + rows[:, None] * n_cols + offs[None, :], mask=rsel[:, None] & inside[None, :],
                                other=0.0)
@@ -214,10 +222,7 @@ def _reuse_kernel(P, QText, Reuse, ReuseBits, n_q, n_cols, n_qbytes, tau_q,
     g = tl.zeros([N_POW2], dtype=tl.float32)
     if MODE != 1:
         for j0 in range(0, n_cols, CHUNK):
-            cols = j0 + tl.arange(0, CHUNK)
-            csel = cols < n_cols
-            if MODE == 0:
-                csel = csel & (tl.load(QText + cols, mask=csel, other=0) != 0)
+            cols, csel = _chunk(QText, j0, n_cols, CHUNK, MODE == 0)
             if tl.max(csel.to(tl.int32), 0) > 0:
                 # tile[j, i] = P[i, j] over vision rows i: column j's vision mass normalises it
                 tile = tl.load(base + offs[None, :] * n_cols + cols[:, None], mask=csel[:, None] & vis[None, :],
