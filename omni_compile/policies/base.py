@@ -349,6 +349,12 @@ def policy_symbols(policy, inp: PolicyInput, config, allow_reuse: bool = True):
     return symbols_from_call(policy, inp, config, allow_reuse)
 
 
+def runs_own_call(policy, cls) -> bool:
+    """Whether ``policy`` runs ``cls.__call__`` itself: a subclass that overrides it makes other bits, so a
+    ``symbols`` shortcut of ``cls`` (fused kernels, a memo) must not stand in for them."""
+    return type(policy).__call__ is cls.__call__
+
+
 def symbols_from_call(policy, inp: PolicyInput, config, allow_reuse: bool = True):
     """:func:`policy_symbols` without the policy's own ``symbols``: called, :func:`finalize`-d, packed."""
     from omni_compile.ops import Symbols

@@ -79,9 +79,10 @@ class Fixed(BasePolicy):
         One object is kept per site id, the one its stream holds anyway; a site whose streams differ in
         shape or ``allow_reuse`` alternates and rebuilds (as without the memo). None for a subclass that
         overrides ``__call__``."""
-        if type(self).__call__ is not Fixed.__call__:
+        from .base import runs_own_call, symbols_from_call
+
+        if not runs_own_call(self, Fixed):
             return None
-        from .base import symbols_from_call
 
         key = (bool(allow_reuse), inp.block_q, inp.block_kv, inp.seq_q, inp.seq_kv) + _key(inp, config)
         hit = _SYMBOLS.get(inp.site_id)

@@ -31,9 +31,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from omni_compile.ops.flashomni_policy import flashomni_decision, flashomni_mode
+from omni_compile.ops.flashomni_policy import MODES, flashomni_decision, flashomni_mode
 
-from .base import BasePolicy, Bits, PolicyInput
+from .base import BasePolicy, Bits, PolicyInput, runs_own_call
 
 
 def _thresholds(config, tau_q, tau_kv):
@@ -52,13 +52,21 @@ def flashomni_symbols(inp: PolicyInput, config, allow_reuse: bool = True, tau_q:
     """The policy's symbols from ``ops.flashomni_symbols`` (two Triton launches on CUDA, the PyTorch ops
     elsewhere): the bits of :func:`flashomni`, packed, with the attention's key lists decoded. No
     :func:`~.base.finalize`: the decision meets the runtime's contract by construction (tested)."""
+    tau_q, tau_kv = _thresholds(config, tau_q, tau_kv)
+    return fused_symbols(inp, flashomni_mode(inp.kind, inp.text_q_blocks, inp.num_q_blocks), tau_q, tau_kv,
+                         allow_reuse)
+
+
+def fused_symbols(inp: PolicyInput, mode: int, tau_q: float, tau_kv: float, allow_reuse: bool = True):
+    """``ops.flashomni_symbols``' outputs on ``inp``'s scores as a ``Symbols`` object (its masks as the
+    dense view, its key lists as ``kv_schedule``): the flashomni decision of form ``mode`` with these
+    thresholds (also ``topk``'s mass mode: ``tau_q = 0``)."""
     from omni_compile.ops import Symbols
     from omni_compile.ops.flashomni_policy import flashomni_symbols as fused
 
-    tau_q, tau_kv = _thresholds(config, tau_q, tau_kv)
-    mode = flashomni_mode(inp.kind, inp.text_q_blocks, inp.num_q_blocks)
-    reuse, skip, reuse_bits, skip_bits, idx, cnt = fused(inp.scores, inp.scores_square, inp.q_text, inp.kv_text,
-                                                         mode, tau_q, tau_kv, allow_reuse)
+    square = None if mode == MODES["cross"] else inp.scores_square
+    reuse, skip, reuse_bits, skip_bits, idx, cnt = fused(inp.scores, square, inp.q_text, inp.kv_text, mode, tau_q,
+                                                         tau_kv, allow_reuse)
     return Symbols.from_decoded(reuse_bits, skip_bits, inp.block_q, inp.block_kv, inp.seq_q, inp.seq_kv,
                                 (reuse, skip), (idx, cnt))
 
@@ -94,6 +102,6 @@ class FlashOmni(BasePolicy):
     def symbols(self, inp: PolicyInput, config, allow_reuse: bool = True):
         """The fused path (:func:`flashomni_symbols`); None for a subclass that overrides ``__call__``,
         whose bits the fused kernels do not make."""
-        if type(self).__call__ is not FlashOmni.__call__:
+        if not runs_own_call(self, FlashOmni):
             return None
         return flashomni_symbols(inp, config, allow_reuse, self.tau_q, self.tau_kv)

@@ -21,7 +21,7 @@ from typing import Optional
 
 import torch
 
-from .base import BasePolicy, Bits, PolicyInput, no_bits, skip_tail
+from .base import BasePolicy, Bits, PolicyInput, no_bits, runs_own_call, skip_tail
 
 
 @dataclass(frozen=True)
@@ -62,12 +62,10 @@ class TopK(BasePolicy):
         """``mass`` mode through ``ops.flashomni_symbols``' skip kernel (the same tail with budget ``1 -
         mass`` and nothing reused): bits and key lists in one launch. None in ``k`` mode and for a subclass
         that overrides ``__call__``."""
-        if self.k is not None or type(self).__call__ is not TopK.__call__:
+        if self.k is not None or not runs_own_call(self, TopK):
             return None
-        from omni_compile.ops import Symbols
-        from omni_compile.ops.flashomni_policy import MODES, flashomni_symbols
+        from omni_compile.ops.flashomni_policy import MODES
 
-        reuse, skip, reuse_bits, skip_bits, idx, cnt = flashomni_symbols(
-            inp.scores, None, inp.q_text, inp.kv_text, MODES["cross"], 0.0, 1.0 - float(self.mass), allow_reuse)
-        return Symbols.from_decoded(reuse_bits, skip_bits, inp.block_q, inp.block_kv, inp.seq_q, inp.seq_kv,
-                                    (reuse, skip), (idx, cnt))
+        from .flashomni import fused_symbols
+
+        return fused_symbols(inp, MODES["cross"], 0.0, 1.0 - float(self.mass), allow_reuse)
