@@ -365,56 +365,71 @@ def part_sweep(rows):
                 _sweep_row(rows, f"gemm_o reuse {r}", cfg, run, ref, 2 * M * K * N * f)
 
 
+def _table(out, rows, part, title, header, align, line):
+    """A titled markdown table of the rows of ``part`` (one ``line(row)`` each); nothing when there are none."""
+    picked = [r for r in rows if r["part"] == part]
+    if picked:
+        out += [f"### {title}", "", header, align, *map(line, picked), ""]
+
+
+def _ok(r) -> str:
+    return "yes" if r["ok"] else "NO"
+
+
+def _attention_line(r) -> str:
+    keep = f"{r['keep']:.2f}" + (" (varied)" if r.get("varied") else "")
+    return (f"| {r['S']} | {keep} | {r['reuse']:.2f} | {r['density']:.3f} | {r['ms']:.3f} | {r['graph_ms']:.3f} | {r['tflops']:.0f} | "
+            f"{r['cudnn_ms']:.3f} | {r['flash_ms']:.3f} | {r['flex_ms']:.3f} | {r['vs_cudnn']:.2f} | {r['vs_flex']:.2f} | "
+            f"{r.get('vs_cudnn_graph', float('nan')):.2f} | {r.get('vs_flex_graph', float('nan')):.2f} | "
+            f"{r['speedup_vs_own_dense']:.2f} | {r['err']:.1e} | {_ok(r)} |")
+
+
+def _gemm_line(r) -> str:
+    return (f"| {r['op']} | {r['M']}x{r['K']}x{r['N']} | {r['reuse']:.2f} | {r['computed']:.2f} | {r['ms']:.3f} | {r['graph_ms']:.3f} | "
+            f"{r['cublas_ms']:.3f} | {r['speedup']:.2f} | {r['ideal']:.2f} | {r['of_ideal']:.2f} | {r['graph_of_ideal']:.2f} | "
+            f"{r['time_over_f_cublas']:.2f} | {r['err']:.1e} | {_ok(r)} |")
+
+
+def _pooled_line(r) -> str:
+    return (f"| {r['S']} | {r['ms']:.4f} | {r['graph_ms']:.4f} | {r['cudnn_ms']:.3f} | {100 * r['fraction']:.2f} % | "
+            f"{100 * r['graph_fraction']:.2f} % | {r['err']:.1e} |")
+
+
+def _symbols_line(r) -> str:
+    split = " / ".join(f"{r.get(k, float('nan')):.3f}" for k in ("pooled_ms", "symbols_ms", "schedules_ms"))
+    return (f"| {r['S']} | {r['ms']:.4f} | {r['graph_ms']:.4f} | {split} | "
+            f"{r.get('unfused_ms', float('nan')):.4f} ({r.get('unfused_graph_ms', float('nan')):.4f}) | "
+            f"{r['cudnn_ms']:.3f} | {100 * r['fraction']:.2f} % | {100 * r['graph_fraction']:.2f} % | "
+            f"{r['density']:.3f} | {r['reuse']:.2f} | {r['differing']} | {_ok(r)} |")
+
+
+def _sweep_line(r) -> str:
+    return f"| {r['op']} | {r.get('keep', '')} | `{r['cfg']}` | {r['ms']:.3f} | {r['tflops']:.0f} | {r.get('err', float('nan')):.1e} |"
+
+
+#: the report's tables in order: (row part, title, header, alignment, one row's line)
+_TABLES = (
+    ("attention", "Attention (B=1, H=24, D=128, bf16, 128x128 blocks)",
+     "| S | kept key blocks | reuse | density | sparse_attention ms | graph-replay ms | TFLOP/s (kept) | cuDNN SDPA ms | FA2 SDPA ms | FlexAttention ms | vs cuDNN | vs Flex | vs cuDNN (graphs) | vs Flex (graphs) | vs own dense | rel err | ok |",
+     "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|:-:|", _attention_line),
+    ("gemm", "GEMM-Q / GEMM-O (bf16, head_dim 128, 128-row blocks) vs F.linear (cuBLAS)",
+     "| op | M x K x N | reuse | computed | ms | graph-replay ms | cuBLAS ms | speedup | ideal | of ideal | of ideal (graph) | t / (f * cuBLAS) | rel err | ok |",
+     "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|:-:|", _gemm_line),
+    ("pooled", "Symbol-generation input: pooled_scores",
+     "| S | ms | graph-replay ms | cuDNN dense attention ms | fraction | fraction (graph) | rel err |",
+     "|---:|---:|---:|---:|---:|---:|---:|", _pooled_line),
+    ("symbols", "Update-step symbol generation: pooled scores + flashomni policy + bits + schedules",
+     "| S | ms | graph-replay ms | pooled / symbols / schedules ms | PyTorch-ops policy ms (graph) | cuDNN dense attention ms | fraction | fraction (graph) | density | reuse | blocks differing from the reference | ok |",
+     "|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|:-:|", _symbols_line),
+    ("sweep", "Tile-config sweep", "| op | keep | config | ms | TFLOP/s | rel err |", "|---|---:|---|---:|---:|---:|",
+     _sweep_line),
+)
+
+
 def markdown(rows):
     out = []
-    att = [r for r in rows if r["part"] == "attention"]
-    if att:
-        out += ["### Attention (B=1, H=24, D=128, bf16, 128x128 blocks)", "",
-                "| S | kept key blocks | reuse | density | sparse_attention ms | graph-replay ms | TFLOP/s (kept) | cuDNN SDPA ms | FA2 SDPA ms | FlexAttention ms | vs cuDNN | vs Flex | vs cuDNN (graphs) | vs Flex (graphs) | vs own dense | rel err | ok |",
-                "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|:-:|"]
-        for r in att:
-            keep = f"{r['keep']:.2f}" + (" (varied)" if r.get("varied") else "")
-            out.append(f"| {r['S']} | {keep} | {r['reuse']:.2f} | {r['density']:.3f} | {r['ms']:.3f} | {r['graph_ms']:.3f} | {r['tflops']:.0f} | "
-                       f"{r['cudnn_ms']:.3f} | {r['flash_ms']:.3f} | {r['flex_ms']:.3f} | {r['vs_cudnn']:.2f} | {r['vs_flex']:.2f} | "
-                       f"{r.get('vs_cudnn_graph', float('nan')):.2f} | {r.get('vs_flex_graph', float('nan')):.2f} | "
-                       f"{r['speedup_vs_own_dense']:.2f} | {r['err']:.1e} | {'yes' if r['ok'] else 'NO'} |")
-        out.append("")
-    gem = [r for r in rows if r["part"] == "gemm"]
-    if gem:
-        out += ["### GEMM-Q / GEMM-O (bf16, head_dim 128, 128-row blocks) vs F.linear (cuBLAS)", "",
-                "| op | M x K x N | reuse | computed | ms | graph-replay ms | cuBLAS ms | speedup | ideal | of ideal | of ideal (graph) | t / (f * cuBLAS) | rel err | ok |",
-                "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|:-:|"]
-        for r in gem:
-            out.append(f"| {r['op']} | {r['M']}x{r['K']}x{r['N']} | {r['reuse']:.2f} | {r['computed']:.2f} | {r['ms']:.3f} | {r['graph_ms']:.3f} | "
-                       f"{r['cublas_ms']:.3f} | {r['speedup']:.2f} | {r['ideal']:.2f} | {r['of_ideal']:.2f} | {r['graph_of_ideal']:.2f} | "
-                       f"{r['time_over_f_cublas']:.2f} | {r['err']:.1e} | {'yes' if r['ok'] else 'NO'} |")
-        out.append("")
-    pool = [r for r in rows if r["part"] == "pooled"]
-    if pool:
-        out += ["### Symbol-generation input: pooled_scores", "", "| S | ms | graph-replay ms | cuDNN dense attention ms | fraction | fraction (graph) | rel err |",
-                "|---:|---:|---:|---:|---:|---:|---:|"]
-        for r in pool:
-            out.append(f"| {r['S']} | {r['ms']:.4f} | {r['graph_ms']:.4f} | {r['cudnn_ms']:.3f} | {100 * r['fraction']:.2f} % | "
-                       f"{100 * r['graph_fraction']:.2f} % | {r['err']:.1e} |")
-        out.append("")
-    gen = [r for r in rows if r["part"] == "symbols"]
-    if gen:
-        out += ["### Update-step symbol generation: pooled scores + flashomni policy + bits + schedules", "",
-                "| S | ms | graph-replay ms | pooled / symbols / schedules ms | PyTorch-ops policy ms (graph) | cuDNN dense attention ms | fraction | fraction (graph) | density | reuse | blocks differing from the reference | ok |",
-                "|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|:-:|"]
-        for r in gen:
-            split = " / ".join(f"{r.get(k, float('nan')):.3f}" for k in ("pooled_ms", "symbols_ms", "schedules_ms"))
-            out.append(f"| {r['S']} | {r['ms']:.4f} | {r['graph_ms']:.4f} | {split} | "
-                       f"{r.get('unfused_ms', float('nan')):.4f} ({r.get('unfused_graph_ms', float('nan')):.4f}) | "
-                       f"{r['cudnn_ms']:.3f} | {100 * r['fraction']:.2f} % | {100 * r['graph_fraction']:.2f} % | "
-                       f"{r['density']:.3f} | {r['reuse']:.2f} | {r['differing']} | {'yes' if r['ok'] else 'NO'} |")
-        out.append("")
-    sw = [r for r in rows if r["part"] == "sweep"]
-    if sw:
-        out += ["### Tile-config sweep", "", "| op | keep | config | ms | TFLOP/s | rel err |", "|---|---:|---|---:|---:|---:|"]
-        for r in sw:
-            out.append(f"| {r['op']} | {r.get('keep', '')} | `{r['cfg']}` | {r['ms']:.3f} | {r['tflops']:.0f} | {r.get('err', float('nan')):.1e} |")
-        out.append("")
+    for spec in _TABLES:
+        _table(out, rows, *spec)
     return "\n".join(out)
 
 
