@@ -47,6 +47,19 @@ def text_mask(n, count, where):
     return m
 
 
+def small_policy_input(kind, n_text, seed, short_q=0, short_kv=0):
+    """A ``PolicyInput`` of 2 items x 2 heads on 16-row blocks: 9 query blocks (the first ``n_text`` text),
+    9 key blocks with the same text (5 text-free ones for cross-attention), the lengths ``short_q`` /
+    ``short_kv`` rows short of whole blocks."""
+    nQ, nK = 9, (5 if kind == "cross" else 9)
+    scores, _ = make_scores(2, 2, nQ, nK, seed, "smooth")
+    qt = text_mask(nQ, n_text, "first")
+    kt = qt.clone() if kind != "cross" else torch.zeros(nK, dtype=torch.bool)
+    return PolicyInput(scores=scores, scores_square=None if kind == "cross" else scores, kind=kind, q_text=qt,
+                       kv_text=kt, batch=2, heads=2, seq_q=nQ * 16 - short_q, seq_kv=nK * 16 - short_kv, block_q=16,
+                       block_kv=16, text_q_blocks=int(qt.sum()), text_kv_blocks=int(kt.sum()))
+
+
 def run(impl, scores, square, qt, kt, mode, tau_q, tau_kv, allow):
     with kernel_backend(impl):
         return flashomni_symbols(scores, None if mode == MODES["cross"] else square, qt, kt, mode, tau_q, tau_kv, allow)
@@ -157,13 +170,7 @@ def test_fused_policy_symbols_equal_the_generic_path(kind, n_text):
     """``policy_symbols(FlashOmni())`` takes the fused op; the generic path (call, finalize, pack, decode)
     makes the same symbols, and ``finalize`` is the identity on the decision (the contract holds by
     construction, which is why the fused path skips it). A subclass overriding ``__call__`` is not fused."""
-    nQ, nK = 9, (5 if kind == "cross" else 9)
-    scores, _ = make_scores(2, 2, nQ, nK, 11, "smooth")
-    qt = text_mask(nQ, n_text, "first")
-    kt = qt.clone() if kind != "cross" else torch.zeros(nK, dtype=torch.bool)
-    inp = PolicyInput(scores=scores, scores_square=None if kind == "cross" else scores, kind=kind, q_text=qt,
-                      kv_text=kt, batch=2, heads=2, seq_q=nQ * 16 - 3, seq_kv=nK * 16 - 5, block_q=16, block_kv=16,
-                      text_q_blocks=int(qt.sum()), text_kv_blocks=int(kt.sum()))
+    inp = small_policy_input(kind, n_text, 11, short_q=3, short_kv=5)
     cfg = OmniConfig(tau_q=0.5, tau_kv=0.3)
     r, s = flashomni(inp, cfg)
     fr, fs = finalize(FlashOmni(), inp, r, s)
@@ -225,13 +232,7 @@ def test_topk_mass_mode_takes_the_fused_skip_kernel(kind, n_text):
     from omni_compile.policies import TopK
     from omni_compile.policies.base import symbols_from_call
 
-    nQ, nK = 9, (5 if kind == "cross" else 9)
-    scores, _ = make_scores(2, 2, nQ, nK, 13, "smooth")
-    qt = text_mask(nQ, n_text, "first")
-    kt = qt.clone() if kind != "cross" else torch.zeros(nK, dtype=torch.bool)
-    inp = PolicyInput(scores=scores, scores_square=None if kind == "cross" else scores, kind=kind, q_text=qt,
-                      kv_text=kt, batch=2, heads=2, seq_q=nQ * 16, seq_kv=nK * 16, block_q=16, block_kv=16,
-                      text_q_blocks=int(qt.sum()), text_kv_blocks=int(kt.sum()))
+    inp = small_policy_input(kind, n_text, 13)
     for mass in (0.7, 1.0):
         want = symbols_from_call(TopK(mass=mass), inp, CFG)
         for impl in IMPLS:
