@@ -4,7 +4,9 @@
 
 Every timed kernel is also checked against the fp32 reference on the same inputs, so a fast wrong kernel
 shows up as a failed check (the table's ``ok`` column and a non-zero exit code). Writes ``DIR/bench.json``
-and ``DIR/bench.md``, and prints the markdown tables last.
+and ``DIR/bench.md`` and ``DIR/bench.png`` (one figure of panels with the targets drawn in,
+:mod:`omni_compile.plots`), and prints the markdown tables last. ``--replot FILE.json [...]`` rebuilds
+the tables and the figure from saved ``bench.json`` files on any machine (no GPU).
 
 Timing: ``triton.testing.do_bench`` medians (ms). Attention TFLOP/s counts ``4*B*H*Sq*Skv*D`` times the
 fraction of kept work (so a sparse kernel is credited only for what it computes). FlexAttention gets the
@@ -433,6 +435,18 @@ def markdown(rows):
     return "\n".join(out)
 
 
+def write_report(out_dir: str, env, rows) -> str:
+    """Write ``bench.md`` and ``bench.png`` for ``rows`` under ``out_dir``; returns the markdown."""
+    from . import plots
+
+    os.makedirs(out_dir, exist_ok=True)
+    md = markdown(rows)
+    with open(os.path.join(out_dir, "bench.md"), "w") as f:
+        f.write(f"Device: {env}\n\n" + md)
+    plots.write(plots.bench_charts(rows), os.path.join(out_dir, "bench.png"))
+    return md
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="out/bench")
@@ -442,7 +456,21 @@ def main(argv=None):
                          "4429): a partial last key block takes other code in the kernels (session 8's regression "
                          "showed only there)")
     ap.add_argument("--densities", default="1.0,0.5,0.2,0.1")
+    ap.add_argument("--replot", metavar="BENCH_JSON", nargs="+", default=None,
+                    help="measure nothing: write bench.md and bench.png under --out from saved bench.json files (parts "
+                         "measured in separate calls make one report; a part in a later file replaces that part's rows "
+                         "from the earlier ones)")
     args = ap.parse_args(argv)
+    if args.replot:
+        envs, rows = [], []
+        for path in args.replot:
+            with open(path) as f:
+                saved = json.load(f)
+            envs.append(saved.get("env", {}))
+            newer = {r["part"] for r in saved["rows"]}
+            rows = [r for r in rows if r["part"] not in newer] + saved["rows"]
+        write_report(args.out, envs[0] if len(envs) == 1 else envs, rows)
+        return 0
     if not torch.cuda.is_available():
         print("omni_compile.bench needs a CUDA GPU (it times Triton kernels against cuDNN/cuBLAS)", file=sys.stderr)
         return 2
@@ -462,12 +490,9 @@ def main(argv=None):
         part_gemm([(4608, 3072, 3072, "FLUX q/o"), (33792, 3072, 3072, "HunyuanVideo q/o")], [0.0, 0.5, 0.75, 0.9], rows)
     if "pooled" in parts:
         part_pooled(seqs, rows)
-    md = markdown(rows)
     with open(os.path.join(args.out, "bench.json"), "w") as f:
         json.dump(dict(env=env, seconds=time.time() - t0, rows=rows), f, indent=1)
-    with open(os.path.join(args.out, "bench.md"), "w") as f:
-        f.write(f"Device: {env}\n\n" + md)
-    print(md)
+    print(write_report(args.out, env, rows))
     bad = [r for r in rows if r.get("ok") is False]
     if bad:
         print(f"{len(bad)} timed kernels FAILED their correctness check", file=sys.stderr)

@@ -31,6 +31,10 @@ Inductor's and the rewritten graph's own (``dense`` / ``split_dense``, when that
 Block times are the kernels inside each block's label on the device timeline (:func:`block_ms_by_label`).
 Correctness in the same run: the ``dense`` setting's final latent against Inductor's (relative L2), and
 every sparse setting's final latent error is reported as its quality figure.
+
+Writes ``DIR/e2e_<model>.json``, ``.md`` and ``.png`` (per-step wall and GPU time per setting, speedups
+beside their ideal: :mod:`omni_compile.plots`), rewritten after every setting so a run cut off by a time
+limit keeps what it measured. ``--replot FILE.json`` rebuilds the table and figure from a saved result.
 """
 
 from __future__ import annotations
@@ -456,7 +460,13 @@ def main(argv=None) -> int:
                          "host time in the site ops, host syncs and copies per step)")
     ap.add_argument("--cpu-smoke", action="store_true",
                     help="narrow model (2 heads of 16), fp32, CPU, no Inductor: checks the driver only")
+    ap.add_argument("--replot", metavar="E2E_JSON", default=None,
+                    help="measure nothing: write e2e_<model>.md and .png under --out from a saved e2e_<model>.json")
     args = ap.parse_args(argv)
+    if args.replot:
+        with open(args.replot) as f:
+            write_report(args.out, json.load(f))
+        return 0
     if not torch.cuda.is_available() and not args.cpu_smoke:
         print("omni_compile.bench_e2e needs a CUDA GPU (--cpu-smoke runs a tiny model on the CPU)", file=sys.stderr)
         return 2
@@ -556,9 +566,7 @@ def main(argv=None) -> int:
         out = dict(res, partial=partial, rows=[{k: v for k, v in r.items() if k != "final"} for r in res["rows"]])
         with open(os.path.join(args.out, f"e2e_{args.model}.json"), "w") as f:
             json.dump(out, f, indent=1)
-        md = markdown(out)
-        with open(os.path.join(args.out, f"e2e_{args.model}.md"), "w") as f:
-            f.write(md)
+        md = write_report(args.out, out)
         if not partial:
             print(md)
 
@@ -675,6 +683,18 @@ def main(argv=None) -> int:
             write(partial=True)
     write(partial=False)
     return 1 if check_dense() else 0
+
+
+def write_report(out_dir: str, res: dict) -> str:
+    """Write ``e2e_<model>.md`` and ``e2e_<model>.png`` for a result under ``out_dir``; returns the markdown."""
+    from . import plots
+
+    os.makedirs(out_dir, exist_ok=True)
+    md = markdown(res)
+    with open(os.path.join(out_dir, f"e2e_{res['model']}.md"), "w") as f:
+        f.write(md)
+    plots.write(plots.e2e_charts(res), os.path.join(out_dir, f"e2e_{res['model']}.png"))
+    return md
 
 
 def markdown(res: dict) -> str:

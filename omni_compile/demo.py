@@ -60,47 +60,20 @@ class _Progress:
 
 
 def _plot(path: str, actions, density, t_dense, t_omni) -> None:
-    """Two panels drawn with Pillow: attention density per step (bars coloured by action) and step time
-    per step (dense loop vs flashomni loop)."""
-    from PIL import Image, ImageDraw
+    """Two panels (:mod:`omni_compile.charts`): attention density per step (bars coloured by action) and step
+    time per step (dense loop vs flashomni loop)."""
+    from .charts import Chart, Series, save
 
-    W, H, pad = 900, 560, 60
-    img = Image.new("RGB", (W, H), "white")
-    d = ImageDraw.Draw(img)
-    n = len(actions)
     colors = {"dense": (150, 150, 150), "update": (220, 90, 60), "dispatch": (60, 120, 210)}
-    panel_h = (H - 3 * pad) // 2
-
-    def x_of(i):
-        return pad + (W - 2 * pad) * (i + 0.5) / n
-
-    def axes(top, title, ymax, unit):
-        d.rectangle([pad, top, W - pad, top + panel_h], outline="black")
-        d.text((pad, top - 18), title, fill="black")
-        for frac in (0, 0.5, 1):
-            y = top + panel_h * (1 - frac)
-            d.line([pad - 4, y, pad, y], fill="black")
-            d.text((4, y - 6), f"{ymax * frac:.0f}{unit}" if unit else f"{ymax * frac:.2g}", fill="black")
-        for i in range(0, n, max(1, n // 14)):
-            d.text((x_of(i) - 6, top + panel_h + 4), str(i), fill="black")
-
-    top1 = pad
-    axes(top1, "attention density per step (grey: warm-up, red: update, blue: dispatch)", 1.0, "")
-    bw = max(2, (W - 2 * pad) / n * 0.7)
-    for i, (a, dn) in enumerate(zip(actions, density)):
-        x = x_of(i)
-        d.rectangle([x - bw / 2, top1 + panel_h * (1 - dn), x + bw / 2, top1 + panel_h], fill=colors.get(a, (0, 0, 0)))
-    top2 = 2 * pad + panel_h
-    tmax = max(max(t_dense), max(t_omni)) * 1.1
-    axes(top2, "step time (black: dense loop, blue: flashomni loop)", tmax * 1e3, " ms")
-    for series, col in ((t_dense, (0, 0, 0)), (t_omni, (60, 120, 210))):
-        pts = [(x_of(i), top2 + panel_h * (1 - t / tmax)) for i, t in enumerate(series)]
-        d.line(pts, fill=col, width=2)
-        for x, y in pts:
-            d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=col)
-    d.text((pad, H - 20), "step", fill="black")
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    img.save(path)
+    bars = Chart("attention density per step", xlabel="step", ylabel="density", ylim=(0.0, 1.0), bars_overlay=True)
+    for act, color in colors.items():
+        steps = [i for i, a in enumerate(actions) if a == act]
+        if steps:
+            bars.series.append(Series(act, steps, [density[i] for i in steps], "bars", color))
+    times = Chart("step time", xlabel="step", ylabel="ms", series=[
+        Series("dense loop", list(range(len(t_dense))), [1e3 * t for t in t_dense], "line", (0, 0, 0)),
+        Series("flashomni loop", list(range(len(t_omni))), [1e3 * t for t in t_omni], "line", colors["dispatch"])])
+    save([bars, times], path, cols=1, size=(900, 300))
 
 
 class _StepTimer:

@@ -1,4 +1,5 @@
-"""Small PIL-only figures (no matplotlib needed): the loss curve and captioned image grids."""
+"""Small PIL-only figures (no matplotlib needed): the loss curve (:mod:`omni_compile.charts`) and captioned
+image grids."""
 
 from __future__ import annotations
 
@@ -15,46 +16,18 @@ def _font():
 
 
 def plot_loss(csv_path: str, png_path: str, title: str = "training loss", width: int = 720, height: int = 420) -> None:
-    """Loss (log scale) vs step from ``loss.csv`` (columns ``step``, ``loss``)."""
+    """Loss (log scale) vs step from ``loss.csv`` (columns ``step``, ``loss``); non-positive or non-finite
+    losses are left out."""
+    from ..charts import Chart, Series, save
+
     steps, losses = [], []
     with open(csv_path) as f:
         for row in csv.DictReader(f):
             if row["loss"] and math.isfinite(float(row["loss"])) and float(row["loss"]) > 0:
                 steps.append(int(row["step"]))
                 losses.append(float(row["loss"]))
-    img = Image.new("RGB", (width, height), "white")
-    d = ImageDraw.Draw(img)
-    font = _font()
-    left, right, top, bottom = 70, 20, 30, 45
-    d.text((left, 8), title, fill="black", font=font)
-    x0, x1, y0, y1 = left, width - right, top, height - bottom
-    d.rectangle([x0, y0, x1, y1], outline="black")
-    if len(steps) >= 1:
-        lmin, lmax = math.log10(min(losses)), math.log10(max(losses))
-        if lmax - lmin < 1e-6:
-            lmin, lmax = lmin - 0.5, lmax + 0.5
-        smax = max(max(steps), 1)
-        sx = lambda s: x0 + (x1 - x0) * s / smax  # noqa: E731
-        sy = lambda v: y1 - (y1 - y0) * (math.log10(v) - lmin) / (lmax - lmin)  # noqa: E731
-        # y grid at decades and halves
-        for e in range(math.floor(lmin), math.ceil(lmax) + 1):
-            for m in (1, 2, 5):
-                v = m * 10 ** e
-                if lmin <= math.log10(v) <= lmax:
-                    y = sy(v)
-                    d.line([x0, y, x1, y], fill=(225, 225, 225))
-                    d.text((5, y - 6), f"{v:g}", fill="black", font=font)
-        for i in range(6):
-            s = smax * i / 5
-            d.text((sx(s) - 10, y1 + 6), f"{int(s)}", fill="black", font=font)
-        pts = [(sx(s), sy(v)) for s, v in zip(steps, losses)]
-        if len(pts) > 1:
-            d.line(pts, fill=(31, 119, 180), width=2)
-        else:
-            d.ellipse([pts[0][0] - 2, pts[0][1] - 2, pts[0][0] + 2, pts[0][1] + 2], fill=(31, 119, 180))
-    d.text(((x0 + x1) // 2 - 15, height - 18), "step", fill="black", font=font)
-    d.text((5, y0 - 20), "loss (log)", fill="black", font=font)
-    img.save(png_path)
+    chart = Chart(title, [Series("loss", steps, losses, "line")], xlabel="step", ylabel="loss (log)", log_y=True)
+    save([chart], png_path, cols=1, size=(width, height))
 
 
 def caption_grid(images, captions: Sequence[str], png_path: str, cols: int = 4, scale: int = 4,
