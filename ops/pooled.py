@@ -29,8 +29,9 @@ def _block_means(x: torch.Tensor, block: int):
     pad = n * block - S
     xf = torch.nn.functional.pad(x.float(), (0, 0, 0, pad)) if pad else x.float()
     sums = xf.reshape(B, H, n, block, D).sum(3)
-    counts = torch.full((n,), float(block), device=x.device)
-    counts[-1] = S - block * (n - 1)
+    # rows per block, the last one short: made on x's device (writing a Python int into it would be a
+    # host-to-device copy on CUDA)
+    counts = (S - block * torch.arange(n, device=x.device)).clamp_(max=block).float()
     return sums / counts[:, None], counts
 
 
