@@ -250,6 +250,7 @@ def symbol_generation_row(q, k, dense_ms):
     makes from the fp32 reference scores (``differing`` counts blocks that differ, where a running sum
     sits on a budget)."""
     from .config import OmniConfig
+    from .ops import kernel_backend
     from .ops.pooled import pooled_scores_reference
     from .policies import PolicyInput, policy_symbols, run_policy
     from .policies.base import block_text_mask
@@ -288,8 +289,12 @@ def symbol_generation_row(q, k, dense_ms):
     ref = unfused(pooled_scores_reference(q, k, BLOCK, BLOCK, D**-0.5))
     (reuse, skip), (ref_reuse, ref_skip) = sym.to_dense(), ref.to_dense()
     differing = int((reuse != ref_reuse).sum() + (skip != ref_skip).sum())
-    lists_agree = all(bool(torch.equal(a, b)) for a, b in zip(sym.kv_schedule(), Symbols(
-        sym.reuse_bits, sym.skip_bits, BLOCK, BLOCK, S, S).kv_schedule()))
+    # every list a dispatch step reads, against the PyTorch formulas decoding the same bits afresh
+    fresh = Symbols(sym.reuse_bits, sym.skip_bits, BLOCK, BLOCK, S, S)
+    with kernel_backend("reference"):
+        want = [fresh.kv_schedule(), fresh.tile_schedule(S, 0, BLOCK), fresh.head_schedule(S, 0, BLOCK, False)]
+    got = [sym.kv_schedule(), sym.tile_schedule(S, 0, BLOCK), sym.head_schedule(S, 0, BLOCK, False)]
+    lists_agree = all(bool(torch.equal(a, b)) for g, w in zip(got, want) for a, b in zip(g, w))
     t = bench_ms(generate)
     # GPU time alone, where the pipeline captures into a CUDA graph (NaN where it cannot, e.g. on a
     # read-back): what a loop whose host runs ahead of the GPU pays

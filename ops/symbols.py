@@ -377,7 +377,12 @@ class Symbols:
         hit = self._head_schedules.get(key)
         if hit is not None:
             return hit
-        out = self._head_schedules[key] = selected_first(self._tile_selection(seq, row_offset, block_m, select_reused))
+        plan = self._slice_plan(seq, row_offset, block_m)
+        if plan is not None:
+            out = slice_head_schedule(self.reuse_bits, plan[1], plan[2] - plan[1], select_reused)
+        else:
+            out = selected_first(self._tile_selection(seq, row_offset, block_m, select_reused))
+        self._head_schedules[key] = out
         return out
 
     def tile_schedule(self, seq: int, row_offset: int, block_m: int):
@@ -390,9 +395,22 @@ class Symbols:
         hit = self._tile_schedules.get(key)
         if hit is not None:
             return hit
-        tiles, count = selected_first(self._tile_selection(seq, row_offset, block_m, False).reshape(1, -1))
-        out = self._tile_schedules[key] = (tiles.reshape(-1), count.reshape(1))
+        plan = self._slice_plan(seq, row_offset, block_m)
+        if plan is not None:
+            out = slice_tile_schedule(self.reuse_bits, plan[1], plan[2] - plan[1])
+        else:
+            tiles, count = selected_first(self._tile_selection(seq, row_offset, block_m, False).reshape(1, -1))
+            out = (tiles.reshape(-1), count.reshape(1))
+        self._tile_schedules[key] = out
         return out
+
+    def _slice_plan(self, seq: int, row_offset: int, block_m: int):
+        """The ``("slice", a, b)`` tile plan when the schedule kernels that read the bits directly apply
+        (row tiles aligned to query blocks, on the Triton path, outside a trace), else None."""
+        if not use_triton(self.reuse_bits) or self.heads > _SLICE_MAX_HEADS or torch.compiler.is_compiling():
+            return None
+        plan = _tile_plan(seq, row_offset, block_m, self.block_q, self.device)
+        return plan if plan[0] == "slice" and plan[2] > plan[1] else None
 
     def _tile_selection(self, seq: int, row_offset: int, block_m: int, select_reused: bool) -> torch.Tensor:
         """``[B, T, H]`` bool, contiguous: row tile ``t`` holds a row that selects head ``h``. When every
@@ -493,6 +511,95 @@ def selected_first_reference(mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Te
     out = torch.empty(mask.shape, dtype=torch.int32, device=mask.device)
     out.scatter_(-1, slot, pos.to(torch.int32).expand(mask.shape))
     return out, counts.squeeze(-1).to(torch.int32)
+
+
+@triton.jit
+def _reused_bit(Bits, b, h, qb, stride_b, stride_h, inside):
+    """Reuse bit of query block ``qb`` of (batch ``b``, head ``h``) from packed ``Bits``; 0 outside."""
+    byte = tl.load(Bits + b * stride_b + h * stride_h + (qb >> 3), mask=inside, other=0)
+    return (byte.to(tl.int32) >> (qb & 7)) & 1
+
+
+@triton.jit
+def _slice_heads_kernel(Bits, Idx, Cnt, stride_b, stride_h, first_block, T, H, SELECT_REUSED: tl.constexpr,
+                        BLOCK_T: tl.constexpr, H_POW2: tl.constexpr):
+    """:meth:`Symbols.head_schedule` for row tiles that are query blocks ``first_block + t`` alone. Grid
+    ``(B, cdiv(T, BLOCK_T))``; ``Bits [B, H, ceil(nQ/8)]`` uint8 packed reuse bits (strides ``stride_b``,
+    ``stride_h``, bytes contiguous), ``Idx [B, T, H]`` and ``Cnt [B, T]`` int32 contiguous. Row ``(b, t)``
+    of ``Idx`` gets the selected heads ascending, then the others ascending (:func:`selected_first`)."""
+    b = tl.program_id(0).to(tl.int64)
+    t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+    h = tl.arange(0, H_POW2)
+    inside = (t[:, None] < T) & (h[None, :] < H)
+    reused = _reused_bit(Bits, b, h[None, :], first_block + t[:, None], stride_b, stride_h, inside)
+    sel = tl.where(inside, reused if SELECT_REUSED else 1 - reused, 0)
+    kept = tl.cumsum(sel, 1)
+    total = tl.sum(sel, 1)
+    slot = tl.where(sel != 0, kept - 1, total[:, None] + h[None, :] - kept)
+    row = (b * T + t) * H
+    tl.store(Idx + row[:, None] + slot, tl.broadcast_to(h[None, :], [BLOCK_T, H_POW2]), mask=inside)
+    tl.store(Cnt + b * T + t, total, mask=t < T)
+
+
+@triton.jit
+def _slice_tiles_kernel(Bits, Tiles, Count, stride_b, stride_h, first_block, T, H, n, CHUNK: tl.constexpr):
+    """:meth:`Symbols.tile_schedule` for row tiles that are query blocks ``first_block + t`` alone. Grid
+    ``(1,)``; ``Bits`` as in :func:`_slice_heads_kernel`; ``Tiles [n]`` int32 with ``n = B*T*H``, ``Count
+    [1]`` int32. Flat tile ``i = (b*T + t)*H + h`` is selected when its head computes; the selected come
+    first ascending, then the rest ascending. Two walks over the list in chunks: the count, then the
+    slots (a running prefix sum), so no list has to fit one block."""
+    total = 0
+    for start in range(0, n, CHUNK):
+        i = start + tl.arange(0, CHUNK)
+        inside = i < n
+        b, t, h = i // (T * H), (i // H) % T, i % H
+        reused = _reused_bit(Bits, b.to(tl.int64), h, first_block + t, stride_b, stride_h, inside)
+        total += tl.sum(tl.where(inside, 1 - reused, 0), 0)
+    before = 0
+    for start in range(0, n, CHUNK):
+        i = start + tl.arange(0, CHUNK)
+        inside = i < n
+        b, t, h = i // (T * H), (i // H) % T, i % H
+        reused = _reused_bit(Bits, b.to(tl.int64), h, first_block + t, stride_b, stride_h, inside)
+        sel = tl.where(inside, 1 - reused, 0)
+        kept = before + tl.cumsum(sel, 0)
+        slot = tl.where(sel != 0, kept - 1, total + i - kept)
+        tl.store(Tiles + slot, i, mask=inside)
+        before += tl.sum(sel, 0)
+    tl.store(Count, total)
+
+
+#: a slice schedule's tiles a program (head lists) and a chunk of the flat walk (tile lists)
+_SLICE_BLOCK_T, _SLICE_CHUNK = 32, 2048
+#: head counts beyond this decode with the PyTorch formula (a program holds BLOCK_T rows of H_POW2)
+_SLICE_MAX_HEADS = 256
+
+
+def slice_head_schedule(reuse_bits: torch.Tensor, first_block: int, T: int, select_reused: bool):
+    """``(head_indices [B, T, H] int32, head_counts [B, T] int32)``: the head lists of row tiles ``t`` that
+    are query blocks ``first_block + t`` alone, read straight from the packed reuse bits in one launch
+    (:func:`_slice_heads_kernel`). The same as :func:`selected_first` of the sliced, transposed (and, for
+    computed heads, negated) reuse mask, which costs that launch and three or four small ones before it."""
+    B, H = reuse_bits.shape[:2]
+    idx = torch.empty(B, T, H, dtype=torch.int32, device=reuse_bits.device)
+    cnt = torch.empty(B, T, dtype=torch.int32, device=reuse_bits.device)
+    launch(_slice_heads_kernel, (B, cdiv(T, _SLICE_BLOCK_T)), reuse_bits, idx, cnt, reuse_bits.stride(0),
+           reuse_bits.stride(1), first_block, T, H, SELECT_REUSED=bool(select_reused), BLOCK_T=_SLICE_BLOCK_T,
+           H_POW2=max(16, next_pow2(H)))
+    return idx, cnt
+
+
+def slice_tile_schedule(reuse_bits: torch.Tensor, first_block: int, T: int):
+    """``(tiles [B*T*H] int32, count [1] int32)`` of :meth:`Symbols.tile_schedule` for row tiles that are
+    query blocks ``first_block + t`` alone, read straight from the packed reuse bits in one launch
+    (:func:`_slice_tiles_kernel`)."""
+    B, H = reuse_bits.shape[:2]
+    n = B * T * H
+    tiles = torch.empty(n, dtype=torch.int32, device=reuse_bits.device)
+    count = torch.empty(1, dtype=torch.int32, device=reuse_bits.device)
+    launch(_slice_tiles_kernel, (1,), reuse_bits, tiles, count, reuse_bits.stride(0), reuse_bits.stride(1),
+           first_block, T, H, n, CHUNK=_SLICE_CHUNK)
+    return tiles, count
 
 
 @triton.jit

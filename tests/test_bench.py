@@ -1,4 +1,5 @@
 """omni_compile.bench's random symbols (the kernels' benchmark needs a GPU; its masks do not)."""
+import pytest
 import torch
 
 from omni_compile.bench import make_symbols
@@ -18,27 +19,33 @@ def test_equal_and_varied_masks_keep_the_asked_fraction():
         assert abs(varied.density() - equal.density()) < 0.02
 
 
-def test_symbol_generation_row_runs_the_update_pipeline(monkeypatch):
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_symbol_generation_row_runs_the_update_pipeline(monkeypatch, backend):
     """The benchmark's update-step symbol-generation row on the CPU (its timer stubbed): it runs the
     flashomni policy on a joint site through ``policy_symbols`` (the runtime's path) and through the
-    PyTorch ops, decodes the schedules, and compares its bits with the reference pipeline's (here the same
-    path, so none differ)."""
+    PyTorch ops, decodes the schedules, and compares its bits with the reference pipeline's (on the
+    reference backend the same path, so none differ) and its lists with the PyTorch formulas' (on the
+    Triton backend, in the interpreter, the kernels' lists)."""
     from omni_compile import bench
+    from omni_compile.ops import kernel_backend
 
-    calls = []
-    monkeypatch.setattr(bench, "bench_ms", lambda fn: calls.append(fn()) or 0.5)
-    g = torch.Generator().manual_seed(0)
-    S = 1000  # 8 blocks, the last partial; the first 4 hold the 512 text tokens
-    q, k = (torch.randn(1, bench.H, S, bench.D, generator=g) for _ in range(2))
-    row = bench.symbol_generation_row(q, k, dense_ms=2.0)
-    assert row["part"] == "symbols" and row["ok"] and row["differing"] == 0 and row["lists_agree"]
-    assert row["fraction"] == 0.25 and 0 < row["density"] <= 1 and row["unfused_ms"] == 0.5
-    # the stage split: the stubbed timer gives every prefix 0.5 ms, so all of it lands on the first stage
-    assert (row["pooled_ms"], row["symbols_ms"], row["schedules_ms"]) == (0.5, 0.0, 0.0)
-    fused, unfused, pooled, symbols = calls[0], calls[1], calls[2], calls[3]
-    assert pooled.shape == (1, bench.H, 8, 8) and symbols._kv_order is None and symbols.density() == row["density"]
-    assert fused == unfused and fused._dense is not None
-    reuse, skip = fused.to_dense()
-    assert not reuse[:, :, :4].any(), "text query blocks are never reused"
-    assert not skip[:, :, :, :4].any(), "text key blocks are never skipped"
-    assert fused._kv_order is not None and fused._tile_schedules and fused._head_schedules
+    monkeypatch.setattr(bench, "graph_ms", lambda fn: float("nan"))  # CUDA graphs: not on a CPU
+    monkeypatch.setattr(bench, "H", 4)  # fewer heads than FLUX: the interpreter runs every program in Python
+    with kernel_backend(backend):
+        calls = []
+        monkeypatch.setattr(bench, "bench_ms", lambda fn: calls.append(fn()) or 0.5)
+        g = torch.Generator().manual_seed(0)
+        S = 1000  # 8 blocks, the last partial; the first 4 hold the 512 text tokens
+        q, k = (torch.randn(1, bench.H, S, bench.D, generator=g) for _ in range(2))
+        row = bench.symbol_generation_row(q, k, dense_ms=2.0)
+        assert row["part"] == "symbols" and row["ok"] and row["differing"] == 0 and row["lists_agree"]
+        assert row["fraction"] == 0.25 and 0 < row["density"] <= 1 and row["unfused_ms"] == 0.5
+        # the stage split: the stubbed timer gives every prefix 0.5 ms, so all of it lands on the first stage
+        assert (row["pooled_ms"], row["symbols_ms"], row["schedules_ms"]) == (0.5, 0.0, 0.0)
+        fused, unfused, pooled, symbols = calls[0], calls[1], calls[2], calls[3]
+        assert pooled.shape == (1, bench.H, 8, 8) and symbols._kv_order is None and symbols.density() == row["density"]
+        assert fused == unfused and fused._dense is not None
+        reuse, skip = fused.to_dense()
+        assert not reuse[:, :, :4].any(), "text query blocks are never reused"
+        assert not skip[:, :, :, :4].any(), "text key blocks are never skipped"
+        assert fused._kv_order is not None and fused._tile_schedules and fused._head_schedules

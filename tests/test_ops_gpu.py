@@ -179,6 +179,26 @@ def test_schedule_compaction_kernel(rows, n, p):
     assert torch.equal(idx, want_idx) and torch.equal(cnt, want_cnt)
 
 
+@pytest.mark.parametrize("B, H, n_q, first, T, p", [(1, 24, 36, 0, 36, 0.5), (1, 24, 36, 4, 32, 0.44),
+                                                    (2, 24, 36, 4, 32, 0.3), (1, 24, 256, 2, 254, 0.5),
+                                                    (1, 24, 256, 0, 256, 1.0), (1, 3, 5, 1, 3, 0.0)])
+def test_slice_schedule_kernels(B, H, n_q, first, T, p):
+    """The head and tile lists read straight from the bits, at FLUX's (all rows; the 4096 image rows after
+    4 text blocks; CFG's batch of 2) and HunyuanVideo's shapes, against the compaction of the sliced mask."""
+    from omni_compile.ops.symbols import pack_bits, selected_first_reference, slice_head_schedule, slice_tile_schedule
+
+    reuse = torch.rand(B, H, n_q, device="cuda") < p
+    bits = pack_bits(reuse)
+    part = reuse[:, :, first:first + T].transpose(1, 2)
+    for select_reused in (False, True):
+        got = slice_head_schedule(bits, first, T, select_reused)
+        want = selected_first_reference(part if select_reused else ~part)
+        assert all(torch.equal(a, b) for a, b in zip(got, want)), select_reused
+    tiles, count = slice_tile_schedule(bits, first, T)
+    want_t, want_c = selected_first_reference((~part).reshape(1, -1))
+    assert torch.equal(tiles, want_t.reshape(-1)) and torch.equal(count, want_c.reshape(1))
+
+
 @pytest.mark.parametrize("n, top", [(864, 36), (1728, 36), (6120, 255), (1, 0), (16384, 3)])
 def test_longest_first_kernel(n, top):
     """Symbols.kv_order's ranking kernel against torch's stable descending sort: FLUX's tiles (one and two

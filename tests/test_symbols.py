@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from omni_compile.ops import Symbols, pack_bits, unpack_bits
@@ -80,15 +80,21 @@ def test_kv_schedule_lists_kept_blocks_in_order(case):
     assert s.kv_schedule() is s.kv_schedule()  # decoded once, cached
 
 
-@given(dense_symbols(max_blocks=5), st.integers(0, 100), st.sampled_from([16, 64, 128]), st.booleans())
-def test_head_schedule_is_union_over_tile_rows(case, offset, block_m, select_reused):
+@given(dense_symbols(max_blocks=5), st.integers(0, 100), st.sampled_from([16, 64, 128]), st.booleans(),
+       st.sampled_from(["reference", "triton"]))
+def test_head_schedule_is_union_over_tile_rows(case, offset, block_m, select_reused, backend):
+    """Both paths: the PyTorch formula and, on the Triton path, the kernel that reads the bits of aligned
+    tiles directly (``slice_head_schedule``; other tiles take ``selected_first`` there too)."""
+    from omni_compile.ops import kernel_backend
+
     reuse, skip, bq, bkv, sq, skv = case
     sq2 = sq + offset
     nq = -(-sq2 // bq)
     reuse = torch.cat([reuse, torch.ones(*reuse.shape[:2], nq - reuse.shape[2], dtype=torch.bool)], -1)
     skip = torch.zeros(*reuse.shape, 1, dtype=torch.bool)
     s = Symbols.from_dense(reuse, skip, bq, 16, sq2, 16)
-    idx, cnt = s.head_schedule(sq, offset, block_m, select_reused)
+    with kernel_backend(backend):
+        idx, cnt = s.head_schedule(sq, offset, block_m, select_reused)
     B, H = reuse.shape[:2]
     for b in range(B):
         for t in range(-(-sq // block_m)):
@@ -158,14 +164,18 @@ def test_from_dense_rejects_bad_input(kwargs, exc, match):
         Symbols.from_dense(**args)
 
 
-@given(dense_symbols(max_blocks=5), st.integers(0, 100), st.sampled_from([16, 64, 128]))
-def test_tile_schedule_lists_computed_tiles_first(case, offset, block_m):
+@given(dense_symbols(max_blocks=5), st.integers(0, 100), st.sampled_from([16, 64, 128]),
+       st.sampled_from(["reference", "triton"]))
+def test_tile_schedule_lists_computed_tiles_first(case, offset, block_m, backend):
+    from omni_compile.ops import kernel_backend
+
     reuse, _, bq, _, sq, _ = case
     sq2 = sq + offset
     nq = -(-sq2 // bq)
     reuse = torch.cat([reuse, torch.ones(*reuse.shape[:2], nq - reuse.shape[2], dtype=torch.bool)], -1)
     s = Symbols.from_dense(reuse, torch.zeros(*reuse.shape, 1, dtype=torch.bool), bq, 16, sq2, 16)
-    tiles, count = s.tile_schedule(sq, offset, block_m)
+    with kernel_backend(backend):
+        tiles, count = s.tile_schedule(sq, offset, block_m)
     B, H = reuse.shape[:2]
     T = -(-sq // block_m)
     computed = [(b * T + t) * H + h for b in range(B) for t in range(T) for h in range(H)
@@ -174,6 +184,34 @@ def test_tile_schedule_lists_computed_tiles_first(case, offset, block_m):
     assert tiles.dtype == torch.int32 and count.dtype == torch.int32 and count.shape == (1,)
     assert int(count) == len(computed) and tiles.tolist() == computed + rest
     assert s.tile_schedule(sq, offset, block_m) is s.tile_schedule(sq, offset, block_m)  # cached
+
+
+@settings(deadline=None, max_examples=40)
+@given(B=st.integers(1, 2), H=st.sampled_from([1, 3, 24, 40]), T=st.sampled_from([1, 2, 31, 33, 64]),
+       first=st.integers(0, 9), p=st.sampled_from([0.0, 0.1, 0.5, 1.0]), seed=st.integers(0, 2**31 - 1))
+def test_slice_schedules_equal_the_compaction_of_the_mask(B, H, T, first, p, seed):
+    """The schedule kernels that read packed bits (``slice_head_schedule``, ``slice_tile_schedule``) equal
+    ``selected_first`` of the sliced reuse mask entry for entry: head counts off a power of two, one tile,
+    tile counts across the kernel's 32-tile programs, tile lists across its 2048-entry chunks (2 x 33 x
+    40), bits starting mid-byte (``first``), nothing and everything reused."""
+    from omni_compile.ops import kernel_backend
+    from omni_compile.ops.symbols import pack_bits, selected_first, slice_head_schedule, slice_tile_schedule
+
+    g = torch.Generator().manual_seed(seed)
+    n_q = first + T + 3  # blocks after the slice too
+    reuse = torch.rand(B, H, n_q, generator=g) < p
+    bits = pack_bits(reuse)
+    part = reuse[:, :, first:first + T].transpose(1, 2)  # [B, T, H]
+    with kernel_backend("triton"):
+        for select_reused in (False, True):
+            idx, cnt = slice_head_schedule(bits, first, T, select_reused)
+            with kernel_backend("reference"):
+                want = selected_first(part if select_reused else ~part)
+            assert torch.equal(idx, want[0]) and torch.equal(cnt, want[1]), select_reused
+        tiles, count = slice_tile_schedule(bits, first, T)
+    with kernel_backend("reference"):
+        want_t, want_c = selected_first((~part).reshape(1, -1))
+    assert torch.equal(tiles, want_t.reshape(-1)) and torch.equal(count, want_c.reshape(1))
 
 
 def test_prefetch_schedules_decodes_what_the_other_symbols_decoded():

@@ -85,6 +85,24 @@ def test_fixed_update_steps_make_no_symbols_again(counted, counted_generic):
         assert res[act]["gpu"] == counted_generic[0][act]["gpu"]
 
 
+def test_flashomni_update_on_the_triton_path_launches_only_kernels():
+    """The default policy's update step as CUDA runs it (the ops' Triton paths, in the interpreter): the
+    kernels alone, ~12 launches a site (dense attention, the projections, the Taylor refresh and cache
+    biases, pooled scores, the fused policy op, one launch per GEMM schedule read from the bits). None of
+    the small ops that built each schedule's mask before (session 14: 20.3 a site on this model), and no
+    host-device traffic."""
+    torch._dynamo.reset()
+    res, state = _update_ops().measure(layers=1, single=2, repeats=0, backend="triton", policy="flashomni")
+    torch._dynamo.reset()
+    up = res["update"]
+    assert up["gpu"] <= 12.5, up["gpu_by_op"]
+    assert "site_attention" not in up["gpu_by_op"] and "selected_first" not in up["gpu_by_op"], up["gpu_by_op"]
+    assert up["gpu_by_op"]["_flashomni_symbols_impl"] == 1 and up["gpu_by_op"]["slice_head_schedule"] >= 1
+    for act in ("update", "dense", "dispatch"):
+        assert res[act]["suspects"] == {}, (act, res[act]["suspects"])
+    assert res["dispatch"]["gpu"] <= 4.5, res["dispatch"]["gpu_by_op"]
+
+
 def test_update_step_copies_nothing_between_host_and_device(counted, counted_generic):
     """No op on any step of the loop builds a tensor from host values, reads one back or sizes an output
     by its data (each a host-device copy or a sync on CUDA)."""

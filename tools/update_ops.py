@@ -1,6 +1,7 @@
 """What one step costs the host per attention site, counted on the CPU (a diagnostic, not part of the package).
 
-    python tools/update_ops.py [--layers 1] [--single 2] [--ops] [--stacks OPNAME]
+    python tools/update_ops.py [--layers 1] [--single 2] [--policy fixed] [--ops] [--stacks OPNAME]
+    TRITON_INTERPRET=1 python tools/update_ops.py --triton ...   # the Triton paths, as on CUDA
 
 Compiles the tiny FLUX of the tests (``tests/_runtime_helpers.tiny_flux_case`` sizes: 8 x 8 image tokens,
 16 text tokens, blocks of 16, 2 heads of 16) with ``policy="fixed"`` at the benchmark's aggressive setting
@@ -47,15 +48,17 @@ def _kernel_standins():
     """``(module, attribute)`` of the functions that are one launch on CUDA."""
     import omni_compile.runtime as rt
     import omni_compile.ops.attention as att
+    import omni_compile.ops.flashomni_policy as fp
     import omni_compile.ops.linear_o as lo
     import omni_compile.ops.linear_q as lq
     import omni_compile.ops.pooled as po
     import omni_compile.ops.symbols as sy
     import omni_compile.ops.taylor as ta
 
-    return [(att, "_sparse_attention_op_impl"), (lq, "_sparse_linear_q_op_impl"), (lo, "_sparse_linear_o_op_impl"),
+    return [(att, "_sparse_attention_op_impl"), (att, "_launch_attention"), (lq, "_sparse_linear_q_op_impl"), (lo, "_sparse_linear_o_op_impl"),
             (ta, "_taylor_refresh_impl"), (ta, "_taylor_sum_impl"), (po, "_pooled_scores_op_impl"),
-            (sy, "selected_first"), (rt, "_dense_attention"), (rt, "_dense_linear")]
+            (sy, "selected_first"), (sy, "longest_first"), (sy, "slice_head_schedule"), (sy, "slice_tile_schedule"), (fp, "_flashomni_symbols_impl"), (rt, "_dense_attention"),
+            (rt, "_dense_linear")]
 
 
 class _Meter:
@@ -169,9 +172,20 @@ class _Time(_Mode):
         return func(*args, **kwargs)
 
 
-def measure(layers: int = 1, single: int = 2, stacks_of=None, repeats: int = 5, **config):
+def measure(layers: int = 1, single: int = 2, stacks_of=None, repeats: int = 5, backend: str = "auto", **config):
     """``{action: dict(aten=…, gpu=…, host_us=…, names=…, suspects=…, stacks=…)}`` per site, for steps 0
-    (dense), 5 (update) and 6 (dispatch) of the loop in the module docstring."""
+    (dense), 5 (update) and 6 (dispatch) of the loop in the module docstring. ``backend="triton"`` (with
+    ``TRITON_INTERPRET=1``) runs the ops' Triton paths, as CUDA would, in the interpreter: the count then
+    is the GPU's (the CPU's PyTorch references decode some schedules in more ops than CUDA launches)."""
+    import contextlib
+
+    from omni_compile.ops import kernel_backend
+
+    with kernel_backend(backend) if backend != "auto" else contextlib.nullcontext():
+        return _measure(layers, single, stacks_of, repeats, **config)
+
+
+def _measure(layers, single, stacks_of, repeats, **config):
     from omni_compile import OmniConfig, OmniState
     from omni_compile.quality import initial_latents, tiny_flux
     from omni_compile.schedule import step_action
@@ -234,10 +248,12 @@ def main() -> None:
     ap.add_argument("--single", type=int, default=2)
     ap.add_argument("--policy", default="fixed", help="fixed (reuse 0.5, skip 0.8) or another policy name")
     ap.add_argument("--ops", action="store_true", help="list the counted ops per site op and action")
+    ap.add_argument("--triton", action="store_true",
+                    help="run the ops' Triton paths (set TRITON_INTERPRET=1 on a CPU): the GPU's launch count")
     ap.add_argument("--stacks", default=None, help="print the call stacks of suspect ops whose name contains this")
     args = ap.parse_args()
     extra = {} if args.policy == "fixed" else dict(policy=args.policy)
-    res, state = measure(args.layers, args.single, args.stacks, **extra)
+    res, state = measure(args.layers, args.single, args.stacks, backend="triton" if args.triton else "auto", **extra)
     print(f"policy {state.config.policy!r}, {state.summary()}; per site:")
     print(f"{'step':9s} {'aten':>7s} {'gpu':>7s} {'host us':>8s}  gpu by site op")
     for act in ("update", "dense", "dispatch"):
