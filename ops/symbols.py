@@ -542,6 +542,16 @@ def _slice_heads_kernel(Bits, Idx, Cnt, stride_b, stride_h, first_block, T, H, S
 
 
 @triton.jit
+def _computed_tiles(Bits, start, n, T, H, first_block, stride_b, stride_h, CHUNK: tl.constexpr):
+    """Flat tiles ``i = start + [0, CHUNK)`` of a slice schedule: ``(i, i < n, 1 where the head computes)``."""
+    i = start + tl.arange(0, CHUNK)
+    inside = i < n
+    b, t, h = i // (T * H), (i // H) % T, i % H
+    reused = _reused_bit(Bits, b.to(tl.int64), h, first_block + t, stride_b, stride_h, inside)
+    return i, inside, tl.where(inside, 1 - reused, 0)
+
+
+@triton.jit
 def _slice_tiles_kernel(Bits, Tiles, Count, stride_b, stride_h, first_block, T, H, n, CHUNK: tl.constexpr):
     """:meth:`Symbols.tile_schedule` for row tiles that are query blocks ``first_block + t`` alone. Grid
     ``(1,)``; ``Bits`` as in :func:`_slice_heads_kernel`; ``Tiles [n]`` int32 with ``n = B*T*H``, ``Count
@@ -550,18 +560,11 @@ def _slice_tiles_kernel(Bits, Tiles, Count, stride_b, stride_h, first_block, T, 
     slots (a running prefix sum), so no list has to fit one block."""
     total = 0
     for start in range(0, n, CHUNK):
-        i = start + tl.arange(0, CHUNK)
-        inside = i < n
-        b, t, h = i // (T * H), (i // H) % T, i % H
-        reused = _reused_bit(Bits, b.to(tl.int64), h, first_block + t, stride_b, stride_h, inside)
-        total += tl.sum(tl.where(inside, 1 - reused, 0), 0)
+        _, _, sel = _computed_tiles(Bits, start, n, T, H, first_block, stride_b, stride_h, CHUNK)
+        total += tl.sum(sel, 0)
     before = 0
     for start in range(0, n, CHUNK):
-        i = start + tl.arange(0, CHUNK)
-        inside = i < n
-        b, t, h = i // (T * H), (i // H) % T, i % H
-        reused = _reused_bit(Bits, b.to(tl.int64), h, first_block + t, stride_b, stride_h, inside)
-        sel = tl.where(inside, 1 - reused, 0)
+        i, inside, sel = _computed_tiles(Bits, start, n, T, H, first_block, stride_b, stride_h, CHUNK)
         kept = before + tl.cumsum(sel, 0)
         slot = tl.where(sel != 0, kept - 1, total + i - kept)
         tl.store(Tiles + slot, i, mask=inside)
