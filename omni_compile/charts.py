@@ -72,13 +72,14 @@ def drawable(v, log: bool) -> bool:
 
 
 def nice_ticks(lo: float, hi: float, target: int = 5) -> List[float]:
-    """Ticks ``k * step`` covering ``[lo, hi]`` with ``step`` 1, 2 or 5 times a power of ten, about ``target``
-    of them (``lo == hi`` gets a unit-wide range around the value)."""
+    """Ticks ``k * step`` covering ``[lo, hi]`` (to a billionth of a step: float noise does not add a tick)
+    with ``step`` 1, 2 or 5 times a power of ten, about ``target`` of them (a range flat to 7 significant
+    digits gets a unit-wide range around the value)."""
     if not (math.isfinite(lo) and math.isfinite(hi)):
         raise ValueError(f"nice_ticks needs a finite range, got [{lo}, {hi}]")
     if hi < lo:
         lo, hi = hi, lo
-    if hi - lo < 1e-12 * max(1.0, abs(lo), abs(hi)):
+    if hi - lo < 1e-7 * max(1.0, abs(lo), abs(hi)):  # flat (to 7 digits): a unit around it
         lo, hi = lo - 0.5, hi + 0.5
     raw = (hi - lo) / max(1, target)
     mag = 10 ** math.floor(math.log10(raw))

@@ -67,7 +67,7 @@ def _gemm_charts(rows) -> List[Chart]:
     speed = Chart("GEMM-Q (dashed) / GEMM-O: speedup over cuBLAS", xlabel="reuse fraction", ylabel="x F.linear")
     q = Chart("GEMM-Q GPU time / (computed fraction x cuBLAS)", xlabel="reuse fraction", ylabel="lower is better",
               hlines=[(1.1, "target 1.1", GREY), (1.0, "1:1", (190, 190, 190))])
-    o = Chart("GEMM-O (with cache bias): fraction of ideal", xlabel="reuse fraction", ylabel="of 1/f",
+    o = Chart("GEMM-O (with cache bias): fraction of ideal", xlabel="reuse fraction", ylabel="of 1/f; dots: of floor",
               hlines=[(0.9, "target 90 %", GREY)])
     for i, M in enumerate(sorted({r["M"] for r in gemm})):
         c, shape = PALETTE[i % len(PALETTE)], f"M={M}"
@@ -86,6 +86,8 @@ def _gemm_charts(rows) -> List[Chart]:
         if rs:
             o.series += [Series(f"{shape} GPU time", *_sorted_xy(rs, "reuse", "graph_of_ideal"), "line", c),
                          Series(f"{shape} wall", *_sorted_xy(rs, "reuse", "of_ideal"), "dashed", c)]
+            if any("graph_of_floor" in r for r in rs):  # runs since session 14: the memory-aware bound too
+                o.series.append(Series(f"{shape} of floor", *_sorted_xy(rs, "reuse", "graph_of_floor"), "dots", c))
             speed.series.append(Series(f"ideal {shape}", *_sorted_xy(rs, "reuse", "ideal"), "dots", c))
     return [ch for ch in (speed, q, o) if ch.series]
 

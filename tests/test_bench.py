@@ -49,3 +49,26 @@ def test_symbol_generation_row_runs_the_update_pipeline(monkeypatch, backend):
         assert not reuse[:, :, :4].any(), "text query blocks are never reused"
         assert not skip[:, :, :, :4].any(), "text key blocks are never skipped"
         assert fused._kv_order is not None and fused._tile_schedules and fused._head_schedules
+
+
+def test_gemm_floor_is_compute_or_bytes_whichever_is_larger():
+    """At FLUX's projection (4608 x 3072 x 3072, bf16) and 4 TB/s: GEMM-O moves the cache bias and the
+    output whole, 56.6 MB plus the computed share of ``a``, so at 10 % computed its floor is memory
+    (~14.9 us) rather than a tenth of cuBLAS; dense it is cuBLAS itself."""
+    from omni_compile.bench import gemm_floor_ms
+
+    M, K, N = 4608, 3072, 3072
+    bw = 4000.0  # GB/s
+    mb = 1e6
+    o_bytes = (0.1 * M * K + K * N + 2 * M * N) * 2
+    assert gemm_floor_ms("gemm_o", M, K, N, 0.1, 0.124, bw) == pytest.approx(o_bytes / bw / mb)
+    assert gemm_floor_ms("gemm_o", M, K, N, 1.0, 0.124, bw) == 0.124  # compute-bound dense
+    # GEMM-Q reads all of x; the unfilled form writes only the computed tiles
+    q_filled = (M * K + K * N + M * N) * 2 / bw / mb
+    q_unfilled = (M * K + K * N + 0.1 * M * N) * 2 / bw / mb
+    assert gemm_floor_ms("gemm_q", M, K, N, 0.1, 0.124, bw) == pytest.approx(q_filled)
+    assert gemm_floor_ms("gemm_q unfilled", M, K, N, 0.1, 0.124, bw) == pytest.approx(q_unfilled)
+    assert q_unfilled < q_filled
+    assert gemm_floor_ms("gemm_q unfilled", M, K, N, 0.5, 0.124, bw) == pytest.approx(0.062)
+    with pytest.raises(ValueError, match="unknown op"):
+        gemm_floor_ms("gemm_x", M, K, N, 0.5, 0.1, bw)
