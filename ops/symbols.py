@@ -558,11 +558,13 @@ def _slice_tiles_kernel(Bits, Tiles, Count, stride_b, stride_h, first_block, T, 
     [1]`` int32. Flat tile ``i = (b*T + t)*H + h`` is selected when its head computes; the selected come
     first ascending, then the rest ascending. Two walks over the list in chunks: the count, then the
     slots (a running prefix sum), so no list has to fit one block."""
-    total = 0
+    # a vector accumulator, then typed int32 scalars: the loop-carried forms every Triton compiles
+    acc = tl.zeros([CHUNK], dtype=tl.int32)
     for start in range(0, n, CHUNK):
         _, _, sel = _computed_tiles(Bits, start, n, T, H, first_block, stride_b, stride_h, CHUNK)
-        total += tl.sum(sel, 0)
-    before = 0
+        acc += sel
+    total = tl.sum(acc, 0)
+    before = total * 0
     for start in range(0, n, CHUNK):
         i, inside, sel = _computed_tiles(Bits, start, n, T, H, first_block, stride_b, stride_h, CHUNK)
         kept = before + tl.cumsum(sel, 0)
