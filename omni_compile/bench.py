@@ -173,7 +173,6 @@ def copy_bandwidth_gbs(nbytes: int = 1 << 30) -> float:
     src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
     ms = bench_ms(lambda: dst.copy_(src))
-    del src, dst
     return 2 * nbytes / ms / 1e6
 
 
@@ -240,10 +239,10 @@ def part_gemm(shapes, reuses, rows):
             for op, t, tg, lin, err in (("gemm_q", tq, tqg, lin_q, errq), ("gemm_q unfilled", tu, tug, lin_q, erru),
                                         ("gemm_o", to, tog, lin_o, erro)):
                 is_q = op.startswith("gemm_q")
-                Kr, Nr = (K, N) if is_q else (N, K)
+                Kr, Nr = (K, N) if is_q else (N, K)  # GEMM-O's weight is [K, N]: it maps N inputs to K
                 floor = gemm_floor_ms(op, M, Kr, Nr, computed, lin, bandwidth)
                 rows.append(dict(
-                    part="gemm", op=op, shape=label, M=M, K=K if is_q else N, N=N if is_q else K,
+                    part="gemm", op=op, shape=label, M=M, K=Kr, N=Nr,
                     reuse=r, computed=computed, ms=t, graph_ms=tg, cublas_ms=lin, speedup=lin / t,
                     graph_speedup=lin / tg, graph_of_ideal=(lin / tg) / ideal_o,
                     time_over_f_cublas=t / (computed * lin) if computed > 0 else float("nan"),
