@@ -338,8 +338,6 @@ def policy_symbols(policy, inp: PolicyInput, config, allow_reuse: bool = True):
     :func:`finalize`-d and packed. ``allow_reuse=False`` clears the reuse bits after the decision: the rows
     the policy would reuse are computed, without skip bits. Raises :class:`PolicyFallback` as the policy
     does."""
-    from omni_compile.ops import Symbols
-
     policy = resolve_policy(policy)
     make = getattr(policy, "symbols", None)
     if make is not None:
