@@ -226,7 +226,13 @@ def test_gemm_o_head_list_in_registers_variant(impl):
     with impl_context(impl):
         y = _launch_linear_o(a, w, b, None, s.reuse_bits, idx, cnt, s.block_q, D, off, cfg["BLOCK_M"], False, cfg)
         want = sparse_linear_o(a, w, b, s, D, row_offset=off)
-    assert torch.equal(y, want)
+    # the variant reduces the heads in another order than the default kernel: equal within the dtype's
+    # accumulation error (both against the fp64 golden), not bit for bit
+    a_computed = torch.where(computed.repeat_interleave(D, -1), a, torch.zeros((), dtype=a.dtype))
+    gold = F.linear(a_computed.double(), w.double(), b.double())
+    tol = linear_tol(a_computed, w, b, gold)
+    assert max_err(y, gold) <= tol and max_err(want, gold) <= tol
+    assert max_err(y, want) <= 2 * tol
 
 
 def test_persistent_gemm_q_is_taken_when_forced(monkeypatch):
