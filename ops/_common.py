@@ -1,4 +1,12 @@
-"""Shared plumbing for the op families: which implementation runs, and argument checks."""
+"""Shared plumbing for the op families: the environment switches, which implementation runs, and argument
+checks.
+
+Environment switches (read once, at import; the table in docs/ops.md says what each does):
+``OMNI_COMPILE_KERNELS`` (``auto`` | ``triton`` | ``reference``), ``OMNI_COMPILE_TMA`` (``auto`` | ``on`` |
+``off`` | ``device``), and the on/off switches ``OMNI_COMPILE_FAST_LAUNCH``, ``OMNI_COMPILE_CALL_PLANS``,
+``OMNI_COMPILE_WARP_SPEC``, ``OMNI_COMPILE_PERSISTENT_ATTENTION``, ``OMNI_COMPILE_PERSISTENT_GEMM`` (default on).
+Every one goes through :func:`env_choice` / :func:`env_switch`, which reject any other value.
+"""
 
 from __future__ import annotations
 
@@ -10,10 +18,39 @@ from typing import Iterator, Optional
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+_ON, _OFF = ("1", "on", "true", "yes"), ("0", "off", "false", "no")
+
+
+def env_switch(name: str, default: bool = True) -> bool:
+    """An on/off environment switch: unset or empty gives ``default``; ``on``/``1``/``true``/``yes`` and
+    ``off``/``0``/``false``/``no`` (any case) give True/False; anything else raises ``ValueError`` (a typo
+    must not silently select a mode)."""
+    raw = os.environ.get(name, "")
+    v = raw.strip().lower()
+    if not v:
+        return default
+    if v in _ON:
+        return True
+    if v in _OFF:
+        return False
+    raise ValueError(f"{name} must be on or off (also 1/0, true/false, yes/no), got {raw!r}")
+
+
+def env_choice(name: str, choices: tuple, default: str) -> str:
+    """A multiple-choice environment switch: unset or empty gives ``default``; a value of ``choices`` (any
+    case) gives it; anything else raises ``ValueError``."""
+    raw = os.environ.get(name, "")
+    v = raw.strip().lower()
+    if not v:
+        return default
+    if v not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)}, got {raw!r}")
+    return v
+
+
 _MODES = ("auto", "triton", "reference")
-_mode = os.environ.get("OMNI_COMPILE_KERNELS", "auto")
-if _mode not in _MODES:
-    raise ValueError(f"OMNI_COMPILE_KERNELS must be one of {_MODES}, got {_mode!r}")
+_mode = env_choice("OMNI_COMPILE_KERNELS", _MODES, "auto")
 
 
 def triton_interpreting() -> bool:
@@ -46,7 +83,8 @@ def use_triton(t: torch.Tensor) -> bool:
     return _mode == "triton" and t.device.type == "cpu" and triton_interpreting()
 
 
-_tma = os.environ.get("OMNI_COMPILE_TMA", "auto")
+_TMA_MODES = ("auto", "on", "off", "device")
+_tma = env_choice("OMNI_COMPILE_TMA", _TMA_MODES, "auto")
 
 
 @contextlib.contextmanager
@@ -59,7 +97,7 @@ def tensor_memory_accelerator(mode: str) -> Iterator[None]:
     specialization and the persistent GEMM-Q, both also in the interpreter; GEMM-O takes its ``"auto"``
     path)."""
     global _tma
-    if mode not in ("auto", "on", "off", "device"):
+    if mode not in _TMA_MODES:
         raise ValueError(f"tensor_memory_accelerator mode must be 'auto', 'on', 'off' or 'device', got {mode!r}")
     old, _tma = _tma, mode
     try:
@@ -212,9 +250,9 @@ def tensors_key(*tensors) -> tuple:
                   for t in tensors])
 
 
-#: ``OMNI_COMPILE_CALL_PLANS=0``: the public wrappers check and plan every call afresh (slower on the host;
+#: ``OMNI_COMPILE_CALL_PLANS=off``: the public wrappers check and plan every call afresh (slower on the host;
 #: for ruling the kept decisions out when something looks wrong)
-CALL_PLANS = os.environ.get("OMNI_COMPILE_CALL_PLANS", "1") != "0"
+CALL_PLANS = env_switch("OMNI_COMPILE_CALL_PLANS")
 
 
 #: the wrappers' kept calls and launch plans are emptied at this many entries (a model has a few shapes,

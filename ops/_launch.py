@@ -15,14 +15,13 @@ hooks installed (profilers) take Triton's own path. ``OMNI_COMPILE_FAST_LAUNCH=0
 from __future__ import annotations
 
 import contextlib
-import os
 from typing import Iterator
 
 import torch
 
-from ._common import triton_interpreting
+from ._common import env_switch, triton_interpreting
 
-_ENABLED = os.environ.get("OMNI_COMPILE_FAST_LAUNCH", "1") != "0"
+_ENABLED = env_switch("OMNI_COMPILE_FAST_LAUNCH")
 _CACHE: dict = {}
 
 try:  # the descriptor class of host-side TMA, where this Triton has it

@@ -16,7 +16,6 @@ Three implementations of one function:
 
 from __future__ import annotations
 
-import os
 from typing import NamedTuple, Optional, Tuple, Union
 
 import torch
@@ -27,13 +26,13 @@ from . import _common
 from ._launch import launch, launch_planned
 from ._common import (
     cdiv,
+    env_switch,
     plans_apply,
     hopper_with_new_triton,
     keep,
     make_descriptor,
     op_for_call,
     tma_compatible,
-    tma_enabled,
     tma_mode as _tma_mode,
     check_float,
     check_head_dim,
@@ -362,8 +361,7 @@ def _sparse_attention_persistent_kernel(
     pid = tl.program_id(0)
     for r in range(0, tl.cdiv(n_items, NUM_PROGRAMS)):
         # zig-zag: odd rounds hand the list out in reverse, so the program that took a round's heaviest
-        # tile takes the next round's lightest (H200, 4608 tokens, unequal tiles, graph replays: 0.115 ms
-        # vs 0.124 for a plain stride and 0.140 for the grid; tools/order_lab.py)
+        # tile takes the next round's lightest (faster than a plain stride on unequal tiles)
         w = r * NUM_PROGRAMS + tl.where(r % 2 == 0, pid, NUM_PROGRAMS - 1 - pid)
         if w < n_items:
             item = tl.load(Order + w)
@@ -390,9 +388,9 @@ def _descriptor_tile(
     program, the persistent kernel one per work item.
 
     One flat loop over every kept sub-tile, the partial last key block included (each tile then masks the
-    columns past the end): the shape Triton's warp specialization pipelines. With that block in a pass after
-    the specialized loop, lengths off a 128 multiple ran 2.7x slower (HunyuanVideo's 32656 tokens: 81.9 vs
-    26.0 ms dense, H200; tools/attn_partial_lab.py)."""
+    columns past the end): the shape Triton's warp specialization pipelines. A separate pass for that block
+    after the specialized loop makes lengths off a 128 multiple (HunyuanVideo's 32656 tokens) several
+    times slower (docs/design.md, "Attention kernel")."""
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     SUB: tl.constexpr = SYM_BLOCK_KV // BLOCK_N
@@ -420,8 +418,8 @@ def _descriptor_tile(
                             Lse + bh.to(tl.int64) * seq_q * LSE_PAD, start_m, seq_q, stride_os,
                             HEAD_DIM, BLOCK_M, LSE_PAD)
 
-_WARP_SPEC = os.environ.get("OMNI_COMPILE_WARP_SPEC", "1") != "0"
-_PERSISTENT = os.environ.get("OMNI_COMPILE_PERSISTENT_ATTENTION", "1") != "0"
+_WARP_SPEC = env_switch("OMNI_COMPILE_WARP_SPEC")
+_PERSISTENT = env_switch("OMNI_COMPILE_PERSISTENT_ATTENTION")
 
 
 def persistent_attention_applies(q: torch.Tensor, block_q: int, block_kv: int) -> bool:
@@ -429,9 +427,8 @@ def persistent_attention_applies(q: torch.Tensor, block_q: int, block_kv: int) -
     :meth:`Symbols.kv_order`: in-kernel descriptors (the Hopper warp-specialized configuration, or the
     descriptor mode ``"device"``: the interpreter too, how CI tests it), a power-of-two head dim, and a
     query block that is one kernel tile, and at most :data:`PERSISTENT_MAX_WAVES` waves of tiles.
-    ``OMNI_COMPILE_PERSISTENT_ATTENTION=0`` turns it off (the tile grid then runs: H200, session 9, it
-    was 1.20-1.30x slower at 4608 tokens and key density <= 0.2, the same dense;
-    ``tools/attn_persistent_lab.py``)."""
+    ``OMNI_COMPILE_PERSISTENT_ATTENTION=off`` turns it off (the tile grid then runs; at FLUX's 4608 tokens
+    and low key density the grid is slower, docs/design.md, "Attention kernel")."""
     if not _PERSISTENT or not use_triton(q) or _tma_mode() == "off":
         return False
     B, H, Sq, D = q.shape
@@ -442,14 +439,10 @@ def persistent_attention_applies(q: torch.Tensor, block_q: int, block_kv: int) -
     return bool(wants) and max(16, next_pow2(D)) == D and cfg["BLOCK_M"] == block_q
 
 
-#: the persistent attention runs where the tiles make at most this many waves of one program per SM. H200
-#: (tools/order_lab.py: kept key blocks drawn per tile, as real policies give them; session 10, graph
-#: replays, zig-zag walk): at 4608 tokens (864 tiles, 6.5 waves) persistent 0.115 vs grid 0.140 ms; at 16896
-#: (24 waves) 1.378 vs 1.315 and at 32656 (46.5 waves) 5.381 vs 4.949, where the grid's dynamic block
-#: scheduling balances unequal tiles better than a static walk of the longest-first list (with equal counts
-#: per tile persistent was 4-18 % faster there, session 9). Between them (session 12, same masks): 8192
-#: tokens (11.6 waves) persistent 0.343 vs grid 0.359 ms, 10240 (14.5) 0.502 vs 0.507, 12288 (17.5) 0.733
-#: vs 0.732: the crossing lies near 15-17 waves, and 12 keeps the lengths where persistence gains > 1 %.
+#: the persistent attention runs where the tiles make at most this many waves of one program per SM: with
+#: few waves a static walk of the longest-first list balances unequal tiles better than the grid; with many,
+#: the grid's dynamic block scheduling does. The crossing lies near 15-17 waves on the H200 (docs/design.md,
+#: "Attention kernel"); 12 keeps the lengths where persistence gains more than 1 %.
 PERSISTENT_MAX_WAVES = 12
 
 
@@ -467,12 +460,12 @@ def warp_specialization_available(device: Optional[torch.device] = None) -> bool
 
 def attention_config(head_dim: int, block_q: int, block_kv: int, dtype: torch.dtype,
                      device: Optional[torch.device] = None) -> dict:
-    """Tile shape and launch parameters (chosen by GPU sweeps: ``tools/kernel_lab.py``, ``omni_compile.bench``).
+    """Tile shape and launch parameters (chosen by GPU sweeps against the anchors, ``omni_compile.bench``).
 
     On Hopper, 16-bit inputs with ``head_dim == 128`` and 128-multiple blocks use warp specialization with
-    in-kernel descriptors and 4 consumer warps (H200: 564 vs 421 TFLOP/s dense at S = 16896, 1.10-1.15x at
-    key density 0.2, bit-identical output; ``tools/kernel_lab.py``, ``tools/ws_lab.py``). Other shapes keep
-    the measured pointer-load loop: the warp-specialized variants with 64-wide key tiles gave NaN there."""
+    in-kernel descriptors and 4 consumer warps (a third faster dense on the H200, 1.10-1.15x at key density
+    0.2, the same output; docs/design.md, "Attention kernel"). Other shapes keep the pointer-load loop: the
+    warp-specialized variants with 64-wide key tiles give NaN there."""
     cfg = _pointer_config(block_q, block_kv, dtype)
     if triton_interpreting():
         return cfg

@@ -6,7 +6,7 @@ site's pooled scores and decides, per (batch item, head), which vision query blo
 of their vision→text contribution and text→vision guidance) and, per computed vision query block, which
 non-text key blocks to skip (the low tail of the row's pooled mass, the row's largest block always kept).
 In PyTorch ops that is ~50 small kernels a site, plus a dozen to pack the bits and decode the key lists:
-host-bound at every size (docs/benchmarks.md, session 12). Here it is two Triton programs:
+host-bound at every size. Here it is two Triton programs:
 
 * ``_reuse_kernel``, one program per (batch, head): the metrics, both tails and the packed reuse bits;
 * ``_skip_kernel``, one program per (query blocks, batch·head) tile: each row's skip tail, its skip bits,
@@ -17,14 +17,14 @@ IEEE bits — values are >= 0, so the bits order as the values — then its inde
 ``m``, ``S(m) = Σ_{key_j <= m} x_j``, is nondecreasing in ``m`` (also in fp32 with the additions in one
 fixed order: rounding is monotone, so a sum cannot shrink when a zero term becomes a positive one), and the
 tail is every candidate keyed at or below the largest ``m`` with ``S(m) <= budget``: a bisection over the
-key range, ~40 masked row sums (the skip kernel: 59 µs for 24 heads at 33792 tokens on an H200). Tried
-first: a bitonic ``tl.sort`` of packed keys (8-10 s for a 36-block, 2-head site in Triton's CPU
-interpreter, where CI runs the kernels, against 0.8 s), and each block's running sum from ``n`` compares
-with the others (n² work: 435 µs at 33792 tokens; docs/benchmarks.md, session 13).
+key range, ~40 masked row sums. A bitonic ``tl.sort`` of packed keys is ten times slower in Triton's CPU
+interpreter (where CI runs the kernels) and each block's running sum from ``n`` compares with the others
+is n² work (docs/design.md, "Policies").
 
 The PyTorch helpers here (:func:`low_tail`, :func:`skip_tail`, :func:`contribution`, :func:`guidance`) are
-the policy's own definition (``omni_compile.policies`` re-exports them) and :func:`flashomni_symbols_reference`
-composes them: the reference and CPU path. The kernels sum in other orders, so a block whose running sum
+the policy's own definition, and :func:`flashomni_symbols_reference` composes them: the op's reference and
+CPU path, beside its kernels as every op's reference is (``omni_compile.policies.flashomni`` and ``topk``
+call them from here). The kernels sum in other orders, so a block whose running sum
 lies within rounding of its budget may land on the other side; elsewhere the two agree bit for bit.
 """
 
@@ -292,10 +292,8 @@ def _skip_kernel(S, QText, KvText, Reuse, Skip, SkipBits, Idx, Cnt, n_q, n_k, n_
 _MAX_ROW = 4096
 
 
-#: launch configs: H200, graph replays, tools/flashomni_policy_lab.py (session 13). The skip kernel with one
-#: row and 2 warps a program took 8.7 / 25.4 / 58.7 us at 4608 / 16896 / 33792 tokens (24 heads), against
-#: ~11 / 26-34 / 92 with 4-8 rows (2 rows: 21.2 at 16896, slower elsewhere); the reuse kernel's 8-row
-#: chunks with 4 warps 9.3 / 16.2 / 25.5 us (8 warps: 2 us faster at 33792, 0.5-1 slower below).
+#: launch configs, the fastest measured on the H200 at FLUX to HunyuanVideo sizes (docs/design.md,
+#: "Policies"): one row and 2 warps per skip program; 8-row chunks with 4 warps per reuse program.
 _SKIP_ROWS, _SKIP_WARPS = 1, 2
 _REUSE_CHUNK, _REUSE_WARPS = 8, 4
 

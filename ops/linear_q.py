@@ -15,7 +15,6 @@ that straddle blocks or heads), which early-exits on reused tiles.
 
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
@@ -25,7 +24,7 @@ import triton.language as tl
 
 from . import _common
 from ._launch import launch, launch_planned
-from ._common import cdiv, keep, plans_apply, tensors_key, ensure_device_allocator, hopper_with_new_triton, make_descriptor, num_persistent_programs, op_for_call, tma_compatible, tma_enabled, tma_mode, tma_strides_compatible, check_float, check_head_dim, check_symbols_device, grouped_tile, load_reuse_bit, triton_interpreting, use_triton
+from ._common import cdiv, env_switch, keep, plans_apply, tensors_key, ensure_device_allocator, hopper_with_new_triton, make_descriptor, num_persistent_programs, op_for_call, tma_compatible, tma_enabled, tma_mode, tma_strides_compatible, check_float, check_head_dim, check_symbols_device, grouped_tile, load_reuse_bit, triton_interpreting, use_triton
 from .symbols import Symbols, row_head_selection
 
 
@@ -215,18 +214,16 @@ def persistent_rows(x: torch.Tensor, weight: torch.Tensor, block_q: int, head_di
     return block_m
 
 
-_PERSISTENT = os.environ.get("OMNI_COMPILE_PERSISTENT_GEMM", "1") != "0"
+_PERSISTENT = env_switch("OMNI_COMPILE_PERSISTENT_GEMM")
 
 
 def persistent_linear_q_config(dtype: torch.dtype, block_m: int, head_dim: int) -> dict:
     """Tiles of the persistent GEMM-Q: ``block_m`` rows, one head wide, 64-deep K steps (32 in fp32)."""
     cfg = dict(BLOCK_M=block_m, BLOCK_N=head_dim, BLOCK_K=32 if dtype == torch.float32 else 64,
                FLATTEN=False, WARP_SPEC=False)
-    # H200, bf16, 33792x3072x3072 (tools/kernel_lab.py, session 8): 8 warps, 4 stages 0.998 ms dense and
-    # 0.544 ms at reuse 0.5 against 1.054 / 0.599 for the tile grid; one warpgroup (4 warps) was 1-2 % faster
-    # still (0.978 / 0.534) but is not the default: the GPU tests and end-to-end runs of that session ran
-    # with 8 warps. 3 stages were 10-15 % slower, two programs per SM and warp specialization slower too
-    # (4-warp specialization did not compile), the flattened loop 3 % faster at 4608 rows, 17 % slower at 33792.
+    # 8 warps and 4 stages: faster than the tile grid at HunyuanVideo size on the H200, and the form the
+    # GPU tests and end-to-end runs use (docs/design.md, "GEMM-Q and GEMM-O": fewer stages, two programs per
+    # SM, warp specialization and the flattened loop were slower).
     return cfg if triton_interpreting() else dict(cfg, num_warps=8, num_stages=4)
 
 

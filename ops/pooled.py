@@ -48,8 +48,7 @@ def _block_rows_mean(X, Out, blk, bh, H, S, n_blocks, stride_xb, stride_xh, stri
     """Out[bh, blk, :] = the mean of block ``blk``'s rows of X[b, h] (``CHUNK`` rows per load).
 
     The chunks are summed elementwise into a ``[CHUNK, BLOCK_D]`` accumulator and reduced across rows once
-    at the end: a cross-thread reduction per chunk held the loads back (H200, 4608 and 33792 tokens: 1.4-1.6
-    TB/s per chunk, 3.1-3.2 TB/s with one reduction; tools/pooled_lab.py, session 9)."""
+    at the end: a cross-thread reduction per chunk holds the loads back (half the bandwidth on the H200)."""
     b = bh // H
     h = bh % H
     offs_d = tl.arange(0, BLOCK_D)
@@ -142,19 +141,15 @@ def _block_softmax_kernel(
 
 
 #: block-softmax tiles, warps and products. The logits come from tensor cores (``TF32X3``: three tf32
-#: products, ~9e-8 relative error against the fp32 reference, as with fp32 FMAs): H200, graph replays
-#: (tools/pooled_pdl_lab.py, session 12). Walking a row 64 key blocks at a time, 32 query blocks a program
-#: with 4 warps took 0.0184 / 0.0379 ms at 16896 / 33792 tokens, against 0.0687 / 0.1577 for the fp32-FMA
-#: product on 8 x 64 tiles with 2 warps (session 9's choice; with FMAs 32-row tiles spilled). Where one
-#: 64-block tile holds the whole row (FLUX's 36 key blocks), 16 query blocks with 4 warps: 0.0035 vs 0.0053
-#: ms at 4608 tokens, the whole op 0.0212 vs 0.0228.
+#: products, ~9e-8 relative error against the fp32 reference, as with fp32 FMAs), about four times faster
+#: than fp32 FMAs on the H200 (docs/design.md, "Pooled scores and the update step"). A row is walked 64 key
+#: blocks at a time, 32 query blocks a program; where one 64-block tile holds the whole row (FLUX's 36 key
+#: blocks), 16 query blocks a program.
 _SOFTMAX_TILE_K = 64
 _SOFTMAX_WALK = dict(TILE_Q=32, num_warps=4, TF32X3=True)
 _SOFTMAX_ONE_TILE = dict(TILE_Q=16, num_warps=4, TF32X3=True)
-#: the block mean's warps (session 9: 2 warps read at 4.9 and 4.0 TB/s at 4608 and 33792 tokens, 4 warps
-#: at 3.2 and 3.1, on q alone, which stays in L2 between replays; session 12, q and k, 56-400 MB: 2 warps
-#: and 32-row chunks 3.4 / 4.0 / 4.2 TB/s at 4608 / 16896 / 33792, within 2 % of the best of 1-8 warps and
-#: 16-128-row chunks on either layout)
+#: the block mean's warps: 2 warps with 32-row chunks read within 2 % of the best of 1-8 warps and 16-128-row
+#: chunks on the H200, at every size
 _MEAN_WARPS = 2
 
 

@@ -415,8 +415,8 @@ class Symbols:
     def _tile_selection(self, seq: int, row_offset: int, block_m: int, select_reused: bool) -> torch.Tensor:
         """``[B, T, H]`` bool, contiguous: row tile ``t`` holds a row that selects head ``h``. When every
         tile lies in one query block (the usual aligned tiles) the blocks are a slice or a gather of the
-        reuse mask written once in this layout (one or two ops; the general path, an index, an ``any``
-        and the copy :func:`selected_first` made of the transposed result, was four: design.md, Session 9)."""
+        reuse mask written once in this layout (one or two ops, where the general path takes four: an index,
+        an ``any`` and the copy :func:`selected_first` makes of the transposed result)."""
         reuse = self._dense[0] if self._dense is not None else unpack_bits(self.reuse_bits, self.num_q_blocks)
         plan = _tile_plan(seq, row_offset, block_m, self.block_q, self.device)
         if plan[0] == "slice":
@@ -626,9 +626,9 @@ def _longest_first_kernel(Cnt, Order, n, BLOCK_I: tl.constexpr, BLOCK_J: tl.cons
 
 #: lists longer than this rank with torch.argsort: the kernel's compares grow with the square of the length
 _LONGEST_FIRST_MAX = 16384
-#: entries ranked a program, entries compared a step: H200, graph replays (tools/flashomni_policy_lab.py,
-#: session 13): 3.5 / 18.9 us for FLUX's 864 and HunyuanVideo's 6336 tiles, against 8.5 / 54.9 with
-#: 64 x 128 (four times fewer programs: the ranking is a serial walk over the list per program)
+#: entries ranked a program, entries compared a step: the ranking is a serial walk over the list per
+#: program, so many small programs (16) beat fewer large ones, about 2.5-3x at FLUX and HunyuanVideo sizes
+#: on the H200
 _LONGEST_FIRST_I, _LONGEST_FIRST_J = 16, 256
 
 
@@ -636,8 +636,8 @@ def longest_first(counts: torch.Tensor) -> torch.Tensor:
     """``[counts.numel()]`` int32: the flat positions of ``counts`` (int32) by value, largest first, ties in
     index order (``torch.argsort(counts.reshape(-1), descending=True, stable=True)``). On CUDA one Triton
     launch that ranks every entry against all others (lists up to 16384; the persistent attention's at most
-    ~1600 tiles); elsewhere :func:`longest_first_reference`. The launch replaces a device sort whose host
-    cost was 46-111 µs a call (H200, session 10, tools/order_lab.py) and its three device copies."""
+    ~1600 tiles); elsewhere :func:`longest_first_reference`. One launch instead of a device sort, whose host
+    cost is tens of microseconds a call and which makes three device copies."""
     c = counts.reshape(-1)
     n = c.numel()
     if not use_triton(c) or n == 0 or n > _LONGEST_FIRST_MAX or torch.compiler.is_compiling():
