@@ -15,7 +15,7 @@ $(VENV)/.ready: pyproject.toml
 	touch $@
 
 demo: $(VENV)/.ready
-	$(PY) -m omni_compile.demo
+	$(PY) -m omni_compile.zoo.demo
 
 test: $(VENV)/.ready
 	$(PY) -m pytest -q tests

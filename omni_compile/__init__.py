@@ -5,28 +5,32 @@ FlashOmni sparse symbols (feature caching + block-sparse skipping).
 Import it for the configuration and the state::
 
     import omni_compile
-    state = omni_compile.OmniState(omni_compile.OmniConfig(policy="dense"))
+    from omni_compile.policies import FlashOmni
+    state = omni_compile.OmniState(omni_compile.OmniConfig(policy=FlashOmni(tau_q=0.5, tau_kv=0.05),
+                                                           block_cache=omni_compile.FixedBlocks(0.5)))
     model = torch.compile(model, backend="flashomni", options={"state": state})
     model(...)
     state.sites            # every attention site found, with kind / rewritten / reason / gemm_q / gemm_o
     omni_compile.last_state()   # the state of the latest compile (a default one when none was passed)
 
-``omni_compile.ops`` holds the symbol format and the ops that read it.
+Where things are: the backend :mod:`omni_compile.backend`; the passes :mod:`omni_compile.passes`; the ops
+and the symbol format :mod:`omni_compile.ops`; the sparsity strategies :mod:`omni_compile.policies`; the
+update–dispatch runtime :mod:`omni_compile.runtime` (state :mod:`omni_compile.state`, clock and schedule
+:mod:`omni_compile.schedule`, block caching :mod:`omni_compile.block_cache`). Benchmarks, quality tables
+and figures live in :mod:`omni_compile.bench`, the learned example model and the demo in
+:mod:`omni_compile.zoo`; the library imports neither.
 """
 
+__all__ = [
+    "OmniConfig", "OmniState", "SiteRecord", "Symbols", "last_state", "flashomni",
+    "FixedBlocks", "ComputedShare", "ResidualChange",
+]
+
 from . import ops  # noqa: F401
+from .backend import flashomni
+from .block_cache import ComputedShare, FixedBlocks, ResidualChange
 from .config import OmniConfig
-from .ops import Symbols  # noqa: F401
+from .ops import Symbols
 from .state import OmniState, SiteRecord, last_state
 
 __version__ = "0.1.0"
-
-__all__ = ["OmniConfig", "OmniState", "SiteRecord", "Symbols", "last_state", "flashomni"]
-
-
-def __getattr__(name):
-    if name == "flashomni":
-        from .backend import flashomni
-
-        return flashomni
-    raise AttributeError(name)

@@ -2,7 +2,7 @@
 
 Registered through the ``torch_dynamo_backends`` entry point (pyproject.toml), so
 ``torch.compile(model, backend="flashomni")`` works without importing this package. For each graph Dynamo
-hands over (the torch-level graph, design.md fact 2) it
+hands over (the torch-level graph: docs/design.md, "Backend and passes") it
 
 1. finds every SDPA call and classifies it (``passes.find_sites``, ``passes.classify``),
 2. walks back to the q/k/v projections and forward to the output projections (``passes.walk``),
@@ -23,6 +23,10 @@ import torch
 from torch import fx
 
 from .config import OmniConfig
+from . import passes as P
+from . import runtime  # noqa: F401  (registers the site ops)
+from .block_cache import build_program
+from .passes import SiteOps, _fx
 from .state import OmniState, SiteRecord, set_last_state, summarize
 
 log = logging.getLogger("omni_compile")
@@ -31,9 +35,6 @@ VALID_OPTIONS = OmniConfig.field_names() + ("state",)
 
 
 def _site_ops():
-    from . import runtime  # noqa: F401  (registers the ops)
-    from omni_compile.passes import SiteOps
-
     return SiteOps(
         attention=torch.ops.flashomni.site_attention.default,
         linear_q=torch.ops.flashomni.site_linear_q.default,
@@ -69,8 +70,6 @@ def resolve_options(options: Optional[dict]) -> OmniState:
 
 def apply_passes(gm: fx.GraphModule, state: OmniState) -> list:
     """Find, classify and rewrite the attention sites of ``gm`` in place; returns their records."""
-    from omni_compile import passes as P
-    from omni_compile.passes import _fx
 
     cfg = state.config
     sites = P.find_sites(gm)
@@ -173,7 +172,7 @@ def flashomni(gm: fx.GraphModule, example_inputs, options: Optional[dict] = None
                  if state.config.use_inductor else "flashomni: no attention sites; graph left unchanged")
     entry = {"sites": len(records), "rewritten": sum(r.rewritten for r in records), "pass_seconds": t_pass}
     state.compiles.append(entry)
-    if state.config.block_cache != "none":
+    if state.config.block_cache is not None:
         program = _block_program(gm, state, records, mode, entry)
         if program is not None:
             return program
@@ -201,7 +200,6 @@ def _block_program(gm: fx.GraphModule, state: OmniState, records: list, mode: Op
     """Block caching on: split ``gm`` at block borders and return the runner of its regions
     (``omni_compile.block_cache``), each region compiled with Inductor on its first run (or run as FX with
     ``use_inductor=False``); None when the graph has no blocks or no step clock (it is then compiled whole)."""
-    from .block_cache import build_program
 
     t0 = time.perf_counter()
     cfg = state.config

@@ -1,7 +1,13 @@
-"""Whole-block caching with Taylor forecasting (issue 7): the block records, the block policies and the
-host-side runner of a graph split at block borders.
+"""Whole-block caching with Taylor forecasting: the caching rules (``OmniConfig.block_cache``), the block
+records and the host-side runner of a graph split at block borders.
 
-When ``OmniConfig.block_cache`` is not ``"none"`` the backend (after the attention-site passes) splits
+Rules (one small frozen dataclass each, validated at construction):
+
+* :class:`FixedBlocks` ``(fraction)``: evenly spaced blocks, blind to content (controlled work);
+* :class:`ComputedShare` ``(s_q)``: the paper's S_q fallback, blocks whose attention sites compute little;
+* :class:`ResidualChange` ``(threshold)``: blocks whose residual barely changes between updates.
+
+When ``OmniConfig.block_cache`` is set the backend (after the attention-site passes) splits
 Dynamo's graph into regions — prologue, one region per transformer block, glue, epilogue
 (``passes.blocks``) — compiles each region (Inductor, or FX with ``use_inductor=False``) and returns a
 :class:`BlockProgram` that runs them in order. The prologue holds ``flashomni::step_clock``, so once it has
@@ -9,23 +15,23 @@ run the host knows this call's ``(generation, step, stream)`` (``state.clock.pos
 anything from the device. Then, per block region and CFG stream:
 
 * **dense** (warm-up) steps run the block; the last ``taylor_order`` of them (at least one for
-  ``"change"``) record the residual ``r = output − input`` of each residual stream;
+  :class:`ResidualChange`) record the residual ``r = output − input`` of each residual stream;
 * **update** steps run the block, refresh the Taylor factors of ``r`` (``taylor.refresh``) and decide the
-  block's *cache bit* for the following dispatch steps with the block policy;
+  block's *cache bit* for the following dispatch steps with the rule;
 * **dispatch** steps skip the region entirely when the bit is set — each output is
   ``input + taylor.forecast(factors, steps since the update)`` — and run it otherwise (its site ops then
   use their own sparse symbols as usual).
 
-The bit is a Python bool per (block, stream): dispatch steps read nothing from the device. Policies that
-look at device values (``"sq"``, ``"change"``) queue their comparisons during the update call and read all
+The bit is a Python bool per (block, stream): dispatch steps read nothing from the device. Rules that
+look at device values (:class:`ComputedShare`, :class:`ResidualChange`) queue their comparisons during the update call and read all
 of them back at its end in one transfer (one host sync per update call).
 """
 
 from __future__ import annotations
 
 import functools
-
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
@@ -34,9 +40,92 @@ import torch
 from torch import fx
 
 from . import taylor
+from .ops.symbols import unpack_bits
+from .passes import blocks as PB
+from .passes.classify import timestep_input
+from .passes.rewrite import insert_clock
 from .schedule import DENSE, DISPATCH, UPDATE, place_stream
 
 log = logging.getLogger("omni_compile")
+
+
+# ---- the rules ------------------------------------------------------------------------------------
+
+
+def _fraction(owner: str, name: str, v) -> None:
+    if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0.0 <= v <= 1.0:
+        raise ValueError(f"{owner}.{name} must be a number from 0 to 1, got {v!r}")
+
+
+@dataclass(frozen=True)
+class FixedBlocks:
+    """Cache ``round(fraction · n)`` of the graph's ``n`` blocks on dispatch steps, at evenly spaced
+    positions ``floor((j + 0.5) · n / k)``, whatever the content: controlled work for benchmarks. Higher is
+    faster and less exact. The cached blocks run only on full steps, and their sites then run dense (they
+    never dispatch, so they build no symbols or caches)."""
+
+    fraction: float = 0.5
+    """Fraction of the blocks cached, from 0 to 1."""
+
+    name = "fixed"
+
+    def __post_init__(self):
+        _fraction("FixedBlocks", "fraction", self.fraction)
+
+
+@dataclass(frozen=True)
+class ComputedShare:
+    """The paper's S_q fallback: a block is cached until the next update when every attention site in it
+    computes at most ``s_q`` of its (query block, head) tiles on dispatch steps (needs a sparse ``policy``
+    to have anything to measure). Costs one host read per update call (all blocks' figures in one
+    transfer)."""
+
+    s_q: float = 0.3
+    """Largest computed share of a block's sites for it to be cached (the paper's 30 %), from 0 to 1; higher
+    caches more blocks."""
+
+    name = "sq"
+
+    def __post_init__(self):
+        _fraction("ComputedShare", "s_q", self.s_q)
+
+
+@dataclass(frozen=True)
+class ResidualChange:
+    """A block is cached until the next update when the relative L1 change of its residual contribution,
+    ``mean|r_new − r_old| / mean|r_old|`` per step between its last two observations, is at most
+    ``threshold`` (first-block / TeaCache spirit). Costs one host read per update call."""
+
+    threshold: float = 0.05
+    """Largest relative change per step for a block to be cached, a finite number, 0 or more; higher caches
+    more blocks (faster, staler)."""
+
+    name = "change"
+
+    def __post_init__(self):
+        t = self.threshold
+        if not isinstance(t, (int, float)) or isinstance(t, bool) or not (math.isfinite(t) and t >= 0):
+            raise ValueError(f"ResidualChange.threshold must be a finite number, 0 or more, got {t!r}")
+
+
+#: The rules by the short names ``OmniConfig(block_cache=...)`` accepts.
+BLOCK_CACHES = {"fixed": FixedBlocks, "sq": ComputedShare, "change": ResidualChange}
+
+
+def resolve_block_cache(spec):
+    """The rule object ``spec`` names: None (or ``"none"``) for no block caching, a name of
+    :data:`BLOCK_CACHES` for that rule with its defaults, or a rule object itself."""
+    if spec is None or spec == "none":
+        return None
+    if isinstance(spec, str):
+        if spec not in BLOCK_CACHES:
+            raise ValueError(f"OmniConfig.block_cache must be None, one of {tuple(BLOCK_CACHES)} or a rule object "
+                             f"(FixedBlocks, ComputedShare, ResidualChange), got {spec!r}")
+        return BLOCK_CACHES[spec]()
+    if isinstance(spec, tuple(BLOCK_CACHES.values())):
+        return spec
+    raise ValueError(f"OmniConfig.block_cache must be None, one of {tuple(BLOCK_CACHES)} or a rule object "
+                     f"(FixedBlocks, ComputedShare, ResidualChange), got {spec!r}")
 
 
 @dataclass
@@ -122,7 +211,7 @@ class BlockRecord:
         return f"<block {self.block_id} {self.name}: {status}>"
 
 
-# ---- policies -------------------------------------------------------------------------------------
+# ---- what the rules compute ------------------------------------------------------------------------
 
 
 def fixed_selection(n: int, fraction: float) -> List[int]:
@@ -139,8 +228,6 @@ def _fixed_set(n: int, fraction: float) -> frozenset:
 
 def _computed_fraction(sym) -> torch.Tensor:
     """Fraction of (batch item, head, query block) entries a site computes (device tensor, no sync)."""
-    from omni_compile.ops.symbols import unpack_bits
-
     reuse = unpack_bits(sym.reuse_bits, sym.num_q_blocks)
     return 1.0 - reuse.float().mean()
 
@@ -225,7 +312,8 @@ class BlockProgram:
             bs.skipped += 1
             rec.skipped_calls += 1
             return
-        fixed_cached = cfg.block_cache == "fixed" and rec.order in _fixed_set(rec.of, cfg.block_cache_fraction)
+        rule = cfg.block_cache
+        fixed_cached = isinstance(rule, FixedBlocks) and rec.order in _fixed_set(rec.of, rule.fraction)
         # A block the fixed rule caches runs only on full steps (warm-up, updates): its sites would build
         # symbols and caches there for dispatch steps on which they never run. They run dense instead.
         # (The "sq" and "change" rules decide after the block ran, from what its sites built.)
@@ -243,7 +331,7 @@ class BlockProgram:
                 self.state.passive_sites = frozenset()
         rec.region_calls += 1
         env.update(zip(region.outputs, outs))
-        if cfg.block_cache == "fixed" and not fixed_cached:
+        if isinstance(rule, FixedBlocks) and not fixed_cached:
             if bs.action == UPDATE:  # never cached: keep no residuals
                 bs.cached, bs.update_step = False, bs.step
             return
@@ -255,7 +343,7 @@ class BlockProgram:
 
     def _observe_dense(self, step: int) -> bool:
         cfg = self.state.config
-        window = max(cfg.taylor_order, 1 if cfg.block_cache == "change" else 0)
+        window = max(cfg.taylor_order, 1 if isinstance(cfg.block_cache, ResidualChange) else 0)
         return window > 0 and step >= cfg.warmup - 1 - window
 
     def _observe(self, rec: BlockRecord, bs: BlockStream, blk, env: dict, update: bool) -> None:
@@ -280,7 +368,7 @@ class BlockProgram:
         new = []
         for j, (out, inp) in enumerate(res):
             new.append(taylor.refresh(None if old is None or delta == 0 else old[j], out, delta, D, keep=keep, sub=inp))
-        if update and cfg.block_cache == "change":
+        if update and isinstance(cfg.block_cache, ResidualChange):
             bs.change = None
             if old is not None and delta > 0:
                 # the new residual is the refreshed f_0 (output − input, rounded once): not taken again
@@ -296,11 +384,11 @@ class BlockProgram:
         bs.cached = False
         if bs.capped or bs.factors is None:
             return
-        if cfg.block_cache == "fixed":
+        if isinstance(cfg.block_cache, FixedBlocks):
             # _run_block returned before this for the blocks the rule does not pick; the sites of the ones
             # it picks ran passive and built nothing to release
             bs.cached = True
-        elif cfg.block_cache == "sq":
+        elif isinstance(cfg.block_cache, ComputedShare):
             fracs = []
             for sid in rec.site_ids:
                 site = self.state.sites[sid]
@@ -309,7 +397,7 @@ class BlockProgram:
                         fracs.append(_computed_fraction(ss.symbols))
             if fracs:
                 self._pending.append(("sq", bs, torch.stack([f.float() for f in fracs]).max()))
-        # "change": decided in _resolve from the value queued by _observe
+        # ResidualChange: decided in _resolve from the value queued by _observe
 
     def _resolve(self) -> None:
         """Read every queued comparison back in one transfer (the update call's single extra sync)."""
@@ -320,10 +408,10 @@ class BlockProgram:
         for (kind, bs, _), v in zip(self._pending, vals):
             if kind == "change":
                 bs.change = v
-                bs.cached = bool(v <= cfg.block_cache_threshold) and bs.factors is not None and not bs.capped
+                bs.cached = bool(v <= cfg.block_cache.threshold) and bs.factors is not None and not bs.capped
             else:
                 bs.computed = v
-                bs.cached = bool(v <= cfg.s_q) and bs.factors is not None and not bs.capped
+                bs.cached = bool(v <= cfg.block_cache.s_q) and bs.factors is not None and not bs.capped
             if bs.cached:
                 self._release_site_caches(self._record_of(bs), bs.key[0])
         self._pending = []
@@ -346,9 +434,6 @@ class BlockProgram:
 def build_program(gm: fx.GraphModule, state, records: list, compile_region, entry: dict, ops=None):
     """Find the blocks of ``gm`` (after the site passes), split it and return a :class:`BlockProgram`;
     None (with ``entry["blocks_reason"]``) when the graph has no block or no step clock."""
-    from omni_compile import passes as P
-    from omni_compile.passes import blocks as PB
-
     blocks = PB.find_blocks(gm)
     if not blocks:
         entry["blocks_reason"] = "no transformer blocks found"
@@ -358,9 +443,9 @@ def build_program(gm: fx.GraphModule, state, records: list, compile_region, entr
     if ops is not None and ops.clock is not None:
         clock = next((n for n in gm.graph.nodes if n.op == "call_function" and n.target is ops.clock), None)
         if clock is None:  # no site was rewritten (e.g. attention=False): the blocks still need the step
-            ts = P.timestep_input(gm)
+            ts = timestep_input(gm)
             if ts is not None:
-                clock = P.insert_clock(gm, ts, ops, state.id)
+                clock = insert_clock(gm, ts, ops, state.id)
                 gm.graph.lint()
                 gm.recompile()
     if clock is None:

@@ -1,49 +1,60 @@
 """``OmniConfig``: every knob of the ``flashomni`` backend, each with its trade-off.
 
-Invalid values raise ``ValueError`` at construction, naming the field and its valid range.
+A config is immutable (a frozen dataclass): make a new one with ``config.replace(...)``, or change a
+state's with ``OmniState.configure(...)``. Invalid values raise ``ValueError`` at construction, naming the
+field and its valid range. Each knob has one home: the sparsity strategy's own thresholds live on its
+policy object (``FlashOmni(tau_q=...)``, ``Fixed(reuse=...)``; ``omni_compile.policies``), the block-caching
+rule's on its object (``FixedBlocks(0.5)``, ``ComputedShare(0.3)``, ``ResidualChange(0.05)``;
+``omni_compile.block_cache``), everything about the schedule and the compiled graph here.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
+import math
+import types
 from dataclasses import dataclass
 from typing import Optional
 
-#: Policies shipped with the library (``omni_compile.policies``; more can be registered with
-#: ``omni_compile.policies.register_policy``).
-POLICIES = ("flashomni", "dense", "fixed", "window", "topk", "broadcast", "taylorseer")
+from .block_cache import resolve_block_cache
+from .policies import resolve_policy
 
 #: Fields ``OmniConfig.overrides`` may set per site. The others are global: they fix the compiled graph
-#: (``attention``, ``gemm_q``, ``gemm_o``, ``use_inductor``), the symbol grid (``block_q``, ``block_kv``), the
-#: cache layout and the warm-up observations (``taylor_order``, ``warmup``) or a budget over all sites
-#: (``max_cache_mb``).
-#: Block-caching policies (``OmniConfig.block_cache``; ``omni_compile.block_cache``).
-BLOCK_CACHE_POLICIES = ("none", "fixed", "sq", "change")
-
-SITE_FIELDS = ("policy", "interval", "tau_q", "tau_kv", "reuse_fraction", "skip_fraction", "seed")
+#: (``attention``, ``gemm_q``, ``gemm_o``, ``use_inductor``, ``block_cache``), the symbol grid (``block_q``,
+#: ``block_kv``), the cache layout and the warm-up observations (``taylor_order``, ``warmup``), the clock
+#: (``steps``, ``streams``) or a budget over all sites (``max_cache_mb``).
+SITE_FIELDS = ("policy", "interval")
 
 
-@dataclass
+@dataclass(frozen=True)
 class OmniConfig:
     policy: object = "flashomni"
     """How symbols are chosen on update steps: a registered name, a policy object
-    (``omni_compile.policies``: ``Window(size=...)``, ``TopK(mass=...)``, ``Broadcast()``,
-    ``TaylorSeer(fraction=...)``, ``FlashOmni(...)`` or a user policy following the protocol in
-    docs/policies.md), or a tuple of those whose bits are OR-ed (``("window", "flashomni")``). Every
-    strategy runs on the same ops and compiled graph; docs/policies.md compares them. Names:
-    ``"window"`` (key blocks outside a spatio-temporal window skipped; needs ``token_layout`` where the
-    passes cannot infer it), ``"topk"`` (key blocks with the most pooled score kept), ``"broadcast"``
-    (whole sites reused between updates), ``"taylorseer"`` (least-changing blocks reused), and:
-    ``"flashomni"`` (default): the paper's policy — vision
-    query blocks that feed the text little and are little guided by it are reused (``tau_q``), and per
-    computed query block the key blocks with the least pooled attention mass are skipped (``tau_kv``);
-    adapts to the content, costs one pooled-score estimate per site per update. ``"dense"``: every tile
-    computed, no key block skipped — the rewritten graph then equals the model (use it for equivalence
-    tests and as the quality reference); costs the full attention and projections every step.
-    ``"fixed"``: reuse/skip the fractions ``reuse_fraction`` / ``skip_fraction`` of tiles picked from
-    ``seed`` regardless of content — controlled density for benchmarks, worse quality than
-    ``"flashomni"`` at the same density. Valid: the registered names (``POLICIES`` here lists the shipped
-    ones), policy objects, tuples of them."""
+    (``omni_compile.policies``: ``FlashOmni(tau_q=..., tau_kv=...)``, ``Fixed(reuse=..., skip=...)``,
+    ``Window(size=...)``, ``TopK(mass=...)``, ``Broadcast()``, ``TaylorSeer(fraction=...)`` or a user policy
+    following the protocol in docs/policies.md), or a tuple of those whose bits are OR-ed
+    (``("window", "flashomni")``). A name selects the registered object with its default knobs
+    (``omni_compile.policies.POLICIES``). Every strategy runs on the same ops and compiled graph;
+    docs/policies.md compares them. ``"flashomni"`` (default): the paper's policy — vision query blocks that
+    feed the text little and are little guided by it are reused, and per computed query block the key
+    blocks with the least pooled attention mass are skipped; adapts to the content, costs one pooled-score
+    estimate per site per update. ``"dense"``: every tile computed — the rewritten graph then equals the
+    model (equivalence tests, the quality reference). ``"fixed"``: content-blind tiles at a controlled
+    density for benchmarks (worse quality than ``"flashomni"`` at the same density)."""
+
+    block_cache: object = None
+    """Whole-block caching (docs/runtime.md, "Block caching"): on dispatch steps a block whose bit is set
+    does not run at all; its outputs are its inputs plus the Taylor forecast of its residual contribution
+    (output − input per residual stream) stored on the last update. The rule that sets the bits, per block
+    and CFG stream on every update: None (default: the graph is not split, nothing changes);
+    ``FixedBlocks(fraction)`` (evenly spaced blocks, blind to content: controlled work for benchmarks);
+    ``ComputedShare(s_q)`` (the paper's S_q fallback: blocks whose attention sites compute little);
+    ``ResidualChange(threshold)`` (blocks whose residual barely changes between updates, first-block /
+    TeaCache spirit). The names ``"fixed"``, ``"sq"`` and ``"change"`` select those with their defaults.
+    Skipped blocks save all their kernels (GEMMs included: the coarse granularity is where FLUX-size speed
+    comes from) at the price of forecast error. Splitting the graph at block borders costs one compiled
+    region per block and is fixed at compile time."""
 
     block_q: int = 128
     """Query rows per symbol block. Larger blocks mean fewer symbols and better kernel efficiency, but
@@ -91,36 +102,11 @@ class OmniConfig:
     a cache tensor per site (memory) and one more term to add on dispatch steps; high orders can
     overshoot when features change irregularly. Integer, 0 to 2."""
 
-    tau_q: float = 0.5
-    """Caching threshold of the ``"flashomni"`` policy: vision query blocks are reused, lowest score
-    first, while their cumulative share of the metric (vision→text contribution and text→vision
-    guidance) stays at or below ``tau_q``. Higher reuses more blocks (faster, lower quality). 0 reuses
-    nothing. Float, 0 to 1."""
-
-    tau_kv: float = 0.05
-    """Skipping threshold of the ``"flashomni"`` policy: per computed query block, key blocks are
-    skipped, smallest pooled attention mass first, while their cumulative mass stays at or below
-    ``tau_kv`` — so kept blocks carry at least ``1 - tau_kv`` of the estimated mass. Higher skips more
-    (faster, less exact). The paper uses 0.05 (HunyuanVideo), the FLUX prototype 0.15. Float, 0 to
-    less than 1."""
-
-    reuse_fraction: float = 0.5
-    """``policy="fixed"`` only: fraction of each (batch item, head)'s vision query blocks reused on
-    dispatch steps. Text query blocks are never reused. Float, 0 to 1."""
-
-    skip_fraction: float = 0.5
-    """``policy="fixed"`` only: fraction of each computed vision query block's vision key blocks
-    skipped (text key blocks and at least one key block are always kept). Float, 0 to 1."""
-
-    seed: int = 0
-    """``policy="fixed"`` only: seed of the tile choice (with the site id), so a benchmark sees the same
-    tiles every run. Integer, 0 or more."""
-
     max_cache_mb: Optional[float] = None
     """Cap on the memory the runtime's caches may hold (MiB, all sites and streams). A site whose
     caches would exceed it on an update step gets no reused tiles until its next update (it still skips
     key blocks): memory is bounded, speed and quality degrade gracefully for the sites served last.
-    None: no cap. Float, 0 or more, or None."""
+    None: no cap. A finite number, 0 or more, or None."""
 
     token_layout: Optional[tuple] = None
     """``(frames, height, width)`` (or ``(height, width)``) of the vision tokens, in the order the model
@@ -135,37 +121,8 @@ class OmniConfig:
     path, e.g. ``"transformer_blocks.0.*"``, ``"single_transformer_blocks.3*"``); a site takes every
     matching entry in order (later ones win). E.g. ``{"transformer_blocks.0.*": {"policy": "dense"}}``
     keeps the first block exact (quality where early layers matter, at the cost of its share of the
-    work). Settable fields: ``policy``, ``interval``, ``tau_q``, ``tau_kv``, ``reuse_fraction``,
-    ``skip_fraction``, ``seed`` (the rest are global)."""
-
-    block_cache: str = "none"
-    """Whole-block caching (docs/runtime.md, "Block caching"): on dispatch steps a block whose bit is set
-    does not run at all; its outputs are its inputs plus the Taylor forecast of its residual contribution
-    (output − input per residual stream) stored on the last update. Which blocks get the bit is decided on
-    every update, per block and CFG stream, by: ``"none"`` (default: the graph is not split, nothing
-    changes); ``"fixed"``: ``block_cache_fraction`` of the blocks, evenly spaced (controlled work for
-    benchmarks, blind to content); ``"sq"``: the paper's S_q fallback — a block whose attention sites all
-    computed ``s_q`` or less of their (query block, head) tiles on the update (needs a sparse ``policy``;
-    costs one host read per update call); ``"change"``: a block whose residual changed by
-    ``block_cache_threshold`` or less per step between its last two observations (first-block/TeaCache
-    spirit; one host read per update call). Skipped blocks save all their kernels (GEMMs included: the
-    coarse granularity is where FLUX-size speed comes from) at the price of forecast error. Splitting the
-    graph at block borders costs one compiled region per block and is fixed at compile time."""
-
-    block_cache_fraction: float = 0.5
-    """``block_cache="fixed"`` only: fraction of the blocks cached on dispatch steps (``round(f · n)``
-    of the graph's ``n`` blocks, at evenly spaced positions ``floor((j + 0.5) · n / k)``). Higher is faster
-    and less exact. Float, 0 to 1."""
-
-    s_q: float = 0.3
-    """``block_cache="sq"`` only: a block is cached when every attention site in it computes at most this
-    fraction of its (query block, head) tiles on dispatch steps (the paper's S_q, 30 %). Higher caches
-    more blocks. Float, 0 to 1."""
-
-    block_cache_threshold: float = 0.05
-    """``block_cache="change"`` only: a block is cached when the relative L1 change of its residual,
-    ``mean|r_new − r_old| / mean|r_old|`` divided by the steps between the two observations, is at most
-    this. Higher caches more blocks (faster, staler). Float, 0 or more."""
+    work); ``{"single_transformer_blocks.*": {"policy": FlashOmni(tau_q=0.3)}}`` gives those sites other
+    thresholds. Settable fields: ``policy``, ``interval`` (the rest are global)."""
 
     steps: Optional[int] = None
     """How the runtime places a model call in the denoising loop. None (default): from the call's
@@ -187,77 +144,63 @@ class OmniConfig:
         self.validate()
 
     def validate(self) -> None:
-        from .policies import resolve_policy
-
         resolve_policy(self.policy)  # ValueError "OmniConfig.policy must be one of ..." when unknown
+        object.__setattr__(self, "block_cache", resolve_block_cache(self.block_cache))
         self._validate_layout_and_overrides()
         for name in ("block_q", "block_kv"):
             v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 16 or v > 256 or v & (v - 1):
+            if not _is_int(v) or v < 16 or v > 256 or v & (v - 1):
                 raise ValueError(f"OmniConfig.{name} must be a power of two from 16 to 256, got {v!r}")
         for name in ("use_inductor", "attention", "gemm_q", "gemm_o"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"OmniConfig.{name} must be True or False, got {getattr(self, name)!r}")
         for name, lo, hi in (("interval", 1, 1000), ("warmup", 1, 1000), ("taylor_order", 0, 2)):
             v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < lo or v > hi:
+            if not _is_int(v) or v < lo or v > hi:
                 raise ValueError(f"OmniConfig.{name} must be an integer from {lo} to {hi}, got {v!r}")
-        for name, hi_open in (("tau_q", False), ("tau_kv", True), ("reuse_fraction", False), ("skip_fraction", False)):
-            v = getattr(self, name)
-            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and 0.0 <= v and (v < 1.0 if hi_open else v <= 1.0)
-            if not ok:
-                rng = "from 0 to less than 1" if hi_open else "from 0 to 1"
-                raise ValueError(f"OmniConfig.{name} must be a number {rng}, got {v!r}")
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
-            raise ValueError(f"OmniConfig.seed must be an integer, 0 or more, got {self.seed!r}")
         m = self.max_cache_mb
-        if m is not None and (not isinstance(m, (int, float)) or isinstance(m, bool) or m < 0 or m != m):
-            raise ValueError(f"OmniConfig.max_cache_mb must be None or a number, 0 or more, got {m!r}")
-        if self.steps is not None and (not isinstance(self.steps, int) or isinstance(self.steps, bool) or self.steps < 1):
+        if m is not None and (not _is_number(m) or not math.isfinite(m) or m < 0):
+            raise ValueError(f"OmniConfig.max_cache_mb must be None or a finite number, 0 or more, got {m!r}")
+        if self.steps is not None and (not _is_int(self.steps) or self.steps < 1):
             raise ValueError(f"OmniConfig.steps must be None or an integer, 1 or more, got {self.steps!r}")
-        if not isinstance(self.streams, int) or isinstance(self.streams, bool) or not 1 <= self.streams <= 16:
+        if not _is_int(self.streams) or not 1 <= self.streams <= 16:
             raise ValueError(f"OmniConfig.streams must be an integer from 1 to 16, got {self.streams!r}")
-        if self.block_cache not in BLOCK_CACHE_POLICIES:
-            raise ValueError(f"OmniConfig.block_cache must be one of {BLOCK_CACHE_POLICIES}, got {self.block_cache!r}")
-        for name, hi in (("block_cache_fraction", 1.0), ("s_q", 1.0), ("block_cache_threshold", None)):
-            v = getattr(self, name)
-            if not isinstance(v, (int, float)) or isinstance(v, bool) or not (0.0 <= v) or (hi is not None and v > hi):
-                rng = "from 0 to 1" if hi is not None else "0 or more"
-                raise ValueError(f"OmniConfig.{name} must be a number {rng}, got {v!r}")
 
     def _validate_layout_and_overrides(self) -> None:
         t = self.token_layout
         if t is not None:
-            ok = isinstance(t, (tuple, list)) and len(t) in (2, 3) and all(
-                isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in t)
+            ok = isinstance(t, (tuple, list)) and len(t) in (2, 3) and all(_is_int(v) and v >= 1 for v in t)
             if not ok:
                 raise ValueError(f"OmniConfig.token_layout must be None or (frames, height, width) / (height, width) "
                                  f"of positive ints, got {t!r}")
-            self.token_layout = (1,) * (3 - len(t)) + tuple(t)
+            object.__setattr__(self, "token_layout", (1,) * (3 - len(t)) + tuple(t))
         o = self.overrides
         if o is None:
             return
-        if not isinstance(o, dict):
+        if not isinstance(o, (dict, types.MappingProxyType)):
             raise ValueError(f"OmniConfig.overrides must be None or a dict {{pattern: {{field: value}}}}, got {o!r}")
+        frozen = {}
         for pat, fields in o.items():
-            if not isinstance(pat, str) or not isinstance(fields, dict):
+            if not isinstance(pat, str) or not isinstance(fields, (dict, types.MappingProxyType)):
                 raise ValueError(f"OmniConfig.overrides entries must be str pattern -> dict of fields, got {pat!r}: {fields!r}")
             bad = sorted(set(fields) - set(SITE_FIELDS))
             if bad:
                 raise ValueError(f"OmniConfig.overrides[{pat!r}]: {bad} cannot be set per site; valid fields: "
-                                 f"{', '.join(SITE_FIELDS)}")
+                                 f"{', '.join(SITE_FIELDS)} (a policy's own knobs go on its object, e.g. "
+                                 "{'policy': FlashOmni(tau_q=0.3)})")
             try:
                 dataclasses.replace(self, overrides=None, **fields)
             except ValueError as e:
                 raise ValueError(f"OmniConfig.overrides[{pat!r}]: {e}") from None
+            frozen[pat] = types.MappingProxyType(dict(fields))
+        # read-only copies: a config never changes after it is made (the runtime caches what it derives)
+        object.__setattr__(self, "overrides", types.MappingProxyType(frozen))
 
     def for_site(self, name: str) -> "OmniConfig":
         """The effective config of the site named ``name``: every matching ``overrides`` entry applied in
         order (``fnmatch`` on the module path); ``overrides`` is None in the result. ``self`` when none match."""
         if not self.overrides:
             return self
-        import fnmatch
-
         merged: dict = {}
         for pat, fields in self.overrides.items():
             if fnmatch.fnmatchcase(name, pat):
@@ -274,3 +217,11 @@ class OmniConfig:
 
     def replace(self, **changes) -> "OmniConfig":
         return dataclasses.replace(self, **changes)
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)

@@ -5,8 +5,8 @@ Ops: ``flashomni::step_clock(timestep, state)`` (once per model call: places it 
 opaque op (schema + one Python kernel, :class:`_SiteOp`) taking plain tensors plus ``state`` / ``site`` ids and the clock's
 output; at run time it finds the :class:`~omni_compile.state.SiteRecord`, the stream's
 :class:`~omni_compile.state.SiteStream`, and what this step does. Every decision happens inside the ops,
-so one compiled graph serves all steps (no recompiles; design.md fact 5) and per-site state never becomes
-a graph constant (fact 11).
+so one compiled graph serves all steps (no recompiles) and per-site state never becomes a graph constant
+(docs/design.md, "Runtime and clock").
 
 What a site does at each step (``policy`` other than ``"dense"``; docs/runtime.md):
 
@@ -34,6 +34,11 @@ import torch
 import torch.nn.functional as F
 
 from . import taylor
+from .ops import pooled_scores, sparse_attention, sparse_linear_o, sparse_linear_q
+from .ops.attention import heads_inner_empty
+from .ops.linear_o import cache_bias_prechecked, sparse_linear_o_prechecked
+from .policies import (PolicyFallback, PolicyInput, TokenLayout, block_means, block_text_mask, feature_change,
+                       policy_symbols, resolve_policy)
 from .schedule import DENSE, DISPATCH, UPDATE, place_stream
 from .state import SiteRecord, SiteStream, StepRecord, get_state
 
@@ -169,7 +174,6 @@ def _layout(state, site: SiteRecord, device, kv_segments=None, seq_kv=None):
     """``(q_text [nQ], kv_text [nK], text query blocks, text key blocks)`` of a site, cached.
     ``kv_segments`` / ``seq_kv`` describe the keys actually attended when a key-padding mask dropped some
     (see :func:`_kept_keys`)."""
-    from .policy import block_text_mask
 
     kv_segments = site.kv_segments if kv_segments is None else kv_segments
     seq_kv = site.seq_kv if seq_kv is None else seq_kv
@@ -206,7 +210,6 @@ def site_policy(state, site: SiteRecord):
     cache = state.__dict__.setdefault("_site_policies", {})
     hit = cache.get(site.site_id)
     if hit is None or hit[0] is not state.config:
-        from .policies import resolve_policy
 
         if hit is not None and hit[0] is not state.config:
             cache.clear()
@@ -225,7 +228,6 @@ def _token_layout(state, site: SiteRecord, cfg, kv_segments, seq_kv):
     """``(TokenLayout or None, reason)``: the vision tokens' grid (``OmniConfig.token_layout``, else what the
     passes inferred) placed on the site's query sequence (one contiguous vision segment of that size) and,
     for self/joint sites, on the keys actually attended."""
-    from .policies import TokenLayout
 
     grid = cfg.token_layout or site.token_layout
     if grid is None:
@@ -255,7 +257,6 @@ def _observe_features(state, site: SiteRecord, ss, out, step: int) -> None:
     cfg, policy = site_policy(state, site)
     if not policy.needs_features or (ss.action != UPDATE and step < cfg.warmup - 2):
         return
-    from .policies import block_means
 
     ss.features_prev = ss.features
     ss.features = (step, block_means(out, cfg.block_q))
@@ -267,9 +268,7 @@ def make_symbols(state, site: SiteRecord, q, k, scale, step: int, timestep: floa
     ``kv_segments``: the modality segments of ``k`` when it is not the site's full key sequence (keys
     dropped by a key-padding mask); ``k_square``: the full key sequence then, for the scores on the square
     (query block = key block) grid that joint/self metrics read."""
-    from omni_compile.ops import pooled_scores
 
-    from .policies import PolicyFallback, PolicyInput, feature_change, policy_symbols
 
     cfg, policy = site_policy(state, site)
     B, H, Sq, _ = q.shape
@@ -338,7 +337,6 @@ def _dense_attention(state, q, k, v, scale):
     if q.is_cuda:
         # no .contiguous(): for heads-inner queries SDPA returns the heads-inner layout the site op reports
         return F.scaled_dot_product_attention(q, k, v, scale=scale)
-    from omni_compile.ops import sparse_attention
 
     B, H, Sq, _ = q.shape
     return sparse_attention(q, k, v, state.dense_symbols(B, H, Sq, k.shape[2], q.device), scale, heads_inner=True)
@@ -349,7 +347,6 @@ def _dense_linear(state, x, weight, bias, head_dim, row_offset, seq_q, kind):
     all-compute symbols), the ops' reference path elsewhere."""
     if x.is_cuda:
         return F.linear(x, weight, bias)
-    from omni_compile.ops import sparse_linear_o, sparse_linear_q
 
     heads = (weight.shape[0] if kind == "q" else x.shape[-1]) // head_dim
     dense = state.dense_symbols(x.shape[0], heads, seq_q, seq_q, x.device)
@@ -390,7 +387,6 @@ def _kept_keys(site: SiteRecord, mask, B: int, H: int, Skv: int):
 
 
 def run_attention(state, site: SiteRecord, q, k, v, mask, scale):
-    from omni_compile.ops import sparse_attention
 
     site.calls += 1
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
@@ -477,7 +473,6 @@ def _observe_output(cfg, ss: SiteStream, out, step: int) -> None:
 
 def _run_attention_dense(state, site: SiteRecord, q, k, v, mask, scale):
     """Dense attention through the ops (policy "dense", no clock, masked sites)."""
-    from omni_compile.ops import sparse_attention
 
     B, H, Sq, D = q.shape
     Skv = k.shape[2]
@@ -543,7 +538,6 @@ def _heads_inner(out: torch.Tensor) -> torch.Tensor:
     """``out`` itself when it already has the heads-inner strides (the sparse kernel writes them, cuDNN and
     flash SDPA return them for heads-inner queries), else a heads-inner copy: the compiled graph relies
     on the strides the fake kernel reported."""
-    from omni_compile.ops.attention import heads_inner_empty
 
     B, H, S, D = out.shape
     if out.stride() == (S * H * D, D, H * D, 1):
@@ -553,7 +547,6 @@ def _heads_inner(out: torch.Tensor) -> torch.Tensor:
 
 @site_attention.register_fake
 def _(q, k, v, mask, state, site, scale, clock=None):
-    from omni_compile.ops.attention import heads_inner_empty
 
     B, H, Sq, _ = q.shape
     return heads_inner_empty(B, H, Sq, v.shape[-1], q)
@@ -575,7 +568,6 @@ def site_linear_q(
     clock: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """q projection of a site: on dispatch steps skips the (query block, head) tiles its symbols reuse."""
-    from omni_compile.ops import sparse_linear_q
 
     st = get_state(state)
     rec = st.site(site)
@@ -612,7 +604,6 @@ def site_linear_o(
 ) -> torch.Tensor:
     """Output projection of a site over its heads (columns ``col_offset:col_offset+H*D`` of ``weight``):
     on dispatch steps reduces over computed heads only and adds the forecast cache bias of reused ones."""
-    from omni_compile.ops.linear_o import cache_bias_prechecked
 
     st = get_state(state)
     cfg = st.config
@@ -625,7 +616,6 @@ def site_linear_o(
     ss = stream_for(st, rec, B, seq_q)
     key = (row_offset, col_offset)
     if ss is not None and ss.action == DISPATCH:
-        from omni_compile.ops.linear_o import sparse_linear_o_prechecked
 
         ss.sparse_calls["linear_o"] += 1
         terms = ss.bias_terms.get(key) or []

@@ -16,12 +16,13 @@ import itertools
 import threading
 import weakref
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
 from .config import OmniConfig
+from .ops import Symbols
+from .report import Report, build_report
+from .schedule import StepClock
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .report import Report
 
 _IDS = itertools.count(1)
 _STATES: "weakref.WeakValueDictionary[int, OmniState]" = weakref.WeakValueDictionary()
@@ -186,7 +187,6 @@ class OmniState:
     """Sites, symbols and caches of one compiled model (see the module docstring)."""
 
     def __init__(self, config: Optional[OmniConfig] = None):
-        from .schedule import StepClock
 
         if config is None:
             config = OmniConfig()
@@ -249,20 +249,20 @@ class OmniState:
         and ``block_cache``, which may be switched on only if the graph was compiled with it (split into
         block regions).
         Returns the state."""
-        fixed = sorted(k for k in changes if k in ("attention", "gemm_q", "gemm_o", "use_inductor")
-                       and changes[k] != getattr(self.config, k))
-        if fixed and self.compiles:
-            raise ValueError(f"OmniState.configure: {fixed} are fixed when the graph is compiled; compile again "
-                             "(torch._dynamo.reset()) to change them")
-        if (changes.get("block_cache", self.config.block_cache) != "none" and self.compiles
-                and not any(e.get("regions") for e in self.compiles)):
-            raise ValueError("OmniState.configure: block caching needs a graph split at block borders, which is "
-                             "decided at compile time; compile with OmniConfig(block_cache=...) set (switching it "
-                             "to 'none' afterwards is allowed: every block then runs)")
         unknown = sorted(set(changes) - set(OmniConfig.field_names()))
         if unknown:
             raise ValueError(f"OmniState.configure: unknown field(s) {unknown}; valid: {', '.join(OmniConfig.field_names())}")
-        self.config = self.config.replace(**changes)
+        new = self.config.replace(**changes)
+        fixed = sorted(k for k in ("attention", "gemm_q", "gemm_o", "use_inductor")
+                       if getattr(new, k) != getattr(self.config, k))
+        if fixed and self.compiles:
+            raise ValueError(f"OmniState.configure: {fixed} are fixed when the graph is compiled; compile again "
+                             "(torch._dynamo.reset()) to change them")
+        if new.block_cache is not None and self.compiles and not any(e.get("regions") for e in self.compiles):
+            raise ValueError("OmniState.configure: block caching needs a graph split at block borders, which is "
+                             "decided at compile time; compile with OmniConfig(block_cache=...) set (switching it "
+                             "to None afterwards is allowed: every block then runs)")
+        self.config = new
         self.reset()
         return self
 
@@ -290,7 +290,6 @@ class OmniState:
     # ---- symbols --------------------------------------------------------------------------------
     def dense_symbols(self, batch: int, heads: int, seq_q: int, seq_kv: int, device):
         """All-compute symbols for a shape (cached: building them costs a few small allocations)."""
-        from omni_compile.ops import Symbols
 
         key = (batch, heads, seq_q, seq_kv, str(device))
         sym = self._dense_symbols.get(key)
@@ -307,7 +306,6 @@ class OmniState:
 
     def report(self) -> "Report":
         """Per-site and per-step figures: density of attention work, reused fraction, cache bytes."""
-        from .report import build_report
 
         return build_report(self)
 

@@ -17,6 +17,8 @@ from typing import List, Optional, Sequence
 
 import torch
 
+from .ops.taylor import taylor_refresh, taylor_sum
+
 #: dtypes the one-pass ops (``omni_compile.ops.taylor``) take; others (fp64 in tests) use PyTorch ops
 _OPS_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -39,7 +41,6 @@ def refresh(old: Optional[Sequence[torch.Tensor]], new: torch.Tensor, delta: int
         # the storage dtype throughout: one pass over memory for all orders (ops.taylor_refresh: each
         # factor computed in fp32 and rounded once; as PyTorch ops it was a copy, then a subtraction and an
         # in-place division per order, on every GEMM-O projection and cached block of every update step)
-        from omni_compile.ops.taylor import taylor_refresh
 
         return taylor_refresh(new, list(old[:n_old]) if n_old else [], delta, sub=sub)
     acc = torch.promote_types(new.dtype, torch.float32)
@@ -63,7 +64,6 @@ def forecast(factors: Sequence[torch.Tensor], x: float, dtype: torch.dtype = tor
     block, and as separate PyTorch ops (a sum, then the addition to the input) it cost two passes.
     Otherwise it accumulates in fp32 (or wider) and converts at the end."""
     if dtype in _OPS_DTYPES and all(f.dtype == dtype for f in factors) and (base is None or base.dtype == dtype):
-        from omni_compile.ops.taylor import taylor_sum
 
         return taylor_sum(factors, coefficients(len(factors), x), base)
     acc = torch.promote_types(factors[0].dtype, torch.float32)

@@ -23,7 +23,6 @@ import operator
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
-import torch
 from torch import fx
 
 from ._fx import op_name, static_shape

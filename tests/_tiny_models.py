@@ -1,7 +1,7 @@
 """Tiny diffusers transformers for the backend/pass tests (CPU, random weights).
 
 Each factory returns ``(model, make_inputs)`` where ``make_inputs(seed)`` builds a fresh kwargs dict for
-``model(**kwargs)``. Projection weights are re-initialised so attention logits spread (design.md fact 8):
+``model(**kwargs)``. Projection weights are re-initialised so attention logits spread (docs/design.md, "Tiny test models let attention matter"):
 with diffusers' default init a tiny model's attention is nearly uniform and barely affects the output.
 Timesteps are drawn from values exactly representable in bf16 (FLUX multiplies them by 1000).
 """
@@ -16,7 +16,7 @@ FAMILIES = ["flux", "sd3", "hunyuan", "wan", "cogvideox", "pixart", "dit", "ltx"
 _TIMESTEPS = [1 / 16, 1 / 8, 1 / 4, 1 / 2, 1.0]
 
 
-def _spread_attention(model: nn.Module, std: float = 0.5) -> None:
+def spread_attention(model: nn.Module, std: float = 0.5) -> None:
     """Re-initialise q/k projections (and their added/text counterparts) so logits have std ~3."""
     g = torch.Generator().manual_seed(1234)
     with torch.no_grad():
@@ -232,6 +232,6 @@ def ltx(batch: int = 1):
 def build(family: str, batch: int = 1, seed: int = 0):
     torch.manual_seed(seed)
     model, make_inputs = globals()[family](batch)
-    _spread_attention(model)
+    spread_attention(model)
     model.eval()
     return model, make_inputs

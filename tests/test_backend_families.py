@@ -121,7 +121,7 @@ def test_family_coverage_and_dense_equivalence(family):
 
 
 def test_attention_matters_in_tiny_models():
-    """Guards the test models: zeroing attention must move the output a lot (design.md fact 8)."""
+    """Guards the test models: zeroing attention must move the output a lot (docs/design.md, "Tiny test models let attention matter")."""
     model, make_inputs = T.build("flux")
     inputs = make_inputs(0)
     with torch.no_grad():

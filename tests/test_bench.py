@@ -1,8 +1,8 @@
-"""omni_compile.bench's random symbols (the kernels' benchmark needs a GPU; its masks do not)."""
+"""omni_compile.bench.kernels's random symbols (the kernels' benchmark needs a GPU; its masks do not)."""
 import pytest
 import torch
 
-from omni_compile.bench import make_symbols
+from omni_compile.bench.kernels import make_symbols
 
 
 def test_equal_and_varied_masks_keep_the_asked_fraction():
@@ -26,7 +26,7 @@ def test_symbol_generation_row_runs_the_update_pipeline(monkeypatch, backend):
     PyTorch ops, decodes the schedules, and compares its bits with the reference pipeline's (on the
     reference backend the same path, so none differ) and its lists with the PyTorch formulas' (on the
     Triton backend, in the interpreter, the kernels' lists)."""
-    from omni_compile import bench
+    from omni_compile.bench import kernels as bench
     from omni_compile.ops import kernel_backend
 
     monkeypatch.setattr(bench, "graph_ms", lambda fn: float("nan"))  # CUDA graphs: not on a CPU
@@ -55,7 +55,7 @@ def test_gemm_floor_is_compute_or_bytes_whichever_is_larger():
     """At FLUX's projection (4608 x 3072 x 3072, bf16) and 4 TB/s: GEMM-O moves the cache bias and the
     output whole, 56.6 MB plus the computed share of ``a``, so at 10 % computed its floor is memory
     (~14.9 us) rather than a tenth of cuBLAS; dense it is cuBLAS itself."""
-    from omni_compile.bench import gemm_floor_ms
+    from omni_compile.bench.kernels import gemm_floor_ms
 
     M, K, N = 4608, 3072, 3072
     bw = 4000.0  # GB/s

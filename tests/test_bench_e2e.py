@@ -1,4 +1,4 @@
-"""The end-to-end benchmark's driver (``omni_compile.bench_e2e``) on the CPU: narrow versions of the
+"""The end-to-end benchmark's driver (``omni_compile.bench.e2e``) on the CPU: narrow versions of the
 benchmarked model classes, every kind of setting (plain, policy strategy, block caching on a second
 compile), results written after each row. Guards the GPU runs, where a driver error costs device time."""
 
@@ -7,9 +7,8 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
-from omni_compile import bench_e2e
+from omni_compile.bench import e2e as bench_e2e
 
 
 pytestmark = pytest.mark.usefixtures("fresh_dynamo")  # tests/conftest.py

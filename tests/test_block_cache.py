@@ -1,4 +1,4 @@
-"""Whole-block caching (issue 7): the block pass, the split-graph runner and the block policies (CPU).
+"""Whole-block caching: the block pass, the split-graph runner and the block policies (CPU).
 
 Counters and exact values, not timings. Everything runs the regions as FX (``use_inductor=False``) except
 ``test_inductor_regions_match_fx`` (slow).
@@ -12,11 +12,11 @@ import pytest
 import torch
 
 import _tiny_models as T
-from _runtime_helpers import BLOCK, compile_with as _compile, make_state as _state, tiny_flux_case
-from omni_compile import OmniConfig
+from _runtime_helpers import compile_with as _compile, denoise, make_state as _state, tiny_flux_case
+from omni_compile import ComputedShare, FixedBlocks, OmniConfig, ResidualChange
 from omni_compile.block_cache import BlockProgram, fixed_selection
 from omni_compile.passes.blocks import find_blocks, split_blocks
-from omni_compile.quality import denoise
+from omni_compile.policies import Fixed
 
 # residual streams per block, in execution order, of the tiny models (tests/_tiny_models.py)
 STREAMS = {
@@ -90,11 +90,15 @@ def test_fixed_selection_is_evenly_spaced():
 
 
 def test_config_validation():
-    with pytest.raises(ValueError, match="block_cache must be one of"):
+    with pytest.raises(ValueError, match="block_cache must be None, one of"):
         OmniConfig(block_cache="all")
-    for name, bad in (("block_cache_fraction", 1.5), ("s_q", -0.1), ("block_cache_threshold", -1.0)):
-        with pytest.raises(ValueError, match=f"OmniConfig.{name}"):
-            OmniConfig(**{name: bad})
+    for make, field in ((lambda: FixedBlocks(1.5), "FixedBlocks.fraction"), (lambda: ComputedShare(-0.1), "ComputedShare.s_q"),
+                        (lambda: ResidualChange(-1.0), "ResidualChange.threshold"),
+                        (lambda: ResidualChange(float("inf")), "ResidualChange.threshold")):
+        with pytest.raises(ValueError, match=field):
+            make()
+    assert OmniConfig(block_cache="sq").block_cache == ComputedShare(0.3)
+    assert OmniConfig(block_cache="none").block_cache is None
 
 
 # ---- the loop on every family ---------------------------------------------------------------------
@@ -104,7 +108,7 @@ TIMESTEPS = (1.0, 0.875, 0.75, 0.625, 0.5)  # warmup=1, interval=3: U D D U D
 
 def _family_loop(family, **cfg):
     model, make_inputs = T.build(family, batch=1)
-    st = _state(policy="fixed", reuse_fraction=0.5, skip_fraction=0.5, warmup=1, interval=3, **cfg)
+    st = _state(policy=Fixed(reuse=0.5, skip=0.5), warmup=1, interval=3, **cfg)
     fwd = _no_recompile(_compile(model, st))
     base = make_inputs(0)
     scale = 1.0 if family == "flux" else 1000.0
@@ -121,7 +125,7 @@ def test_block_loop_on_every_family(family):
     """No block cached = the attention-only loop, bit for bit; every block cached = no block region and no
     site op of a block runs on dispatch steps; one graph, no recompiles."""
     ref, st_ref = _family_loop(family)
-    none, st_none = _family_loop(family, block_cache="fixed", block_cache_fraction=0.0)
+    none, st_none = _family_loop(family, block_cache=FixedBlocks(0.0))
     for a, b in zip(ref, none):
         assert torch.equal(a, b)
     assert len(st_none.compiles) == 1 and st_none.compiles[0]["regions"] == len(STREAMS[family]) + 2
@@ -129,7 +133,7 @@ def test_block_loop_on_every_family(family):
     assert all(b.cacheable and b.paired_by == ["trace"] * b.streams_found for b in st_none.blocks)
     assert all(b.region_calls == len(TIMESTEPS) and b.skipped_calls == 0 for b in st_none.blocks)
 
-    allc, st = _family_loop(family, block_cache="fixed", block_cache_fraction=1.0)
+    allc, st = _family_loop(family, block_cache=FixedBlocks(1.0))
     assert all(torch.isfinite(o).all() for o in allc)
     updates, dispatches = 2, 3
     assert torch.equal(ref[0], allc[0])  # step 0 (update) runs every block
@@ -157,8 +161,7 @@ def test_block_loop_on_every_family(family):
 @pytest.mark.parametrize("order", [0, 1, 2])
 def test_forecast_matches_hand_computed_taylor(flux, monkeypatch, order):
     model, make_inputs, lat = flux
-    st = _state(policy="dense", warmup=3, interval=3, taylor_order=order,
-                block_cache="fixed", block_cache_fraction=1 / 3)  # of 3 blocks: the middle one
+    st = _state(policy="dense", warmup=3, interval=3, taylor_order=order, block_cache=FixedBlocks(1 / 3))  # of 3 blocks: the middle one
     seen = {}
     real = BlockProgram._run
 
@@ -216,8 +219,7 @@ def _cfg_loop(compiled, make_inputs, lat, ts, corrupt=None):
 
 def test_cfg_streams_isolated_and_reset(flux):
     model, make_inputs, lat = flux
-    st = _state(policy="fixed", reuse_fraction=0.5, skip_fraction=0.25, warmup=2, interval=3,
-                block_cache="fixed", block_cache_fraction=0.5)
+    st = _state(policy=Fixed(reuse=0.5, skip=0.25), warmup=2, interval=3, block_cache=FixedBlocks(0.5))
     compiled = _compile(model, st)
     ts = [torch.tensor([t]) for t in (1.0, 0.875, 0.75, 0.625, 0.5, 0.375)]
     clean = _cfg_loop(compiled, make_inputs, lat, ts)
@@ -243,7 +245,7 @@ def test_cfg_streams_isolated_and_reset(flux):
 
 def test_memory_counted_and_capped(flux):
     model, make_inputs, lat = flux
-    kw = dict(policy="dense", warmup=2, interval=3, taylor_order=1, block_cache="fixed", block_cache_fraction=1.0)
+    kw = dict(policy="dense", warmup=2, interval=3, taylor_order=1, block_cache=FixedBlocks(1.0))
     free = _state(**kw)
     denoise(_compile(model, free), make_inputs, lat, 5)
     per_block = []
@@ -277,8 +279,7 @@ def _shapes(rec):
 def test_sq_policy_follows_the_sites_computed_fraction(flux, reuse, cached):
     """S_q: tiny FLUX has 1 text + 4 vision query blocks; reusing 3 of 4 vision blocks computes 2/5 = 0.4."""
     model, make_inputs, lat = flux
-    st = _state(policy="fixed", reuse_fraction=reuse, skip_fraction=0.0, warmup=2, interval=3,
-                block_cache="sq", s_q=0.45)
+    st = _state(policy=Fixed(reuse=reuse, skip=0.0), warmup=2, interval=3, block_cache=ComputedShare(0.45))
     denoise(_compile(model, st), make_inputs, lat, 6)  # dense 0, update 1, dispatch 2 3, update 4, dispatch 5
     for b in st.blocks:
         (bs,) = b.streams.values()
@@ -290,7 +291,7 @@ def test_sq_policy_follows_the_sites_computed_fraction(flux, reuse, cached):
 
 def test_sq_policy_never_caches_without_sparse_sites(flux):
     model, make_inputs, lat = flux
-    st = _state(policy="dense", block_cache="sq", s_q=1.0)
+    st = _state(policy="dense", block_cache=ComputedShare(1.0))
     denoise(_compile(model, st), make_inputs, lat, 5)
     assert all(b.skipped_calls == 0 for b in st.blocks)
 
@@ -298,8 +299,7 @@ def test_sq_policy_never_caches_without_sparse_sites(flux):
 @pytest.mark.parametrize("threshold, cached", [(1e9, True), (0.0, False)])
 def test_change_policy(flux, threshold, cached):
     model, make_inputs, lat = flux
-    st = _state(policy="dense", warmup=2, interval=3, taylor_order=0, block_cache="change",
-                block_cache_threshold=threshold)
+    st = _state(policy="dense", warmup=2, interval=3, taylor_order=0, block_cache=ResidualChange(threshold))
     denoise(_compile(model, st), make_inputs, lat, 6)
     for b in st.blocks:
         (bs,) = b.streams.values()
@@ -318,8 +318,7 @@ def test_block_cache_none_keeps_the_graph_whole(flux):
 @pytest.mark.slow
 def test_inductor_regions_match_fx(flux):
     model, make_inputs, lat = flux
-    kw = dict(policy="fixed", reuse_fraction=0.5, skip_fraction=0.5, warmup=2, interval=3,
-              block_cache="fixed", block_cache_fraction=0.5)
+    kw = dict(policy=Fixed(reuse=0.5, skip=0.5), warmup=2, interval=3, block_cache=FixedBlocks(0.5))
     ref = denoise(_compile(model, _state(**kw)), make_inputs, lat, 5)
     torch._dynamo.reset()
     st = _state(**kw, use_inductor=True)
@@ -337,12 +336,12 @@ def test_configure_refuses_block_caching_on_an_unsplit_graph(flux):
     with pytest.raises(ValueError, match="block"):
         st.configure(block_cache="fixed")
     torch._dynamo.reset()
-    st2 = _state(policy="dense", block_cache="fixed", block_cache_fraction=0.5)
+    st2 = _state(policy="dense", block_cache=FixedBlocks(0.5))
     compiled = _compile(model, st2)
     denoise(compiled, make_inputs, lat, 2)
-    st2.configure(block_cache="none")
+    st2.configure(block_cache=None)
     st2.configure(block_cache="fixed")
-    assert st2.config.block_cache == "fixed"
+    assert st2.config.block_cache == FixedBlocks(0.5)
 
 
 def test_sites_of_cached_blocks_build_nothing(flux, monkeypatch):
@@ -352,7 +351,7 @@ def test_sites_of_cached_blocks_build_nothing(flux, monkeypatch):
     from omni_compile import runtime
 
     model, make_inputs, lat = flux
-    cfg = dict(policy="fixed", reuse_fraction=0.5, skip_fraction=0.5, block_cache="fixed", block_cache_fraction=0.5)
+    cfg = dict(policy=Fixed(reuse=0.5, skip=0.5), block_cache=FixedBlocks(0.5))
     st = _state(**cfg)
     x = denoise(_compile(model, st), make_inputs, lat, 5)  # warm-up 2, interval 3: updates at 1 and 4
     cached = [b for b in st.blocks if b.skipped_calls > 0]

@@ -1,6 +1,6 @@
-"""The benchmarks' figures: the chart drawer (:mod:`omni_compile.charts`) draws each value where its frame
-says, leaves out what cannot be drawn, and the benchmarks' ``--replot`` rebuilds a saved run's tables
-exactly and its figure (:mod:`omni_compile.plots`)."""
+"""The figures (:mod:`omni_compile.bench.figures`): the chart drawer draws each value where its frame says
+and leaves out what cannot be drawn, and the benchmarks' ``--replot`` rebuilds a saved run's tables exactly
+and its figure."""
 
 from __future__ import annotations
 
@@ -14,10 +14,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from omni_compile import bench, bench_e2e, plots
-from omni_compile.charts import PALETTE, Chart, Series, log_ticks, nice_ticks, save
+from omni_compile.bench import e2e as bench_e2e
+from omni_compile.bench import figures
+from omni_compile.bench import kernels as bench
+from omni_compile.bench.figures import PALETTE, Chart, Series, log_ticks, nice_ticks, save
 
-DOCS = os.path.join(os.path.dirname(__file__), "..", "docs")
+DATA = os.path.join(os.path.dirname(__file__), "data")
 RED, GREEN = (250, 0, 0), (0, 200, 0)
 
 
@@ -124,7 +126,7 @@ def test_bench_figure_puts_each_measured_row_at_its_value(tmp_path):
                                                     (16896, ((1.0, 560.0), (0.5, 540.0), (0.2, 520.0))))
             for d, t in pts]
     rows.append(dict(part="symbols", S=4608, fraction=0.5, graph_fraction=0.1))
-    charts = plots.bench_charts(rows)
+    charts = figures.bench_charts(rows)
     titles = [c.title for c in charts]
     assert titles[0].startswith("attention: TFLOP/s") and titles[-1].startswith("update-step overhead")
     assert not any("GEMM" in t for t in titles)  # no gemm rows, no gemm panels
@@ -139,13 +141,12 @@ def test_bench_figure_puts_each_measured_row_at_its_value(tmp_path):
 
 
 def test_bench_replot_rebuilds_the_saved_tables_exactly(tmp_path):
-    """The session-13 symbols run (rebuilt from its log's tables) replotted: the same markdown as the log."""
-    src = os.path.join(DOCS, "bench_h200_s13_symbols_call5_from_log.json")
+    """A saved H200 symbol-generation run replotted: the same markdown tables as the run printed."""
+    src = os.path.join(DATA, "symbols_bench_h200.json")
     assert bench.main(["--replot", src, "--out", str(tmp_path)]) == 0
     got = open(tmp_path / "bench.md").read().split("\n", 2)[2]
-    with open(os.path.join(DOCS, "e2e", "kernels", "bench_pooled_s13_call5.log")) as f:
-        log = f.read()
-    assert got.strip() == log[log.index("### Symbol-generation input"):].strip()
+    with open(os.path.join(DATA, "symbols_bench_h200.md")) as f:
+        assert got.strip() == f.read().strip()
     assert Image.open(tmp_path / "bench.png").size[0] > 0
 
 
@@ -165,13 +166,13 @@ def test_bench_replot_later_files_replace_their_parts(tmp_path):
 
 
 def test_e2e_replot_rebuilds_the_saved_table_and_draws_each_step(tmp_path):
-    src = os.path.join(DOCS, "e2e", "e2e_flux_h200_s13.json")
+    src = os.path.join(DATA, "flux_e2e_h200.json")
     assert bench_e2e.main(["--replot", src, "--out", str(tmp_path)]) == 0
-    with open(os.path.join(DOCS, "e2e", "e2e_flux_h200_s13.md")) as f:
+    with open(os.path.join(DATA, "flux_e2e_h200.md")) as f:
         assert open(tmp_path / "e2e_flux.md").read() == f.read()
     with open(src) as f:
         res = json.load(f)
-    charts = plots.e2e_charts(res)
+    charts = figures.e2e_charts(res)
     frames = save(charts, str(tmp_path / "e.png"))
     wall = charts[0]
     assert [s.label for s in wall.series] == [r["name"] for r in res["rows"]]
@@ -187,7 +188,7 @@ def test_e2e_replot_rebuilds_the_saved_table_and_draws_each_step(tmp_path):
 
 def test_a_figure_without_pillow_is_skipped_with_a_note(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "PIL", None)
-    ok = plots.write([Chart("t", [Series("a", [1], [1.0])])], str(tmp_path / "x.png"))
+    ok = figures.write([Chart("t", [Series("a", [1], [1.0])])], str(tmp_path / "x.png"))
     assert ok is False and not (tmp_path / "x.png").exists()
     assert "pip install pillow" in capsys.readouterr().err
-    assert plots.write([], str(tmp_path / "y.png")) is False
+    assert figures.write([], str(tmp_path / "y.png")) is False

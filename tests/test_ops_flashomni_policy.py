@@ -171,7 +171,7 @@ def test_fused_policy_symbols_equal_the_generic_path(kind, n_text):
     makes the same symbols, and ``finalize`` is the identity on the decision (the contract holds by
     construction, which is why the fused path skips it). A subclass overriding ``__call__`` is not fused."""
     inp = small_policy_input(kind, n_text, 11, short_q=3, short_kv=5)
-    cfg = OmniConfig(tau_q=0.5, tau_kv=0.3)
+    cfg = OmniConfig(policy=FlashOmni(tau_q=0.5, tau_kv=0.3))
     r, s = flashomni(inp, cfg)
     fr, fs = finalize(FlashOmni(), inp, r, s)
     assert torch.equal(fr, r) and torch.equal(fs, s)

@@ -13,7 +13,7 @@ from omni_compile.ops import Symbols, cache_bias_for, sparse_linear_o, sparse_li
 from omni_compile.ops.linear_o import sparse_linear_o_op, sparse_linear_o_prechecked
 from omni_compile.ops.linear_q import sparse_linear_q_op
 
-from _golden import DEVICE_TMA_IMPLS, EPS, IMPLS, impl_context, max_err, poison_like
+from _golden import DEVICE_TMA_IMPLS, EPS, impl_context, max_err, poison_like
 
 
 @st.composite

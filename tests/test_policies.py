@@ -1,4 +1,4 @@
-"""The policy API and the shipped strategies (issue 5): property tests of each strategy's definition on
+"""The policy API and the shipped strategies: property tests of each strategy's definition on
 symbol bits (pure tensors, nasty shapes), the config surface (names, objects, tuples, overrides, token
 layout), and one compiled tiny FLUX running every strategy through the same graph with no recompile."""
 
@@ -11,12 +11,13 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from _runtime_helpers import compile_with, make_state, tiny_flux_case
+from _runtime_helpers import compile_with, denoise, make_state, tiny_flux_case
 from omni_compile import OmniConfig
 from omni_compile.ops import Symbols
+from omni_compile.bench.presets import strategy_config
 from omni_compile.policies import (POLICIES, BasePolicy, Broadcast, Compose, FlashOmni, PolicyFallback, PolicyInput,
                                    TaylorSeer, TokenLayout, TopK, Window, block_text_mask, finalize, no_bits,
-                                   resolve_policy, run_policy, strategy_config, window_keep)
+                                   resolve_policy, run_policy, window_keep)
 
 EPS = 1e-5
 
@@ -181,7 +182,7 @@ def test_taylorseer_reuses_the_least_changing_blocks(seq, text, text_first, frac
 def test_compose_is_the_or_and_no_row_loses_every_key(F, Hh, W, text, text_first, win, mass, tau_q, seed):
     seq = F * Hh * W + text
     inp, _ = _inp(seq, text, text_first, seed=seed, layout=TokenLayout(F, Hh, W, text if text_first else 0))
-    cfg = OmniConfig(tau_q=tau_q)
+    cfg = OmniConfig(policy=FlashOmni(tau_q=tau_q))
     parts = [Window(size=(1, win, win)), TopK(mass=mass), FlashOmni()]
     bits = [finalize(p, inp, *p(inp, cfg)) for p in parts]
     reuse, skip = run_policy(Compose(*parts), inp, cfg)
@@ -255,7 +256,7 @@ def test_symbols_of_each_strategy_render():
     inp, _ = _inp(70, 12, True, H=1, layout=TokenLayout(1, 7, 8, 12),
                   change=torch.linspace(0, 1, 5).view(1, 1, 5))
     for name in ("flashomni", "window", "topk", "broadcast", "taylorseer"):
-        r, s = run_policy(name, inp, OmniConfig(tau_q=0.6, tau_kv=0.1))
+        r, s = run_policy(name, inp, OmniConfig(policy=FlashOmni(tau_q=0.6, tau_kv=0.1)))
         text = repr(Symbols.from_dense(r, s, 16, 16, 70, 70))
         assert "q0" in text and "density=" in text
 
@@ -271,16 +272,19 @@ def test_config_accepts_names_objects_tuples_and_validates_overrides():
         OmniConfig(policy=("window", "nope"))
     with pytest.raises(ValueError, match=r"cannot be set per site; valid fields: policy, interval"):
         OmniConfig(overrides={"transformer_blocks.0.*": {"block_q": 64}})
-    with pytest.raises(ValueError, match=r"overrides\['x'\]: OmniConfig\.tau_kv"):
-        OmniConfig(overrides={"x": {"tau_kv": 1.0}})
+    with pytest.raises(ValueError, match=r"overrides\['x'\]: OmniConfig\.interval"):
+        OmniConfig(overrides={"x": {"interval": 0}})
+    with pytest.raises(ValueError, match=r"cannot be set per site.*FlashOmni\(tau_q=0\.3\)"):
+        OmniConfig(overrides={"x": {"tau_kv": 0.1}})
     with pytest.raises(ValueError, match=r"OmniConfig\.token_layout"):
         OmniConfig(token_layout=(0, 4, 4))
     assert OmniConfig(token_layout=(6, 8)).token_layout == (1, 6, 8)
-    o = OmniConfig(tau_q=0.3, overrides={"transformer_blocks.*": {"policy": "dense"}, "*.0.*": {"tau_q": 0.9}})
+    o = OmniConfig(policy=FlashOmni(tau_q=0.3), overrides={"transformer_blocks.*": {"policy": "dense"},
+                                                         "*.0.*": {"interval": 2}})
     assert o.for_site("transformer_blocks.0.attn").policy == "dense"
-    assert o.for_site("transformer_blocks.0.attn").tau_q == 0.9
-    assert o.for_site("single_transformer_blocks.1.attn").policy == "flashomni"
-    assert o.for_site("single_transformer_blocks.1.attn").tau_q == 0.3
+    assert o.for_site("transformer_blocks.0.attn").interval == 2
+    assert o.for_site("single_transformer_blocks.1.attn").policy == FlashOmni(tau_q=0.3)
+    assert o.for_site("single_transformer_blocks.1.attn").interval == 5
     for bad in (lambda: TopK(mass=0), lambda: TopK(k=0), lambda: TaylorSeer(fraction=2),
                 lambda: Broadcast(kinds=("spatial",)), lambda: FlashOmni(tau_kv=1.0)):
         with pytest.raises(ValueError):
@@ -318,7 +322,6 @@ def flux():
 
 def test_every_strategy_runs_on_one_compiled_graph(flux):
     import _user_policy  # noqa: F401  (registers "band", the docs' worked example)
-    from omni_compile.quality import denoise
 
     model, make_inputs, lat = flux
     torch._dynamo.reset()
@@ -327,13 +330,13 @@ def test_every_strategy_runs_on_one_compiled_graph(flux):
     ref = denoise(compiled, make_inputs, lat, 7)  # the first call compiles; nothing after may
     ops_before = {n for n in torch._C._dispatch_get_all_op_names() if n.startswith("flashomni::")}
     runs = [
-        ("flashomni", dict(policy="flashomni", tau_q=0.7, tau_kv=0.2)),
+        ("flashomni", dict(policy=FlashOmni(tau_q=0.7, tau_kv=0.2))),
         ("window", dict(policy=Window(size=(1, 3, 3)), token_layout=(1, 8, 8))),
         ("topk", dict(policy=TopK(mass=0.7))),
         ("broadcast", dict(policy="broadcast")),
         ("taylorseer", dict(policy="taylorseer")),
         ("fixed", dict(policy="fixed")),
-        ("window+flashomni", dict(policy=(Window(size=(1, 3, 3)), FlashOmni(tau_kv=0.0)), token_layout=(1, 8, 8), tau_q=0.7)),
+        ("window+flashomni", dict(policy=(Window(size=(1, 3, 3)), FlashOmni(tau_q=0.7, tau_kv=0.0)), token_layout=(1, 8, 8))),
         ("band", dict(policy="band")),
         ("overrides", dict(policy="broadcast", overrides={"transformer_blocks.0.*": {"policy": "dense"}})),
         ("window, no layout", dict(policy="window", token_layout=None, overrides=None)),
@@ -441,7 +444,7 @@ def test_fixed_hands_out_one_symbols_object_per_site():
     from omni_compile.policies.base import symbols_from_call
 
     inp, _ = _inp(200, 40, True, B=2, H=3)
-    cfg = OmniConfig(policy="fixed", reuse_fraction=0.3, skip_fraction=0.5)
+    cfg = OmniConfig(policy=Fixed(reuse=0.3, skip=0.5))
     first = policy_symbols("fixed", inp, cfg)
     first.kv_schedule()
     again = policy_symbols("fixed", inp, cfg)
@@ -452,7 +455,7 @@ def test_fixed_hands_out_one_symbols_object_per_site():
     assert capped is not first and capped.reuse_fraction() == 0
     inp.site_id = 7
     assert policy_symbols("fixed", inp, cfg) is not first
-    assert policy_symbols("fixed", inp, OmniConfig(policy="fixed", reuse_fraction=0.0, skip_fraction=0.5)) is not first
+    assert policy_symbols("fixed", inp, OmniConfig(policy=Fixed(reuse=0.0, skip=0.5))) is not first
     inp.site_id = 0
     assert policy_symbols("fixed", inp, cfg, allow_reuse=False) is capped  # site 0's one entry
     assert policy_symbols("fixed", inp, cfg) is not first and policy_symbols("fixed", inp, cfg) == first

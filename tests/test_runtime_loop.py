@@ -9,11 +9,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from omni_compile.policies import Fixed
-from omni_compile.quality import denoise
+from omni_compile.policies import Fixed, FlashOmni
 from omni_compile.schedule import step_action
 
-from _runtime_helpers import BLOCK, compile_with as _compile, make_state as _state, tiny_flux_case
+from _runtime_helpers import compile_with as _compile, denoise, make_state as _state, tiny_flux_case
 
 
 pytestmark = pytest.mark.usefixtures("fresh_dynamo")  # tests/conftest.py
@@ -33,14 +32,14 @@ def test_interval_one_and_dense_policy_equal_the_dense_loop(flux):
     dense = denoise(_compile(model, _state(policy="dense")), make_inputs, lat, 6)
     torch.testing.assert_close(dense, eager, rtol=1e-4, atol=1e-4)
     torch._dynamo.reset()
-    st = _state(interval=1, tau_q=0.9, tau_kv=0.5)
+    st = _state(policy=FlashOmni(tau_q=0.9, tau_kv=0.5), interval=1)
     every_update = denoise(_compile(model, st), make_inputs, lat, 6)
     assert torch.equal(every_update, dense)  # bit for bit: update steps compute the exact output
     rep = st.report()
     assert [s["action"] for s in rep.steps] == ["dense"] + ["update"] * 5
     assert all(s.streams for s in st.sites)  # the policy did run (symbols were built)
     torch._dynamo.reset()
-    sparse = denoise(_compile(model, _state(interval=3, tau_q=0.9, tau_kv=0.5)), make_inputs, lat, 6)
+    sparse = denoise(_compile(model, _state(policy=FlashOmni(tau_q=0.9, tau_kv=0.5), interval=3)), make_inputs, lat, 6)
     assert not torch.equal(sparse, dense)  # a real dispatch step changes the result
 
 
@@ -54,7 +53,7 @@ class _FreshFixed(Fixed):
 
 def test_update_steps_at_configured_steps_and_dispatch_uses_stored_symbols(flux):
     model, make_inputs, lat = flux
-    st = _state(policy=_FreshFixed(), reuse_fraction=0.5, skip_fraction=0.5, warmup=3, interval=3)
+    st = _state(policy=_FreshFixed(reuse=0.5, skip=0.5), warmup=3, interval=3)
     compiled = _compile(model, st)
     calls = []
 
@@ -117,7 +116,7 @@ def _cfg_pass(compiled, make_inputs, xs, timesteps, corrupt_after=None, state=No
 
 def test_two_call_cfg_streams_are_isolated(flux):
     model, make_inputs, lat = flux
-    st = _state(policy="fixed", reuse_fraction=0.5, skip_fraction=0.25, warmup=2, interval=3, taylor_order=1)
+    st = _state(policy=Fixed(reuse=0.5, skip=0.25), warmup=2, interval=3, taylor_order=1)
     compiled = _compile(model, st)
     ts = [torch.tensor([t]) for t in (1.0, 0.875, 0.75, 0.625, 0.5, 0.375)]
     g = torch.Generator().manual_seed(3)
@@ -146,7 +145,7 @@ def test_two_call_cfg_streams_are_isolated(flux):
 
 def test_batched_cfg_is_one_stream_with_per_item_symbols(flux):
     model, make_inputs, lat = flux
-    st = _state(warmup=2, interval=3, tau_q=0.7, tau_kv=0.3)
+    st = _state(policy=FlashOmni(tau_q=0.7, tau_kv=0.3), warmup=2, interval=3)
     out = denoise(_compile(model, st), make_inputs, lat, 6, cfg="batched")
     assert torch.isfinite(out).all()
     for site in st.sites:
@@ -159,7 +158,7 @@ def test_batched_cfg_is_one_stream_with_per_item_symbols(flux):
 
 def test_reset_and_new_generation_reproduce_bit_for_bit(flux):
     model, make_inputs, lat = flux
-    st = _state(warmup=2, interval=3, taylor_order=2, tau_q=0.7, tau_kv=0.3)
+    st = _state(policy=FlashOmni(tau_q=0.7, tau_kv=0.3), warmup=2, interval=3, taylor_order=2)
     compiled = _compile(model, st)
     first = denoise(compiled, make_inputs, lat, 7)
     gen0 = st.report()
@@ -176,7 +175,7 @@ def test_counted_clock_loop_equals_the_timestep_clock_loop(flux):
     # OmniConfig.steps places calls by counting them (no host read of the timestep): the same positions,
     # so the same output bit for bit, on two generations without reset() and with two-call CFG
     model, make_inputs, lat = flux
-    kw = dict(policy="fixed", reuse_fraction=0.5, skip_fraction=0.5, warmup=2, interval=3)
+    kw = dict(policy=Fixed(reuse=0.5, skip=0.5), warmup=2, interval=3)
     by_time = denoise(_compile(model, _state(**kw)), make_inputs, lat, 7, cfg="two-call")
     torch._dynamo.reset()
     st = _state(steps=7, streams=2, **kw)
@@ -248,8 +247,7 @@ def test_attention_output_forecast_without_gemm_o(flux, monkeypatch):
     from omni_compile import runtime
 
     model, make_inputs, lat = flux
-    st = _state(policy="fixed", reuse_fraction=0.5, skip_fraction=0.0, warmup=2, interval=3, taylor_order=1,
-                gemm_o=False, gemm_q=False)
+    st = _state(policy=Fixed(reuse=0.5, skip=0.0), warmup=2, interval=3, taylor_order=1, gemm_o=False, gemm_q=False)
     seen = {}
     real = runtime.run_attention
 
@@ -298,9 +296,9 @@ def test_no_timestep_input_runs_dense_with_a_reason(flux):
 def test_inductor_sparse_loop(flux):
     """The clock and the site ops keep their order under Inductor; the loop equals the unfused one."""
     model, make_inputs, lat = flux
-    ref = denoise(_compile(model, _state(warmup=2, interval=3, tau_q=0.7, tau_kv=0.3)), make_inputs, lat, 5)
+    ref = denoise(_compile(model, _state(policy=FlashOmni(tau_q=0.7, tau_kv=0.3), warmup=2, interval=3)), make_inputs, lat, 5)
     torch._dynamo.reset()
-    st = _state(warmup=2, interval=3, tau_q=0.7, tau_kv=0.3, use_inductor=True)
+    st = _state(policy=FlashOmni(tau_q=0.7, tau_kv=0.3), warmup=2, interval=3, use_inductor=True)
     compiled = _compile(model, st)
     n = []
 
@@ -323,7 +321,7 @@ def test_sparse_runtime_on_every_family(family):
     import _tiny_models as T
 
     model, make_inputs = T.build(family, batch=1)
-    st = _state(policy="fixed", reuse_fraction=0.5, skip_fraction=0.5, warmup=1, interval=2)
+    st = _state(policy=Fixed(reuse=0.5, skip=0.5), warmup=1, interval=2)
     compiled = _compile(model, st)
     base = make_inputs(0)
     outs = []
@@ -360,7 +358,7 @@ def test_key_padding_mask_sites_dispatch_on_kept_keys(batch):
     base = make_inputs(0)
     if batch == 2:
         assert not torch.equal(base["encoder_attention_mask"][0], base["encoder_attention_mask"][1])
-    st = _state(policy="fixed", reuse_fraction=0.0, skip_fraction=0.0, warmup=1, interval=2)
+    st = _state(policy=Fixed(reuse=0.0, skip=0.0), warmup=1, interval=2)
     compiled = _compile(model, st)
     with torch.no_grad():
         for i, t in enumerate((1.0, 0.75, 0.5, 0.25)):
@@ -410,7 +408,7 @@ def test_update_decodes_the_schedules_the_dispatch_steps_used(flux):
     """From the second update on, the new symbols arrive with the schedules the previous dispatch steps
     decoded (attention's kv schedule, GEMM-Q/GEMM-O head schedules), so dispatch steps find them cached."""
     model, make_inputs, lat = flux
-    st = _state(policy="fixed", reuse_fraction=0.5, skip_fraction=0.5, warmup=2, interval=3)
+    st = _state(policy=Fixed(reuse=0.5, skip=0.5), warmup=2, interval=3)
     denoise(_compile(model, st), make_inputs, lat, 5)  # dense, update, dispatch, dispatch, update
     for s in st.sites:
         (ss,) = s.streams.values()
@@ -422,7 +420,7 @@ def test_update_decodes_the_schedules_the_dispatch_steps_used(flux):
 
 def test_history_keeps_the_current_and_previous_generation_only(flux):
     model, make_inputs, lat = flux
-    st = _state(policy="fixed", reuse_fraction=0.5, skip_fraction=0.5)
+    st = _state(policy=Fixed(reuse=0.5, skip=0.5))
     compiled = _compile(model, st)
     for _ in range(3):
         denoise(compiled, make_inputs, lat, 4)
@@ -449,7 +447,7 @@ def test_unwritten_reused_q_tiles_never_reach_the_output(flux, monkeypatch):
 
     def loop():
         torch._dynamo.reset()
-        st = _state(policy="fixed", reuse_fraction=0.5, skip_fraction=0.5, interval=3)
+        st = _state(policy=Fixed(reuse=0.5, skip=0.5), interval=3)
         with impl_context("triton-device-tma"):
             return denoise(_compile(model, st), make_inputs, lat, 6)
 
@@ -479,7 +477,7 @@ def test_the_loop_on_the_triton_path_equals_the_reference_path(flux, monkeypatch
         fn = getattr(mod, name)
         monkeypatch.setattr(mod, name, lambda *a, _fn=fn, _n=name, **k: launched.update([_n]) or _fn(*a, **k))
     model, make_inputs, lat = flux
-    kw = dict(policy="fixed", reuse_fraction=0.5, skip_fraction=0.5, taylor_order=1)
+    kw = dict(policy=Fixed(reuse=0.5, skip=0.5), taylor_order=1)
     out, states = {}, {}
     for backend in ("reference", "triton"):
         torch._dynamo.reset()

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from omni_compile import OmniConfig
 from omni_compile import taylor
 from omni_compile.ops import Symbols, cache_bias_for
-from omni_compile.policy import PolicyInput, fixed, flashomni
+from omni_compile.policies import POLICIES, Fixed, FlashOmni, PolicyInput, fixed, flashomni
 from omni_compile.schedule import StepClock, step_action
 
 EPS = 1e-5
@@ -66,8 +66,7 @@ def test_flashomni_joint(seed, B, H, n_text, n_vis, text_first, spread, tau_q, t
     q_text = _layout(n_text, n_vis, text_first)
     n = q_text.numel()
     P = _scores(seed, B, H, n, n, spread)
-    cfg = OmniConfig(tau_q=tau_q, tau_kv=tau_kv)
-    reuse, skip = flashomni(_inp(P, q_text, q_text, "joint"), cfg)
+    reuse, skip = flashomni(_inp(P, q_text, q_text, "joint"), OmniConfig(), tau_q, tau_kv)
     _check_common(P, q_text, q_text, reuse, skip, tau_kv)
     vis = (~q_text).nonzero().squeeze(1).tolist()
     txt = q_text.nonzero().squeeze(1).tolist()
@@ -91,7 +90,7 @@ def test_flashomni_joint(seed, B, H, n_text, n_vis, text_first, spread, tau_q, t
 def test_flashomni_vision_only_self_attention(seed, n, spread, tau_q, tau_kv):
     q_text = torch.zeros(n, dtype=torch.bool)
     P = _scores(seed, 1, 2, n, n, spread)
-    reuse, skip = flashomni(_inp(P, q_text, q_text, "self"), OmniConfig(tau_q=tau_q, tau_kv=tau_kv))
+    reuse, skip = flashomni(_inp(P, q_text, q_text, "self"), OmniConfig(), tau_q, tau_kv)
     _check_common(P, q_text, q_text, reuse, skip, tau_kv)
     for h in range(2):
         col = P[0, h].double().sum(0).numpy()  # how much each block feeds all queries
@@ -107,7 +106,7 @@ def test_flashomni_cross_attention_uses_guidance(seed, nq, nk, tau_q):
     q_text = torch.zeros(nq, dtype=torch.bool)
     kv_text = torch.ones(nk, dtype=torch.bool)
     P = _scores(seed, 1, 1, nq, nk, 3.0)
-    reuse, skip = flashomni(_inp(P, q_text, kv_text, "cross", square=None), OmniConfig(tau_q=tau_q, tau_kv=0.5))
+    reuse, skip = flashomni(_inp(P, q_text, kv_text, "cross", square=None), OmniConfig(), tau_q, 0.5)
     assert not skip.any()  # every key is text: never skipped
     Pn = P[0, 0].double().numpy()
     G = (Pn / Pn.sum(0, keepdims=True)).sum(1)
@@ -121,9 +120,9 @@ def test_flashomni_cross_attention_uses_guidance(seed, nq, nk, tau_q):
 def test_flashomni_thresholds_at_the_ends():
     q_text = _layout(1, 6, True)
     P = _scores(0, 1, 2, 7, 7, 3.0)
-    r0, s0 = flashomni(_inp(P, q_text, q_text, "joint"), OmniConfig(tau_q=0.0, tau_kv=0.0))
+    r0, s0 = flashomni(_inp(P, q_text, q_text, "joint"), OmniConfig(), 0.0, 0.0)
     assert not r0.any() and not s0.any()
-    r1, _ = flashomni(_inp(P, q_text, q_text, "joint"), OmniConfig(tau_q=1.0, tau_kv=0.0))
+    r1, _ = flashomni(_inp(P, q_text, q_text, "joint"), OmniConfig(), 1.0, 0.0)
     assert r1[..., 1:].all() and not r1[..., 0].any()  # tau_q = 1: every vision block, never text
 
 
@@ -134,15 +133,14 @@ def test_fixed_policy_fractions_and_determinism(seed, n_text, n_vis, rf, sf, sit
     n = q_text.numel()
     inp = _inp(torch.full((2, 3, n, n), 1.0 / n), q_text, q_text, "joint" if n_text else "self")
     inp.site_id = site
-    cfg = OmniConfig(policy="fixed", reuse_fraction=rf, skip_fraction=sf, seed=seed)
-    reuse, skip = fixed(inp, cfg)
+    reuse, skip = fixed(inp, rf, sf, seed)
     assert (reuse.sum(-1) == round(rf * n_vis)).all()
     assert not reuse[..., q_text].any()
     k_skip = round(sf * n_vis) if n_text else min(round(sf * n_vis), n_vis - 1)
     rows = ~reuse & ~q_text
     assert (skip.sum(-1)[rows] == k_skip).all()
     assert not skip[~rows].any() and not skip[..., q_text].any()
-    again = fixed(inp, cfg)
+    again = fixed(inp, rf, sf, seed)
     assert torch.equal(again[0], reuse) and torch.equal(again[1], skip)
 
 
@@ -263,12 +261,9 @@ def test_counted_clock_raises_when_the_loop_does_not_match(seq, steps, streams, 
     ({"interval": 0}, "interval", "from 1 to 1000"),
     ({"warmup": 0}, "warmup", "from 1 to 1000"),
     ({"taylor_order": 3}, "taylor_order", "from 0 to 2"),
-    ({"tau_q": 1.5}, "tau_q", "from 0 to 1"),
-    ({"tau_kv": 1.0}, "tau_kv", "from 0 to less than 1"),
-    ({"reuse_fraction": -0.1}, "reuse_fraction", "from 0 to 1"),
-    ({"skip_fraction": 2}, "skip_fraction", "from 0 to 1"),
-    ({"seed": -1}, "seed", "0 or more"),
     ({"max_cache_mb": -1.0}, "max_cache_mb", "0 or more"),
+    ({"max_cache_mb": float("inf")}, "max_cache_mb", "finite"),
+    ({"max_cache_mb": float("nan")}, "max_cache_mb", "finite"),
     ({"interval": 2.5}, "interval", "from 1 to 1000"),
     ({"policy": "magic"}, "policy", "one of"),
     ({"steps": 0}, "steps", "1 or more"),
@@ -279,7 +274,20 @@ def test_config_rejects_invalid_values(kw, field, rng):
         OmniConfig(**kw)
 
 
+@pytest.mark.parametrize("make, field, rng", [
+    (lambda: FlashOmni(tau_q=1.5), "FlashOmni.tau_q", "from 0 to 1"),
+    (lambda: FlashOmni(tau_kv=1.0), "FlashOmni.tau_kv", "from 0 to less than 1"),
+    (lambda: Fixed(reuse=-0.1), "Fixed.reuse", "from 0 to 1"),
+    (lambda: Fixed(skip=2), "Fixed.skip", "from 0 to 1"),
+    (lambda: Fixed(seed=-1), "Fixed.seed", "0 or more"),
+])
+def test_policy_objects_reject_invalid_knobs(make, field, rng):
+    with pytest.raises(ValueError, match=rf"{field} must .*{rng}"):
+        make()
+
+
 def test_config_defaults_are_the_paper_settings():
     c = OmniConfig()
-    assert (c.policy, c.interval, c.warmup, c.tau_q, c.tau_kv) == ("flashomni", 5, 8, 0.5, 0.05)
+    assert (c.policy, c.interval, c.warmup, c.block_cache) == ("flashomni", 5, 8, None)
+    assert POLICIES["flashomni"] == FlashOmni(tau_q=0.5, tau_kv=0.05)  # the paper's thresholds
     assert c.max_cache_bytes is None and OmniConfig(max_cache_mb=1).max_cache_bytes == 2**20

@@ -1,4 +1,5 @@
-"""What an update step costs the host per attention site (design.md, Session 9): the ops it dispatches,
+"""What an update step costs the host per attention site (docs/design.md, "Pooled scores and the update
+step"): the ops it dispatches,
 counted on the CPU as ``tools/update_ops.py`` counts them, and the exactness of the shorter formulas that
 brought the count down."""
 
@@ -12,7 +13,6 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from omni_compile import OmniConfig
 from omni_compile.policies import BasePolicy, Fixed, PolicyInput, block_text_mask, finalize
 
 pytestmark = pytest.mark.usefixtures("fresh_dynamo")  # tests/conftest.py
@@ -56,9 +56,9 @@ def counted_generic():
 
 
 def test_update_step_launches_at_most_41_ops_per_site(counted_generic):
-    """Session 9 took the update step from 52.3 to 40.3 launches per site on the path every policy without
-    its own ``symbols`` takes (each op implementation one launch, as on a GPU; the dense step's SDPA and
-    F.linear one each): 41 catches one op more per site."""
+    """The update step takes 40.3 launches per site on the path every policy without its own ``symbols``
+    takes (each op implementation one launch, as on a GPU; the dense step's SDPA and F.linear one each):
+    41 catches one op more per site."""
     res, state = counted_generic
     assert len(state.sites) == 3
     up = res["update"]
@@ -74,7 +74,7 @@ def test_update_step_launches_at_most_41_ops_per_site(counted_generic):
 
 
 def test_fixed_update_steps_make_no_symbols_again(counted, counted_generic):
-    """With ``fixed``'s memoised symbols (session 13) an update step after the first launches only its
+    """With ``fixed``'s memoised symbols an update step after the first launches only its
     kernels: 7.7 ops a site against 40.3; the attention site itself none (no policy, finalize, packing or
     schedule decoding). Dense and dispatch steps are unchanged."""
     res, _ = counted
@@ -89,7 +89,7 @@ def test_flashomni_update_on_the_triton_path_launches_only_kernels():
     """The default policy's update step as CUDA runs it (the ops' Triton paths, in the interpreter): the
     kernels alone, ~12 launches a site (dense attention, the projections, the Taylor refresh and cache
     biases, pooled scores, the fused policy op, one launch per GEMM schedule read from the bits). None of
-    the small ops that built each schedule's mask before (session 14: 20.3 a site on this model), and no
+    the small ops that would build each schedule's mask (20.3 a site on this model with them), and no
     host-device traffic."""
     torch._dynamo.reset()
     res, state = _update_ops().measure(layers=1, single=2, repeats=0, backend="triton", policy="flashomni")
@@ -115,7 +115,8 @@ def test_update_step_copies_nothing_between_host_and_device(counted, counted_gen
 
 
 def _old_finalize(reuse, skip, inp: PolicyInput, reuses_text: bool):
-    """finalize and keep_one_key as they were before session 9 (a zero fill, a scatter, a negation, an and)."""
+    """finalize and keep_one_key in their longer form (a zero fill, a scatter, a negation, an and): the
+    reference the shorter formulas must equal."""
     nQ, nK = inp.num_q_blocks, inp.num_kv_blocks
     B, H = inp.batch, inp.heads
     if not reuses_text:
@@ -166,12 +167,11 @@ def test_fixed_loop_output_unchanged_by_the_host_work_cuts():
     mask patched back in (bit for bit: only boolean identities changed)."""
     import omni_compile.policies.base as base
     from omni_compile.ops import symbols as sy
-    from omni_compile.quality import denoise
 
-    from _runtime_helpers import compile_with, make_state, tiny_flux_case
+    from _runtime_helpers import compile_with, denoise, make_state, tiny_flux_case
 
     model, make_inputs, lat = tiny_flux_case(single_layers=1)
-    kw = dict(policy="fixed", reuse_fraction=0.5, skip_fraction=0.8, warmup=2, interval=3)
+    kw = dict(policy=Fixed(reuse=0.5, skip=0.8), warmup=2, interval=3)
     new = denoise(compile_with(model, make_state(**kw)), make_inputs, lat, 7)
     torch._dynamo.reset()
 
@@ -202,7 +202,7 @@ def test_fixed_loop_output_unchanged_by_the_host_work_cuts():
 def test_calls_by_caller_names_the_ops_that_issued_them():
     from types import SimpleNamespace as E
 
-    from omni_compile.bench_e2e import calls_by_caller
+    from omni_compile.bench.e2e import calls_by_caller
 
     top = E(name="flashomni::site_attention", cpu_parent=None)
     mid = E(name="aten::copy_", cpu_parent=E(name="aten::_to_copy", cpu_parent=top))

@@ -12,6 +12,7 @@ import os
 import pytest
 import torch
 
+from omni_compile.policies import Fixed
 from omni_compile.zoo import data as zdata
 from omni_compile.zoo import detector as zdet
 from omni_compile.zoo import model as zmodel
@@ -213,7 +214,7 @@ def test_shipped_weights_load_and_sample():
 
 
 def test_ssim_and_psnr_helpers():
-    from omni_compile.quality import psnr, ssim
+    from omni_compile.bench.quality import psnr, ssim
 
     x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     assert ssim(x, x) == pytest.approx(1.0, abs=1e-12) and math.isinf(psnr(x, x, data_range=1.0))
@@ -227,14 +228,14 @@ def test_ssim_and_psnr_helpers():
 
 
 def test_zoo_quality_runs_through_the_runtime():
-    from omni_compile.zoo import quality as zq
+    from omni_compile.bench import quality as zq
 
     torch.manual_seed(0)
     cfg = zmodel.default_config(tiny=True, image_size=32)  # 256 image + 12 text tokens
     transformer = zmodel.to_inference(zmodel.build_transformer(cfg["dit"], zero_init=False), "cpu", torch.float32)
     text_encoder = zmodel.to_inference(zmodel.build_text_encoder(cfg["text_encoder"]), "cpu", torch.float32)
     zoo = zsampler.Zoo(transformer, text_encoder, cfg, zdata.Tokenizer(cfg["data"]["max_len"]))
-    fixed = dict(policy="fixed", warmup=1, interval=2, taylor_order=1, reuse_fraction=0.3, skip_fraction=0.5)
+    fixed = dict(policy=Fixed(reuse=0.3, skip=0.5), warmup=1, interval=2, taylor_order=1)
     res = zq.run_quality(zdata.eval_captions(1), ["dense", ("fixed", fixed)], steps=3, block=16, zoo=zoo)
     dense, row = res["rows"]
     assert dense["ssim"] == 1.0 and math.isinf(dense["psnr"]) and dense["density"] == 1.0
@@ -243,4 +244,4 @@ def test_zoo_quality_runs_through_the_runtime():
     assert 0 <= row["object_accuracy"] <= 1
     md = zq.markdown(dict(n_captions=1, steps=3, seed=0, cfg="batched", block=16, guidance=4.0, use_inductor=False,
                           device="cpu", dtype="fp32", settings=["dense", "fixed"]), res["rows"])
-    assert "fixed reuse 0.3" in md
+    assert "Fixed(reuse=0.3, skip=0.5" in md

@@ -21,11 +21,11 @@ for item in $1; do
   IFS=: read -r what a b <<< "$item"
   t0=$(date +%s)
   case $what in
-    quality) python3 -m omni_compile.zoo.quality --out "$OUT/zoo" --device cuda $a > "$OUT/quality.log" 2>&1; rc=$?
+    quality) python3 -m omni_compile.bench.quality --out "$OUT/zoo" --device cuda $a > "$OUT/quality.log" 2>&1; rc=$?
              tail -25 "$OUT/quality.log" ;;
-    demo) python3 -m omni_compile.demo --out "$OUT/demo.png" > "$OUT/demo.log" 2>&1; rc=$?; tail -8 "$OUT/demo.log" ;;
+    demo) python3 -m omni_compile.zoo.demo --out "$OUT/demo.png" > "$OUT/demo.log" 2>&1; rc=$?; tail -8 "$OUT/demo.log" ;;
     gputests) timeout 300 python3 -m pytest -q --maxfail=3 --durations=5 tests/test_ops_gpu.py ${a:+-k "${a//\~/ }"} > "$OUT/gpu_tests.log" 2>&1; rc=$?; tail -3 "$OUT/gpu_tests.log" ;;
-    e2e) python3 -m omni_compile.bench_e2e --out "$OUT" --model "$a" ${b//\~/ } > "$OUT/e2e_$a.log" 2>&1; rc=$?
+    e2e) python3 -m omni_compile.bench.e2e --out "$OUT" --model "$a" ${b//\~/ } > "$OUT/e2e_$a.log" 2>&1; rc=$?
          grep -v "^ \|Warning\|warn" "$OUT/e2e_$a.log" | tail -30 ;;
     hostlaunch) python3 tools/host_launch.py --out "$OUT/host" > "$OUT/host_launch.log" 2>&1; rc=$?
                 tail -14 "$OUT/host_launch.log" ;;

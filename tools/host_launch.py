@@ -42,7 +42,7 @@ def host_us(fn, n: int = 200) -> float:
 
 
 def main() -> None:
-    from omni_compile.bench import make_symbols
+    from omni_compile.bench.kernels import make_symbols
     from omni_compile.ops import _launch, cache_bias_for, sparse_attention, sparse_linear_o, sparse_linear_q
     from omni_compile.ops.attention import _sparse_attention_op_impl
     from omni_compile.ops.linear_o import _sparse_linear_o_op_impl, linear_o_config

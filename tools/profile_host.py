@@ -22,7 +22,7 @@ import torch
 
 def main() -> None:
     from omni_compile import OmniConfig, OmniState
-    from omni_compile.bench_e2e import MODELS, TOKEN_LAYOUTS, _sync, setting, timesteps
+    from omni_compile.bench.e2e import MODELS, TOKEN_LAYOUTS, _sync, setting, timesteps
     from omni_compile.schedule import step_action
 
     ap = argparse.ArgumentParser()

@@ -187,13 +187,16 @@ def measure(layers: int = 1, single: int = 2, stacks_of=None, repeats: int = 5, 
 
 def _measure(layers, single, stacks_of, repeats, **config):
     from omni_compile import OmniConfig, OmniState
-    from omni_compile.quality import initial_latents, tiny_flux
+    from omni_compile.policies import Fixed
     from omni_compile.schedule import step_action
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+    from _runtime_helpers import initial_latents, tiny_flux  # the tests' tiny FLUX, counted as the tests count it
 
     model, make_inputs, info = tiny_flux(side=8, text=16, layers=layers, single_layers=single, heads=2, head_dim=16)
     lat = initial_latents(info)
-    cfg = dict(use_inductor=False, block_q=16, block_kv=16, warmup=3, interval=3, policy="fixed",
-               reuse_fraction=0.5, skip_fraction=0.8, taylor_order=1)
+    cfg = dict(use_inductor=False, block_q=16, block_kv=16, warmup=3, interval=3, policy=Fixed(reuse=0.5, skip=0.8),
+               taylor_order=1)
     cfg.update(config)
     state = OmniState(OmniConfig(**cfg))
     torch._dynamo.reset()

@@ -1,6 +1,6 @@
 """End-to-end benchmark: a denoising loop of a full-size diffusers DiT, Inductor dense vs ``flashomni``.
 
-``python -m omni_compile.bench_e2e --out DIR --model flux|hunyuan [--steps 50] [--max-steps N]
+``python -m omni_compile.bench.e2e --out DIR --model flux|hunyuan [--steps 50] [--max-steps N]
 [--configs dense,moderate,aggressive]``
 
 The model is built directly on the GPU in bf16 with random weights at its real size (FLUX.1-dev config at
@@ -33,7 +33,7 @@ Correctness in the same run: the ``dense`` setting's final latent against Induct
 every sparse setting's final latent error is reported as its quality figure.
 
 Writes ``DIR/e2e_<model>.json``, ``.md`` and ``.png`` (per-step wall and GPU time per setting, speedups
-beside their ideal: :mod:`omni_compile.plots`), rewritten after every setting so a run cut off by a time
+beside their ideal: :mod:`omni_compile.bench.figures`), rewritten after every setting so a run cut off by a time
 limit keeps what it measured. ``--replot FILE.json`` rebuilds the table and figure from a saved result.
 """
 
@@ -51,15 +51,17 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
+from omni_compile import FixedBlocks
+from omni_compile.policies import Fixed
+
 SETTINGS: Dict[str, dict] = {
     "dense": dict(policy="dense"),
     "flashomni": dict(policy="flashomni"),
     "split_dense": dict(policy="dense"),
-    "moderate": dict(policy="fixed", reuse_fraction=0.3, skip_fraction=0.5),
-    "aggressive": dict(policy="fixed", reuse_fraction=0.5, skip_fraction=0.8),
-    "blocks": dict(policy="dense", block_cache="fixed", block_cache_fraction=0.5),
-    "blocks_aggressive": dict(policy="fixed", reuse_fraction=0.5, skip_fraction=0.8, block_cache="fixed",
-                              block_cache_fraction=0.5),
+    "moderate": dict(policy=Fixed(reuse=0.3, skip=0.5)),
+    "aggressive": dict(policy=Fixed(reuse=0.5, skip=0.8)),
+    "blocks": dict(policy="dense", block_cache=FixedBlocks(0.5)),
+    "blocks_aggressive": dict(policy=Fixed(reuse=0.5, skip=0.8), block_cache=FixedBlocks(0.5)),
 }
 
 
@@ -75,11 +77,11 @@ TRITON_LAUNCH = "@triton"
 
 def setting(name: str, model: str, layouts=None) -> dict:
     """Config changes of a benchmark setting: a name of :data:`SETTINGS`, or ``s:<strategy>`` for a
-    shipped policy strategy (``omni_compile.policies.presets``) at the model's token grid; either with
+    shipped policy strategy (``omni_compile.bench.presets``) at the model's token grid; either with
     :data:`TRITON_LAUNCH` appended (same config, kernels launched through Triton's own path)."""
     name = name[: -len(TRITON_LAUNCH)] if name.endswith(TRITON_LAUNCH) else name
     if name.startswith("s:"):
-        from .policies.presets import strategy_policy
+        from .presets import strategy_policy
 
         grid = (layouts or TOKEN_LAYOUTS)[model]
         return dict(policy=strategy_policy(name[2:], grid), token_layout=grid)
@@ -255,7 +257,7 @@ def _sync():
 
 
 def actions(steps: int, warmup: int, interval: int) -> List[str]:
-    from .schedule import step_action
+    from omni_compile.schedule import step_action
 
     return [step_action(i, warmup, interval) for i in range(steps)]
 
@@ -321,7 +323,7 @@ def block_ms_by_label(prof, prefix: str = "flashomni::block ") -> dict:
     """Kernel ms per labelled block: the kernels that start inside the label's range on the device
     timeline, in the same units as :func:`device_ms_by_class` (so shares of its total are consistent).
     The label's own device range is not used: it spans the gaps between the block's kernels too, and its
-    key-averaged ``device_time_total`` adds the kernels of the CPU-side range on top (session 3's block times
+    key-averaged ``device_time_total`` adds the kernels of the CPU-side range on top (block times
     summed to 1.17x the step's kernel time). Without device events (CPU runs): the labels' CPU time."""
     from torch.autograd import DeviceType
 
@@ -353,7 +355,7 @@ def calls_by_caller(events, names=_COPY_CALLS) -> dict:
     """``{"op < op < …": count}``: the chain of profiled ops (innermost first, three at most) that issued each
     runtime call named in ``names`` (host-device copies by default), from a profile's ``events()``: what
     named the FLUX-size update step's copies, which its code does not show on a CPU (the argsort of
-    ``Symbols.kv_order``; docs/benchmarks.md, Session 9)."""
+    ``Symbols.kv_order``)."""
     out: dict = {}
     for e in events:
         if e.name not in names:
@@ -375,7 +377,7 @@ def profile_actions(fn, latent, inputs, steps: int, done: int, warmup: int, inte
     profiler's table (by self CPU time) goes to ``out_dir/profile_<tag>_<action>.txt``."""
     from torch.profiler import ProfilerActivity, profile
 
-    from .schedule import step_action
+    from omni_compile.schedule import step_action
 
     t = float(timesteps(steps, latent.device)[done - 1]) if done else 1000.0
     res, step = {}, done
@@ -468,9 +470,9 @@ def main(argv=None) -> int:
             write_report(args.out, json.load(f))
         return 0
     if not torch.cuda.is_available() and not args.cpu_smoke:
-        print("omni_compile.bench_e2e needs a CUDA GPU (--cpu-smoke runs a tiny model on the CPU)", file=sys.stderr)
+        print("omni_compile.bench.e2e needs a CUDA GPU (--cpu-smoke runs a tiny model on the CPU)", file=sys.stderr)
         return 2
-    from . import OmniConfig, OmniState
+    from omni_compile import OmniConfig, OmniState
 
     os.makedirs(args.out, exist_ok=True)
     torch.manual_seed(0)
@@ -595,7 +597,7 @@ def main(argv=None) -> int:
     # the smoke model has ~100 tokens: blocks of 16 so that text and vision blocks both exist
     smoke_blocks = dict(block_q=16, block_kv=16) if args.cpu_smoke else {}
     names = args.configs.split(",")
-    split_names = [n for n in names if setting(n, args.model, layouts).get("block_cache", "none") != "none"
+    split_names = [n for n in names if setting(n, args.model, layouts).get("block_cache") is not None
                    or n == "split_dense"]
     omni = None
     if len(split_names) < len(names):
@@ -611,18 +613,13 @@ def main(argv=None) -> int:
         res["profile_flashomni_dense"] = profile_step(omni, first)
         state.reset()
         res["sites"] = state.summary()
-    defaults = dict(policy="dense", reuse_fraction=0.5, skip_fraction=0.5)
-    has_blocks = "block_cache" in OmniConfig.field_names()
-    if has_blocks:
-        defaults["block_cache"] = "none"
-    if "token_layout" in OmniConfig.field_names():
-        defaults["token_layout"] = None
+    defaults = dict(policy="dense", block_cache=None, token_layout=None)
+
     def clock(steps):
-        counted = args.clock == "counted" and "steps" in OmniConfig.field_names()
-        return dict(steps=steps) if counted else {}
+        return dict(steps=steps) if args.clock == "counted" else {}
 
     def run_setting(name, compile_s):
-        from .ops import _launch
+        from omni_compile.ops import _launch
 
         changes = {**defaults, **setting(name, args.model, layouts)}
         tritons_own = name.endswith(TRITON_LAUNCH)
@@ -652,13 +649,13 @@ def main(argv=None) -> int:
     for name in [n for n in names if n not in split_names]:
         run_setting(name, c if name == names[0] else None)
 
-    if split_names and has_blocks:
+    if split_names:
         # block caching is decided at compile time (the graph is split into per-block regions), so it
         # gets its own compile; the regions compile on their first run
         omni = None
         torch._dynamo.reset()
         state = OmniState(OmniConfig(policy="dense", interval=args.interval, warmup=args.warmup,
-                                      block_cache="fixed", block_cache_fraction=0.5, use_inductor=not args.cpu_smoke,
+                                      block_cache=FixedBlocks(0.5), use_inductor=not args.cpu_smoke,
                                       **smoke_blocks))
         omni = torch.compile(model, backend="flashomni", options={"state": state})
         t1 = time.perf_counter()
@@ -687,13 +684,13 @@ def main(argv=None) -> int:
 
 def write_report(out_dir: str, res: dict) -> str:
     """Write ``e2e_<model>.md`` and ``e2e_<model>.png`` for a result under ``out_dir``; returns the markdown."""
-    from . import plots
+    from . import figures
 
     os.makedirs(out_dir, exist_ok=True)
     md = markdown(res)
     with open(os.path.join(out_dir, f"e2e_{res['model']}.md"), "w") as f:
         f.write(md)
-    plots.write(plots.e2e_charts(res), os.path.join(out_dir, f"e2e_{res['model']}.png"))
+    figures.write(figures.e2e_charts(res), os.path.join(out_dir, f"e2e_{res['model']}.png"))
     return md
 
 
@@ -741,7 +738,7 @@ def markdown(res: dict) -> str:
         if r.get("host_step_ms"):
             lines.append(f"- {r['name']}: the host had queued a step after (median ms) "
                          + ", ".join(f"{a} {v:.1f}" for a, v in sorted(r["host_step_ms"].items()))
-                         + f" (wall: " + ", ".join(f"{a} {v:.1f}" for a, v in sorted(r["step_ms"].items()))
+                         + " (wall: " + ", ".join(f"{a} {v:.1f}" for a, v in sorted(r["step_ms"].items()))
                          + f"); garbage collector {sum(r.get('gc_ms', [])):.1f} ms in the loop; "
                          f"{sum(r.get('device_allocs', []))} new device segments"
                          + ("; pipelined, a step took the GPU (median ms) "

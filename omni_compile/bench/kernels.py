@@ -5,7 +5,7 @@
 Every timed kernel is also checked against the fp32 reference on the same inputs, so a fast wrong kernel
 shows up as a failed check (the table's ``ok`` column and a non-zero exit code). Writes ``DIR/bench.json``
 and ``DIR/bench.md`` and ``DIR/bench.png`` (one figure of panels with the targets drawn in,
-:mod:`omni_compile.plots`), and prints the markdown tables last. ``--replot FILE.json [...]`` rebuilds
+:mod:`omni_compile.bench.figures`), and prints the markdown tables last. ``--replot FILE.json [...]`` rebuilds
 the tables and the figure from saved ``bench.json`` files on any machine (no GPU).
 
 Timing: ``triton.testing.do_bench`` medians (ms). Attention TFLOP/s counts ``4*B*H*Sq*Skv*D`` times the
@@ -25,9 +25,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-from .ops import Symbols, cache_bias_for, pooled_scores, sparse_attention, sparse_linear_o, sparse_linear_q
-from .ops.attention import _launch_attention, sparse_attention_reference
-from .ops.linear_q import sparse_linear_q_reference
+from omni_compile.ops import Symbols, cache_bias_for, pooled_scores, sparse_attention, sparse_linear_o, sparse_linear_q
+from omni_compile.ops.attention import _launch_attention, sparse_attention_reference
+from omni_compile.ops.linear_q import sparse_linear_q_reference
 
 B, H, D = 1, 24, 128
 BLOCK = 128
@@ -59,8 +59,7 @@ def make_symbols(S, keep_fraction, reuse_fraction=0.0, seed=0, device="cuda", va
     """Random block mask keeping ``keep_fraction`` of key blocks per tile (exact count per row, at least 1)
     and reusing ``reuse_fraction`` of (query block, head) tiles. ``varied``: each tile's count is drawn
     uniformly from ``1 .. 2·round(keep·n) - 1`` instead (the same mean), as real policies give unequal
-    tiles; equal counts flatter a kernel that splits the tiles statically (session 9: the persistent
-    attention, tools/order_lab.py)."""
+    tiles; equal counts flatter a kernel that splits the tiles statically (the persistent attention)."""
     g = torch.Generator().manual_seed(seed)
     n = -(-S // BLOCK)
     kept = max(1, round(keep_fraction * n))
@@ -125,7 +124,7 @@ def part_attention(seqs, densities, reuse_sweep, rows, varied=()):
                 dense[be] = float("nan")
                 print(f"  SDPA {be} unavailable: {e!r}", file=sys.stderr)
         # GPU time of the anchor too: the vs_*_graph ratios compare kernels where a Python call of the
-        # wrapper outlasts a sparse kernel (4608 tokens at low density, H200, session 10)
+        # wrapper outlasts a sparse kernel (4608 tokens at low density)
         cudnn_graph = graph_ms(sdpa_backend_runner(q, k, v, "cudnn")) if dense["cudnn"] == dense["cudnn"] else float("nan")
         settings = ([(d, 0.0, False) for d in densities] + [(d, r, False) for d, r in reuse_sweep]
                     + [(d, 0.0, True) for d in varied])
@@ -261,7 +260,7 @@ def part_pooled(seqs, rows):
         t = bench_ms(lambda: pooled_scores(q, k, BLOCK, BLOCK))
         tg = graph_ms(lambda: pooled_scores(q, k, BLOCK, BLOCK))
         dense = bench_ms(sdpa_backend_runner(q, k, q, "cudnn"))
-        from .ops.pooled import pooled_scores_reference
+        from omni_compile.ops.pooled import pooled_scores_reference
 
         err = rel_err(pooled_scores(q, k, BLOCK, BLOCK), pooled_scores_reference(q, k, BLOCK, BLOCK, D**-0.5))
         rows.append(dict(part="pooled", S=S, ms=t, graph_ms=tg, cudnn_ms=dense, fraction=t / dense,
@@ -284,11 +283,11 @@ def symbol_generation_row(q, k, dense_ms):
     finalize, pack, decode: the path of any other policy). Checked: the bits equal those the PyTorch path
     makes from the fp32 reference scores (``differing`` counts blocks that differ, where a running sum
     sits on a budget)."""
-    from .config import OmniConfig
-    from .ops import kernel_backend
-    from .ops.pooled import pooled_scores_reference
-    from .policies import PolicyInput, policy_symbols, run_policy
-    from .policies.base import block_text_mask
+    from omni_compile.config import OmniConfig
+    from omni_compile.ops import kernel_backend
+    from omni_compile.ops.pooled import pooled_scores_reference
+    from omni_compile.policies import PolicyInput, policy_symbols, run_policy
+    from omni_compile.policies.base import block_text_mask
 
     S = q.shape[2]
     segs = [("text", 0, TEXT_TOKENS), ("vision", TEXT_TOKENS, S)]
@@ -366,8 +365,8 @@ def _sweep_row(rows, op, cfg, run, ref, flops, keep=""):
 def part_sweep(rows):
     """Tile configs and load paths (pointer vs TMA descriptors) on realistic symbols; informs the
     defaults in ``ops/``."""
-    from .ops.linear_o import _launch_linear_o
-    from .ops.linear_q import _launch_linear_q
+    from omni_compile.ops.linear_o import _launch_linear_o
+    from omni_compile.ops.linear_q import _launch_linear_q
 
     S = 16896
     q, k, v = (torch.randn(B, H, S, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
@@ -478,13 +477,13 @@ def markdown(rows):
 
 def write_report(out_dir: str, env, rows) -> str:
     """Write ``bench.md`` and ``bench.png`` for ``rows`` under ``out_dir``; returns the markdown."""
-    from . import plots
+    from . import figures
 
     os.makedirs(out_dir, exist_ok=True)
     md = markdown(rows)
     with open(os.path.join(out_dir, "bench.md"), "w") as f:
         f.write(f"Device: {env}\n\n" + md)
-    plots.write(plots.bench_charts(rows), os.path.join(out_dir, "bench.png"))
+    figures.write(figures.bench_charts(rows), os.path.join(out_dir, "bench.png"))
     return md
 
 
@@ -494,8 +493,8 @@ def main(argv=None):
     ap.add_argument("--parts", default="attention,gemm,pooled")
     ap.add_argument("--seqs", default="4608,16896",
                     help="sequence lengths; include one off a multiple of 128 (HunyuanVideo's joint 32656, SD3's "
-                         "4429): a partial last key block takes other code in the kernels (session 8's regression "
-                         "showed only there)")
+                         "4429): a partial last key block takes other code in the kernels, and a regression there "
+                         "shows only at such lengths")
     ap.add_argument("--densities", default="1.0,0.5,0.2,0.1")
     ap.add_argument("--replot", metavar="BENCH_JSON", nargs="+", default=None,
                     help="measure nothing: write bench.md and bench.png under --out from saved bench.json files (parts "

@@ -1,16 +1,16 @@
-"""Each shipped strategy as an ``OmniConfig`` at a given size: what the comparison table in
-docs/policies.md runs and what the GPU benchmark calls (``strategy_configs(token_layout=..., block=128)``)."""
+"""Each shipped strategy as an ``OmniConfig`` at a given size: what the quality table and the GPU
+benchmark run (``strategy_configs(token_layout=..., block=128)``), and a small example site for the docs."""
 
 from __future__ import annotations
 
 from typing import Dict, Optional, Tuple
 
-from .base import Compose
-from .broadcast import Broadcast
-from .flashomni import FlashOmni
-from .taylorseer import TaylorSeer
-from .topk import TopK
-from .window import Window
+import torch
+
+from omni_compile.config import OmniConfig
+from omni_compile.ops import Symbols
+from omni_compile.policies import (Broadcast, Compose, FlashOmni, PolicyInput, TaylorSeer, TokenLayout, TopK, Window,
+                                   block_text_mask, run_policy)
 
 #: Strategy names in the order of the comparison table.
 STRATEGIES = ("dense", "flashomni", "window", "topk", "broadcast", "taylorseer", "window+flashomni")
@@ -46,8 +46,6 @@ def strategy_config(name: str, token_layout: Optional[Tuple[int, ...]] = None, b
     """``OmniConfig`` for strategy ``name`` with blocks of ``block`` rows, ``token_layout`` (frames, height,
     width of the vision tokens; needed by ``window`` where the passes cannot infer it, e.g. FLUX) and any
     further ``OmniConfig`` fields (``interval``, ``warmup``, ``use_inductor`` …)."""
-    from ..config import OmniConfig
-
     return OmniConfig(policy=strategy_policy(name, token_layout), block_q=block, block_kv=block,
                       token_layout=tuple(token_layout) if token_layout is not None else None, **fields)
 
@@ -62,10 +60,6 @@ def example_input(seed: int = 0):
     """A small joint site for docs and tests: 16 text tokens then a 12 x 16 grid of vision tokens (208
     tokens, blocks of 16: 1 text + 12 vision query blocks of one grid row each), one head; pooled scores that fall off with the distance between blocks (plus noise, attention to text
     blocks strong), and a feature change that grows towards the bottom rows."""
-    import torch
-
-    from .base import PolicyInput, TokenLayout, block_text_mask
-
     seq, text, block = 16 + 12 * 16, 16, 16
     segs = [("text", 0, text), ("vision", text, seq)]
     q_text = block_text_mask(segs, seq, block)
@@ -86,10 +80,6 @@ def example_input(seed: int = 0):
 def example_symbols(name: str, config=None):
     """``Symbols`` of strategy ``name`` (a :data:`STRATEGIES` entry) on :func:`example_input`, as the
     runtime builds them (``run_policy``): ``print(example_symbols("window"))`` shows the grid."""
-    from ..config import OmniConfig
-    from ..ops import Symbols
-    from .base import run_policy
-
     inp = example_input()
     cfg = config or OmniConfig(block_q=16, block_kv=16)
     pol = strategy_policy(name, token_layout=(1, 6, 6))  # window (1, 3, 3): ±1 row and column

@@ -1,6 +1,6 @@
 """Quality of the update–dispatch runtime on the learned zoo model: density, PSNR/SSIM vs dense, detector.
 
-    python -m omni_compile.zoo.quality --out docs/zoo [--captions 64] [--steps 28] [--settings dense,flashomni,...]
+    python -m omni_compile.bench.quality --out docs/zoo [--captions 64] [--steps 28] [--settings dense,flashomni,...]
 
 Samples the fixed evaluation captions (``data.eval_captions(n)``, caption ``i`` seeded ``seed + i``) with the
 shipped zoo model once dense (eager diffusers attention: the reference) and, for each setting, through
@@ -12,7 +12,7 @@ it reports
 * **density**: the fraction of the dense attention work done, from ``state.report()`` (work-weighted over
   every attention call of the whole loop: dense and update steps count 1), and the same over dispatch
   steps only;
-* **PSNR** (dB, signal range 1, per image then averaged) and **SSIM** (``omni_compile.quality.ssim``:
+* **PSNR** (dB, signal range 1, per image then averaged) and **SSIM** (:func:`ssim` below:
   11x11 Gaussian window, sigma 1.5, on [0, 1] RGB, mean over channels and images) of the final images
   against the dense sampler's images;
 * the **detector's object accuracy** (position + colour + shape, as in ``zoo.evaluate``) and caption-exact
@@ -36,25 +36,74 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from ..quality import psnr, ssim
-from . import data as zdata
-from . import detector as zdet
-from . import sampler as zsampler
+from omni_compile.policies import Fixed, FlashOmni
+
+from ..zoo import data as zdata
+from ..zoo import detector as zdet
+from ..zoo import sampler as zsampler
+
+# ---- image metrics -----------------------------------------------------------------------------------
+
+
+def rel_l2(x: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((x.float() - ref.float()).norm() / ref.float().norm())
+
+
+def psnr(x: torch.Tensor, ref: torch.Tensor, data_range: Optional[float] = None) -> float:
+    """PSNR in dB over the whole tensor; the signal range is ``data_range`` (e.g. 1 for images in [0, 1]),
+    by default the reference's peak-to-peak range."""
+    ref = ref.float()
+    mse = float(((x.float() - ref) ** 2).mean())
+    rng = float(ref.max() - ref.min()) if data_range is None else float(data_range)
+    return float("inf") if mse == 0 else 10 * math.log10(rng * rng / mse)
+
+
+def ssim(x: torch.Tensor, ref: torch.Tensor, data_range: float = 1.0, window: int = 11, sigma: float = 1.5) -> float:
+    """Mean SSIM (Wang et al. 2004) of images ``[N, C, H, W]`` (or ``[C, H, W]``) against ``ref``: an
+    ``window x window`` Gaussian window (``sigma``), ``C1 = (0.01 L)^2``, ``C2 = (0.03 L)^2`` with
+    ``L = data_range``, statistics over valid window positions only (no padding), the SSIM map averaged
+    over positions, then over channels and images. Computed in fp64 on the inputs' device."""
+    x, ref = x.double(), ref.double()
+    if x.shape != ref.shape:
+        raise ValueError(f"ssim: shapes differ, {tuple(x.shape)} vs {tuple(ref.shape)}")
+    if x.dim() == 3:
+        x, ref = x[None], ref[None]
+    n, c, h, w = x.shape
+    if h < window or w < window:
+        raise ValueError(f"ssim: images {h}x{w} are smaller than the {window}x{window} window")
+    coords = torch.arange(window, dtype=torch.float64, device=x.device) - (window - 1) / 2
+    g = torch.exp(-coords ** 2 / (2 * sigma ** 2))
+    g = g / g.sum()
+    kernel = (g[:, None] * g[None, :]).expand(c, 1, window, window).contiguous()
+
+    def blur(t):
+        return torch.nn.functional.conv2d(t, kernel, groups=c)
+
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    mu_x, mu_y = blur(x), blur(ref)
+    sxx = blur(x * x) - mu_x * mu_x
+    syy = blur(ref * ref) - mu_y * mu_y
+    sxy = blur(x * ref) - mu_x * mu_y
+    smap = ((2 * mu_x * mu_y + c1) * (2 * sxy + c2)) / ((mu_x * mu_x + mu_y * mu_y + c1) * (sxx + syy + c2))
+    return float(smap.mean())
+
+
+# ---- the quality table ---------------------------------------------------------------------------------
 
 # name -> OmniConfig fields (besides block size / use_inductor); None = the dense eager reference
 SETTINGS: Dict[str, Optional[dict]] = {
     "dense": None,
-    "flashomni": dict(policy="flashomni", interval=5, warmup=8, taylor_order=1, tau_q=0.5, tau_kv=0.05),
-    "aggressive": dict(policy="flashomni", interval=5, warmup=8, taylor_order=1, tau_q=0.8, tau_kv=0.15),
-    "fixed": dict(policy="fixed", interval=5, warmup=8, taylor_order=1, reuse_fraction=0.3, skip_fraction=0.5),
-    "interval3": dict(policy="flashomni", interval=3, warmup=8, taylor_order=1, tau_q=0.5, tau_kv=0.05),
+    "flashomni": dict(policy=FlashOmni(tau_q=0.5, tau_kv=0.05), interval=5, warmup=8, taylor_order=1),
+    "aggressive": dict(policy=FlashOmni(tau_q=0.8, tau_kv=0.15), interval=5, warmup=8, taylor_order=1),
+    "fixed": dict(policy=Fixed(reuse=0.3, skip=0.5), interval=5, warmup=8, taylor_order=1),
+    "interval3": dict(policy=FlashOmni(tau_q=0.5, tau_kv=0.05), interval=3, warmup=8, taylor_order=1),
     "dense-backend": dict(policy="dense"),  # sanity check: the backend with every tile computed
 }
 
 
 def _strategy_settings() -> Dict[str, dict]:
     """The shipped strategies (docs/policies.md) with the zoo's grid: 32 x 32 image tokens after 12 text."""
-    from ..policies.presets import STRATEGIES, strategy_policy
+    from .presets import STRATEGIES, strategy_policy
 
     base = dict(interval=5, warmup=8, taylor_order=1, token_layout=(1, 32, 32))
     return {f"policy:{n}": dict(base, policy=strategy_policy(n, (1, 32, 32))) for n in STRATEGIES if n != "dense"}
@@ -170,13 +219,9 @@ def _describe(row: dict) -> str:
     s = row["config"]
     if s is None:
         return "dense (eager, reference)"
-    if not isinstance(s["policy"], str):
-        return f"`{s['policy']!r}`, N={s['interval']}"
     if s["policy"] == "dense":
         return 'backend, policy="dense"'
-    if s["policy"] == "fixed":
-        return f"fixed reuse {s['reuse_fraction']} skip {s['skip_fraction']}, N={s['interval']}"
-    return f"flashomni tau_q {s['tau_q']} tau_kv {s['tau_kv']}, N={s['interval']}"
+    return f"`{s['policy']!r}`, N={s.get('interval', 5)}"
 
 
 def markdown(meta: dict, rows: List[dict]) -> str:
@@ -259,7 +304,7 @@ def main(argv=None) -> dict:
     write(partial=False)
     n = min(args.grid, len(captions))
     if n:
-        from .plot import caption_grid
+        from .figures import caption_grid
 
         names = [s for s in settings if s in res["images"]]
         grid = torch.cat([res["images"][s][:n] for s in names])

@@ -18,10 +18,17 @@ One file per strategy; this package registers them by name::
 | ``taylorseer`` | least-changing blocks reused (:mod:`.taylorseer`) | feature change |
 """
 
+__all__ = [
+    "POLICIES", "BasePolicy", "Bits", "Broadcast", "Compose", "Dense", "Fixed", "FlashOmni", "Policy",
+    "PolicyFallback", "PolicyInput", "TaylorSeer", "TokenLayout", "TopK", "Window", "block_means",
+    "block_text_mask", "check_policy", "dense", "feature_change", "finalize", "fixed", "flashomni",
+    "keep_one_key", "needs_scores", "no_bits", "policy_name", "policy_symbols", "register_policy",
+    "resolve_policy", "run_policy", "window_keep",
+]
+
 from .base import (POLICIES, BasePolicy, Bits, Compose, Policy, PolicyFallback, PolicyInput, TokenLayout,
-                   block_means, block_text_mask, check_policy, contribution, feature_change, finalize, guidance,
-                   keep_one_key, low_tail, no_bits, policy_name, policy_symbols, register_policy, resolve_policy,
-                   run_policy, skip_tail)
+                   block_means, block_text_mask, check_policy, feature_change, finalize, keep_one_key, no_bits,
+                   policy_name, policy_symbols, register_policy, resolve_policy, run_policy)
 from .broadcast import Broadcast
 from .dense import Dense, dense
 from .fixed import Fixed, fixed
@@ -35,21 +42,6 @@ for _name, _obj in (("flashomni", FlashOmni()), ("dense", Dense()), ("fixed", Fi
     register_policy(_name, _obj, replace=True)
 del _name, _obj
 
-#: The strategies shipped with the library (names registered at import).
-BUILTIN = ("flashomni", "dense", "fixed", "window", "topk", "broadcast", "taylorseer")
-
 
 def needs_scores(spec) -> bool:
     return resolve_policy(spec).needs_scores
-
-
-from .presets import strategy_config, strategy_configs  # noqa: E402
-
-__all__ = [
-    "POLICIES", "BUILTIN", "BasePolicy", "Bits", "Broadcast", "Compose", "Dense", "Fixed", "FlashOmni", "Policy",
-    "PolicyFallback", "PolicyInput", "TaylorSeer", "TokenLayout", "TopK", "Window", "block_means",
-    "block_text_mask", "check_policy", "contribution", "dense", "feature_change", "finalize", "fixed", "flashomni",
-    "guidance", "keep_one_key", "low_tail", "needs_scores", "no_bits", "policy_name", "policy_symbols",
-    "register_policy",
-    "resolve_policy", "run_policy", "skip_tail", "strategy_config", "strategy_configs", "window_keep",
-]

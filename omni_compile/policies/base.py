@@ -32,9 +32,6 @@ from typing import Dict, List, Optional, Protocol, Tuple, runtime_checkable
 
 import torch
 
-# the tails and metrics are defined beside their fused kernels (ops.flashomni_policy); re-exported here
-from omni_compile.ops.flashomni_policy import contribution, guidance, low_tail, skip_tail  # noqa: F401
-
 Bits = Tuple[torch.Tensor, torch.Tensor]
 
 
@@ -279,8 +276,8 @@ def _skip_of_computed_rows(skip: torch.Tensor, reuse: torch.Tensor, inp: PolicyI
 def _unskip_empty_rows(skip: torch.Tensor, empty: torch.Tensor, inp: PolicyInput) -> torch.Tensor:
     """``skip`` with the picked key block (:func:`keep_one_key`) cleared in the rows ``empty [B, H, nQ]``
     marks, which must skip every key block. As ``empty & one-hot(pick)`` lies inside ``skip``, clearing is
-    an exclusive or: two ops with a cached one-hot table when there are no scores (was a zero fill, a
-    scatter, a negation and an and: design.md, Session 9)."""
+    an exclusive or: two ops with a cached one-hot table when there are no scores (instead of a zero fill,
+    a scatter, a negation and an and)."""
     B, H, nQ, nK = skip.shape
     if inp.scores is not None:
         onehot = inp.scores.argmax(-1, keepdim=True) == _key_positions(nK, skip.device)  # [B, H, nQ, nK]

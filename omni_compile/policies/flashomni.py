@@ -29,30 +29,23 @@ uncond items with their own bits.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
-
+from omni_compile.ops import Symbols
 from omni_compile.ops.flashomni_policy import MODES, flashomni_decision, flashomni_mode
+from omni_compile.ops.flashomni_policy import flashomni_symbols as fused
 
-from .base import BasePolicy, Bits, PolicyInput, runs_own_call
-
-
-def _thresholds(config, tau_q, tau_kv):
-    return (float(config.tau_q if tau_q is None else tau_q), float(config.tau_kv if tau_kv is None else tau_kv))
+from .base import BasePolicy, Bits, PolicyInput, _check_fraction, runs_own_call
 
 
-def flashomni(inp: PolicyInput, config, tau_q: Optional[float] = None, tau_kv: Optional[float] = None) -> Bits:
-    """The paper's policy (module docstring) in PyTorch ops; thresholds from ``config`` unless given."""
-    tau_q, tau_kv = _thresholds(config, tau_q, tau_kv)
+def flashomni(inp: PolicyInput, config=None, tau_q: float = 0.5, tau_kv: float = 0.05) -> Bits:
+    """The paper's policy (module docstring) in PyTorch ops, with thresholds ``tau_q`` / ``tau_kv``."""
     mode = flashomni_mode(inp.kind, inp.text_q_blocks, inp.num_q_blocks)
     return flashomni_decision(inp.scores, inp.scores_square, inp.q_text, inp.kv_text, mode, tau_q, tau_kv)
 
 
-def flashomni_symbols(inp: PolicyInput, config, allow_reuse: bool = True, tau_q: Optional[float] = None,
-                      tau_kv: Optional[float] = None):
+def flashomni_symbols(inp: PolicyInput, allow_reuse: bool = True, tau_q: float = 0.5, tau_kv: float = 0.05):
     """The policy's symbols from ``ops.flashomni_symbols`` (two Triton launches on CUDA, the PyTorch ops
     elsewhere): the bits of :func:`flashomni`, packed, with the attention's key lists decoded. No
     :func:`~.base.finalize`: the decision meets the runtime's contract by construction (tested)."""
-    tau_q, tau_kv = _thresholds(config, tau_q, tau_kv)
     return fused_symbols(inp, flashomni_mode(inp.kind, inp.text_q_blocks, inp.num_q_blocks), tau_q, tau_kv,
                          allow_reuse)
 
@@ -61,9 +54,6 @@ def fused_symbols(inp: PolicyInput, mode: int, tau_q: float, tau_kv: float, allo
     """``ops.flashomni_symbols``' outputs on ``inp``'s scores as a ``Symbols`` object (its masks as the
     dense view, its key lists as ``kv_schedule``): the flashomni decision of form ``mode`` with these
     thresholds (also ``topk``'s mass mode: ``tau_q = 0``)."""
-    from omni_compile.ops import Symbols
-    from omni_compile.ops.flashomni_policy import flashomni_symbols as fused
-
     square = None if mode == MODES["cross"] else inp.scores_square
     reuse, skip, reuse_bits, skip_bits, idx, cnt = fused(inp.scores, square, inp.q_text, inp.kv_text, mode, tau_q,
                                                          tau_kv, allow_reuse)
@@ -73,35 +63,34 @@ def fused_symbols(inp: PolicyInput, mode: int, tau_q: float, tau_kv: float, allo
 
 @dataclass(frozen=True)
 class FlashOmni(BasePolicy):
-    """The paper's policy. Knobs default to ``OmniConfig.tau_q`` / ``tau_kv`` (None), so
-    ``OmniConfig(policy="flashomni", tau_q=...)`` and ``OmniConfig(policy=FlashOmni(tau_q=...))`` agree."""
+    """The paper's policy: ``OmniConfig(policy=FlashOmni(tau_q=0.5, tau_kv=0.05))``; ``policy="flashomni"``
+    is this with its defaults."""
 
-    tau_q: Optional[float] = None
-    """Caching threshold: vision query blocks are reused, lowest metric first, while their cumulative share
-    stays ``<= tau_q``. Higher reuses more (faster, staler). None: ``OmniConfig.tau_q``."""
-    tau_kv: Optional[float] = None
-    """Skipping threshold: kept key blocks carry ``>= 1 - tau_kv`` of each computed row's pooled mass.
-    Higher skips more (faster, less exact); 0 turns skipping off. None: ``OmniConfig.tau_kv``."""
+    tau_q: float = 0.5
+    """Caching threshold: vision query blocks are reused, lowest metric first (vision→text contribution and
+    text→vision guidance), while their cumulative share stays ``<= tau_q``. Higher reuses more (faster,
+    staler); 0 reuses nothing. Number from 0 to 1."""
+    tau_kv: float = 0.05
+    """Skipping threshold: per computed query block, key blocks are skipped, smallest pooled attention mass
+    first, while their cumulative mass stays ``<= tau_kv``, so kept blocks carry ``>= 1 - tau_kv`` of the
+    estimated mass. Higher skips more (faster, less exact); 0 turns skipping off. The paper uses 0.05
+    (HunyuanVideo), its FLUX prototype 0.15. Number from 0 to less than 1."""
 
     name = "flashomni"
     needs_scores = True
 
     def __post_init__(self):
-        from .base import _check_fraction
-
-        if self.tau_q is not None:
-            _check_fraction("FlashOmni", "tau_q", self.tau_q)
-        if self.tau_kv is not None:
-            _check_fraction("FlashOmni", "tau_kv", self.tau_kv)
-            if self.tau_kv >= 1:
-                raise ValueError(f"FlashOmni.tau_kv must be a number from 0 to less than 1, got {self.tau_kv!r}")
+        _check_fraction("FlashOmni", "tau_q", self.tau_q)
+        _check_fraction("FlashOmni", "tau_kv", self.tau_kv)
+        if self.tau_kv >= 1:
+            raise ValueError(f"FlashOmni.tau_kv must be a number from 0 to less than 1, got {self.tau_kv!r}")
 
     def __call__(self, inp: PolicyInput, config) -> Bits:
-        return flashomni(inp, config, self.tau_q, self.tau_kv)
+        return flashomni(inp, config, float(self.tau_q), float(self.tau_kv))
 
     def symbols(self, inp: PolicyInput, config, allow_reuse: bool = True):
         """The fused path (:func:`flashomni_symbols`); None for a subclass that overrides ``__call__``,
         whose bits the fused kernels do not make."""
         if not runs_own_call(self, FlashOmni):
             return None
-        return flashomni_symbols(inp, config, allow_reuse, self.tau_q, self.tau_kv)
+        return flashomni_symbols(inp, allow_reuse, float(self.tau_q), float(self.tau_kv))

@@ -21,7 +21,9 @@ from typing import Optional
 
 import torch
 
-from .base import BasePolicy, Bits, PolicyInput, no_bits, runs_own_call, skip_tail
+from omni_compile.ops.flashomni_policy import skip_tail
+
+from .base import BasePolicy, Bits, PolicyInput, no_bits, runs_own_call
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """The main job: the learned zoo DiT sampled dense and with ``torch.compile(backend="flashomni")``.
 
-    python -m omni_compile.demo                 # make demo
-    python -m omni_compile.demo --captions 4 --steps 28 --out out/demo.png
+    python -m omni_compile.zoo.demo                 # make demo
+    python -m omni_compile.zoo.demo --captions 4 --steps 28 --out out/demo.png
 
 Loads the zoo model shipped in the package (``omni_compile.zoo``: a small text-to-image FLUX DiT trained by
 this repo, whose attention has learned structure; docs/zoo.md), samples a few evaluation captions (same
@@ -30,8 +30,8 @@ import torch
 
 import omni_compile
 
-from .quality import psnr, ssim
-from .schedule import step_action
+from omni_compile.bench.quality import psnr, ssim
+from omni_compile.schedule import step_action
 
 
 class _Progress:
@@ -60,9 +60,9 @@ class _Progress:
 
 
 def _plot(path: str, actions, density, t_dense, t_omni) -> None:
-    """Two panels (:mod:`omni_compile.charts`): attention density per step (bars coloured by action) and step
+    """Two panels (:mod:`omni_compile.bench.figures`): attention density per step (bars coloured by action) and step
     time per step (dense loop vs flashomni loop)."""
-    from .charts import Chart, Series, save
+    from omni_compile.bench.figures import Chart, Series, save
 
     colors = {"dense": (150, 150, 150), "update": (220, 90, 60), "dispatch": (60, 120, 210)}
     bars = Chart("attention density per step", xlabel="step", ylabel="density", ylim=(0.0, 1.0), bars_overlay=True)
@@ -110,7 +110,7 @@ class _StepTimer:
 
 def _side_by_side(path: str, dense, omni, captions, labels) -> None:
     """Rows of (dense, flashomni) image pairs with the caption and a label under each image."""
-    from .zoo.plot import caption_grid
+    from omni_compile.bench.figures import caption_grid
 
     images = torch.stack([im for pair in zip(dense, omni) for im in pair])
     caps = [c for c in captions for _ in range(2)]
@@ -125,9 +125,9 @@ def main(argv=None):
     ap.add_argument("--out", default="out/demo.png", help="where to write the plot (images: <out>_images.png)")
     ap.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is present")
     args = ap.parse_args(argv)
-    from .zoo import data as zdata
-    from .zoo import detector as zdet
-    from .zoo import sampler as zsampler
+    from . import data as zdata
+    from . import detector as zdet
+    from . import sampler as zsampler
 
     cuda = torch.cuda.is_available() and not args.cpu
     device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
@@ -144,8 +144,8 @@ def main(argv=None):
     print(f"omni-compile demo on {where}: zoo text-to-image FLUX DiT (learned weights, docs/zoo.md), "
           f"{len(captions)} captions, 1,024 image + 12 text tokens, {str(dtype).replace('torch.', '')}, "
           f"{steps} steps, batched CFG {guidance:g}")
-    print(f"config: policy={config.policy} warmup={config.warmup} interval={config.interval} "
-          f"taylor_order={config.taylor_order} tau_q={config.tau_q} tau_kv={config.tau_kv} "
+    print(f"config: policy={config.policy!r} warmup={config.warmup} interval={config.interval} "
+          f"taylor_order={config.taylor_order} "
           f"block={config.block_q} use_inductor={config.use_inductor}")
 
     # dense reference: Inductor on the GPU; eager on the CPU (diffusers' SDPA, faster there than the ops'
@@ -206,7 +206,7 @@ def main(argv=None):
     else:
         print("(GPU: this model's step is a few ms of small kernels, so the runtime's per-site host work "
               "decides its time; the speed-ups are measured at FLUX.1-dev / HunyuanVideo size: "
-              "python -m omni_compile.bench_e2e, docs/benchmarks.md)")
+              "python -m omni_compile.bench.e2e, docs/benchmarks.md)")
     _plot(args.out, actions, density, t_dense, t_omni)
     root, ext = os.path.splitext(args.out)
     img_path = f"{root}_images{ext or '.png'}"

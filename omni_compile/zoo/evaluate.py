@@ -33,7 +33,7 @@ from . import data as zdata
 from . import detector as zdet
 from . import model as zmodel
 from . import sampler as zsampler
-from .plot import caption_grid
+from omni_compile.bench.figures import caption_grid
 
 
 def parse_args(argv=None):

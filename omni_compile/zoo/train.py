@@ -35,7 +35,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from . import data as zdata  # noqa: E402
 from . import model as zmodel  # noqa: E402
-from .plot import plot_loss  # noqa: E402
+from omni_compile.bench.figures import plot_loss  # noqa: E402
 
 
 def parse_args(argv=None):
