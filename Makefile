@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 
-.PHONY: demo test bench clean
+.PHONY: demo test test-fast bench clean
 
 $(VENV)/.ready: pyproject.toml
 	python3 -m venv $(VENV)
@@ -19,6 +19,9 @@ demo: $(VENV)/.ready
 
 test: $(VENV)/.ready
 	$(PY) -m pytest -q tests
+
+test-fast: $(VENV)/.ready
+	$(PY) -m pytest -q -m "not slow" tests
 
 bench: $(VENV)/.ready
 	$(PY) -m omni_compile.bench --out out/bench
