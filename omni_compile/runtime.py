@@ -33,7 +33,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from . import taylor
+from . import masks, taylor
 from .ops import pooled_scores, sparse_attention, sparse_linear_o, sparse_linear_q
 from .ops.attention import heads_inner_empty
 from .ops.linear_o import cache_bias_prechecked, sparse_linear_o_prechecked
@@ -173,7 +173,7 @@ def _cache_estimate(state, site: SiteRecord, batch: int, heads: int, seq_q: int,
 def _layout(state, site: SiteRecord, device, kv_segments=None, seq_kv=None):
     """``(q_text [nQ], kv_text [nK], text query blocks, text key blocks)`` of a site, cached.
     ``kv_segments`` / ``seq_kv`` describe the keys actually attended when a key-padding mask dropped some
-    (see :func:`_kept_keys`)."""
+    (see :func:`omni_compile.masks.kept_keys`)."""
 
     kv_segments = site.kv_segments if kv_segments is None else kv_segments
     seq_kv = site.seq_kv if seq_kv is None else seq_kv
@@ -316,20 +316,6 @@ def _record(state, site: SiteRecord, action: str, sym, work: int) -> None:
 # ---- attention ----------------------------------------------------------------------------------
 
 
-def _key_valid(mask: torch.Tensor, B: int, H: int, Skv: int):
-    """``(valid, expressible)``: per (batch, head) boolean validity of keys from a key-padding mask, and a
-    device flag, False where the mask is an additive bias that is not just 0 / very negative (it cannot
-    be applied by dropping keys then). Nothing is read back here: callers read what they need at once."""
-    m = mask
-    while m.dim() < 4:
-        m = m.unsqueeze(0)
-    m = m.expand(B, H, 1, Skv)[:, :, 0, :]
-    if m.dtype == torch.bool:
-        return m, torch.ones((), dtype=torch.bool, device=m.device)
-    valid = m > -1e3
-    return valid, ((m == 0) | ~valid).all()
-
-
 def _dense_attention(state, q, k, v, scale):
     """Exact attention for dense and update steps. On CUDA PyTorch's SDPA (cuDNN on Hopper) is faster
     than the Triton kernel with all-compute symbols (0.72x cuDNN dense, docs/benchmarks.md); elsewhere
@@ -355,37 +341,6 @@ def _dense_linear(state, x, weight, bias, head_dim, row_offset, seq_q, kind):
     return sparse_linear_o(x, weight, bias, dense, head_dim, None, row_offset)
 
 
-def _kept_keys(site: SiteRecord, mask, B: int, H: int, Skv: int):
-    """What a key-padding ``mask`` leaves of the keys, when every batch item and head keeps the same ones:
-    ``"all"`` (the mask drops nothing: ignore it), or ``(index [n] on the mask's device, kv_segments of
-    the kept keys)``. None when the ops cannot express it (an additive bias that is not 0 / -inf, keys
-    that differ per item or head, or no key kept): the caller runs masked dense attention. Costs one host
-    read of the mask per call, the flags and the kept keys in one transfer (design.md, Runtime: masks)."""
-    valid, expressible = _key_valid(mask, B, H, Skv)
-    first = valid[:1, :1]
-    uniform = (valid == first).all()
-    flags_and_keys = torch.cat([torch.stack([expressible, uniform]), first.reshape(Skv)]).cpu()
-    if not bool(flags_and_keys[0]) or not bool(flags_and_keys[1]):
-        return None
-    keep_cpu = flags_and_keys[2:]
-    n = int(keep_cpu.sum())
-    if n == Skv:
-        return "all"
-    if n == 0:
-        return None
-    text = torch.zeros(Skv, dtype=torch.bool)
-    for m, a, b in site.kv_segments:
-        if m == "text":
-            text[a:b] = True
-    kept_text = text[keep_cpu].tolist()
-    segs, start = [], 0
-    for i in range(1, n + 1):
-        if i == n or kept_text[i] != kept_text[start]:
-            segs.append(("text" if kept_text[start] else "vision", start, i))
-            start = i
-    return keep_cpu.nonzero().squeeze(1).to(mask.device), segs
-
-
 def run_attention(state, site: SiteRecord, q, k, v, mask, scale):
 
     site.calls += 1
@@ -394,7 +349,7 @@ def run_attention(state, site: SiteRecord, q, k, v, mask, scale):
     Skv = k.shape[2]
     k_full, kv_segments, expressible = k, None, True
     if mask is not None:
-        kept = _kept_keys(site, mask, B, H, Skv)
+        kept = masks.kept_keys(site.kv_segments, mask, B, H, Skv)
         if kept is None:
             expressible = False
         elif kept == "all":
@@ -473,46 +428,15 @@ def _observe_output(cfg, ss: SiteStream, out, step: int) -> None:
 
 def _run_attention_dense(state, site: SiteRecord, q, k, v, mask, scale):
     """Dense attention through the ops (policy "dense", no clock, masked sites)."""
-
-    B, H, Sq, D = q.shape
+    B, H, Sq, _ = q.shape
     Skv = k.shape[2]
-    if mask is None:
-        sym = state.dense_symbols(B, H, Sq, Skv, q.device)
-        site.symbols = sym
-        _record(state, site, DENSE, sym, B * H * Sq * Skv)
-        return _dense_attention(state, q, k, v, scale)
-    valid, expressible = _key_valid(mask, B, H, Skv)
     site.symbols = state.dense_symbols(B, H, Sq, Skv, q.device)
     _record(state, site, DENSE, site.symbols, B * H * Sq * Skv)
-    expressible, all_kept, per_item = torch.stack([expressible, valid.all(), (valid == valid[:, :1]).all()]).tolist()
-    if expressible and all_kept:
+    if mask is None:
         return _dense_attention(state, q, k, v, scale)
-    if not expressible or not per_item:
-        site.fallbacks += 1
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale).contiguous()
-    # key padding: drop the masked keys (per batch item; items with the same mask run together)
-    out = torch.empty(B, H, Sq, D, dtype=q.dtype, device=q.device)
-    vb = valid[:, 0, :]
-    done = torch.zeros(B, dtype=torch.bool)
-    for b in range(B):
-        if done[b]:
-            continue
-        same = (vb == vb[b]).all(dim=1).cpu()
-        same &= ~done
-        idx_b = same.nonzero().squeeze(1).to(q.device)
-        keys = vb[b].nonzero().squeeze(1)
-        qb = q.index_select(0, idx_b)
-        if keys.numel() == 0:  # every key masked: keep SDPA's own semantics
-            site.fallbacks += 1
-            mb = mask if mask.dim() < 4 or mask.shape[0] == 1 else mask.index_select(0, idx_b)
-            ob = F.scaled_dot_product_attention(qb, k.index_select(0, idx_b), v.index_select(0, idx_b), attn_mask=mb, scale=scale)
-        else:
-            kb = k.index_select(0, idx_b).index_select(2, keys)
-            vvb = v.index_select(0, idx_b).index_select(2, keys)
-            sym = state.dense_symbols(qb.shape[0], H, Sq, keys.numel(), q.device)
-            ob = sparse_attention(qb.contiguous(), kb, vvb, sym, scale)
-        out.index_copy_(0, idx_b, ob.to(out.dtype))
-        done |= same
+    out, fell = masks.padded_attention(q, k, v, mask, scale, state.dense_symbols,
+                                       lambda q_, k_, v_: _dense_attention(state, q_, k_, v_, scale))
+    site.fallbacks += fell
     return out
 
 

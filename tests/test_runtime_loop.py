@@ -381,27 +381,25 @@ def test_kept_keys_reads_every_form_of_key_padding_mask():
     """The mask analysis behind masked sites, on each form a model may pass: boolean and additive 0/-inf
     padding give the same kept keys and kv segments; an additive bias with other values, patterns that
     differ per batch item, and a mask that keeps no key are inexpressible (None: masked dense attention)."""
-    from omni_compile.runtime import _kept_keys
-    from omni_compile.state import SiteRecord
+    from omni_compile.masks import kept_keys
 
     Skv, B, H = 11, 2, 3
-    site = SiteRecord(site_id=0, name="s", kind="joint")
-    site.kv_segments = [("text", 0, 4), ("vision", 4, 11)]
+    kv_segments = [("text", 0, 4), ("vision", 4, 11)]
     keep = torch.ones(Skv, dtype=torch.bool)
     keep[2:4] = False  # two padded text keys
     keep[9] = False  # and a vision key
     as_bool = keep.expand(B, 1, 1, Skv)
     additive = torch.zeros(B, 1, 1, Skv).masked_fill(~keep, float("-inf"))
     for mask in (as_bool, additive, additive.clamp_min(-1e9)):
-        idx, segs = _kept_keys(site, mask, B, H, Skv)
+        idx, segs = kept_keys(kv_segments, mask, B, H, Skv)
         assert idx.tolist() == keep.nonzero().squeeze(1).tolist()
         assert segs == [("text", 0, 2), ("vision", 2, 8)]
-    assert _kept_keys(site, torch.ones(B, 1, 1, Skv, dtype=torch.bool), B, H, Skv) == "all"
-    assert _kept_keys(site, torch.zeros(1, Skv, dtype=torch.bool), B, H, Skv) is None
-    assert _kept_keys(site, additive + 0.5 * keep, B, H, Skv) is None  # a real bias on the kept keys
+    assert kept_keys(kv_segments, torch.ones(B, 1, 1, Skv, dtype=torch.bool), B, H, Skv) == "all"
+    assert kept_keys(kv_segments, torch.zeros(1, Skv, dtype=torch.bool), B, H, Skv) is None
+    assert kept_keys(kv_segments, additive + 0.5 * keep, B, H, Skv) is None  # a real bias on the kept keys
     per_item = as_bool.clone()
     per_item[1, 0, 0, 0] = False
-    assert _kept_keys(site, per_item, B, H, Skv) is None
+    assert kept_keys(kv_segments, per_item, B, H, Skv) is None
 
 
 def test_update_decodes_the_schedules_the_dispatch_steps_used(flux):
