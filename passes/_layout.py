@@ -13,8 +13,17 @@ the tuple of *atoms* that axis is made of in row-major order:
 An op is *per-(token, head) local* when every output element at (token s, head h) depends only on input
 elements at (s, h): reshapes that keep S and H intact, permutes, slicing/unbind/cat along other axes,
 elementwise math with operands that do not come from the chain (RoPE tables, norm weights), and
-reductions or norms over axes with no S or H atom (per-head RMSNorm over D). Anything else raises
-:class:`NotLocal` with a human-readable reason, which the passes record on the site.
+reductions or norms over axes with no S or H atom (per-head RMSNorm over D), a concatenation along an axis
+with no S or H atom (rotate-half RoPE ``cat([-x2, x1], -1)``: a within-head axis of the total size) and
+``view_as_complex`` / ``view_as_real`` over a trailing pair inside a head (complex RoPE). Anything else
+raises :class:`NotLocal` with a human-readable reason, which the passes record on the site.
+
+An op that mixes the heads of one token but no tokens — a norm or reduction over an axis with H atoms and
+no S atom (Wan's ``rms_norm`` over all H*D features, a hand-written RMSNorm's ``mean`` over them) — is
+*token-local*: each output element at token s depends on token s alone. :func:`propagate` raises on it
+unless given a list to record it in (``mixing``); a chain with such ops keeps GEMM-Q valid only when the
+site's reuse decisions are the same for every head of a query block (a reused block then leaves whole
+token rows unwritten, which nothing computed reads).
 """
 
 from __future__ import annotations
@@ -123,7 +132,13 @@ def concat_parts(parts: Sequence[tuple]) -> tuple:
         return ()
     if len(merged) == 1:
         return merged[0]
-    return (Atom("CAT", sum(dim_size(p) for p in merged), tuple(merged)),)
+    total = sum(dim_size(p) for p in merged)
+    if not any(has_token_or_head(p) for p in merged):
+        # parts inside one (token, head) cell (rotate-half RoPE's cat([-x2, x1], -1)): within a head only the
+        # size is tracked, so the result is a plain within-head axis of the total size
+        inner = all(a.kind == "D" for p in merged for a in p)
+        return (Atom("D" if inner else "X", total),)
+    return (Atom("CAT", total, tuple(merged)),)
 
 
 def slice_group(group: tuple, start: int, stop: int, what: str) -> tuple:
@@ -311,10 +326,22 @@ def index_layout(layout: Layout, idx, what: str) -> Layout:
     return tuple(out)
 
 
-def propagate(node: fx.Node, layouts: dict) -> object:
+def _mixes_heads(groups, what: str, mixing: Optional[list], why: str) -> None:
+    """An op combining the values along ``groups`` (the axes it reduces or normalises): fine when they hold
+    no token or head atom; token-local when they hold heads but no tokens (recorded in ``mixing`` when the
+    caller accepts that, else :class:`NotLocal`); never local across tokens."""
+    if not any(has_token_or_head(g) for g in groups):
+        return
+    if mixing is None or any(has_token(g) for g in groups):
+        raise NotLocal(why)
+    mixing.append(why)
+
+
+def propagate(node: fx.Node, layouts: dict, mixing: Optional[list] = None) -> object:
     """Layout of ``node``'s output given the layouts of its chain inputs (``layouts[n]``; inputs absent
     from ``layouts`` are off the chain). Returns a layout, or a list of layouts for tuple-valued ops.
-    Raises :class:`NotLocal` when the op is not per-(token, head) local."""
+    Raises :class:`NotLocal` when the op is not per-(token, head) local; with ``mixing`` (a list) an op
+    that mixes the heads of one token (module docstring) is appended there instead."""
     name = op_name(node)
     what = f"`{name}` ({node.name})"
     shape = static_shape(node)
@@ -419,26 +446,30 @@ def propagate(node: fx.Node, layouts: dict) -> object:
         nd = len(lay0)
         dims = _dims(_arg(node, 1, "dim"), nd)
         keep = bool(_arg(node, 2, "keepdim", False))
-        for d in dims:
-            if has_token_or_head(lay0[d]):
-                raise NotLocal(f"{what} reduces over tokens or heads")
+        _mixes_heads([lay0[d] for d in dims], what, mixing, f"{what} reduces over tokens or heads")
         return tuple(() if i in dims else g for i, g in enumerate(lay0) if keep or i not in dims)
 
     if name in DIM_LOCAL:
         nd = len(lay0)
         dim = _arg(node, 1, "dim", -1)
-        if has_token_or_head(lay0[dim % nd]):
-            raise NotLocal(f"{what} mixes tokens or heads")
+        _mixes_heads([lay0[dim % nd]], what, mixing, f"{what} mixes tokens or heads")
         return lay0
 
     if name in NORMS:
         nshape = _arg(node, 1, "normalized_shape")
         k = len(nshape) if isinstance(nshape, (tuple, list)) else 1
-        for g in lay0[len(lay0) - k:]:
-            if has_token_or_head(g):
-                width = _prod(nshape) if isinstance(nshape, (tuple, list)) else nshape
-                raise NotLocal(f"{name} over {width} features spans heads (not per-head)")
+        width = _prod(nshape) if isinstance(nshape, (tuple, list)) else nshape
+        _mixes_heads(lay0[len(lay0) - k:], what, mixing, f"{name} over {width} features spans heads (not per-head)")
         return lay0
+
+    if name in ("view_as_complex", "view_as_real"):
+        # complex RoPE: view_as_complex pairs the last axis (size 2) into complex numbers, view_as_real
+        # splits them back; the pair lies inside one (token, head) cell
+        if name == "view_as_real":
+            return tuple(lay0) + ((Atom("D", 2),),)
+        if not lay0 or dim_size(lay0[-1]) != 2 or has_token_or_head(lay0[-1]):
+            raise NotLocal(f"{what} pairs an axis that is not inside a head")
+        return tuple(lay0[:-1])
 
     if name in ELEMENTWISE:
         if shape is None:

@@ -131,8 +131,10 @@ def _descendants(roots) -> set:
     return seen
 
 
-def walk_q(q: fx.Node, heads: int, head_dim: int, seq_q: int):
-    """Projections of q and whether GEMM-Q is valid for them: returns (projections, ok, reason, chain)."""
+def walk_q(q: fx.Node, heads: int, head_dim: int, seq_q: int, mixing: Optional[list] = None):
+    """Projections of q and whether GEMM-Q is valid for them: returns (projections, ok, reason, chain).
+    With ``mixing`` (a list), ops that mix the heads of one token are accepted and described there
+    (``_layout`` module docstring: GEMM-Q then needs the same reuse decision for every head)."""
     projs, visited = find_projections(q, heads, head_dim)
     out = [Projection(p, module_path(p), static_shape(p)[1]) for p in projs]
     if not projs:
@@ -152,7 +154,7 @@ def walk_q(q: fx.Node, heads: int, head_dim: int, seq_q: int):
             if is_mutation(n, n.args[0]) if n.args and isinstance(n.args[0], fx.Node) else False:
                 lay.check_mutation(n, layouts)
                 continue
-            layouts[n] = lay.propagate(n, layouts)
+            layouts[n] = lay.propagate(n, layouts, mixing)
         # nothing outside the chain may read the projection outputs or the prologue
         allowed = chain | {u for u in q.users}
         for n in list(chain) + projs:

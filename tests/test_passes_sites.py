@@ -25,6 +25,10 @@ class Attn(nn.Module):
         self.to_out = nn.Linear(dim, dim)
         self.norm_all = nn.RMSNorm(dim)
 
+    @staticmethod
+    def freqs(S, n):
+        return torch.arange(S)[:, None] * (1.0 / 100 ** (torch.arange(n) / n))
+
     def forward(self, x, mask=None):
         B, S, C = x.shape
         q = self.to_q(x)
@@ -39,6 +43,18 @@ class Attn(nn.Module):
             kw["dropout_p"] = 0.1
         if self.variant == "mean_over_tokens":
             q = q - q.mean(dim=2, keepdim=True)
+        if self.variant == "rotate_half":  # diffusers' apply_rotary_emb(use_real_unbind_dim=-2)
+            re, im = q.reshape(*q.shape[:-1], 2, -1).unbind(-2)
+            rotated = torch.cat([-im, re], dim=-1)
+            cos, sin = torch.cos(self.freqs(S, q.shape[-1])), torch.sin(self.freqs(S, q.shape[-1]))
+            q = (q.float() * cos + rotated.float() * sin).to(q.dtype)
+        if self.variant == "complex_rope":  # Lumina / Qwen-Image / Z-Image: view_as_complex, then view_as_real
+            freqs = torch.polar(torch.ones(S, q.shape[-1] // 2), self.freqs(S, q.shape[-1] // 2))
+            qc = torch.view_as_complex(q.float().reshape(*q.shape[:-1], -1, 2))
+            q = torch.view_as_real(qc * freqs).flatten(3).type_as(q)
+        if self.variant == "complex_across_heads":  # pairs two heads' values: not inside a head
+            qc = torch.view_as_complex(q.float().transpose(1, 3).contiguous())
+            q = torch.view_as_real(qc).transpose(1, 3).type_as(q)
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **kw)
         o = o.transpose(1, 2).reshape(B, S, C)
         y = self.to_out(o)
@@ -97,6 +113,9 @@ def test_general_mask_stays_dense_and_key_padding_is_rewritten():
         ("norm_all_heads", False, True, "spans heads"),
         ("mean_over_tokens", False, True, "reduces over tokens"),
         ("out_leak", True, False, "reduces over tokens or heads"),
+        ("rotate_half", True, True, None),
+        ("complex_rope", True, True, None),
+        ("complex_across_heads", False, True, "not inside a head"),
     ],
 )
 def test_gemm_validity(variant, q_ok, o_ok, why):
@@ -127,3 +146,28 @@ def test_layout_regroup_and_rules():
     cat = L.concat_parts([(L.s_atom("txt", 0, 8),), (L.s_atom("img", 0, 16),)])
     assert L.slice_group(cat, 8, 24, "t") == (L.s_atom("img", 0, 16),)
     assert L.slice_group(cat, 0, 8, "t") == (L.s_atom("txt", 0, 8),)
+
+
+def test_layout_within_head_concatenation_and_token_local_mixing():
+    # rotate-half RoPE: two halves of one head's features concatenate into a plain within-head axis
+    half = L.concat_parts([(L.Atom("D", 8),), (L.Atom("D", 8),)])
+    assert half == (L.Atom("D", 16),)
+    assert L.signature(half) == L.signature((L.Atom("D", 16),))
+    # heads or tokens concatenated stay a CAT, which a reshape may not split
+    heads = L.concat_parts([(L.h_atom(2), L.Atom("D", 8)), (L.h_atom(2), L.Atom("D", 8))])
+    assert heads[0].kind == "CAT"
+    # a norm over all heads of a token: refused, or recorded as token-local when the caller accepts it
+    g = torch.fx.Graph()
+    x = g.placeholder("x")
+    n = g.call_function(F.rms_norm, (x, [32]))
+    n.meta["example_value"] = torch.empty(1, 24, 32)
+    lay = {x: ((L.Atom("B", 1),), (L.s_atom("q", 0, 24),), (L.h_atom(2), L.Atom("D", 16)))}
+    with pytest.raises(L.NotLocal, match="spans heads"):
+        L.propagate(n, lay)
+    mixing = []
+    assert L.propagate(n, lay, mixing) == lay[x] and mixing == ["rms_norm over 32 features spans heads (not per-head)"]
+    # a reduction over tokens is never local, with or without the list
+    m = g.call_method("mean", (x, 1))
+    m.meta["example_value"] = torch.empty(1, 32)
+    with pytest.raises(L.NotLocal, match="reduces over tokens"):
+        L.propagate(m, lay, [])
