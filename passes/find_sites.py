@@ -3,9 +3,10 @@
 Returns one :class:`AttentionSite` per SDPA node, in graph order. ``reject`` is None when the site can be
 rewritten, else the reason it stays dense (logged at debug level and counted in :data:`SKIP_COUNTS`).
 Supported: float16/bfloat16/float32 on CPU or CUDA, q/k/v ``[B, H, S, D]`` with the same H and D (ops'
-head-dim range), no dropout, not causal, no GQA, no symbolic sizes, and either no mask or a
-*key-padding* mask (one that broadcasts over heads-or-not and over queries: ``[B|1, H|1, 1, Skv]``),
-which the runtime applies by dropping the masked keys.
+head-dim range), no dropout, not causal, no GQA, no symbolic sizes, and no mask or a boolean / additive mask
+that broadcasts to ``[B, H, Sq, Skv]``: a *key-padding* mask (``[B|1, H|1, 1, Skv]``), or one with a query
+axis (``"rows"``: an outer product of query and key validity, a key-padding mask expanded over queries, a
+bias), which the runtime factors into what the ops run (``omni_compile.masks``).
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ class AttentionSite:
     head_dim: int = 0
     dtype: Optional[torch.dtype] = None
     device: str = ""
-    mask_kind: Optional[str] = None  # None | "key_padding"
+    mask_kind: Optional[str] = None  # None | "key_padding" | "rows"
     reject: Optional[str] = None
 
 
@@ -65,9 +66,9 @@ def _classify_mask(mask: fx.Node, batch: int, heads: int, seq_q: int, seq_kv: in
     if len(shp4) != 4:
         return None, f"attention mask of shape {list(shp)}"
     b, h, sq, sk = shp4
-    if sq != 1 or sk != seq_kv or b not in (1, batch) or h not in (1, heads):
-        return None, f"attention mask of shape {list(shp)} is not a key-padding mask"
-    return "key_padding", None
+    if b not in (1, batch) or h not in (1, heads) or sq not in (1, seq_q) or sk not in (1, seq_kv):
+        return None, f"attention mask of shape {list(shp)} does not broadcast to [{batch}, {heads}, {seq_q}, {seq_kv}]"
+    return ("key_padding" if sq == 1 else "rows"), None
 
 
 def find_sites(gm: fx.GraphModule) -> list:

@@ -23,10 +23,8 @@ import _tiny_models as T
 EXPECTED = {
     "flux": (3, 3, 3, 3, {"joint": 3}, {}, {}),
     "sd3": (3, 3, 3, 3, {"joint": 2, "self": 1}, {}, {}),
-    "hunyuan": (
-        3, 2, 2, 2, {"joint": 2},
-        {"context_embedder.token_refiner.refiner_blocks.0.attn": "not a key-padding mask"}, {},
-    ),
+    # the token refiner's mask is q_valid x k_valid with key 0 kept: factored at run time (omni_compile.masks)
+    "hunyuan": (3, 3, 3, 3, {"joint": 2, "self": 1}, {}, {}),
     "wan": (
         4, 4, 0, 4, {"self": 2, "cross": 2}, {},
         {f"blocks.{i}.attn{j}": "spans heads" for i in (0, 1) for j in (1, 2)},
@@ -169,11 +167,13 @@ def test_rewritten_graph_has_no_sdpa_left():
         torch.compile(model, backend=spy)(**make_inputs(0))
     (gm,) = graphs
     targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
-    # the refiner's site (non-key-padding mask) is left as it was; the two others are rewritten
-    assert sum(t is F.scaled_dot_product_attention for t in targets) == 1
-    assert sum(t is torch.ops.flashomni.site_attention.default for t in targets) == 2
-    assert sum(t is torch.ops.flashomni.site_linear_q.default for t in targets) == 3  # to_q, add_q_proj, single to_q
-    assert sum(t is torch.ops.flashomni.site_linear_o.default for t in targets) == 3  # to_out, to_add_out, proj_out
+    # every site is rewritten, the token refiner's (a query x key validity mask) included
+    assert sum(t is F.scaled_dot_product_attention for t in targets) == 0
+    assert sum(t is torch.ops.flashomni.site_attention.default for t in targets) == 3
+    # refiner to_q, to_q, add_q_proj, single to_q
+    assert sum(t is torch.ops.flashomni.site_linear_q.default for t in targets) == 4
+    # refiner to_out, to_out, to_add_out, proj_out
+    assert sum(t is torch.ops.flashomni.site_linear_o.default for t in targets) == 4
 
 
 @pytest.mark.slow

@@ -88,13 +88,25 @@ def test_unsupported_sites_stay_dense(variant, dtype, reason):
     assert not site.rewritten and reason in site.reason and site.calls == 0
 
 
-def test_general_mask_stays_dense_and_key_padding_is_rewritten():
+def test_masks_with_a_query_axis_are_rewritten_and_run_exactly():
     model = Attn().eval()
     x = torch.randn(2, 24, 32)
-    full = torch.rand(2, 2, 24, 24) > 0.3
+    # no row class holds most rows: the runtime runs SDPA with the mask as given
+    full = torch.rand(2, 2, 24, 24, generator=torch.Generator().manual_seed(0)) > 0.3
     st, out = _compile(model, x, full)
-    assert not st.sites[0].rewritten and "not a key-padding mask" in st.sites[0].reason
-    torch.testing.assert_close(out, model(x, full))
+    (site,) = st.sites
+    assert site.rewritten and site.mask == "rows" and site.fallbacks == 1
+    with torch.no_grad():
+        torch.testing.assert_close(out, model(x, full), rtol=1e-4, atol=1e-4)
+    torch._dynamo.reset()
+    # an outer product of token validity: factored (valid rows through the ops, pad rows by SDPA)
+    valid = torch.arange(24) < torch.tensor([[20], [17]])
+    outer = valid[:, None, :, None] & valid[:, None, None, :]
+    st, out = _compile(model, x, outer)
+    (site,) = st.sites
+    assert site.rewritten and site.mask == "rows" and site.fallbacks == 0
+    with torch.no_grad():
+        torch.testing.assert_close(out, model(x, outer), rtol=1e-4, atol=1e-4)
     torch._dynamo.reset()
     kp = torch.ones(2, 1, 1, 24, dtype=torch.bool)
     kp[0, ..., 20:] = False

@@ -379,8 +379,9 @@ def test_key_padding_mask_sites_dispatch_on_kept_keys(batch):
 
 def test_kept_keys_reads_every_form_of_key_padding_mask():
     """The mask analysis behind masked sites, on each form a model may pass: boolean and additive 0/-inf
-    padding give the same kept keys and kv segments; an additive bias with other values, patterns that
-    differ per batch item, and a mask that keeps no key are inexpressible (None: masked dense attention)."""
+    padding give the same kept keys and kv segments; an additive bias that differs between kept keys,
+    patterns that differ per batch item, and a mask that keeps no key need more than one launch (None:
+    the runtime's masked path)."""
     from omni_compile.masks import kept_keys
 
     Skv, B, H = 11, 2, 3
@@ -396,7 +397,9 @@ def test_kept_keys_reads_every_form_of_key_padding_mask():
         assert segs == [("text", 0, 2), ("vision", 2, 8)]
     assert kept_keys(kv_segments, torch.ones(B, 1, 1, Skv, dtype=torch.bool), B, H, Skv) == "all"
     assert kept_keys(kv_segments, torch.zeros(1, Skv, dtype=torch.bool), B, H, Skv) is None
-    assert kept_keys(kv_segments, additive + 0.5 * keep, B, H, Skv) is None  # a real bias on the kept keys
+    # one value on every kept key cancels in the softmax; two values need a merge (not one launch)
+    assert kept_keys(kv_segments, additive + 0.5 * keep, B, H, Skv)[0].tolist() == keep.nonzero().squeeze(1).tolist()
+    assert kept_keys(kv_segments, additive + 0.5 * keep * (torch.arange(Skv) % 2), B, H, Skv) is None
     per_item = as_bool.clone()
     per_item[1, 0, 0, 0] = False
     assert kept_keys(kv_segments, per_item, B, H, Skv) is None
