@@ -24,6 +24,7 @@ from typing import Optional
 from torch import fx
 
 from . import _layout as lay
+from ._fused import FusedSlice, fused_slice
 from ._fx import (
     is_linear,
     is_metadata_use,
@@ -46,6 +47,7 @@ class Projection:
     name: str  # module path, e.g. transformer_blocks.0.attn.to_q
     rows: int
     row_offset: Optional[int] = None  # None when the rows do not map 1:1 onto attention positions
+    fused: Optional[FusedSlice] = None  # q's columns of a fused linear (``_fused``); None: a plain H*D linear
 
 
 @dataclass
@@ -83,15 +85,18 @@ def _preds(node: fx.Node) -> list:
 
 
 def find_projections(start: fx.Node, heads: int, head_dim: int):
-    """Linears reached backwards from ``start`` without crossing another linear, split into projections
-    (output ``[B, S, heads*head_dim]``) and others; plus the set of visited nodes."""
-    seen, stack, projs = {start}, [start], []
+    """Linears reached backwards from ``start`` without crossing another linear: ``(projections, visited,
+    wide)`` — projections have output ``[B, S, heads*head_dim]``, ``wide`` ones ``[B, S, N > heads*head_dim]``
+    (fused projection candidates, ``_fused``); ``visited``: every node reached."""
+    seen, stack, projs, wide = {start}, [start], [], []
     while stack:
         n = stack.pop()
         if is_linear(n) and n is not start:
             shp = static_shape(n)
             if shp is not None and len(shp) == 3 and shp[-1] == heads * head_dim:
                 projs.append(n)
+            elif shp is not None and len(shp) == 3 and shp[-1] > heads * head_dim:
+                wide.append(n)
             continue
         if n.op in ("placeholder", "get_attr"):
             continue
@@ -100,7 +105,8 @@ def find_projections(start: fx.Node, heads: int, head_dim: int):
                 seen.add(p)
                 stack.append(p)
     projs.sort(key=lambda n: _order(n))
-    return projs, seen
+    wide.sort(key=lambda n: _order(n))
+    return projs, seen, wide
 
 
 def _order(n: fx.Node) -> int:
@@ -134,18 +140,46 @@ def _descendants(roots) -> set:
 def walk_q(q: fx.Node, heads: int, head_dim: int, seq_q: int, mixing: Optional[list] = None):
     """Projections of q and whether GEMM-Q is valid for them: returns (projections, ok, reason, chain).
     With ``mixing`` (a list), ops that mix the heads of one token are accepted and described there
-    (``_layout`` module docstring: GEMM-Q then needs the same reuse decision for every head)."""
-    projs, visited = find_projections(q, heads, head_dim)
-    out = [Projection(p, module_path(p), static_shape(p)[1]) for p in projs]
-    if not projs:
-        return out, False, "no q projection linear of width H*D found", set()
-    desc = _descendants(projs)
+    (``_layout`` module docstring: GEMM-Q then needs the same reuse decision for every head). Fused
+    projections (``_fused``) are tried where the plain ones alone do not make GEMM-Q valid."""
+    projs, visited, wide = find_projections(q, heads, head_dim)
+    plain = [(Projection(p, module_path(p), static_shape(p)[1]), p, _head_layout(p, heads, head_dim)) for p in projs]
+    fused, why_not_fused = [], None
+    for w in wide:
+        fs, why = fused_slice(w, heads, head_dim, visited)
+        if fs is not None and fs.col_offset not in (0, fs.width - heads * head_dim):
+            fs, why = None, f"q's columns lie inside `{module_path(w)}` (neither its first nor its last)"
+        if fs is None:
+            why_not_fused = why_not_fused or why
+            continue
+        fused.append((Projection(w, module_path(w), static_shape(w)[1], fused=fs), fs.slice_node, fs.layout))
+    if not plain and not fused:
+        return [], False, why_not_fused or "no q projection linear of width H*D found", set()
+    tries = [plain, plain + fused] if plain and fused else [plain or fused]
+    for i, cand in enumerate(tries):
+        mixing_try = None if mixing is None else []
+        got = _check_q(q, cand, visited, heads, seq_q, mixing_try)
+        if got[1] or i == len(tries) - 1:
+            if mixing is not None and got[1]:
+                mixing.extend(mixing_try)
+            return got
+    raise AssertionError("unreachable")
+
+
+def _head_layout(p: fx.Node, heads: int, head_dim: int) -> tuple:
+    b, s, _ = static_shape(p)
+    return (lay.Atom("B", b),), (lay.s_atom(p.name, 0, s),), (lay.h_atom(heads), lay.Atom("D", head_dim))
+
+
+def _check_q(q: fx.Node, cand: list, visited: set, heads: int, seq_q: int, mixing: Optional[list]):
+    """GEMM-Q validity for the projections ``cand`` (``(Projection, start node, start layout)``): the layout
+    tracker over the chain from the start nodes to q (:func:`walk_q`'s result)."""
+    out = [pr for pr, _, _ in cand]
+    starts = [n for _, n, _ in cand]
+    layouts: dict = {n: layout for _, n, layout in cand}
+    desc = _descendants(starts)
     chain = (visited & desc) | {q}
-    chain -= set(projs)
-    layouts: dict = {}
-    for p in projs:
-        b, s, _ = static_shape(p)
-        layouts[p] = ((lay.Atom("B", b),), (lay.s_atom(p.name, 0, s),), (lay.h_atom(heads), lay.Atom("D", head_dim)))
+    chain -= set(starts)
     order = sorted(chain, key=_order)
     try:
         for n in order:
@@ -157,7 +191,7 @@ def walk_q(q: fx.Node, heads: int, head_dim: int, seq_q: int, mixing: Optional[l
             layouts[n] = lay.propagate(n, layouts, mixing)
         # nothing outside the chain may read the projection outputs or the prologue
         allowed = chain | {u for u in q.users}
-        for n in list(chain) + projs:
+        for n in list(chain) + starts:
             if n is q:
                 continue
             for u in n.users:
@@ -197,8 +231,9 @@ def walk_q(q: fx.Node, heads: int, head_dim: int, seq_q: int, mixing: Optional[l
 
 
 def walk_kv(t: fx.Node, heads: int, head_dim: int) -> list:
-    projs, _ = find_projections(t, heads, head_dim)
-    return [Projection(p, module_path(p), static_shape(p)[1]) for p in projs]
+    """The linears k (or v) is computed from: projections of width H*D and fused ones wider than that."""
+    projs, _, wide = find_projections(t, heads, head_dim)
+    return [Projection(p, module_path(p), static_shape(p)[1]) for p in sorted(projs + wide, key=_order)]
 
 
 def walk_out(o: fx.Node, heads: int, head_dim: int, seq_q: int, batch: int):
