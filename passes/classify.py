@@ -27,17 +27,61 @@ _PASS_THROUGH = {
 }
 
 
+_TEXT_INPUTS = ("encoder_hidden_states", "prompt_embeds", "context", "cap_feats", "txt")
+
+
+def _is_text_input(n: fx.Node) -> bool:
+    low = n.name.lower()
+    return n.op == "placeholder" and any(h in low for h in _TEXT_INPUTS) and not _is_parameter(n)
+
+
+def _is_parameter(n: fx.Node) -> bool:
+    low = n.name.lower()
+    return n.op == "get_attr" or "parameters" in low or "buffers" in low
+
+
 def text_length(gm: fx.GraphModule) -> Optional[int]:
     """Sequence length of the text-encoder input (a placeholder named like ``encoder_hidden_states``)."""
     for n in gm.graph.nodes:
-        if n.op != "placeholder":
-            continue
-        low = n.name.lower()
-        if "encoder_hidden_states" in low or "prompt_embeds" in low or "context" in low:
+        if _is_text_input(n):
             shp = static_shape(n)
             if shp is not None and len(shp) == 3:
                 return shp[1]
     return None
+
+
+def text_lengths(gm: fx.GraphModule) -> frozenset:
+    """Every length the text token stream takes before it meets the image: the text input's, and those of
+    ``[B, L, C]`` tensors computed from the text input, parameters and per-item conditioning alone (inputs
+    of at most two dimensions: timestep, pooled embeddings). AuraFlow prepends 8 learned register tokens
+    to the prompt, so its joint sequences hold ``8 + L_text`` text tokens."""
+    deps: dict = {}
+    small: set = set()
+    text: set = set()
+    lengths = set()
+    for n in gm.graph.nodes:
+        if n.op == "placeholder":
+            if _is_parameter(n):
+                deps[n] = frozenset()
+                continue
+            deps[n] = frozenset((n,))
+            shp = static_shape(n)
+            if shp is not None and len(shp) <= 2:
+                small.add(n)  # per-item conditioning or ids (txt_ids): not a token stream
+            elif _is_text_input(n):
+                text.add(n)
+            continue
+        d = frozenset().union(*(deps.get(a, frozenset()) for a in n.all_input_nodes))
+        deps[n] = d
+        if d & text and d <= text | small:
+            shp = static_shape(n)
+            if shp is not None and len(shp) == 3:
+                lengths.add(shp[1])
+    for n in text:
+        shp = static_shape(n)
+        if shp is not None and len(shp) == 3:
+            lengths.add(shp[1])
+    return frozenset(lengths)
 
 
 def timestep_input(gm: fx.GraphModule) -> Optional[fx.Node]:
@@ -106,17 +150,20 @@ def _token_parts(x: fx.Node) -> Optional[list]:
     return None
 
 
-def _modality(name: str, length: int, text_len: Optional[int]) -> str:
+def _modality(name: str, length: int, text_len) -> str:
     low = name.lower()
     if any(h in low.rsplit(".", 1)[-1] for h in _TEXT_HINTS):
         return "text"
-    if text_len is not None and length == text_len:
+    if length in text_len:
         return "text"
     return "vision"
 
 
-def classify(site, walk, text_len: Optional[int]):
-    """(kind, segments, kv_segments) for a site, from its walk (projections) and the text length."""
+def classify(site, walk, text_len):
+    """(kind, segments, kv_segments) for a site, from its walk (projections) and the text stream's lengths
+    (:func:`text_lengths`; an int or None is taken as that one length or none)."""
+    if text_len is None or isinstance(text_len, int):
+        text_len = frozenset() if text_len is None else frozenset((text_len,))
     segs: list = []
     qp = walk.q_projections if walk is not None else []
     kp = walk.k_projections if walk is not None else []
@@ -134,12 +181,12 @@ def classify(site, walk, text_len: Optional[int]):
         if lens and len(lens) > 1 and sum(lens) == site.seq_q:
             off = 0
             for n in lens:
-                segs.append(("text" if n == text_len else "vision", off, off + n))
+                segs.append(("text" if n in text_len else "vision", off, off + n))
                 off += n
         else:
             segs.append((_modality(qp[0].name, site.seq_q, text_len), 0, site.seq_q))
     if not segs or segs[-1][2] != site.seq_q:
-        segs = [("text" if site.seq_q == text_len else "vision", 0, site.seq_q)]
+        segs = [("text" if site.seq_q in text_len else "vision", 0, site.seq_q)]
 
     q_in = {linear_args(p.node)[0] for p in qp}
     k_in = {linear_args(p.node)[0] for p in kp}
