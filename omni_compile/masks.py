@@ -75,6 +75,16 @@ class MaskPlan:
         """One key set for every item and row, no bias: what a single launch of the ops runs."""
         return self.rows is None and len(self.groups) == 1 and not self.groups[0].extra
 
+    @property
+    def drops_nothing(self) -> bool:
+        """The mask changes nothing (every key kept with one value, every row alike): ignore it."""
+        return self.simple and self.groups[0].keys is None
+
+    @property
+    def signature(self) -> tuple:
+        """Which items attend which keys: symbols made for one plan serve another only if these agree."""
+        return tuple((None if g.items is None else tuple(g.items), bytes(g.kept.numpy())) for g in self.groups)
+
 
 def as4d(mask: torch.Tensor) -> torch.Tensor:
     while mask.dim() < 4:
@@ -295,3 +305,26 @@ def kept_keys(kv_segments, mask: torch.Tensor, B: int, H: int, Skv: int, Sq: int
     if g.keys is None:
         return "all"
     return g.keys, g.kv_segments(kv_segments)
+
+
+def stitch(symbols: list, plan: MaskPlan, batch: int):
+    """One ``Symbols`` over the whole batch from each item group's (``symbols[i]`` for ``plan.groups[i]``):
+    the groups' reuse bits in batch order, and skip bits over the longest group's key blocks (blocks a
+    group does not have are marked skipped). What GEMM-Q, GEMM-O and the report read; the attention of
+    each group runs with its own."""
+    from .ops import Symbols
+
+    if len(symbols) == 1 and plan.groups[0].items is None:
+        return symbols[0]
+    first = symbols[0]
+    longest = max(symbols, key=lambda s: s.seq_kv)
+    nQ, nK = first.num_q_blocks, longest.num_kv_blocks
+    reuse = torch.zeros(batch, first.heads, nQ, dtype=torch.bool, device=first.device)
+    skip = torch.ones(batch, first.heads, nQ, nK, dtype=torch.bool, device=first.device)
+    for sym, g in zip(symbols, plan.groups):
+        r, k = sym.to_dense()
+        items = torch.tensor(g.items if g.items is not None else range(batch), device=first.device)
+        reuse[items] = r
+        skip[items, :, :, : k.shape[-1]] = k
+    return Symbols.from_dense(reuse, skip, first.block_q, first.block_kv, first.seq_q, longest.seq_kv,
+                              share_dense=True)

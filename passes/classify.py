@@ -195,8 +195,16 @@ def classify(site, walk, text_len):
     else:
         cross = site.seq_q != site.seq_kv
     if cross:
-        kname = kp[0].name if kp else ""
-        kv = [(_modality(kname, site.seq_kv, text_len), 0, site.seq_kv)]
+        placed = sorted((p for p in kp if p.row_offset is not None), key=lambda p: p.row_offset)
+        kv, off = [], 0
+        for p in placed:  # keys made of several projections' rows (PRX: text then image)
+            if p.row_offset != off:
+                break
+            kv.append((_modality(p.name, p.rows, text_len), off, off + p.rows))
+            off += p.rows
+        if off != site.seq_kv or not kv:
+            kname = kp[0].name if kp else ""
+            kv = [(_modality(kname, site.seq_kv, text_len), 0, site.seq_kv)]
         return "cross", segs, kv
     mods = {s[0] for s in segs}
     kind = "joint" if {"text", "vision"} <= mods else "self"

@@ -171,9 +171,11 @@ def _head_layout(p: fx.Node, heads: int, head_dim: int) -> tuple:
     return (lay.Atom("B", b),), (lay.s_atom(p.name, 0, s),), (lay.h_atom(heads), lay.Atom("D", head_dim))
 
 
-def _check_q(q: fx.Node, cand: list, visited: set, heads: int, seq_q: int, mixing: Optional[list]):
+def _check_q(q: fx.Node, cand: list, visited: set, heads: int, seq_q: int, mixing: Optional[list],
+             exclusive: bool = True):
     """GEMM-Q validity for the projections ``cand`` (``(Projection, start node, start layout)``): the layout
-    tracker over the chain from the start nodes to q (:func:`walk_q`'s result)."""
+    tracker over the chain from the start nodes to q (:func:`walk_q`'s result). ``exclusive=False`` lets
+    other nodes read the chain (enough to place each projection's rows, as :func:`walk_kv` does)."""
     out = [pr for pr, _, _ in cand]
     starts = [n for _, n, _ in cand]
     layouts: dict = {n: layout for _, n, layout in cand}
@@ -191,7 +193,7 @@ def _check_q(q: fx.Node, cand: list, visited: set, heads: int, seq_q: int, mixin
             layouts[n] = lay.propagate(n, layouts, mixing)
         # nothing outside the chain may read the projection outputs or the prologue
         allowed = chain | {u for u in q.users}
-        for n in list(chain) + starts:
+        for n in list(chain) + starts if exclusive else []:
             if n is q:
                 continue
             for u in n.users:
@@ -231,9 +233,23 @@ def _check_q(q: fx.Node, cand: list, visited: set, heads: int, seq_q: int, mixin
 
 
 def walk_kv(t: fx.Node, heads: int, head_dim: int) -> list:
-    """The linears k (or v) is computed from: projections of width H*D and fused ones wider than that."""
-    projs, _, wide = find_projections(t, heads, head_dim)
-    return [Projection(p, module_path(p), static_shape(p)[1]) for p in sorted(projs + wide, key=_order)]
+    """The linears k (or v) is computed from: projections of width H*D and fused ones wider than that, each
+    with the ``row_offset`` of its rows in the key sequence where the layout tracker can follow them there
+    (None elsewhere): PRX's keys are the text's and the image's rows of two fused projections."""
+    projs, visited, wide = find_projections(t, heads, head_dim)
+    cand = [(Projection(p, module_path(p), static_shape(p)[1]), p, _head_layout(p, heads, head_dim)) for p in projs]
+    others = []
+    for w in wide:
+        fs, _ = fused_slice(w, heads, head_dim, visited)
+        pr = Projection(w, module_path(w), static_shape(w)[1])
+        if fs is None:
+            others.append(pr)
+        else:
+            cand.append((pr, fs.slice_node, fs.layout))
+    shp = static_shape(t)
+    if cand and shp is not None and len(shp) == 4:
+        _check_q(t, cand, visited, heads, shp[2], [], exclusive=False)
+    return sorted([pr for pr, _, _ in cand] + others, key=lambda pr: _order(pr.node))
 
 
 def walk_out(o: fx.Node, heads: int, head_dim: int, seq_q: int, batch: int):
