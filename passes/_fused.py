@@ -22,7 +22,7 @@ import torch
 from torch import fx
 
 from . import _layout as lay
-from ._fx import op_name, static_shape
+from ._fx import module_path, op_name, static_shape
 
 #: ops whose output is a view of their first argument when every other argument is a constant
 VIEW_OPS = {
@@ -159,6 +159,7 @@ def fused_slice(lin: fx.Node, heads: int, head_dim: int, on_chain: set):
     if shp is None or len(shp) != 3 or shp[-1] <= heads * head_dim:
         return None, None
     B, S, N = shp
+    where = module_path(lin) or lin.name
     root = torch.empty(shp, device="meta")
     vals = {lin: root}
     order = {n: i for i, n in enumerate(lin.graph.nodes)}
@@ -182,7 +183,7 @@ def fused_slice(lin: fx.Node, heads: int, head_dim: int, on_chain: set):
                 vals[u] = out
                 frontier.append(u)
     if found is None:
-        return None, f"no view of `{lin.name}`'s output selects q's {heads * head_dim} columns"
+        return None, f"no view of `{where}`'s output selects q's {heads * head_dim} columns"
     s_node, s_view, (layout, first) = found
     q_cols = (first, first + heads * head_dim - 1)
     # the views between the linear and the slice, and everything else that reads them
@@ -201,15 +202,15 @@ def fused_slice(lin: fx.Node, heads: int, head_dim: int, on_chain: set):
         val = vals.get(u)
         if isinstance(val, (tuple, list)):  # a split outside the path to q: its parts are the readers
             if any(op_name(g) != "getitem" for g in u.users):
-                return None, f"`{op_name(u)}` ({u.name}) of `{lin.name}`'s output is read as a whole"
+                return None, f"`{op_name(u)}` ({u.name}) of `{where}`'s output is read as a whole"
             readers.extend(u.users)
             continue
         v = _view(val, root) if isinstance(val, torch.Tensor) else None
         if v is None:
-            return None, f"`{op_name(u)}` ({u.name}) reads `{lin.name}`'s output, not only through views"
+            return None, f"`{op_name(u)}` ({u.name}) reads `{where}`'s output, not only through views"
         cols = _columns(v, S, N)
         if cols is None or not (cols[1] < q_cols[0] or cols[0] > q_cols[1]):
-            return None, f"`{op_name(u)}` ({u.name}) reads q's columns of `{lin.name}`"
+            return None, f"`{op_name(u)}` ({u.name}) reads q's columns of `{where}`"
         leaves.append((u, v))
     return FusedSlice(lin, N, first, s_node, s_view, layout, sorted(ancestors, key=order.get), leaves), None
 

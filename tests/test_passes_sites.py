@@ -183,3 +183,76 @@ def test_layout_within_head_concatenation_and_token_local_mixing():
     m.meta["example_value"] = torch.empty(1, 32)
     with pytest.raises(L.NotLocal, match="reduces over tokens"):
         L.propagate(m, lay, [])
+
+
+class FusedAttn(nn.Module):
+    """q, k, v (and an MLP input) from one linear, picked by views, in the forms diffusers uses."""
+
+    def __init__(self, dim=32, heads=2, variant="qkv_mlp"):
+        super().__init__()
+        self.h, self.d, self.variant = heads, dim // heads, variant
+        self.fused = nn.Linear(dim, 3 * dim + (2 * dim if variant == "qkv_mlp" else 0))
+        self.norm_q = nn.RMSNorm(dim // heads)
+        self.to_out = nn.Linear(dim, dim)
+        self.mlp_out = nn.Linear(2 * dim, dim)
+
+    def forward(self, x):
+        B, S, C = x.shape
+        y = self.fused(x)
+        extra = 0
+        if self.variant == "qkv_mlp":  # FLUX.2: split [qkv | mlp], chunk(3), unflatten heads
+            qkv, mlp = torch.split(y, [3 * C, 2 * C], dim=-1)
+            q, k, v = (t.unflatten(-1, (self.h, self.d)).transpose(1, 2) for t in qkv.chunk(3, dim=-1))
+            extra = self.mlp_out(F.gelu(mlp))
+        elif self.variant == "qkv_permute":  # PRX: reshape (3, H, D), permute, index
+            qkv = y.reshape(B, S, 3, self.h, self.d).permute(2, 0, 3, 1, 4)
+            q, k, v = qkv[0], qkv[1], qkv[2]
+        elif self.variant == "kqv":  # q's columns in the middle
+            k, q, v = (t.unflatten(-1, (self.h, self.d)).transpose(1, 2) for t in y.chunk(3, dim=-1))
+        elif self.variant == "whole_read":  # something reads every column, q's included
+            q, k, v = (t.unflatten(-1, (self.h, self.d)).transpose(1, 2) for t in y.chunk(3, dim=-1))
+            extra = y.mean(-1, keepdim=True)
+        elif self.variant == "q_peek":  # a view of some of q's columns read apart from q
+            q, k, v = (t.unflatten(-1, (self.h, self.d)).transpose(1, 2) for t in y.chunk(3, dim=-1))
+            extra = y[..., : self.d].mean(-1, keepdim=True)
+        q = self.norm_q(q)
+        o = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, S, C)
+        return self.to_out(o) + extra
+
+
+@pytest.mark.parametrize("variant, ok, why", [
+    ("qkv_mlp", True, None), ("qkv_permute", True, None),
+    ("kqv", False, "lie inside"), ("whole_read", False, "not only through views"),
+    ("q_peek", False, "reads q's columns"),
+])
+def test_fused_projections_give_gemm_q_and_split_exactly(variant, ok, why):
+    from omni_compile import passes as P
+    from omni_compile.passes import _fused
+
+    model = FusedAttn(variant=variant).eval()
+    x = torch.randn(2, 24, 32)
+    found = []
+
+    def backend(gm, example_inputs):
+        (site,) = P.find_sites(gm)
+        projs, valid, reason, _ = P.walk_q(site.q, site.heads, site.head_dim, site.seq_q)
+        found.append((projs, valid, reason))
+        if valid:
+            (proj,) = projs
+            assert proj.fused is not None and proj.row_offset == 0 and proj.fused.col_offset == 0
+            n_linears = sum(1 for n in gm.graph.nodes if n.op == "call_function" and n.target in P._fx.LINEAR_TARGETS)
+            q_lin = _fused.split_fused(gm, proj.fused, site.heads, site.head_dim)
+            gm.graph.lint()
+            gm.recompile()
+            linears = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in P._fx.LINEAR_TARGETS]
+            assert q_lin in linears and len(linears) == n_linears + 1  # the fused linear became two
+            assert P._fx.static_shape(q_lin)[-1] == 32
+        return gm.forward
+
+    with torch.no_grad():
+        out = torch.compile(model, backend=backend)(x)
+        torch.testing.assert_close(out, model(x), rtol=1e-5, atol=1e-5)  # the split changes no value
+    ((projs, valid, reason),) = found
+    assert valid == ok
+    if why:
+        assert why in reason
