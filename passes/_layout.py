@@ -274,15 +274,29 @@ def _dims(spec, nd: int) -> list:
 
 def _arg(node: fx.Node, i: int, name: str, default=None):
     if len(node.args) > i:
-        return node.args[i]
-    return node.kwargs.get(name, default)
+        return concrete(node.args[i])
+    return concrete(node.kwargs.get(name, default))
 
 
 def _is_node(a) -> bool:
     return isinstance(a, fx.Node)
 
 
+def concrete(v):
+    """``v`` with graph nodes that hold a known number (a size computed in a graph whose shapes the backend
+    made concrete) replaced by that number; other values unchanged."""
+    if isinstance(v, fx.Node):
+        ev = v.meta.get("example_value", v.meta.get("val"))
+        return ev if isinstance(ev, int) and not isinstance(ev, bool) else v
+    if isinstance(v, slice):
+        return slice(concrete(v.start), concrete(v.stop), concrete(v.step))
+    if isinstance(v, (tuple, list)):
+        return type(v)(concrete(x) for x in v)
+    return v
+
+
 def _expand_index(idx, nd: int):
+    idx = concrete(idx)
     if not isinstance(idx, tuple):
         idx = (idx,)
     n_real = sum(1 for i in idx if i is not None and i is not Ellipsis)
