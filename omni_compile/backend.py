@@ -106,7 +106,7 @@ def apply_passes(gm: fx.GraphModule, state: OmniState, example_inputs=()) -> lis
     cfg = state.config
     graph_index = len(state.compiles)
     sites = P.find_sites(gm)
-    text_len = P.text_length(gm) if sites else None
+    text_len = P.text_lengths(gm) if sites else None
     grids: dict = {}
     plans = []
     claimed: dict = {}
@@ -116,7 +116,9 @@ def apply_passes(gm: fx.GraphModule, state: OmniState, example_inputs=()) -> lis
         walk = None
         if site.reject is None or site.heads:
             walk = P.SiteWalk()
-            walk.q_projections, walk.gemm_q, walk.gemm_q_reason, _ = P.walk_q(site.q, site.heads, site.head_dim, site.seq_q)
+            mixing: list = []  # ops that mix the heads of a token: GEMM-Q then skips blocks every head reuses
+            walk.q_projections, walk.gemm_q, walk.gemm_q_reason, _ = P.walk_q(site.q, site.heads, site.head_dim,
+                                                                            site.seq_q, mixing)
             walk.k_projections = P.walk_kv(site.k, site.heads, site.head_dim)
             walk.v_projections = P.walk_kv(site.v, site.heads, site.head_dim)
             walk.out_projections, walk.gemm_o, walk.gemm_o_reason = P.walk_out(
@@ -154,6 +156,7 @@ def apply_passes(gm: fx.GraphModule, state: OmniState, example_inputs=()) -> lis
         if plan.reason is None:
             plan.rewritten = True
             plan.gemm_q = walk.gemm_q and cfg.gemm_q
+            plan.q_mixes_heads = mixing[0] if plan.gemm_q and mixing else None
             plan.gemm_o = walk.gemm_o and cfg.gemm_o
             plan.gemm_q_reason = walk.gemm_q_reason if not walk.gemm_q else (None if cfg.gemm_q else "disabled (OmniConfig.gemm_q=False)")
             plan.gemm_o_reason = walk.gemm_o_reason if not walk.gemm_o else (None if cfg.gemm_o else "disabled (OmniConfig.gemm_o=False)")
@@ -251,6 +254,15 @@ def _compile(gm: fx.GraphModule, example_inputs, state: OmniState, mode: Optiona
                  if state.config.use_inductor else "flashomni: no attention sites; graph left unchanged")
     entry = {"sites": len(plans), "rewritten": sum(p.rewritten for p in plans), "pass_seconds": t_pass}
     state.compiles.append(entry)
+    brk = P.graph_break(gm)
+    if brk is not None:
+        entry["graph_break"] = brk
+        if brk["in_attention"]:
+            # the attention call after this break runs in no compiled graph: no site ever sees it
+            state.warn_once(("graph break", brk["where"]),
+                            f"flashomni: Dynamo breaks the graph inside attention code at {brk['where']} "
+                            f"({brk['reason']}), so the attention that follows runs outside every compiled graph "
+                            f"and stays dense")
     compiled = None
     if state.config.block_cache is not None:
         compiled = _block_program(gm, state, records, mode, entry)
@@ -319,7 +331,10 @@ def _specialize(gm: fx.GraphModule, args) -> fx.GraphModule:
     mode = FakeTensorMode(allow_non_fake_inputs=True)
 
     def fake(v):
-        return mode.from_tensor(v, static_shapes=True) if isinstance(v, torch.Tensor) else v
+        if not isinstance(v, torch.Tensor):
+            return v
+        with mode:  # sizes, strides, dtype and device only: a view's base (a complex view of real RoPE pairs) is not needed
+            return torch.empty_strided(v.shape, v.stride(), dtype=v.dtype, device=v.device)
 
     class Recorder(fx.Interpreter):
         def run_node(self, n):

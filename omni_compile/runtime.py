@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from . import masks, taylor
-from .ops import pooled_scores, sparse_attention, sparse_linear_o, sparse_linear_q
+from .ops import Symbols, pooled_scores, sparse_attention, sparse_linear_o, sparse_linear_q
 from .ops.attention import heads_inner_empty
 from .ops.linear_o import cache_bias_prechecked, sparse_linear_o_prechecked
 from .policies import (PolicyFallback, PolicyInput, TokenLayout, block_means, block_text_mask, feature_change,
@@ -364,35 +364,37 @@ def run_attention(state, site: SiteRecord, q, k, v, mask, scale):
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     B, H, Sq, D = q.shape
     Skv = k.shape[2]
-    k_full, kv_segments, expressible = k, None, True
+    plan = None
     if mask is not None:
-        kept = masks.kept_keys(site.kv_segments, mask, B, H, Skv)
-        if kept is None:
-            expressible = False
-        elif kept == "all":
-            mask = None
-        else:
-            idx, kv_segments = kept
-            k, v = k.index_select(2, idx), v.index_select(2, idx)
-            mask = None
+        # what the ops run of the mask (omni_compile.masks): item groups on their kept keys, bias groups and
+        # minor rows merged around them; None: masked SDPA
+        plan = masks.analyse(mask, B, H, Sq, Skv)
+        if plan is not None and plan.drops_nothing:
+            mask = plan = None
     ss = stream_for(state, site, B, Sq)
-    if ss is None or (not expressible and ss.action != DISPATCH):
+    if ss is None or (mask is not None and plan is None and ss.action != DISPATCH):
         if ss is not None:
-            site.runtime_reason = "attention mask the ops cannot express (not one key-padding pattern for all items): dense"
+            site.runtime_reason = MASK_DENSE
             if ss.action == UPDATE:
                 ss.symbols = None  # nothing to dispatch with: the next step updates again
         return _run_attention_dense(state, site, q, k, v, mask, scale)
     cfg = state.config
-    Skv = k.shape[2]
     dense = state.dense_symbols(B, H, Sq, Skv, q.device)
     step = ss.step
     if ss.action == DISPATCH:
         sym = ss.symbols
-        if expressible and sym.seq_kv == Skv:
+        if mask is None and sym.seq_kv == Skv and ss.mask_signature is None:
             site.symbols = sym
             ss.sparse_calls["attention"] += 1
             out = sparse_attention(q, k, v, sym, scale, heads_inner=True)
             _record(state, site, DISPATCH, sym, B * H * Sq * Skv)
+        elif plan is not None and plan.signature == ss.mask_signature:
+            site.symbols = sym
+            ss.sparse_calls["attention"] += 1
+            groups = ss.group_symbols
+            out = masks.run_plan(plan, q, k, v, mask, scale, lambda g, i, qg, kg, vg, lse: sparse_attention(
+                qg, kg, vg, groups[i], scale, return_lse=lse, heads_inner=not lse))
+            _record(state, site, DISPATCH, sym, B * H * Sq * sym.seq_kv)
         else:
             # the mask changed since the update (other kept keys): exact attention for this call; GEMM-O
             # still ignores the reused tiles and the forecast below still fills them
@@ -403,7 +405,10 @@ def run_attention(state, site: SiteRecord, q, k, v, mask, scale):
             out = torch.where(ss.reuse_rows, fc, out)
         return out
     site.symbols = dense
-    out = _dense_attention(state, q, k, v, scale)
+    if mask is None:
+        out = _dense_attention(state, q, k, v, scale)
+    else:
+        out = masks.run_plan(plan, q, k, v, mask, scale, _dense_group(state, scale))
     _observe_features(state, site, ss, out, step)  # policies that declare needs_features (taylorseer)
     if ss.action == UPDATE:
         cap = cfg.max_cache_bytes
@@ -414,9 +419,23 @@ def run_attention(state, site: SiteRecord, q, k, v, mask, scale):
             ss.a_factors, ss.a_step, ss.bias_terms = {}, {}, {}
         pos = state.clock.position
         old_symbols = ss.symbols
-        ss.symbols = make_symbols(state, site, q, k, scale, step, pos.timestep, allow_reuse=not ss.capped,
-                                  kv_segments=kv_segments, k_square=k_full if kv_segments is not None else None)
+        if plan is None:
+            ss.symbols = make_symbols(state, site, q, k, scale, step, pos.timestep, allow_reuse=not ss.capped)
+            ss.group_symbols = ss.mask_signature = None
+        else:
+            # one set of symbols per item group, on the keys it attends; stitched over the batch for the GEMMs
+            ss.group_symbols = []
+            for g in plan.groups:
+                items = None if g.items is None else torch.tensor(g.items, device=q.device)
+                qg, kg = (q, k) if items is None else (q.index_select(0, items), k.index_select(0, items))
+                ss.group_symbols.append(make_symbols(
+                    state, site, qg, kg if g.keys is None else kg.index_select(2, g.keys), scale, step, pos.timestep,
+                    allow_reuse=not ss.capped, kv_segments=g.kv_segments(site.kv_segments),
+                    k_square=None if g.keys is None else kg))
+            ss.symbols = masks.stitch(ss.group_symbols, plan, B)
+            ss.mask_signature = plan.signature
         ss.symbols.prefetch_schedules(old_symbols)  # the dispatch steps will decode the same schedules
+        ss.q_symbols = _all_heads(ss.symbols) if site.q_mixes_heads else None
         ss.update_step = step
         if not site.gemm_o and not ss.capped:
             _observe_output(cfg, ss, out, step)
@@ -428,6 +447,34 @@ def run_attention(state, site: SiteRecord, q, k, v, mask, scale):
             ss.out_factors = ss.out_factors[: cfg.taylor_order]  # the forecast needs all orders only after updates
     _record(state, site, ss.action, dense, B * H * Sq * Skv)
     return out
+
+
+MASK_DENSE = ("attention mask the ops cannot express (no row class holds most query rows, or keys that differ "
+              "per head): dense")
+
+
+def _dense_group(state, scale):
+    """Exact attention of one item group of a mask plan (``masks.run_plan``'s ``attend``): the ops with
+    all-compute symbols where the log-sum-exp is needed for a merge, else :func:`_dense_attention`."""
+
+    def attend(g, i, qg, kg, vg, need_lse):
+        if not need_lse:
+            return _dense_attention(state, qg.contiguous(), kg, vg, scale)
+        B, H, Sq, _ = qg.shape
+        return sparse_attention(qg.contiguous(), kg, vg, state.dense_symbols(B, H, Sq, kg.shape[2], qg.device), scale,
+                                return_lse=True)
+
+    return attend
+
+
+def _all_heads(sym):
+    """Symbols for GEMM-Q of a site whose q chain mixes heads (a norm over all heads of a token): a query
+    block counts as reused only where every head reuses it, so the tokens GEMM-Q leaves unwritten are ones
+    no head computes."""
+    reuse, skip = sym.to_dense()
+    every = reuse.all(dim=1, keepdim=True).expand_as(reuse).contiguous()
+    return Symbols.from_dense(every, torch.zeros_like(skip), sym.block_q, sym.block_kv, sym.seq_q, sym.seq_kv,
+                              share_dense=True)
 
 
 def _over_cap(state, site: SiteRecord, ss: SiteStream, cap: int, B: int, H: int, Sq: int, D: int, itemsize: int) -> bool:
@@ -522,11 +569,14 @@ def site_linear_q(
     rec = site_record(st, site, ident)
     rec.linear_q_calls += 1
     ss = stream_for(st, rec, x.shape[0], seq_q)
+    x = x if x.stride(-1) == 1 else x.contiguous()  # a permuted residual stream (Sana) reaches the GEMM as a view
     if ss is not None and ss.action == DISPATCH:
         ss.sparse_calls["linear_q"] += 1
         # the attention skips reused tiles and the chain to it is per-(token, head) local (the passes
-        # proved it), so those tiles need not be written
-        return sparse_linear_q(x, weight, bias, ss.symbols, head_dim, row_offset, fill_reused=False)
+        # proved it), so those tiles need not be written; a chain that mixes the heads of a token (a norm
+        # across heads) leaves only the blocks every head reuses unwritten (ss.q_symbols)
+        sym = ss.q_symbols if rec.q_mixes_heads else ss.symbols
+        return sparse_linear_q(x, weight, bias, sym, head_dim, row_offset, fill_reused=False)
     return _dense_linear(st, x, weight, bias, head_dim, row_offset, seq_q, "q")
 
 

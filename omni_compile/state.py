@@ -64,6 +64,10 @@ class SitePlan:
     gemm_q: bool = False
     gemm_o: bool = False
     gemm_q_reason: Optional[str] = None
+    q_mixes_heads: Optional[str] = None
+    """With GEMM-Q: the op on the q chain that mixes the heads of a token (``"rms_norm over 3072 features
+    spans heads"``); GEMM-Q then skips only the query blocks every head reuses. None: the chain is
+    per-(token, head) local."""
     gemm_o_reason: Optional[str] = None
     segments: list = field(default_factory=list)
     """``(modality, start, stop)`` over the query sequence, modality ``"text"`` or ``"vision"``."""
@@ -75,7 +79,8 @@ class SitePlan:
     seq_q: int = 0
     seq_kv: int = 0
     mask: Optional[str] = None
-    """``None`` or ``"key_padding"`` (masked keys are dropped before the attention op)."""
+    """``None``, ``"key_padding"`` (``[B|1, H|1, 1, Skv]``) or ``"rows"`` (a mask with a query axis); the
+    runtime factors either into what the ops run (``omni_compile.masks``)."""
     q_projections: list = field(default_factory=list)
     """``(module path, row_offset)`` of each q projection (row_offset None where GEMM-Q is not valid)."""
     out_projections: list = field(default_factory=list)
@@ -192,9 +197,17 @@ class SiteStream:
     """Steps of each kind this stream ran (per generation, reset with the caches)."""
     sparse_calls: dict = field(default_factory=lambda: {"attention": 0, "linear_q": 0, "linear_o": 0})
     """Op calls that ran with the stored (sparse) symbols, on dispatch steps."""
+    group_symbols: Optional[list] = None
+    """Under a mask whose item groups attend different keys (``omni_compile.masks``): each group's symbols,
+    on its own keys (``symbols`` then stitches them over the batch for GEMM-Q, GEMM-O and the report)."""
+    mask_signature: Optional[tuple] = None
+    """Which items attended which keys at the update (``MaskPlan.signature``); None without a mask."""
+    q_symbols: object = None
+    """GEMM-Q's symbols when the q chain mixes heads (``SitePlan.q_mixes_heads``): blocks every head reuses."""
 
     def clear(self) -> None:
         self.symbols = None
+        self.group_symbols = self.mask_signature = self.q_symbols = None
         self.update_step = None
         self.capped = False
         self.out_factors = self.out_step = self.reuse_rows = None
@@ -206,8 +219,11 @@ class SiteStream:
     def tensors(self) -> list:
         """Every tensor this stream holds (caches and symbol bits)."""
         out = []
-        if self.symbols is not None:
-            out += [self.symbols.reuse_bits, self.symbols.skip_bits]
+        held: list = []
+        for sym in [self.symbols, self.q_symbols, *(self.group_symbols or [])]:
+            if sym is not None and all(sym is not h for h in held):  # one group's symbols may be the stitched ones
+                held.append(sym)
+                out += [sym.reuse_bits, sym.skip_bits]
         if self.reuse_rows is not None:
             out.append(self.reuse_rows)
         for f in (self.features, self.features_prev):

@@ -139,3 +139,28 @@ def is_metadata_use(user: fx.Node, node: fx.Node) -> bool:
 def users_excluding(node: fx.Node, allowed: Iterable[fx.Node]) -> list:
     allowed = set(allowed)
     return [u for u in node.users if u not in allowed and not is_metadata_use(u, node)]
+
+
+#: source files whose frames are attention code (diffusers' processors, its attention dispatch, this repo's
+#: examples): a graph break there leaves that attention call outside every compiled graph
+_ATTENTION_FILES = ("attention_processor.py", "attention_dispatch.py", "attention.py")
+
+
+def graph_break(gm: fx.GraphModule) -> Optional[dict]:
+    """Why Dynamo ended this graph early, when it did: ``{"reason", "where", "in_attention"}`` from the
+    ``compile_subgraph_reason`` Dynamo attaches to the graph module (None when the graph ends at the
+    function's return). ``where`` is the innermost user frame (``file:line (function)``); ``in_attention``
+    says whether a frame of the break lies in attention code (an attention processor's ``__call__``, or a
+    file of attention code), where it keeps that attention call out of every compiled graph."""
+    r = getattr(gm, "compile_subgraph_reason", None)
+    if r is None or not getattr(r, "graph_break", False):
+        return None
+    stack = list(getattr(r, "user_stack", None) or [])
+    reason = str(r.reason).split("\n")[0].strip()
+    where = ""
+    if stack:
+        f = stack[-1]
+        where = f"{f.filename.rsplit('/', 1)[-1]}:{f.lineno} ({f.name})"
+    in_attention = any(f.filename.rsplit("/", 1)[-1] in _ATTENTION_FILES or
+                       (f.name == "__call__" and "transformer" in f.filename.rsplit("/", 1)[-1]) for f in stack)
+    return {"reason": reason, "where": where, "in_attention": in_attention}

@@ -150,11 +150,17 @@ def _token_parts(x: fx.Node) -> Optional[list]:
     return None
 
 
-def _modality(name: str, length: int, text_len) -> str:
-    low = name.lower()
-    if any(h in low.rsplit(".", 1)[-1] for h in _TEXT_HINTS):
+def _hinted(name: str) -> bool:
+    return any(h in name.lower().rsplit(".", 1)[-1] for h in _TEXT_HINTS)
+
+
+def _modality(name: str, length: int, text_len, names_decide: bool = False) -> str:
+    """``"text"`` for a projection named like a context projection, or (unless ``names_decide``: another
+    projection of the site carries such a name, so names tell the streams apart) one whose length is one
+    of the text stream's."""
+    if _hinted(name):
         return "text"
-    if length in text_len:
+    if not names_decide and length in text_len:
         return "text"
     return "vision"
 
@@ -167,14 +173,15 @@ def classify(site, walk, text_len):
     segs: list = []
     qp = walk.q_projections if walk is not None else []
     kp = walk.k_projections if walk is not None else []
+    named = any(_hinted(p.name) for p in qp)
     if len(qp) > 1 and all(p.row_offset is not None for p in qp):
         for p in sorted(qp, key=lambda p: p.row_offset):
-            segs.append((_modality(p.name, p.rows, text_len), p.row_offset, p.row_offset + p.rows))
+            segs.append((_modality(p.name, p.rows, text_len, named), p.row_offset, p.row_offset + p.rows))
     elif len(qp) > 1:
         # projection order in the sequence unknown (GEMM-Q walk failed): assume the graph's cat order
         off = 0
         for p in qp:
-            segs.append((_modality(p.name, p.rows, text_len), off, off + p.rows))
+            segs.append((_modality(p.name, p.rows, text_len, named), off, off + p.rows))
             off += p.rows
     elif len(qp) == 1:
         lens = _token_parts(linear_args(qp[0].node)[0])

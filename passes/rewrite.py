@@ -11,7 +11,9 @@ caches in the state, so one graph serves every denoising step.
   storage tells apart the modules that run one compiled graph (regional compilation), or None;
 * the SDPA node becomes ``attention(q, k, v, mask, state, site, scale, clock, ident)``;
 * each q projection with a valid ``row_offset`` becomes
-  ``linear_q(x, W, b, state, site, row_offset, seq_q, head_dim, clock, ident)`` (GEMM-Q);
+  ``linear_q(x, W, b, state, site, row_offset, seq_q, head_dim, clock, ident)`` (GEMM-Q); a fused projection
+  (q, k, v and more in one linear) is first split by linearity into q's linear and one over the other rows
+  (``_fused.split_fused``);
 * each output projection becomes
   ``linear_o(a, W, b, state, site, row_offset, col_offset, seq_q, head_dim, clock, ident)`` (GEMM-O). When the linear reads ``cat([..., a, ...], -1)`` (FLUX single blocks: ``[attn ‖ mlp]``), it
   is split by linearity: GEMM-O over the attention columns plus a plain ``linear`` per other part on the
@@ -27,6 +29,7 @@ from typing import Any, Optional
 import torch
 from torch import fx
 
+from ._fused import split_fused
 from ._fx import linear_args, static_shape
 
 
@@ -69,6 +72,8 @@ def rewrite_attention(gm: fx.GraphModule, site, ops: SiteOps, state_id: int, sit
 def rewrite_linear_q(gm: fx.GraphModule, proj, site, ops: SiteOps, state_id: int, site_id: int, clock=None,
                      ident=None) -> fx.Node:
     g = gm.graph
+    if proj.fused is not None:  # q's rows of a fused linear become a linear of their own (``_fused``)
+        proj.node = split_fused(gm, proj.fused, site.heads, site.head_dim)
     lin = proj.node
     x, w, b = linear_args(lin)
     with g.inserting_before(lin):

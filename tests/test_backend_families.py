@@ -25,17 +25,12 @@ EXPECTED = {
     "sd3": (3, 3, 3, 3, {"joint": 2, "self": 1}, {}, {}),
     # the token refiner's mask is q_valid x k_valid with key 0 kept: factored at run time (omni_compile.masks)
     "hunyuan": (3, 3, 3, 3, {"joint": 2, "self": 1}, {}, {}),
-    "wan": (
-        4, 4, 0, 4, {"self": 2, "cross": 2}, {},
-        {f"blocks.{i}.attn{j}": "spans heads" for i in (0, 1) for j in (1, 2)},
-    ),
+    # Wan and LTX normalise q over all heads: GEMM-Q on the query blocks every head reuses
+    "wan": (4, 4, 4, 4, {"self": 2, "cross": 2}, {}, {}),
     "cogvideox": (2, 2, 2, 2, {"joint": 2}, {}, {}),
     "pixart": (4, 4, 4, 4, {"self": 2, "cross": 2}, {}, {}),
     "dit": (2, 2, 2, 2, {"self": 2}, {}, {}),
-    "ltx": (
-        2, 2, 0, 2, {"self": 1, "cross": 1}, {},
-        {"transformer_blocks.0.attn1": "spans heads", "transformer_blocks.0.attn2": "spans heads"},
-    ),
+    "ltx": (2, 2, 2, 2, {"self": 1, "cross": 1}, {}, {}),
 }
 
 # text/vision split of one joint site per family: (site, segments)
@@ -105,6 +100,7 @@ def test_family_coverage_and_dense_equivalence(family):
             assert s.calls == 0
         if s.rewritten and not s.gemm_q:
             assert noq_reasons[s.name] in s.gemm_q_reason
+        assert (s.q_mixes_heads is not None) == (s.gemm_q and family in ("wan", "ltx"))
     assert {s.name for s in sites if not s.rewritten} == set(dense_reasons)
     assert {s.name for s in sites if s.rewritten and not s.gemm_q} == set(noq_reasons)
     if family in JOINT_SPLIT:

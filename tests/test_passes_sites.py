@@ -122,7 +122,7 @@ def test_masks_with_a_query_axis_are_rewritten_and_run_exactly():
     "variant, q_ok, o_ok, why",
     [
         ("plain", True, True, None),
-        ("norm_all_heads", False, True, "spans heads"),
+        ("norm_all_heads", True, True, "spans heads"),  # token-local: GEMM-Q on blocks every head reuses
         ("mean_over_tokens", False, True, "reduces over tokens"),
         ("out_leak", True, False, "reduces over tokens or heads"),
         ("rotate_half", True, True, None),
@@ -137,7 +137,8 @@ def test_gemm_validity(variant, q_ok, o_ok, why):
     (site,) = st.sites
     assert site.rewritten and site.gemm_q == q_ok and site.gemm_o == o_ok
     if why:
-        assert why in (site.gemm_q_reason if not q_ok else site.gemm_o_reason)
+        assert why in (site.gemm_q_reason if not q_ok else site.q_mixes_heads if o_ok else site.gemm_o_reason)
+    assert (site.q_mixes_heads is not None) == (variant == "norm_all_heads")
     with torch.no_grad():
         torch.testing.assert_close(out, model(x), rtol=1e-4, atol=1e-4)
 

@@ -348,10 +348,9 @@ def test_sparse_runtime_on_every_family(family):
 
 @pytest.mark.parametrize("batch", [1, 2])
 def test_key_padding_mask_sites_dispatch_on_kept_keys(batch):
-    """HunyuanVideo passes a text key-padding mask to its joint sites. With one padding pattern for all
-    items the runtime drops the masked keys and dispatches sparse on the rest (no reuse, no skip: the
-    result must equal the eager masked model); patterns that differ per item fall back to masked dense
-    attention with a reason, never to a wrong result."""
+    """HunyuanVideo passes a text key-padding mask to its joint sites. The runtime drops the masked keys and
+    dispatches sparse on the rest (no reuse, no skip: the result must equal the eager masked model); items
+    whose patterns differ (batched CFG) run as groups, each with its own symbols on its own keys."""
     import _tiny_models as T
 
     model, make_inputs = T.build("hunyuan", batch=batch)
@@ -370,11 +369,10 @@ def test_key_padding_mask_sites_dispatch_on_kept_keys(batch):
     assert masked
     for s in masked:
         (ss,) = s.streams.values()
-        if batch == 1:
-            assert ss.sparse_calls["attention"] == 2 and s.runtime_reason is None
-            assert ss.symbols.seq_kv < s.seq_kv  # the padded keys were dropped
-        else:
-            assert ss.sparse_calls["attention"] == 0 and "mask" in s.runtime_reason
+        assert ss.sparse_calls["attention"] == 2 and s.runtime_reason is None
+        assert ss.symbols.seq_kv < s.seq_kv  # the padded keys were dropped
+        assert len(ss.group_symbols) == batch
+        assert len({g.seq_kv for g in ss.group_symbols}) == batch  # each item on its own kept keys
 
 
 def test_kept_keys_reads_every_form_of_key_padding_mask():
