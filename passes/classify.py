@@ -50,7 +50,29 @@ def text_length(gm: fx.GraphModule) -> Optional[int]:
     return None
 
 
-def text_lengths(gm: fx.GraphModule) -> frozenset:
+class TextStream(frozenset):
+    """The lengths the text token stream takes (a frozenset: ``length in stream``), and where each node's
+    value comes from (``source``): what :func:`classify` needs to tell text tokens from image tokens."""
+
+    deps: dict
+    text: frozenset
+    small: frozenset
+
+    def source(self, node) -> str:
+        """``"text"``: computed from the text input, parameters and per-item conditioning alone;
+        ``"image"``: from other token inputs (the latents) and not the text; ``"both"`` or ``"unknown"``."""
+        d = self.deps.get(node)
+        if d is None:
+            return "unknown"
+        token = d - self.small
+        if token and token <= self.text:
+            return "text"
+        if token and not token & self.text:
+            return "image"
+        return "both" if token else "unknown"
+
+
+def text_lengths(gm: fx.GraphModule) -> TextStream:
     """Every length the text token stream takes before it meets the image: the text input's, and those of
     ``[B, L, C]`` tensors computed from the text input, parameters and per-item conditioning alone (inputs
     of at most two dimensions: timestep, pooled embeddings). AuraFlow prepends 8 learned register tokens
@@ -81,7 +103,9 @@ def text_lengths(gm: fx.GraphModule) -> frozenset:
         shp = static_shape(n)
         if shp is not None and len(shp) == 3:
             lengths.add(shp[1])
-    return frozenset(lengths)
+    out = TextStream(lengths)
+    out.deps, out.text, out.small = deps, frozenset(text), frozenset(small)
+    return out
 
 
 def timestep_input(gm: fx.GraphModule) -> Optional[fx.Node]:
@@ -122,8 +146,8 @@ def token_grid(gm: fx.GraphModule, batch: int) -> Optional[tuple]:
 
 
 def _token_parts(x: fx.Node) -> Optional[list]:
-    """Lengths of the token-axis ``cat`` parts that ``x`` [B, S, C] comes from, walking back through
-    per-token ops (norms, modulation, casts); None when no such cat is found."""
+    """``(node, length)`` of the token-axis ``cat`` parts that ``x`` [B, S, C] comes from, walking back
+    through per-token ops (norms, modulation, casts); None when no such cat is found."""
     shp = static_shape(x)
     if shp is None or len(shp) != 3:
         return None
@@ -135,7 +159,7 @@ def _token_parts(x: fx.Node) -> Optional[list]:
             if dim % 3 == 1:
                 parts = n.args[0] if n.args else n.kwargs["tensors"]
                 lens = [static_shape(p)[1] if static_shape(p) else None for p in parts]
-                return None if None in lens else lens
+                return None if None in lens else list(zip(parts, lens))
             return None
         if name not in _PASS_THROUGH:
             return None
@@ -165,8 +189,26 @@ def _modality(name: str, length: int, text_len, names_decide: bool = False) -> s
     return "vision"
 
 
+def _stream(node, length: int, text_len, alone: bool = False) -> str:
+    """Modality of the tokens of ``node`` (a token stream ``[B, L, C]``): by where its value comes from when
+    that is text or image alone. A stream computed from both is, when it attends ``alone`` (not as one part
+    of a joint sequence), the image after a cross-attention to the text; as a part of a joint sequence both
+    streams read both after the first joint attention, and its length decides."""
+    src = text_len.source(node) if isinstance(text_len, TextStream) else "unknown"
+    if src in ("text", "image"):
+        return "text" if src == "text" else "vision"
+    if alone and src == "both":
+        return "vision"
+    return "text" if length in text_len else "vision"
+
+
+def _projected(p, length: int, text_len) -> str:
+    """Modality of the rows of projection ``p``: text for a context projection's name, else by its input."""
+    return "text" if _hinted(p.name) else _stream(linear_args(p.node)[0], length, text_len, alone=True)
+
+
 def classify(site, walk, text_len):
-    """(kind, segments, kv_segments) for a site, from its walk (projections) and the text stream's lengths
+    """(kind, segments, kv_segments) for a site, from its walk (projections) and the text stream
     (:func:`text_lengths`; an int or None is taken as that one length or none)."""
     if text_len is None or isinstance(text_len, int):
         text_len = frozenset() if text_len is None else frozenset((text_len,))
@@ -184,14 +226,17 @@ def classify(site, walk, text_len):
             segs.append((_modality(p.name, p.rows, text_len, named), off, off + p.rows))
             off += p.rows
     elif len(qp) == 1:
-        lens = _token_parts(linear_args(qp[0].node)[0])
-        if lens and len(lens) > 1 and sum(lens) == site.seq_q:
+        x = linear_args(qp[0].node)[0]
+        parts = _token_parts(x)
+        if parts and len(parts) > 1 and sum(n for _, n in parts) == site.seq_q:
             off = 0
-            for n in lens:
-                segs.append(("text" if n in text_len else "vision", off, off + n))
+            for node, n in parts:
+                segs.append((_stream(node, n, text_len), off, off + n))
                 off += n
+        elif _hinted(qp[0].name):
+            segs.append(("text", 0, site.seq_q))
         else:
-            segs.append((_modality(qp[0].name, site.seq_q, text_len), 0, site.seq_q))
+            segs.append((_stream(x, site.seq_q, text_len, alone=True), 0, site.seq_q))
     if not segs or segs[-1][2] != site.seq_q:
         segs = [("text" if site.seq_q in text_len else "vision", 0, site.seq_q)]
 
@@ -207,11 +252,11 @@ def classify(site, walk, text_len):
         for p in placed:  # keys made of several projections' rows (PRX: text then image)
             if p.row_offset != off:
                 break
-            kv.append((_modality(p.name, p.rows, text_len), off, off + p.rows))
+            kv.append((_projected(p, p.rows, text_len), off, off + p.rows))
             off += p.rows
         if off != site.seq_kv or not kv:
-            kname = kp[0].name if kp else ""
-            kv = [(_modality(kname, site.seq_kv, text_len), 0, site.seq_kv)]
+            kv = [(_projected(kp[0], site.seq_kv, text_len) if kp else
+                   ("text" if site.seq_kv in text_len else "vision"), 0, site.seq_kv)]
         return "cross", segs, kv
     mods = {s[0] for s in segs}
     kind = "joint" if {"text", "vision"} <= mods else "self"
