@@ -57,7 +57,8 @@ class Row:
     segments: dict = field(default_factory=dict)
     """Site name -> (kind, segments, kv_segments) of the rewritten sites."""
     reasons: list = field(default_factory=list)
-    """Why sites stay dense or lack GEMM-Q/GEMM-O, and why the runtime ran rewritten sites dense."""
+    """``"<site, graph or loop>: <why>"``: why sites stay dense or lack GEMM-Q/GEMM-O, why the runtime ran
+    rewritten sites dense, graph breaks inside attention code, a loop with no dispatch step."""
     error: str = ""
     seconds: float = 0.0
 
@@ -163,9 +164,9 @@ def check_family(name: str) -> Row:
         row.q_projections = sum(1 for s in sites if s.rewritten and s.q_projections)
         row.segments = {s.name: (s.kind, s.segments, s.kv_segments) for s in sites if s.rewritten}
         row.reasons = _reasons(state)
-        row.reasons += [f"graph break inside attention code at {b['where']} ({b['reason']}): its attention runs "
-                        "outside every compiled graph" for b in (e.get("graph_break") for e in state.compiles)
-                        if b and b["in_attention"]]
+        row.reasons += [f"graph: Dynamo breaks the graph inside attention code at {b['where']} ({b['reason']}), "
+                        "so that attention runs outside every compiled graph"
+                        for b in (e.get("graph_break") for e in state.compiles) if b and b["in_attention"]]
 
         state.configure(policy=Fixed(reuse=0.75, skip=0.5))
         row.sparse_finite = True
@@ -181,7 +182,7 @@ def check_family(name: str) -> Row:
         row.reasons += sorted({f"{s.name}: runtime: {s.runtime_reason}" for s in state.sites
                                if s.rewritten and s.runtime_reason})
         if row.rewritten and not row.dispatch_sites and state.clock.generation >= len(SIGMAS) - 1:
-            row.reasons.append(f"clock: every step of the loop started a new generation (the pipeline passes "
+            row.reasons.append(f"loop: the step clock started a new generation at every step (the pipeline passes "
                                f"{TF.META[name].direction} timesteps)")
     except Exception as e:  # noqa: BLE001  (the row says what broke; the test asserts there is no error)
         row.error = f"{type(e).__name__}: {str(e)[:400]}"

@@ -29,9 +29,9 @@ BEGIN, END = "<!-- coverage table: tools/passes_coverage.py -->", "<!-- end of c
 
 
 def _short(reason: str) -> str:
-    """A reason without FX node names (``(add_3)``) and site prefixes, for the table."""
-    reason = re.sub(r" \((?=[a-z_\d]*[_\d])[a-z_\d]+\)", "", reason)
-    return reason.split(": ", 1)[1] if ": " in reason else reason
+    """A reason without its site (or ``graph:`` / ``loop:``) prefix and FX node names (``(add_3)``)."""
+    reason = reason.split(": ", 1)[1] if ": " in reason else reason
+    return re.sub(r" \((?=[a-z_\d]*[_\d])[a-z_\d]+\)", "", reason)
 
 
 def status(row: C.Row) -> str:
@@ -49,13 +49,13 @@ def notes(row: C.Row) -> str:
         key = _short(r)
         seen[key] = seen.get(key, 0) + 1
     if row.sdpa_calls > row.sites:
-        seen[f"{row.sdpa_calls - row.sites} SDPA call(s) run outside every compiled graph (graph breaks)"] = 1
+        seen[f"{row.sdpa_calls - row.sites} of {row.sdpa_calls} SDPA calls run in no compiled graph"] = 1
     return "; ".join(f"{n}x {k}" if n > 1 else k for k, n in seen.items()) or "—"
 
 
 def table(rows) -> str:
     lines = [
-        "| family (class) | pipeline: timestep, CFG | SDPA sites | rewritten | GEMM-Q | GEMM-O | sparse loop | "
+        "| family (class) | pipeline: timestep, CFG | SDPA sites | rewritten | GEMM-Q / q proj. | GEMM-O | sparse loop | "
         "left dense / without GEMM-Q or GEMM-O, and why |",
         "|---|---|---:|---:|---:|---:|---|---|",
     ]
@@ -63,7 +63,7 @@ def table(rows) -> str:
         m = TF.META[r.family]
         lines.append(
             f"| {r.family} (`{m.cls}`) | `{m.timestep_arg}` = {m.convert}, {m.direction}; CFG {m.cfg} | "
-            f"{r.sdpa_calls} | {r.rewritten} | {r.gemm_q} | {r.gemm_o} | {status(r)} | {notes(r)} |")
+            f"{r.sdpa_calls} | {r.rewritten} | {r.gemm_q}/{r.q_projections} | {r.gemm_o} | {status(r)} | {notes(r)} |")
     n = len(rows)
     sparse = sum(1 for r in rows if r.dispatch_sites)
     with_q = [r for r in rows if r.q_projections]
@@ -76,7 +76,8 @@ def table(rows) -> str:
 def expectations(rows) -> str:
     out = ["EXPECTED = {"]
     for r in rows:
-        out.append(f"    {r.family!r}: ({r.sdpa_calls}, {r.rewritten}, {r.gemm_q}, {r.gemm_o}, {r.dispatch_sites}),")
+        out.append(f"    {r.family!r}: ({r.sdpa_calls}, {r.rewritten}, {r.q_projections}, {r.gemm_q}, {r.gemm_o}, "
+                   f"{r.dispatch_sites}),")
     out.append("}")
     return "\n".join(out)
 
