@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import inspect
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from omni_compile import OmniConfig, OmniState
+from omni_compile import FlashOmniWarning, OmniConfig, OmniState
 from omni_compile.policies import Fixed
 
 import _tiny_families as TF
@@ -56,6 +57,8 @@ class Row:
     """Largest |sparse - eager| over the loop's calls (0 when nothing dispatched)."""
     segments: dict = field(default_factory=dict)
     """Site name -> (kind, segments, kv_segments) of the rewritten sites."""
+    warnings: list = field(default_factory=list)
+    """The ``FlashOmniWarning`` messages the compile and the calls raised (what the user is told)."""
     reasons: list = field(default_factory=list)
     """``"<site, graph or loop>: <why>"``: why sites stay dense or lack GEMM-Q/GEMM-O, why the runtime ran
     rewritten sites dense, graph breaks inside attention code, a loop with no dispatch step."""
@@ -124,72 +127,78 @@ def _reasons(state) -> list:
 def check_family(name: str) -> Row:
     """Compile ``name`` once and run the dense check and the sparse loop (module docstring)."""
     t0 = time.perf_counter()
-    meta = TF.META[name]
-    row = Row(name, meta.cls)
+    row = Row(name, TF.META[name].cls)
     torch._dynamo.reset()
     try:
-        model, make_inputs = TF.build(name, batch=batch_of(name))
-        # two steps see every input shape twice: a second shape makes Dynamo retrace with symbolic sizes,
-        # and the backend specialises that graph per shape on first use; nothing compiles after that
-        first = step_inputs(name, make_inputs, 0, seed=0) + step_inputs(name, make_inputs, 1, seed=5)
-        fresh = step_inputs(name, make_inputs, 2, seed=10)
-        with torch.no_grad():
-            counter = CountSDPA()
-            with counter:
-                ref_first = [model(**kw) for kw in first]
-            ref_fresh = [model(**kw) for kw in fresh]
-        row.sdpa_calls = counter.calls // len(first)
-
-        state = OmniState(OmniConfig(policy="dense", use_inductor=False, block_q=16, block_kv=16, **LOOP))
-        compiled = torch.compile(model, backend="flashomni", options={"state": state})
-        with torch.no_grad():
-            outs = [compiled(**kw) for kw in first]
-            n_compiles = len(state.compiles)
-            try:
-                with torch.compiler.set_stance("fail_on_recompile"):
-                    outs += [compiled(**kw) for kw in fresh]
-            except RuntimeError as e:
-                if "recompil" not in str(e).lower():
-                    raise
-                row.recompiled = True
-                outs += [compiled(**kw) for kw in fresh]
-        row.recompiled = row.recompiled or len(state.compiles) != n_compiles
-        row.graphs = len(state.compiles)
-        row.dense_max_diff = max(max_diff(o, r) for o, r in zip(outs, ref_first + ref_fresh))
-        sites = state.sites
-        row.sites = len(sites)
-        row.rewritten = sum(s.rewritten for s in sites)
-        row.gemm_q = sum(s.gemm_q for s in sites)
-        row.gemm_o = sum(s.gemm_o for s in sites)
-        row.q_projections = sum(1 for s in sites if s.rewritten and s.q_projections)
-        row.segments = {s.name: (s.kind, s.segments, s.kv_segments) for s in sites if s.rewritten}
-        row.reasons = _reasons(state)
-        row.reasons += [f"graph: Dynamo breaks the graph inside attention code at {b['where']} ({b['reason']}), "
-                        "so that attention runs outside every compiled graph"
-                        for b in (e.get("graph_break") for e in state.compiles) if b and b["in_attention"]]
-
-        state.configure(policy=Fixed(reuse=0.75, skip=0.5))
-        row.sparse_finite = True
-        with torch.no_grad(), torch.compiler.set_stance("eager_on_recompile" if row.recompiled else "fail_on_recompile"):
-            for k in range(len(SIGMAS)):
-                for kw in step_inputs(name, make_inputs, k):
-                    out = compiled(**kw)
-                    row.sparse_finite &= finite(out)
-                    row.sparse_max_diff = max(row.sparse_max_diff, max_diff(out, model(**kw)))
-        rep = state.report()
-        row.dispatch_calls = sum(s["counts"]["dispatch"] for s in rep.sites)
-        row.dispatch_sites = sum(1 for s in rep.sites if s["counts"]["dispatch"])
-        row.reasons += sorted({f"{s.name}: runtime: {s.runtime_reason}" for s in state.sites
-                               if s.rewritten and s.runtime_reason})
-        if row.rewritten and not row.dispatch_sites and state.clock.generation >= len(SIGMAS) - 1:
-            row.reasons.append(f"loop: the step clock started a new generation at every step (the pipeline passes "
-                               f"{TF.META[name].direction} timesteps)")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", FlashOmniWarning)
+            _check(name, row)
+        row.warnings = [str(w.message) for w in caught if issubclass(w.category, FlashOmniWarning)]
     except Exception as e:  # noqa: BLE001  (the row says what broke; the test asserts there is no error)
         row.error = f"{type(e).__name__}: {str(e)[:400]}"
     finally:
         torch._dynamo.reset()
     row.seconds = time.perf_counter() - t0
     return row
+
+
+def _check(name: str, row: Row) -> None:
+    model, make_inputs = TF.build(name, batch=batch_of(name))
+    # two steps see every input shape twice: a second shape makes Dynamo retrace with symbolic sizes, and
+    # the backend specialises that graph per shape on first use; nothing compiles after that
+    first = step_inputs(name, make_inputs, 0, seed=0) + step_inputs(name, make_inputs, 1, seed=5)
+    fresh = step_inputs(name, make_inputs, 2, seed=10)
+    with torch.no_grad():
+        counter = CountSDPA()
+        with counter:
+            ref_first = [model(**kw) for kw in first]
+        ref_fresh = [model(**kw) for kw in fresh]
+    row.sdpa_calls = counter.calls // len(first)
+
+    state = OmniState(OmniConfig(policy="dense", use_inductor=False, block_q=16, block_kv=16, **LOOP))
+    compiled = torch.compile(model, backend="flashomni", options={"state": state})
+    with torch.no_grad():
+        outs = [compiled(**kw) for kw in first]
+        n_compiles = len(state.compiles)
+        try:
+            with torch.compiler.set_stance("fail_on_recompile"):
+                outs += [compiled(**kw) for kw in fresh]
+        except RuntimeError as e:
+            if "recompil" not in str(e).lower():
+                raise
+            row.recompiled = True
+            outs += [compiled(**kw) for kw in fresh]
+    row.recompiled = row.recompiled or len(state.compiles) != n_compiles
+    row.graphs = len(state.compiles)
+    row.dense_max_diff = max(max_diff(o, r) for o, r in zip(outs, ref_first + ref_fresh))
+    sites = state.sites
+    row.sites = len(sites)
+    row.rewritten = sum(s.rewritten for s in sites)
+    row.gemm_q = sum(s.gemm_q for s in sites)
+    row.gemm_o = sum(s.gemm_o for s in sites)
+    row.q_projections = sum(1 for s in sites if s.rewritten and s.q_projections)
+    row.segments = {s.name: (s.kind, s.segments, s.kv_segments) for s in sites if s.rewritten}
+    row.reasons = _reasons(state)
+    row.reasons += [f"graph: Dynamo breaks the graph inside attention code at {b['where']} ({b['reason']}), "
+                    "so that attention runs outside every compiled graph"
+                    for b in (e.get("graph_break") for e in state.compiles) if b and b["in_attention"]]
+
+    state.configure(policy=Fixed(reuse=0.75, skip=0.5))
+    row.sparse_finite = True
+    with torch.no_grad(), torch.compiler.set_stance("eager_on_recompile" if row.recompiled else "fail_on_recompile"):
+        for k in range(len(SIGMAS)):
+            for kw in step_inputs(name, make_inputs, k):
+                out = compiled(**kw)
+                row.sparse_finite &= finite(out)
+                row.sparse_max_diff = max(row.sparse_max_diff, max_diff(out, model(**kw)))
+    rep = state.report()
+    row.dispatch_calls = sum(s["counts"]["dispatch"] for s in rep.sites)
+    row.dispatch_sites = sum(1 for s in rep.sites if s["counts"]["dispatch"])
+    row.reasons += sorted({f"{s.name}: runtime: {s.runtime_reason}" for s in state.sites
+                           if s.rewritten and s.runtime_reason})
+    if row.rewritten and not row.dispatch_sites and state.clock.generation >= len(SIGMAS) - 1:
+        row.reasons.append(f"loop: the step clock started a new generation at every step (the pipeline passes "
+                           f"{TF.META[name].direction} timesteps)")
 
 
 def sparse_loop(name: str, reuse: float = 0.75, **config) -> list:

@@ -79,6 +79,37 @@ _V = ("to_v", "add_v_proj", "v_proj", "wv")
 _OUT = ("to_add_out", "o_proj", "wo", "proj_attn")
 
 
+def _shape(v) -> bool:
+    return isinstance(v, tuple) and bool(v) and all(isinstance(x, int) for x in v)
+
+
+def _inputs(batch: int, timestep: Callable, arg: str = "timestep", dtype=torch.float32, negative: Optional[dict] = None,
+            **spec):
+    """``make_inputs(seed=0, t=None)`` for one pipeline's call: an entry given as a tuple of ints is drawn as
+    ``randn(batch, *shape)`` from the seed's generator (in the order given), a callable is called with that
+    generator, anything else passes as is; ``arg`` gets ``timestep(t)`` for every item (``t``: the scheduler's
+    position, 1 = noise). ``negative``: the entries the negative prompt's call changes, for a two-call CFG
+    pipeline that pads each call's prompt to its own length (``make_inputs`` then takes ``neg=True``)."""
+
+    def draw(seed, t, entries):
+        g = torch.Generator().manual_seed(seed)
+        out = {k: torch.randn(batch, *v, generator=g) if _shape(v) else v(g) if callable(v) else v
+               for k, v in entries.items()}
+        out[arg] = _tvec(timestep(_t(seed, t)), batch, dtype)
+        out["return_dict"] = False
+        return out
+
+    if negative is None:
+        return lambda seed=0, t=None: draw(seed, t, spec)
+    return lambda seed=0, t=None, neg=False: draw(seed, t, {**spec, **negative} if neg else spec)
+
+
+_SCALED = lambda t: 1000 * t  # noqa: E731  (what most pipelines pass: 1000 x the scheduler's position)
+_RAW = lambda t: t  # noqa: E731
+_RISING = lambda t: 1 - t  # noqa: E731
+_DDIM = lambda t: int(999 * t)  # noqa: E731
+
+
 def _spread_attention(model: nn.Module, std: float = 0.5, extra_qk: tuple = ()) -> None:
     """Re-initialise q/k projections (fused ones included) so logits spread (std ~3), v and output projections
     at unit/3x gain: with diffusers' default init a tiny model's attention is nearly uniform."""
@@ -184,16 +215,8 @@ def mochi(batch: int = 1):
         max_sequence_length=8,
     )
 
-    def make_inputs(seed: int = 0, t: Optional[float] = None):
-        g = torch.Generator().manual_seed(seed)
-        return dict(
-            hidden_states=torch.randn(batch, 4, 2, 8, 8, generator=g),
-            encoder_hidden_states=torch.randn(batch, 8, 16, generator=g),
-            timestep=_tvec(1000 * (1 - _t(seed, t)), batch),
-            encoder_attention_mask=_pad_mask(batch, 8, dtype=torch.bool),
-            return_dict=False,
-        )
-
+    make_inputs = _inputs(batch, lambda t: 1000 * (1 - t), hidden_states=(4, 2, 8, 8), encoder_hidden_states=(8, 16),
+                          encoder_attention_mask=lambda g: _pad_mask(batch, 8, dtype=torch.bool))
     return m, make_inputs
 
 
@@ -213,16 +236,8 @@ def lumina2(batch: int = 1):
         cap_feat_dim=16,
     )
 
-    def make_inputs(seed: int = 0, t: Optional[float] = None):
-        g = torch.Generator().manual_seed(seed)
-        return dict(
-            hidden_states=torch.randn(batch, 4, 8, 8, generator=g),
-            timestep=_tvec(1 - _t(seed, t), batch),
-            encoder_hidden_states=torch.randn(batch, 8, 16, generator=g),
-            encoder_attention_mask=_pad_mask(batch, 8, dtype=torch.bool),
-            return_dict=False,
-        )
-
+    make_inputs = _inputs(batch, _RISING, hidden_states=(4, 8, 8), encoder_hidden_states=(8, 16),
+                          encoder_attention_mask=lambda g: _pad_mask(batch, 8, dtype=torch.bool))
     return m, make_inputs
 
 
@@ -242,18 +257,10 @@ def lumina_next(batch: int = 1):
     )
     rope = get_2d_rotary_pos_embed_lumina(16, 384, 384)
 
-    def make_inputs(seed: int = 0, t: Optional[float] = None):
-        g = torch.Generator().manual_seed(seed)
-        return dict(
-            hidden_states=torch.randn(batch, 4, 8, 8, generator=g),
-            timestep=_tvec(1 - _t(seed, t), batch),
-            encoder_hidden_states=torch.randn(batch, 8, 16, generator=g),
-            encoder_mask=_pad_mask(batch, 8),
-            image_rotary_emb=rope,
-            cross_attention_kwargs={"base_sequence_length": 16},  # proportional_attn: (default_image_size // 16) ** 2
-            return_dict=False,
-        )
-
+    make_inputs = _inputs(batch, _RISING, hidden_states=(4, 8, 8), encoder_hidden_states=(8, 16),
+                          encoder_mask=lambda g: _pad_mask(batch, 8), image_rotary_emb=rope,
+                          # proportional_attn: (default_image_size // 16) ** 2
+                          cross_attention_kwargs={"base_sequence_length": 16})
     return m, make_inputs
 
 
@@ -271,16 +278,8 @@ def sana(batch: int = 1):
         sample_size=8, patch_size=1,
     )
 
-    def make_inputs(seed: int = 0, t: Optional[float] = None):
-        g = torch.Generator().manual_seed(seed)
-        return dict(
-            hidden_states=torch.randn(batch, 4, 8, 8, generator=g),
-            encoder_hidden_states=torch.randn(batch, 8, 16, generator=g),
-            encoder_attention_mask=_pad_mask(batch, 8),
-            timestep=_tvec(1000 * _t(seed, t), batch),
-            return_dict=False,
-        )
-
+    make_inputs = _inputs(batch, _SCALED, hidden_states=(4, 8, 8), encoder_hidden_states=(8, 16),
+                          encoder_attention_mask=lambda g: _pad_mask(batch, 8))
     return m, make_inputs
 
 
@@ -298,16 +297,8 @@ def sana_video(batch: int = 1):
         sample_size=8, patch_size=(1, 2, 2), rope_max_seq_len=32,
     )
 
-    def make_inputs(seed: int = 0, t: Optional[float] = None):
-        g = torch.Generator().manual_seed(seed)
-        return dict(
-            hidden_states=torch.randn(batch, 4, 2, 8, 8, generator=g),
-            encoder_hidden_states=torch.randn(batch, 8, 16, generator=g),
-            encoder_attention_mask=_pad_mask(batch, 8),
-            timestep=_tvec(1000 * _t(seed, t), batch),
-            return_dict=False,
-        )
-
+    make_inputs = _inputs(batch, _SCALED, hidden_states=(4, 2, 8, 8), encoder_hidden_states=(8, 16),
+                          encoder_attention_mask=lambda g: _pad_mask(batch, 8))
     return m, make_inputs
 
 
@@ -327,15 +318,7 @@ def auraflow(batch: int = 1):
     _boost(m, "norm1.linear", 30.0)
     _boost(m, "norm1_context.linear", 30.0)
 
-    def make_inputs(seed: int = 0, t: Optional[float] = None):
-        g = torch.Generator().manual_seed(seed)
-        return dict(
-            hidden_states=torch.randn(batch, 4, 16, 16, generator=g),
-            encoder_hidden_states=torch.randn(batch, 8, 16, generator=g),
-            timestep=_tvec(_t(seed, t), batch),
-            return_dict=False,
-        )
-
+    make_inputs = _inputs(batch, _RAW, hidden_states=(4, 16, 16), encoder_hidden_states=(8, 16))
     return m, make_inputs
 
 
@@ -355,17 +338,9 @@ def hidream(batch: int = 1):
     )
     _boost(m, "adaLN_modulation.1", 30.0)
 
-    def make_inputs(seed: int = 0, t: Optional[float] = None):
-        g = torch.Generator().manual_seed(seed)
-        return dict(
-            hidden_states=torch.randn(batch, 4, 8, 8, generator=g),
-            timesteps=_tvec(1000 * _t(seed, t), batch),
-            encoder_hidden_states_t5=torch.randn(batch, 8, 16, generator=g),
-            encoder_hidden_states_llama3=torch.randn(2, batch, 8, 8, generator=g),
-            pooled_embeds=torch.randn(batch, 16, generator=g),
-            return_dict=False,
-        )
-
+    make_inputs = _inputs(batch, _SCALED, arg="timesteps", hidden_states=(4, 8, 8), encoder_hidden_states_t5=(8, 16),
+                          encoder_hidden_states_llama3=lambda g: torch.randn(2, batch, 8, 8, generator=g),
+                          pooled_embeds=(16,))
     return m, make_inputs
 
 
@@ -386,21 +361,12 @@ def hunyuandit(batch: int = 1):
     )
     rope = get_2d_rotary_pos_embed(16, ((0, 0), (4, 4)), (4, 4), output_type="pt")
 
-    def make_inputs(seed: int = 0, t: Optional[float] = None):
-        g = torch.Generator().manual_seed(seed)
-        return dict(
-            hidden_states=torch.randn(batch, 4, 8, 8, generator=g),
-            timestep=_tvec(float(int(999 * _t(seed, t))), batch),
-            encoder_hidden_states=torch.randn(batch, 8, 16, generator=g),
-            text_embedding_mask=_pad_mask(batch, 8),
-            encoder_hidden_states_t5=torch.randn(batch, 8, 16, generator=g),
-            text_embedding_mask_t5=_pad_mask(batch, 8, keep=5),
-            image_meta_size=torch.tensor([[64, 64, 64, 64, 0, 0]] * batch, dtype=torch.float32),
-            style=torch.zeros(batch, dtype=torch.long),
-            image_rotary_emb=rope,
-            return_dict=False,
-        )
-
+    make_inputs = _inputs(
+        batch, lambda t: float(int(999 * t)), hidden_states=(4, 8, 8), encoder_hidden_states=(8, 16),
+        text_embedding_mask=lambda g: _pad_mask(batch, 8), encoder_hidden_states_t5=(8, 16),
+        text_embedding_mask_t5=lambda g: _pad_mask(batch, 8, keep=5),
+        image_meta_size=torch.tensor([[64, 64, 64, 64, 0, 0]] * batch, dtype=torch.float32),
+        style=torch.zeros(batch, dtype=torch.long), image_rotary_emb=rope)
     return m, make_inputs
 
 
@@ -423,17 +389,8 @@ def allegro(batch: int = 1):
     pos = torch.cartesian_prod(gt.long(), gh.long(), gw.long()).reshape(-1, 3).transpose(0, 1).reshape(3, 1, -1)
     rope = ((ft, fh, fw), tuple(pos.contiguous()))
 
-    def make_inputs(seed: int = 0, t: Optional[float] = None):
-        g = torch.Generator().manual_seed(seed)
-        return dict(
-            hidden_states=torch.randn(batch, 4, 2, 8, 8, generator=g),
-            encoder_hidden_states=torch.randn(batch, 8, 16, generator=g),
-            encoder_attention_mask=_pad_mask(batch, 8),
-            timestep=_tvec(1000 * _t(seed, t), batch),
-            image_rotary_emb=rope,
-            return_dict=False,
-        )
-
+    make_inputs = _inputs(batch, _SCALED, hidden_states=(4, 2, 8, 8), encoder_hidden_states=(8, 16),
+                          encoder_attention_mask=lambda g: _pad_mask(batch, 8), image_rotary_emb=rope)
     return m, make_inputs
 
 
@@ -481,16 +438,9 @@ def cogview3plus(batch: int = 1):
         text_embed_dim=16, time_embed_dim=8, condition_dim=2, pos_embed_max_size=8, sample_size=8,
     )
 
-    def make_inputs(seed: int = 0, t: Optional[float] = None):
-        g = torch.Generator().manual_seed(seed)
-        return dict(
-            hidden_states=torch.randn(batch, 4, 8, 8, generator=g),
-            encoder_hidden_states=torch.randn(batch, 8, 16, generator=g),
-            timestep=_tvec(int(999 * _t(seed, t)), batch, torch.long),
-            original_size=torch.tensor([[64, 64]] * batch), target_size=torch.tensor([[64, 64]] * batch),
-            crop_coords=torch.tensor([[0, 0]] * batch), return_dict=False,
-        )
-
+    make_inputs = _inputs(batch, _DDIM, dtype=torch.long, hidden_states=(4, 8, 8), encoder_hidden_states=(8, 16),
+                          original_size=torch.tensor([[64, 64]] * batch), target_size=torch.tensor([[64, 64]] * batch),
+                          crop_coords=torch.tensor([[0, 0]] * batch))
     return m, make_inputs
 
 
@@ -507,16 +457,9 @@ def cogview4(batch: int = 1):
         text_embed_dim=16, time_embed_dim=8, condition_dim=4,
     )
 
-    def make_inputs(seed: int = 0, t: Optional[float] = None, neg: bool = False):
-        g = torch.Generator().manual_seed(seed)
-        return dict(
-            hidden_states=torch.randn(batch, 4, 8, 8, generator=g),
-            encoder_hidden_states=torch.randn(batch, 16 if neg else 32, 16, generator=g),
-            timestep=_tvec(1000 * _t(seed, t), batch),
-            original_size=torch.tensor([[64.0, 64.0]] * batch), target_size=torch.tensor([[64.0, 64.0]] * batch),
-            crop_coords=torch.tensor([[0.0, 0.0]] * batch), return_dict=False,
-        )
-
+    make_inputs = _inputs(batch, _SCALED, negative=dict(encoder_hidden_states=(16, 16)), hidden_states=(4, 8, 8),
+                          encoder_hidden_states=(32, 16), original_size=torch.tensor([[64.0, 64.0]] * batch),
+                          target_size=torch.tensor([[64.0, 64.0]] * batch), crop_coords=torch.tensor([[0.0, 0.0]] * batch))
     return m, make_inputs
 
 
@@ -552,15 +495,8 @@ def cosmos(batch: int = 1):
         concat_padding_mask=True, extra_pos_embed_type=None,
     )
 
-    def make_inputs(seed: int = 0, t: Optional[float] = None):
-        g = torch.Generator().manual_seed(seed)
-        return dict(
-            hidden_states=torch.randn(batch, 4, 1, 8, 8, generator=g),
-            timestep=_tvec(_t(seed, t), batch),
-            encoder_hidden_states=torch.randn(batch, 8, 16, generator=g),
-            padding_mask=torch.zeros(1, 1, 8, 8), return_dict=False,
-        )
-
+    make_inputs = _inputs(batch, _RAW, hidden_states=(4, 1, 8, 8), encoder_hidden_states=(8, 16),
+                          padding_mask=torch.zeros(1, 1, 8, 8))
     return m, make_inputs
 
 
@@ -577,39 +513,21 @@ def easyanimate(batch: int = 1):
         time_position_encoding_type="3d_rope", timestep_activation_fn="silu",
     )
 
-    def make_inputs(seed: int = 0, t: Optional[float] = None):
-        g = torch.Generator().manual_seed(seed)
-        return dict(
-            hidden_states=torch.randn(batch, 4, 2, 8, 8, generator=g),
-            timestep=_tvec(1000 * _t(seed, t), batch),
-            encoder_hidden_states=torch.randn(batch, 8, 16, generator=g),
-            return_dict=False,
-        )
-
+    make_inputs = _inputs(batch, _SCALED, hidden_states=(4, 2, 8, 8), encoder_hidden_states=(8, 16))
     return m, make_inputs
 
 
-def _wan_like(cls, batch, extra=None, **kw):
+def _wan_like(cls, batch, inputs=None, **kw):
+    """A Wan-style model (``cls`` with ``kw`` over the tiny defaults) and its inputs, ``inputs`` (``_inputs``
+    entries) added to or replacing the latents and the text."""
     import diffusers
 
     args = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
                 text_dim=16, freq_dim=16, ffn_dim=32, num_layers=1, rope_max_seq_len=32)
     args.update(kw)
     m = getattr(diffusers, cls)(**args)
-
-    def make_inputs(seed: int = 0, t: Optional[float] = None):
-        g = torch.Generator().manual_seed(seed)
-        d = dict(
-            hidden_states=torch.randn(batch, args["in_channels"], 2, 8, 8, generator=g),
-            timestep=_tvec(1000 * _t(seed, t), batch),
-            encoder_hidden_states=torch.randn(batch, 8, 16, generator=g),
-            return_dict=False,
-        )
-        if extra:
-            d.update(extra(g))
-        return d
-
-    return m, make_inputs
+    spec = {"hidden_states": (args["in_channels"], 2, 8, 8), "encoder_hidden_states": (8, 16), **(inputs or {})}
+    return m, _inputs(batch, _SCALED, **spec)
 
 
 @family(Meta(
@@ -626,8 +544,7 @@ def skyreels_v2(batch: int = 1):
 ))
 def wan_vace(batch: int = 1):
     return _wan_like("WanVACETransformer3DModel", batch, vace_layers=[0], vace_in_channels=12,
-                     extra=lambda g: dict(control_hidden_states=torch.randn(batch, 12, 2, 8, 8, generator=g),
-                                          control_hidden_states_scale=torch.ones(1)))
+                     inputs=dict(control_hidden_states=(12, 2, 8, 8), control_hidden_states_scale=torch.ones(1)))
 
 
 @family(Meta(
@@ -637,17 +554,9 @@ def wan_vace(batch: int = 1):
                            "tokens (the processor splits image/text context at len - 512)",
 ))
 def chronoedit(batch: int = 1):
-    m, mk = _wan_like("ChronoEditTransformer3DModel", batch, in_channels=8, image_dim=16, added_kv_proj_dim=32,
-                      extra=lambda g: dict(encoder_hidden_states_image=torch.randn(batch, 4, 16, generator=g)))
-
-    def make_inputs(seed: int = 0, t: Optional[float] = None):
-        # the I2V cross-attention splits the context as [image tokens | 512 text tokens] (text length hard-coded)
-        d = mk(seed, t)
-        g = torch.Generator().manual_seed(seed + 7)
-        d["encoder_hidden_states"] = torch.randn(batch, 512, 16, generator=g)
-        return d
-
-    return m, make_inputs
+    # the I2V cross-attention splits the context as [image tokens | 512 text tokens] (text length hard-coded)
+    return _wan_like("ChronoEditTransformer3DModel", batch, in_channels=8, image_dim=16, added_kv_proj_dim=32,
+                     inputs=dict(encoder_hidden_states=(512, 16), encoder_hidden_states_image=(4, 16)))
 
 
 @family(Meta(
@@ -690,18 +599,11 @@ def flux2(batch: int = 1):
         joint_attention_dim=32, timestep_guidance_channels=256, axes_dims_rope=[4, 4, 4, 4],
     )
 
-    def make_inputs(seed: int = 0, t: Optional[float] = None):
-        g = torch.Generator().manual_seed(seed)
-        img_ids = torch.cartesian_prod(torch.arange(1), torch.arange(4), torch.arange(4), torch.arange(1))
-        txt_ids = torch.cartesian_prod(torch.arange(1), torch.arange(1), torch.arange(1), torch.arange(8))
-        return dict(
-            hidden_states=torch.randn(batch, 16, 4, generator=g),
-            encoder_hidden_states=torch.randn(batch, 8, 32, generator=g),
-            timestep=_tvec(_t(seed, t), batch),
-            img_ids=img_ids.unsqueeze(0).expand(batch, -1, -1), txt_ids=txt_ids.unsqueeze(0).expand(batch, -1, -1),
-            guidance=_tvec(4.0, batch), return_dict=False,
-        )
-
+    img_ids = torch.cartesian_prod(torch.arange(1), torch.arange(4), torch.arange(4), torch.arange(1))
+    txt_ids = torch.cartesian_prod(torch.arange(1), torch.arange(1), torch.arange(1), torch.arange(8))
+    make_inputs = _inputs(batch, _RAW, hidden_states=(16, 4), encoder_hidden_states=(8, 32),
+                          img_ids=img_ids.unsqueeze(0).expand(batch, -1, -1),
+                          txt_ids=txt_ids.unsqueeze(0).expand(batch, -1, -1), guidance=_tvec(4.0, batch))
     return m, make_inputs
 
 
@@ -784,15 +686,8 @@ def latte(batch: int = 1):
         video_length=2,
     )
 
-    def make_inputs(seed: int = 0, t: Optional[float] = None):
-        g = torch.Generator().manual_seed(seed)
-        return dict(
-            hidden_states=torch.randn(batch, 4, 2, 8, 8, generator=g),
-            encoder_hidden_states=torch.randn(batch, 8, 16, generator=g),
-            timestep=_tvec(int(999 * _t(seed, t)), batch, torch.long),
-            enable_temporal_attentions=True, return_dict=False,
-        )
-
+    make_inputs = _inputs(batch, _DDIM, dtype=torch.long, hidden_states=(4, 2, 8, 8), encoder_hidden_states=(8, 16),
+                          enable_temporal_attentions=True)
     return m, make_inputs
 
 
@@ -812,16 +707,8 @@ def consisid(batch: int = 1):
         LFE_num_heads=2, LFE_num_id_token=1, LFE_num_querie=1, LFE_output_dim=21, LFE_ff_mult=1, LFE_num_scale=1,
     )
 
-    def make_inputs(seed: int = 0, t: Optional[float] = None):
-        g = torch.Generator().manual_seed(seed)
-        return dict(
-            hidden_states=torch.randn(batch, 1, 8, 8, 8, generator=g),
-            encoder_hidden_states=torch.randn(batch, 8, 16, generator=g),
-            timestep=_tvec(int(999 * _t(seed, t)), batch, torch.long),
-            id_vit_hidden=[torch.randn(batch, 2, 2, generator=g)], id_cond=torch.randn(batch, 2, generator=g),
-            return_dict=False,
-        )
-
+    make_inputs = _inputs(batch, _DDIM, dtype=torch.long, hidden_states=(1, 8, 8, 8), encoder_hidden_states=(8, 16),
+                          id_vit_hidden=lambda g: [torch.randn(batch, 2, 2, generator=g)], id_cond=(2,))
     return m, make_inputs
 
 
@@ -845,7 +732,7 @@ def hunyuan_framepack(batch: int = 1):
         g = torch.Generator().manual_seed(seed)
         f = 2
         return dict(
-            hidden_states=torch.randn(batch, 4, f, 4, 4, generator=g),
+            hidden_states=torch.randn(batch, 4, f, 8, 8, generator=g),  # 32 tokens: two vision blocks of 16
             timestep=_tvec(1000 * _t(seed, t), batch),
             encoder_hidden_states=torch.randn(batch, 8, 16, generator=g),
             encoder_attention_mask=_pad_mask(batch, 8),
@@ -853,9 +740,9 @@ def hunyuan_framepack(batch: int = 1):
             image_embeds=torch.randn(batch, 4, 16, generator=g),
             indices_latents=torch.arange(f),
             guidance=_tvec(10.0 * 1000, batch),
-            latents_clean=torch.randn(batch, 4, 1, 4, 4, generator=g), indices_latents_clean=torch.tensor([f]),
-            latents_history_2x=torch.randn(batch, 4, 2, 4, 4, generator=g), indices_latents_history_2x=torch.arange(2),
-            latents_history_4x=torch.randn(batch, 4, 4, 4, 4, generator=g), indices_latents_history_4x=torch.arange(4),
+            latents_clean=torch.randn(batch, 4, 1, 8, 8, generator=g), indices_latents_clean=torch.tensor([f]),
+            latents_history_2x=torch.randn(batch, 4, 2, 8, 8, generator=g), indices_latents_history_2x=torch.arange(2),
+            latents_history_4x=torch.randn(batch, 4, 4, 8, 8, generator=g), indices_latents_history_4x=torch.arange(4),
             return_dict=False,
         )
 
@@ -875,16 +762,8 @@ def hunyuan_image(batch: int = 1):
         num_refiner_layers=1, patch_size=(1, 1), text_embed_dim=16, rope_axes_dim=(8, 8),
     )
 
-    def make_inputs(seed: int = 0, t: Optional[float] = None):
-        g = torch.Generator().manual_seed(seed)
-        return dict(
-            hidden_states=torch.randn(batch, 4, 4, 4, generator=g),
-            timestep=_tvec(1000 * _t(seed, t), batch),
-            encoder_hidden_states=torch.randn(batch, 8, 16, generator=g),
-            encoder_attention_mask=_pad_mask(batch, 8),
-            return_dict=False,
-        )
-
+    make_inputs = _inputs(batch, _SCALED, hidden_states=(4, 4, 4), encoder_hidden_states=(8, 16),
+                          encoder_attention_mask=lambda g: _pad_mask(batch, 8))
     return m, make_inputs
 
 
@@ -902,18 +781,10 @@ def hunyuan_video15(batch: int = 1):
         image_embed_dim=8, rope_axes_dim=(4, 4, 8), target_size=16, task_type="t2v",
     )
 
-    def make_inputs(seed: int = 0, t: Optional[float] = None):
-        g = torch.Generator().manual_seed(seed)
-        return dict(
-            hidden_states=torch.randn(batch, 4, 1, 4, 4, generator=g),
-            timestep=_tvec(1000 * _t(seed, t), batch),
-            encoder_hidden_states=torch.randn(batch, 8, 16, generator=g),
-            encoder_hidden_states_2=torch.randn(batch, 4, 8, generator=g),
-            encoder_attention_mask=_pad_mask(batch, 8), encoder_attention_mask_2=_pad_mask(batch, 4, keep=3),
-            image_embeds=torch.zeros(batch, 3, 8),
-            return_dict=False,
-        )
-
+    make_inputs = _inputs(batch, _SCALED, hidden_states=(4, 1, 4, 4), encoder_hidden_states=(8, 16),
+                          encoder_hidden_states_2=(4, 8), encoder_attention_mask=lambda g: _pad_mask(batch, 8),
+                          encoder_attention_mask_2=lambda g: _pad_mask(batch, 4, keep=3),
+                          image_embeds=torch.zeros(batch, 3, 8))
     return m, make_inputs
 
 
@@ -931,19 +802,10 @@ def kandinsky5(batch: int = 1):
         model_dim=32, ff_dim=64, num_text_blocks=1, num_visual_blocks=1, axes_dims=(4, 4, 8),
     )
 
-    def make_inputs(seed: int = 0, t: Optional[float] = None, neg: bool = False):
-        g = torch.Generator().manual_seed(seed)
-        s_txt = 5 if neg else 8
-        return dict(
-            hidden_states=torch.randn(batch, 2, 8, 8, 4, generator=g),
-            encoder_hidden_states=torch.randn(batch, s_txt, 16, generator=g),
-            pooled_projections=torch.randn(batch, 8, generator=g),
-            timestep=_tvec(1000 * _t(seed, t), batch),
-            visual_rope_pos=[torch.arange(2), torch.arange(4), torch.arange(4)],
-            text_rope_pos=torch.arange(s_txt), scale_factor=(1.0, 1.0, 1.0), sparse_params=None,
-            return_dict=False,
-        )
-
+    make_inputs = _inputs(batch, _SCALED, negative=dict(encoder_hidden_states=(5, 16), text_rope_pos=torch.arange(5)),
+                          hidden_states=(2, 8, 8, 4), encoder_hidden_states=(8, 16), pooled_projections=(8,),
+                          visual_rope_pos=[torch.arange(2), torch.arange(4), torch.arange(4)],
+                          text_rope_pos=torch.arange(8), scale_factor=(1.0, 1.0, 1.0), sparse_params=None)
     return m, make_inputs
 
 
@@ -959,18 +821,11 @@ def bria(batch: int = 1):
         joint_attention_dim=32, pooled_projection_dim=None, axes_dims_rope=[0, 8, 8],
     )
 
-    def make_inputs(seed: int = 0, t: Optional[float] = None):
-        g = torch.Generator().manual_seed(seed)
-        ids = torch.zeros(16, 3)
-        ids[:, 1] = torch.arange(16) // 4
-        ids[:, 2] = torch.arange(16) % 4
-        return dict(
-            hidden_states=torch.randn(batch, 16, 4, generator=g),
-            encoder_hidden_states=torch.randn(batch, 8, 32, generator=g),
-            timestep=_tvec(1000 * _t(seed, t), batch),
-            img_ids=ids, txt_ids=torch.zeros(8, 3), return_dict=False,
-        )
-
+    ids = torch.zeros(16, 3)
+    ids[:, 1] = torch.arange(16) // 4
+    ids[:, 2] = torch.arange(16) % 4
+    make_inputs = _inputs(batch, _SCALED, hidden_states=(16, 4), encoder_hidden_states=(8, 32), img_ids=ids,
+                          txt_ids=torch.zeros(8, 3))
     return m, make_inputs
 
 
@@ -986,15 +841,8 @@ def prx(batch: int = 1):
         axes_dim=[8, 8], theta=10_000,
     )
 
-    def make_inputs(seed: int = 0, t: Optional[float] = None):
-        g = torch.Generator().manual_seed(seed)
-        return dict(
-            hidden_states=torch.randn(batch, 4, 8, 8, generator=g),
-            timestep=_tvec(_t(seed, t), batch),
-            encoder_hidden_states=torch.randn(batch, 8, 16, generator=g),
-            attention_mask=_pad_mask(batch, 8, dtype=torch.bool), return_dict=False,
-        )
-
+    make_inputs = _inputs(batch, _RAW, hidden_states=(4, 8, 8), encoder_hidden_states=(8, 16),
+                          attention_mask=lambda g: _pad_mask(batch, 8, dtype=torch.bool))
     return m, make_inputs
 
 

@@ -17,6 +17,7 @@ import omni_compile
 from omni_compile import OmniConfig, OmniState
 
 import _tiny_models as T
+from _coverage import CountSDPA
 
 # family: (sites, rewritten, GEMM-Q, GEMM-O, {kind: rewritten count}, {site: dense reason substring},
 #          {site: no-GEMM-Q reason substring})
@@ -40,17 +41,6 @@ JOINT_SPLIT = {
     "hunyuan": ("single_transformer_blocks.0.attn", [("vision", 0, 32), ("text", 32, 40)]),
     "cogvideox": ("transformer_blocks.0.attn1", [("text", 0, 8), ("vision", 8, 56)]),
 }
-
-
-class CountSDPA(TorchFunctionMode):
-    def __init__(self):
-        super().__init__()
-        self.calls = 0
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func is F.scaled_dot_product_attention:
-            self.calls += 1
-        return func(*args, **(kwargs or {}))
 
 
 def _first(out):

@@ -257,3 +257,29 @@ def test_fused_projections_give_gemm_q_and_split_exactly(variant, ok, why):
     assert valid == ok
     if why:
         assert why in reason
+
+
+def test_graph_break_reads_where_dynamo_stopped():
+    """The backend warns about a graph break inside attention code from the reason Dynamo attaches to the
+    graph module; breaks elsewhere are recorded without the warning."""
+    import traceback
+    from types import SimpleNamespace
+
+    from omni_compile.passes import graph_break
+
+    def frames(*where):
+        return [traceback.FrameSummary(f"/x/diffusers/models/{f}", line, fn) for f, line, fn in where]
+
+    gm = SimpleNamespace()
+    assert graph_break(gm) is None
+    gm.compile_subgraph_reason = SimpleNamespace(graph_break=False, reason="return_value", user_stack=[])
+    assert graph_break(gm) is None
+    gm.compile_subgraph_reason = SimpleNamespace(
+        graph_break=True, reason="Dynamic shape operator\n  Explanation: ...",
+        user_stack=frames(("transformers/transformer_mochi.py", 219, "forward"), ("attention_processor.py", 1068, "__call__")))
+    assert graph_break(gm) == {"reason": "Dynamic shape operator", "where": "attention_processor.py:1068 (__call__)",
+                               "in_attention": True}
+    gm.compile_subgraph_reason = SimpleNamespace(
+        graph_break=True, reason="Data dependent operator",
+        user_stack=frames(("transformers/transformer_lumina2.py", 273, "forward")))
+    assert graph_break(gm)["in_attention"] is False
