@@ -97,9 +97,6 @@ def main(argv=None):
     ap.add_argument("families", nargs="*", help="default: every family")
     ap.add_argument("--write", action="store_true", help="replace the table in docs/passes.md")
     args = ap.parse_args(argv)
-    import torch
-
-    torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
     names = args.families or TF.FAMILIES
     t0 = time.perf_counter()
     rows = []
