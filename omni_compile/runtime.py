@@ -90,7 +90,7 @@ def step_clock(timestep: torch.Tensor, state: int) -> torch.Tensor:
     cfg = st.config
     gen = st.clock.generation
     if cfg.steps is None:
-        pos = st.clock.tick(float(timestep.reshape(-1)[0]) if timestep.numel() else 0.0)
+        pos = st.clock.tick(float(timestep.reshape(-1)[0]) if timestep.numel() else 0.0, cfg.streams)
     else:
         pos = st.clock.tick_counted(cfg.steps, cfg.streams)
         _check_timestep_later(st.clock, pos, timestep)

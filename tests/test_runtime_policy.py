@@ -246,7 +246,7 @@ def test_counted_clock_places_calls_like_the_timestep_clock(steps, streams, gens
     ([1.0, 0.5, 0.2, 0.1], 3, 1, "more steps than OmniConfig.steps"),
     ([1.0, 0.5, 1.0, 0.5], 3, 1, "fewer steps than OmniConfig.steps"),
     ([1.0, 0.5, 0.2, 0.1], 2, 2, "different timesteps"),
-    ([1.0, 1.0, 1.0, 1.0], 2, 1, "did not fall"),
+    ([1.0, 1.0, 1.0, 1.0], 2, 1, "stayed the same from one step to the next"),
 ])
 def test_counted_clock_raises_when_the_loop_does_not_match(seq, steps, streams, match):
     c = StepClock()
