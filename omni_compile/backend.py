@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
+import weakref
 from typing import Optional
 
 import torch
@@ -158,12 +160,37 @@ def apply_passes(gm: fx.GraphModule, state: OmniState) -> list:
     return [rec for _, _, rec in plans]
 
 
+_GRAD_WARNED: "weakref.WeakSet[OmniState]" = weakref.WeakSet()
+
+
+def autograd_flows(gm: fx.GraphModule, example_inputs, state: OmniState) -> bool:
+    """Whether autograd would record through ``gm``: traced with grad enabled and an input or parameter that
+    requires grad. Dynamo guards on the grad mode, so the answer holds for every call of the compiled graph.
+    The site ops are inference-only (their kernels compute no gradients and their caches outlive the step),
+    so such a graph is left unrewritten and compiled as with Inductor alone: correct gradients, no
+    sparsity. Warns once per state."""
+    if not torch.is_grad_enabled():
+        return False
+    if not any(isinstance(x, torch.Tensor) and x.requires_grad for x in example_inputs) and not any(
+            p.requires_grad for p in gm.parameters()):
+        return False
+    if state not in _GRAD_WARNED:
+        _GRAD_WARNED.add(state)
+        warnings.warn(
+            "flashomni: the graph was traced with autograd enabled and inputs or parameters that require grad; the "
+            "backend is inference-only, so its attention sites are left dense (plain Inductor, correct gradients). "
+            "Run the model under torch.no_grad() or torch.inference_mode() (diffusers pipelines do), or call "
+            "model.requires_grad_(False), to get the sparse sites.", UserWarning, stacklevel=2)
+    return True
+
+
 def flashomni(gm: fx.GraphModule, example_inputs, options: Optional[dict] = None, mode: Optional[str] = None):
     """torch.compile backend: rewrite attention sites into the FlashOmni ops, then compile with Inductor."""
     state = resolve_options(options)
     set_last_state(state)
     t0 = time.perf_counter()
-    records = apply_passes(gm, state)
+    training = autograd_flows(gm, example_inputs, state)
+    records = [] if training else apply_passes(gm, state)
     t_pass = time.perf_counter() - t0
     if records:
         log.info("flashomni: %s", summarize(records))
@@ -172,7 +199,7 @@ def flashomni(gm: fx.GraphModule, example_inputs, options: Optional[dict] = None
                  if state.config.use_inductor else "flashomni: no attention sites; graph left unchanged")
     entry = {"sites": len(records), "rewritten": sum(r.rewritten for r in records), "pass_seconds": t_pass}
     state.compiles.append(entry)
-    if state.config.block_cache is not None:
+    if state.config.block_cache is not None and not training:
         program = _block_program(gm, state, records, mode, entry)
         if program is not None:
             return program

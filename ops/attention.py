@@ -29,6 +29,7 @@ from ._common import (
     env_switch,
     plans_apply,
     hopper_with_new_triton,
+    inference_only,
     keep,
     make_descriptor,
     op_for_call,
@@ -651,6 +652,7 @@ def _sparse_attention_op_impl(
 
 
 sparse_attention_op = torch.library.custom_op("flashomni::sparse_attention", _sparse_attention_op_impl, mutates_args=())
+inference_only(sparse_attention_op)
 
 
 @sparse_attention_op.register_fake
@@ -698,6 +700,8 @@ def sparse_attention(
         if key is not None and use_triton(q):
             call = keep(_CALLS, key, (persistent, _plan_key(q, k, v, symbols.block_q, symbols.block_kv, heads_inner,
                                                             persistent)))
+    if call is not None or not torch.compiler.is_compiling():  # (a kept call runs eagerly)
+        symbols._unchanged()
     idx, cnt = symbols.kv_schedule()
     scale = scale_or_default(scale, q.shape[-1])
     if call is not None:
@@ -707,7 +711,7 @@ def sparse_attention(
                                      kv_order=symbols.kv_order() if persistent else None, plan_key=plan_key)
     else:
         order = symbols.kv_order() if persistent else None
-        out, lse = op_for_call(sparse_attention_op, _sparse_attention_op_impl)(
+        out, lse = op_for_call(sparse_attention_op, _sparse_attention_op_impl, q, k, v)(
             q, k, v, symbols.reuse_bits, symbols.skip_bits, idx, cnt, symbols.block_q, symbols.block_kv,
             scale, heads_inner, order,
         )

@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import FLOAT_DTYPES, cdiv, op_for_call, use_triton
+from ._common import FLOAT_DTYPES, cdiv, inference_only, op_for_call, use_triton
 from ._launch import launch
 
 MAX_FACTORS = 3
@@ -154,6 +154,8 @@ def _flat(tensors, extra) -> bool:
 
 taylor_sum_op = torch.library.custom_op("flashomni::taylor_sum", _taylor_sum_impl, mutates_args=())
 taylor_refresh_op = torch.library.custom_op("flashomni::taylor_refresh", _taylor_refresh_impl, mutates_args=())
+inference_only(taylor_sum_op)
+inference_only(taylor_refresh_op)
 
 
 @taylor_sum_op.register_fake
@@ -187,7 +189,7 @@ def taylor_sum(factors: Sequence[torch.Tensor], coefs: Sequence[float], base: Op
                          f"factors and {len(coefs)} coefs")
     _check([(f"factors[{i}]", f) for i, f in enumerate(factors)] + ([("base", base)] if base is not None else []),
            factors[0])
-    return op_for_call(taylor_sum_op, _taylor_sum_impl)(factors, [float(c) for c in coefs], base)
+    return op_for_call(taylor_sum_op, _taylor_sum_impl, factors, base)(factors, [float(c) for c in coefs], base)
 
 
 def taylor_refresh(new: torch.Tensor, old: Sequence[torch.Tensor], delta: float,
@@ -202,4 +204,4 @@ def taylor_refresh(new: torch.Tensor, old: Sequence[torch.Tensor], delta: float,
         raise ValueError(f"taylor_refresh needs delta > 0 with old factors, got {delta!r}")
     _check([("new", new)] + ([("sub", sub)] if sub is not None else []) + [(f"old[{i}]", o) for i, o in enumerate(old)],
            new)
-    return op_for_call(taylor_refresh_op, _taylor_refresh_impl)(new, sub, old, float(delta) if old else 1.0)
+    return op_for_call(taylor_refresh_op, _taylor_refresh_impl, new, sub, old)(new, sub, old, float(delta) if old else 1.0)

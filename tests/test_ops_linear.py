@@ -178,6 +178,22 @@ def test_bad_input_raises_naming_the_argument():
         sparse_linear_o(a, torch.randn(8, 64), None, s, 64)
 
 
+@pytest.mark.parametrize("impl", DEVICE_TMA_IMPLS)
+@pytest.mark.parametrize("length", [lambda n: n - 1, lambda n: n + 1, lambda n: 1], ids=["shorter", "longer", "one"])
+def test_a_bias_of_the_wrong_length_is_rejected(impl, length):
+    """The kernels read weight.shape[0] bias entries: a bias of any other length raises before a launch
+    (a shorter one would be read past its end), on every implementation, and again on a repeated call
+    (whose checks are kept by its key)."""
+    s, x, wq, bq_, a, wo, bo, _, D, off = make((1, 2, 64, 16, 40, 5, 24, 30, torch.float32, 0.5, True, 0))
+    with impl_context(impl):
+        sparse_linear_q(x, wq, bq_, s, D, row_offset=off)  # the right length, once: keeps the call's checks
+        for _ in range(2):
+            with pytest.raises(ValueError, match=rf"bias must have shape \[{wq.shape[0]}\]"):
+                sparse_linear_q(x, wq, torch.randn(length(wq.shape[0])), s, D, row_offset=off)
+            with pytest.raises(ValueError, match=rf"bias must have shape \[{wo.shape[0]}\]"):
+                sparse_linear_o(a, wo, torch.randn(length(wo.shape[0])), s, D, row_offset=off)
+
+
 def test_opcheck():
     s, x, wq, bq_, a, wo, bo, _, D, off = make((1, 2, 64, 16, 40, 5, 24, 30, torch.float32, 0.5, True, 0))
     torch.library.opcheck(sparse_linear_q_op, (x, wq, bq_, s.reuse_bits, s.block_q, s.seq_q, D, off))
