@@ -68,7 +68,10 @@ def sparse_attention_reference(
     """Dense masked attention in ``compute_dtype``; returns ``(out in q.dtype, lse fp32)``.
 
     Skipped scores are replaced (``torch.where``), never added to, and values of key blocks a tile does
-    not keep are zeroed before the product, so NaN/inf in skipped keys or values cannot leak.
+    not keep are zeroed before the product, so NaN/inf in skipped keys or values cannot leak. What a row
+    does with its kept keys follows the kernel (and SDPA): a NaN it reads makes its output and lse NaN.
+    Whether a row has keys is read from the symbols, not from the scores, so a NaN score never turns a
+    row into a keyless one (zeros).
     """
     B, H, Sq, D = q.shape
     Skv = k.shape[2]
@@ -86,14 +89,14 @@ def sparse_attention_reference(
         s = torch.einsum("bhqd,bhkd->bhqk", qf[:, :, rows], kf) * scale
         s = torch.where(keep_cols.unsqueeze(2), s, float("-inf"))
         m = s.amax(-1, keepdim=True)
-        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+        m = torch.where(m == float("-inf"), torch.zeros_like(m), m)  # keyless rows; NaN stays NaN
         p = torch.exp(s - m)
         l = p.sum(-1, keepdim=True)
         vm = torch.where(keep_cols.unsqueeze(-1), vf, torch.zeros_like(vf))
-        o = torch.einsum("bhqk,bhkd->bhqd", p, vm) / torch.where(l > 0, l, torch.ones_like(l))
-        has = (l > 0).squeeze(-1)
-        out[:, :, rows] = torch.where(has.unsqueeze(-1), o, torch.zeros_like(o))
-        lse[:, :, rows] = torch.where(has, (m + torch.log(l)).squeeze(-1).float(), float("-inf"))
+        has = keep_cols.any(-1)[:, :, None, None]  # [B,H,1,1]: the tile keeps a key block
+        o = torch.einsum("bhqk,bhkd->bhqd", p, vm) / torch.where(has, l, torch.ones_like(l))
+        out[:, :, rows] = torch.where(has, o, torch.zeros_like(o))
+        lse[:, :, rows] = torch.where(has[..., 0], (m + torch.log(l)).squeeze(-1).float(), float("-inf"))
     return out.to(q.dtype), lse
 
 
@@ -312,7 +315,7 @@ def _pointer_tile(
                     USE_TMA, BLOCK_N,
                 )
 
-    has = l_i > 0.0
+    has = l_i != 0.0  # rows without keys; a NaN row (a NaN read) keeps its NaN in the lse too
     l_safe = tl.where(has, l_i, 1.0)
     o_ptrs = Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :]
     tl.store(o_ptrs, (acc / l_safe[:, None]).to(Out.dtype.element_ty), mask=q_mask)
@@ -329,7 +332,7 @@ def _store_tile_descriptors(acc, m_i, l_i, Out, Lse, start_m, seq_q, stride_os,
     Descriptors, not masked pointer stores: after a warp-specialized loop a masked pointer store wrote
     wrong rows (Triton 3.6, H200: rel. err 0.6-1.2, the descriptor store exact). A row of ``LSE_PAD``
     fp32 per query is the narrowest tile a descriptor takes (16 bytes)."""
-    has = l_i > 0.0
+    has = l_i != 0.0  # rows without keys; a NaN row (a NaN read) keeps its NaN in the lse too
     l_safe = tl.where(has, l_i, 1.0)
     od = tl.make_tensor_descriptor(Out, shape=[seq_q, HEAD_DIM], strides=[stride_os, 1], block_shape=[BLOCK_M, HEAD_DIM])
     od.store([start_m, 0], (acc / l_safe[:, None]).to(Out.dtype.element_ty))
