@@ -223,6 +223,17 @@ class OmniConfig:
         return dataclasses.replace(self, **changes)
 
 
+def unmatched_override_patterns(config: OmniConfig, site_names) -> list:
+    """The patterns of ``config.overrides`` that match none of ``site_names`` (module paths, as
+    :meth:`OmniConfig.for_site` matches them: ``fnmatch``, case-sensitive), in the order given. The backend
+    warns about them once, at the first call: a misspelt pattern (``"transformer_block.0.*"``) would
+    otherwise leave its sites on the global settings without a word."""
+    if not config.overrides:
+        return []
+    names = list(site_names)
+    return [p for p in config.overrides if not any(fnmatch.fnmatchcase(n, p) for n in names)]
+
+
 def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 

@@ -286,6 +286,24 @@ def test_policy_objects_reject_invalid_knobs(make, field, rng):
         make()
 
 
+def test_override_patterns_that_match_no_site_are_reported():
+    from omni_compile.config import unmatched_override_patterns
+
+    sites = ["transformer_blocks.0.attn", "transformer_blocks.1.attn", "single_transformer_blocks.0.attn"]
+    cfg = OmniConfig(overrides={"transformer_blocks.0.*": {"policy": "dense"},
+                                "transformer_block.1.*": {"interval": 2},  # misspelt
+                                "single_transformer_blocks.*": {"interval": 3},
+                                "Transformer_blocks.1.*": {"interval": 2},  # case matters, as in for_site
+                                "blocks.*": {"interval": 2}})  # fnmatch matches the whole path
+    assert unmatched_override_patterns(cfg, sites) == ["transformer_block.1.*", "Transformer_blocks.1.*", "blocks.*"]
+    assert unmatched_override_patterns(cfg, []) == list(cfg.overrides)
+    assert unmatched_override_patterns(OmniConfig(), sites) == []
+    # exactly the patterns for_site never applies (it returns the config itself when none matches)
+    alone = {p: OmniConfig(overrides={p: dict(f)}) for p, f in cfg.overrides.items()}
+    never = [p for p, c in alone.items() if all(c.for_site(n) is c for n in sites)]
+    assert unmatched_override_patterns(cfg, sites) == never
+
+
 def test_config_defaults_are_the_paper_settings():
     c = OmniConfig()
     assert (c.policy, c.interval, c.warmup, c.block_cache) == ("flashomni", 5, 8, None)
