@@ -23,7 +23,7 @@ and figures live in :mod:`omni_compile.bench`, the learned example model and the
 
 __all__ = [
     "OmniConfig", "OmniState", "SiteRecord", "Symbols", "last_state", "flashomni",
-    "FixedBlocks", "ComputedShare", "ResidualChange",
+    "FixedBlocks", "ComputedShare", "ResidualChange", "FlashOmniWarning",
 ]
 
 from . import ops  # noqa: F401
@@ -31,6 +31,6 @@ from .backend import flashomni
 from .block_cache import ComputedShare, FixedBlocks, ResidualChange
 from .config import OmniConfig
 from .ops import Symbols
-from .state import OmniState, SiteRecord, last_state
+from .state import FlashOmniWarning, OmniState, SiteRecord, last_state
 
 __version__ = "0.1.0"
