@@ -397,7 +397,7 @@ class OmniState:
         return self
 
     def new_generation(self) -> None:
-        """Drop every stream's symbols and caches (the clock saw the timestep jump back up), and the step
+        """Drop every stream's symbols and caches (the clock began a new generation), and the step
         history of generations before the one that just ended: ``report()`` after a generation still sees
         it, while a long-running process does not accumulate records (each holds its step's symbols)
         without bound."""
