@@ -59,22 +59,19 @@ def _named_like_a_timestep(name: str) -> bool:
     return "timestep" in name or name in _TIMESTEP_NAMES
 
 
-def _reaches(node: fx.Node, names: tuple, depth: int, forward: bool) -> Optional[fx.Node]:
-    """The first node doing one of ``names`` within ``depth`` edges of ``node`` (users when ``forward``,
-    inputs otherwise), breadth first; None when there is none."""
+def _nearby(node: fx.Node, depth: int, forward: bool):
+    """The nodes within ``depth`` edges of ``node`` (its users' side when ``forward``, its inputs'
+    otherwise), breadth first, each once."""
     frontier, seen = [node], {node}
     for _ in range(depth):
         nxt = []
         for n in frontier:
             for m in (n.users if forward else n.all_input_nodes):
-                if m in seen:
-                    continue
-                seen.add(m)
-                if op_name(m) in names:
-                    return m
-                nxt.append(m)
+                if m not in seen:
+                    seen.add(m)
+                    nxt.append(m)
+                    yield m
         frontier = nxt
-    return None
 
 
 def _feeds_sinusoidal_embedding(node: fx.Node) -> bool:
@@ -83,20 +80,12 @@ def _feeds_sinusoidal_embedding(node: fx.Node) -> bool:
     ``sin`` and ``cos``): a ``sin``/``cos`` a few nodes downstream whose argument also derives from
     ``exp`` of an ``arange``. Rotary position embeddings take ``pow`` of an ``arange`` instead, and their
     positions are 2-D."""
-    frontier, seen = [node], {node}
-    for _ in range(12):  # FLUX: to, mul(1000), getitem, float, mul(freqs), mul(scale), sin
-        nxt = []
-        for n in frontier:
-            for m in n.users:
-                if m in seen:
-                    continue
-                seen.add(m)
-                if op_name(m) in _SINUSOID:
-                    exp = _reaches(m, ("exp",), 8, forward=False)
-                    if exp is not None and _reaches(exp, ("arange",), 6, forward=False) is not None:
-                        return True
-                nxt.append(m)
-        frontier = nxt
+    # depth 12: FLUX takes 7 nodes (to, mul by 1000, getitem, float, mul by the frequencies, mul, sin)
+    for m in _nearby(node, 12, forward=True):
+        if op_name(m) in _SINUSOID:
+            for e in _nearby(m, 8, forward=False):
+                if op_name(e) == "exp" and any(op_name(a) == "arange" for a in _nearby(e, 6, forward=False)):
+                    return True
     return False
 
 

@@ -305,3 +305,10 @@ def test_calls_at_one_timestep_keep_a_bounded_number_of_streams(flux):
             most = max(most, max(len(s.streams) for s in st.sites if s.rewritten))
     assert st.clock.generation == 3
     assert most == MAX_STREAMS
+    # OmniConfig.streams raises the bound for pipelines with more calls per step
+    st.configure(streams=MAX_STREAMS + 2)
+    with torch.no_grad():
+        for _ in range(MAX_STREAMS + 3):
+            compiled(**make_inputs(lat, torch.tensor([0.5])))
+    assert st.clock.generation == 1 and st.clock.stream == 0
+    assert max(len(s.streams) for s in st.sites if s.rewritten) == 1
