@@ -140,9 +140,9 @@ class OmniConfig:
     streams: int = 1
     """Model calls per denoising step (2 for a pipeline that runs the conditional and unconditional passes
     as two calls; 1 when CFG is batched into one call or absent). With ``steps`` set the counted clock
-    places calls by it. With ``steps=None`` the timestep clock takes up to ``max(4, streams)`` calls at one
+    places calls by it. With ``steps=None`` the timestep clock takes up to ``max(8, streams)`` calls at one
     timestep as the streams of one step and starts a new generation at the next one (a new image at the
-    same timestep), so only pipelines with more than 4 calls per step need to set it. Integer, 1 to 16."""
+    same timestep), so only pipelines with more than 8 calls per step need to set it. Integer, 1 to 16."""
 
     def __post_init__(self) -> None:
         self.validate()

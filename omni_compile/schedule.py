@@ -85,12 +85,13 @@ def place_stream(streams: dict, key, make, pos: Position, config, ready) -> obje
     return st
 
 
-#: Calls at one timestep that the timestep clock takes as streams of one step (two-call CFG is 2; a
-#: second-order sampler's repeated timestep under two-call CFG is 4). One more call at that timestep starts a
-#: new generation: it is a new image at the same timestep (a one-step model run again, a benchmark calling
-#: one step over and over), and without the bound every such call would add a stream whose caches stay
-#: until the next generation. ``OmniConfig.streams`` raises it for pipelines with more calls per step.
-MAX_STREAMS = 4
+#: Calls at one timestep that the timestep clock takes as streams of one step: two-call CFG is 2, at a
+#: second-order sampler's repeated timestep 4, and 8 when the model's forward is two compiled graphs that
+#: each take the timestep (each ticks). One more call at that timestep starts a new generation: it is a new
+#: image at the same timestep (a one-step model run again, a benchmark calling one step over and over), and
+#: without the bound every such call would add a stream whose caches stay until the next generation.
+#: ``OmniConfig.streams`` raises it for pipelines with more calls per step.
+MAX_STREAMS = 8
 
 #: The factor by which the timestep change of a step may differ from the previous step's (either way)
 #: before the clock takes the call for the first step of a new image. The samplers' schedules stay well
