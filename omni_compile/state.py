@@ -31,8 +31,9 @@ from typing import Optional
 
 import torch
 
-from .config import OmniConfig
+from .config import OmniConfig, unmatched_override_patterns
 from .ops import Symbols
+from .passes.classify import TIMESTEP_NAMES
 from .report import Report, build_report
 from .schedule import DISPATCH, StepClock, step_action
 
@@ -40,10 +41,6 @@ _IDS = itertools.count(1)
 _STATES: "weakref.WeakValueDictionary[int, OmniState]" = weakref.WeakValueDictionary()
 _LAST: Optional["OmniState"] = None
 _LOCK = threading.Lock()
-
-
-#: Argument names a model's timestep goes by (:meth:`OmniState.attach`).
-TIMESTEP_NAMES = ("timestep", "timesteps", "t", "sigma", "sigmas")
 
 
 class FlashOmniWarning(UserWarning):
@@ -376,6 +373,12 @@ class OmniState:
                                       drain=step_action(pos.step, cfg.warmup, cfg.interval) != DISPATCH)
         if pos.generation != gen:
             self.new_generation()
+        if self.clock.ticks == 2:  # every graph of the model has run once: warn about what matched nothing
+            unmatched = unmatched_override_patterns(cfg, [s.name for s in self.sites])
+            if unmatched:
+                self.warn_once("overrides", f"flashomni: OmniConfig.overrides patterns {unmatched} match none of the "
+                               f"{len(self.sites)} attention sites (e.g. {[s.name for s in self.sites[:3]]}); their "
+                               "settings apply nowhere")
 
     # ---- dispatch steps from CUDA graphs (omni_compile.graphs) ----------------------------------
     def set_step_coefs(self, x: float, args=()) -> None:

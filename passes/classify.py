@@ -41,9 +41,9 @@ def text_length(gm: fx.GraphModule) -> Optional[int]:
     return None
 
 
-#: Argument names a denoising timestep goes by (after Dynamo's ``l_`` / ``l_kwargs_`` prefix and ``_``
-#: suffix); any name holding ``timestep`` counts too.
-_TIMESTEP_NAMES = frozenset({"t", "sigma", "sigmas", "noise_level", "time", "times"})
+#: Argument names a denoising timestep goes by, most usual first (in graphs after Dynamo's ``l_`` /
+#: ``l_kwargs_`` prefix and ``_`` suffix); any name holding ``timestep`` counts too.
+TIMESTEP_NAMES = ("timestep", "timesteps", "t", "sigma", "sigmas", "noise_level", "time", "times")
 #: Parts of the names of other scalar conditions that some models embed sinusoidally like the timestep
 #: (FLUX-dev's ``guidance``, CogVideoX 1.5's ``ofs``, PixArt's resolution and aspect ratio, frame rates):
 #: constant across the steps, so taken for the timestep they would make every call one step's stream.
@@ -56,7 +56,7 @@ def _argument_name(node: fx.Node) -> str:
 
 
 def _named_like_a_timestep(name: str) -> bool:
-    return "timestep" in name or name in _TIMESTEP_NAMES
+    return "timestep" in name or name in TIMESTEP_NAMES
 
 
 def _nearby(node: fx.Node, depth: int, forward: bool):
