@@ -84,6 +84,14 @@ class OmniConfig:
     output itself for reused tiles (more memory: ``taylor_order + 1`` tensors of ``[B, H, S, D]`` per
     site instead of ``taylor_order + 1`` of ``[B, S, C]`` plus ``taylor_order`` of ``[B, S, H*D]``)."""
 
+    cuda_graphs: bool = False
+    """Replay dispatch steps from CUDA graphs (``omni_compile.graphs``): between two updates every dispatch
+    step runs the same kernels, so after one ordinary dispatch step the next is captured and the rest
+    replayed, with no per-kernel host work. Pair it with ``steps`` (the counted clock) for dispatch steps
+    that read nothing on the host. Needs CUDA (ignored elsewhere); graphs whose sites read an attention
+    mask on the host, or follow per-site intervals, run as usual. ``torch.compile(..., mode=
+    "reduce-overhead")`` without options turns it on. Fixed at compile time."""
+
     interval: int = 5
     """Steps between two update steps (N in the paper; 6 for HunyuanVideo, 5 in the FLUX prototype).
     The ``interval - 1`` steps in between are dispatch steps that reuse the symbols and caches: larger
@@ -126,8 +134,9 @@ class OmniConfig:
 
     steps: Optional[int] = None
     """How the runtime places a model call in the denoising loop. None (default): from the call's
-    timestep — a smaller one is the next step, an equal one the next CFG stream, a larger one a new
-    generation; it works with any loop but reads the timestep on the host every call, which waits for
+    timestep — one that moves on in the loop's direction (falling or rising, learned from the first two
+    steps) is the next step, an equal one the next CFG stream, one that turns back a new generation
+    (docs/runtime.md has every rule); it works with any loop but reads the timestep on the host every call, which waits for
     the GPU when the timestep is on it (one device sync per call: the host cannot queue the next step
     while the GPU runs this one, which costs time when a step's host work is close to its GPU time, as
     at FLUX size). An integer: the loop's number of denoising steps; calls are placed by counting them
@@ -137,8 +146,11 @@ class OmniConfig:
     late. Policies then see ``timestep`` as NaN. Integer, 1 or more, or None."""
 
     streams: int = 1
-    """``steps`` set only: model calls per denoising step (2 for a pipeline that runs the conditional and
-    unconditional passes as two calls; 1 when CFG is batched into one call or absent). Integer, 1 to 16."""
+    """Model calls per denoising step (2 for a pipeline that runs the conditional and unconditional passes
+    as two calls; 1 when CFG is batched into one call or absent). With ``steps`` set the counted clock
+    places calls by it. With ``steps=None`` the timestep clock takes up to ``max(8, streams)`` calls at one
+    timestep as the streams of one step and starts a new generation at the next one (a new image at the
+    same timestep), so only pipelines with more than 8 calls per step need to set it. Integer, 1 to 16."""
 
     def __post_init__(self) -> None:
         self.validate()
@@ -151,7 +163,7 @@ class OmniConfig:
             v = getattr(self, name)
             if not _is_int(v) or v < 16 or v > 256 or v & (v - 1):
                 raise ValueError(f"OmniConfig.{name} must be a power of two from 16 to 256, got {v!r}")
-        for name in ("use_inductor", "attention", "gemm_q", "gemm_o"):
+        for name in ("use_inductor", "attention", "gemm_q", "gemm_o", "cuda_graphs"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"OmniConfig.{name} must be True or False, got {getattr(self, name)!r}")
         for name, lo, hi in (("interval", 1, 1000), ("warmup", 1, 1000), ("taylor_order", 0, 2)):
@@ -217,6 +229,17 @@ class OmniConfig:
 
     def replace(self, **changes) -> "OmniConfig":
         return dataclasses.replace(self, **changes)
+
+
+def unmatched_override_patterns(config: OmniConfig, site_names) -> list:
+    """The patterns of ``config.overrides`` that match none of ``site_names`` (module paths, as
+    :meth:`OmniConfig.for_site` matches them: ``fnmatch``, case-sensitive), in the order given. The backend
+    warns about them once, at the first call: a misspelt pattern (``"transformer_block.0.*"``) would
+    otherwise leave its sites on the global settings without a word."""
+    if not config.overrides:
+        return []
+    names = list(site_names)
+    return [p for p in config.overrides if not any(fnmatch.fnmatchcase(n, p) for n in names)]
 
 
 def _is_int(v) -> bool:
