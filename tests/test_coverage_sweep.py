@@ -26,8 +26,8 @@ pytestmark = pytest.mark.usefixtures("fresh_dynamo")  # tests/conftest.py
 EXPECTED = {
     "chroma": (2, 2, 2, 2, 2, 2),
     "mochi": (3, 0, 0, 0, 0, 0),
-    "lumina2": (3, 3, 3, 3, 3, 0),
-    "lumina_next": (2, 2, 2, 2, 1, 0),
+    "lumina2": (3, 3, 3, 3, 3, 3),
+    "lumina_next": (2, 2, 2, 2, 1, 2),
     "sana": (1, 1, 1, 1, 1, 1),
     "sana_video": (1, 1, 1, 1, 1, 1),
     "auraflow": (2, 2, 2, 2, 2, 2),
@@ -44,7 +44,7 @@ EXPECTED = {
     "chronoedit": (3, 3, 3, 1, 2, 3),
     "qwenimage": (1, 1, 1, 1, 1, 1),
     "flux2": (2, 2, 2, 2, 2, 2),
-    "omnigen": (1, 1, 1, 1, 1, 0),
+    "omnigen": (1, 1, 1, 1, 1, 1),
     "stable_audio": (2, 2, 2, 2, 2, 2),
     "latte": (3, 3, 3, 3, 3, 3),
     "consisid": (1, 1, 1, 1, 1, 1),
@@ -54,7 +54,7 @@ EXPECTED = {
     "kandinsky5": (3, 3, 3, 3, 3, 3),
     "bria": (2, 2, 2, 2, 2, 2),
     "prx": (1, 1, 1, 1, 1, 1),
-    "z_image": (3, 3, 3, 3, 3, 0),
+    "z_image": (3, 3, 3, 3, 3, 3),
 }
 
 #: text/vision splits the passes must find: (site, kind, segments, kv_segments)
@@ -74,16 +74,6 @@ EXCEPTIONS = {
     "mochi": "breaks the graph inside attention code at attention_processor.py",
 }
 
-#: families whose pipelines pass rising timesteps (or name the argument ``t``): dense until the step clock
-#: learns the loop's direction; then every rewritten site dispatches (the test accepts both)
-CLOCK_PENDING = {
-    "lumina2": "new generation at every step",
-    "lumina_next": "new generation at every step",
-    "omnigen": "new generation at every step",
-    "z_image": "no timestep reached the runtime",
-}
-
-
 @pytest.mark.parametrize("family", TF.FAMILIES)
 def test_family(family):
     row = C.check_family(family)
@@ -100,12 +90,7 @@ def test_family(family):
         name, kind, segs, kv = SEGMENTS[family]
         assert row.segments[name] == (kind, segs, kv)
     assert not row.recompiled
-    if family in CLOCK_PENDING and row.dispatch_sites == 0:
-        assert any(CLOCK_PENDING[family] in r for r in row.reasons), row.reasons
-    elif family in CLOCK_PENDING:
-        assert row.dispatch_sites == rewritten  # the clock rule landed: update EXPECTED (tools/passes_coverage.py)
-    else:
-        assert row.dispatch_sites == dispatching, row.reasons
+    assert row.dispatch_sites == dispatching, row.reasons
     assert row.sparse_finite
     if row.dispatch_sites:
         assert row.sparse_max_diff > 1e-3  # the dispatch steps really skipped work
@@ -125,12 +110,12 @@ def test_the_docs_table_matches():
 
 
 def test_sweep_meets_the_coverage_targets():
-    """At most one family stays dense for a reason of its own (a documented exception; the families waiting
-    for the clock's direction rule are rewritten and dense-exact), and GEMM-Q covers every q projection in
-    at least 80 % of the families whose attention has one, by the expectations the sweep asserts."""
+    """At most one family stays dense (a documented exception, the user warned), and GEMM-Q covers every q
+    projection in at least 80 % of the families whose attention has one, by the expectations the sweep
+    asserts."""
     assert len(EXPECTED) >= 20 and set(EXPECTED) == set(TF.FAMILIES)
     dense = [f for f, e in EXPECTED.items() if not e[5]]
-    assert set(dense) <= set(EXCEPTIONS) | set(CLOCK_PENDING) and len(EXCEPTIONS) <= 1
+    assert set(dense) <= set(EXCEPTIONS) and len(EXCEPTIONS) <= 1
     with_q = [e for e in EXPECTED.values() if e[2]]
     assert sum(1 for e in with_q if e[3] == e[2]) >= 0.8 * len(with_q)
 
