@@ -294,19 +294,6 @@ def padded_attention(q, k, v, mask: torch.Tensor, scale, dense_symbols: Callable
     return run_plan(plan, q, k, v, mask, scale, attend), 0
 
 
-def kept_keys(kv_segments, mask: torch.Tensor, B: int, H: int, Skv: int, Sq: int = 1):
-    """What ``mask`` leaves of the keys when one launch of the ops expresses it (:attr:`MaskPlan.simple`):
-    ``"all"`` (the mask drops nothing: ignore it), or ``(index [n] on the mask's device, kv_segments of
-    the kept keys)``. None otherwise: the caller runs :func:`padded_attention`."""
-    plan = analyse(mask, B, H, Sq, Skv)
-    if plan is None or not plan.simple:
-        return None
-    g = plan.groups[0]
-    if g.keys is None:
-        return "all"
-    return g.keys, g.kv_segments(kv_segments)
-
-
 def stitch(symbols: list, plan: MaskPlan, batch: int):
     """One ``Symbols`` over the whole batch from each item group's (``symbols[i]`` for ``plan.groups[i]``):
     the groups' reuse bits in batch order, and skip bits over the longest group's key blocks (blocks a

@@ -156,8 +156,8 @@ def _cache_estimate(state, site: SiteRecord, batch: int, heads: int, seq_q: int,
 
 def _layout(state, plan, device, kv_segments=None, seq_kv=None):
     """``(q_text [nQ], kv_text [nK], text query blocks, text key blocks)`` of a site, cached.
-    ``kv_segments`` / ``seq_kv`` describe the keys actually attended when a key-padding mask dropped some
-    (see :func:`omni_compile.masks.kept_keys`)."""
+    ``kv_segments`` / ``seq_kv`` describe the keys actually attended when a mask dropped some (an item
+    group of :func:`omni_compile.masks.analyse`)."""
     kv_segments = plan.kv_segments if kv_segments is None else kv_segments
     seq_kv = plan.seq_kv if seq_kv is None else seq_kv
     cache = state.__dict__.setdefault("_layouts", {})

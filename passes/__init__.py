@@ -9,7 +9,7 @@
 This package knows no sparsity strategy and no runtime: the ops to rewrite into are passed in.
 """
 
-from .classify import classify, text_length, text_lengths, timestep_input, token_grid
+from .classify import classify, text_lengths, timestep_input, token_grid
 from ._fx import graph_break
 from .find_sites import SKIP_COUNTS, AttentionSite, find_sites
 from .rewrite import (SiteOps, identity_weight, insert_clock, keep_alive, rewrite_attention, rewrite_linear_o,
@@ -18,7 +18,7 @@ from .walk import OutProjection, Projection, SiteWalk, walk_kv, walk_out, walk_q
 
 __all__ = [
     "AttentionSite", "find_sites", "SKIP_COUNTS", "graph_break", "Projection", "OutProjection", "SiteWalk", "walk_q",
-    "walk_kv", "walk_out", "classify", "text_length", "text_lengths", "timestep_input", "token_grid", "SiteOps",
+    "walk_kv", "walk_out", "classify", "text_lengths", "timestep_input", "token_grid", "SiteOps",
     "identity_weight",
     "insert_clock", "keep_alive", "rewrite_attention", "rewrite_linear_q", "rewrite_linear_o",
 ]

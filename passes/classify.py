@@ -41,16 +41,6 @@ def _is_parameter(n: fx.Node) -> bool:
     return n.op == "get_attr" or "parameters" in low or "buffers" in low
 
 
-def text_length(gm: fx.GraphModule) -> Optional[int]:
-    """Sequence length of the text-encoder input (a placeholder named like ``encoder_hidden_states``)."""
-    for n in gm.graph.nodes:
-        if _is_text_input(n):
-            shp = static_shape(n)
-            if shp is not None and len(shp) == 3:
-                return shp[1]
-    return None
-
-
 class TextStream(frozenset):
     """The lengths the text token stream takes (a frozenset: ``length in stream``), and where each node's
     value comes from (``source``): what :func:`classify` needs to tell text tokens from image tokens."""

@@ -378,12 +378,12 @@ def test_key_padding_mask_sites_dispatch_on_kept_keys(batch):
         assert len({g.seq_kv for g in ss.group_symbols}) == batch  # each item on its own kept keys
 
 
-def test_kept_keys_reads_every_form_of_key_padding_mask():
+def test_masks_read_every_form_of_key_padding_mask():
     """The mask analysis behind masked sites, on each form a model may pass: boolean and additive 0/-inf
-    padding give the same kept keys and kv segments; an additive bias that differs between kept keys,
-    patterns that differ per batch item, and a mask that keeps no key need more than one launch (None:
-    the runtime's masked path)."""
-    from omni_compile.masks import kept_keys
+    padding give the same kept keys and kv segments in one launch; an additive value shared by every kept
+    key cancels in the softmax; two values need a merge, patterns that differ per batch item two groups,
+    and a mask that keeps no key SDPA's own semantics (None)."""
+    from omni_compile.masks import analyse
 
     Skv, B, H = 11, 2, 3
     kv_segments = [("text", 0, 4), ("vision", 4, 11)]
@@ -392,18 +392,18 @@ def test_kept_keys_reads_every_form_of_key_padding_mask():
     keep[9] = False  # and a vision key
     as_bool = keep.expand(B, 1, 1, Skv)
     additive = torch.zeros(B, 1, 1, Skv).masked_fill(~keep, float("-inf"))
-    for mask in (as_bool, additive, additive.clamp_min(-1e9)):
-        idx, segs = kept_keys(kv_segments, mask, B, H, Skv)
-        assert idx.tolist() == keep.nonzero().squeeze(1).tolist()
-        assert segs == [("text", 0, 2), ("vision", 2, 8)]
-    assert kept_keys(kv_segments, torch.ones(B, 1, 1, Skv, dtype=torch.bool), B, H, Skv) == "all"
-    assert kept_keys(kv_segments, torch.zeros(1, Skv, dtype=torch.bool), B, H, Skv) is None
-    # one value on every kept key cancels in the softmax; two values need a merge (not one launch)
-    assert kept_keys(kv_segments, additive + 0.5 * keep, B, H, Skv)[0].tolist() == keep.nonzero().squeeze(1).tolist()
-    assert kept_keys(kv_segments, additive + 0.5 * keep * (torch.arange(Skv) % 2), B, H, Skv) is None
+    for mask in (as_bool, additive, additive.clamp_min(-1e9), additive + 0.5 * keep):
+        plan = analyse(mask, B, H, 1, Skv)
+        (group,) = plan.groups
+        assert plan.simple and group.keys.tolist() == keep.nonzero().squeeze(1).tolist()
+        assert group.kv_segments(kv_segments) == [("text", 0, 2), ("vision", 2, 8)]
+    assert analyse(torch.ones(B, 1, 1, Skv, dtype=torch.bool), B, H, 1, Skv).drops_nothing
+    assert analyse(torch.zeros(1, Skv, dtype=torch.bool), B, H, 1, Skv) is None
+    two_values = analyse(additive + 0.5 * keep * (torch.arange(Skv) % 2), B, H, 1, Skv)
+    assert not two_values.simple and len(two_values.groups[0].extra) == 1
     per_item = as_bool.clone()
     per_item[1, 0, 0, 0] = False
-    assert kept_keys(kv_segments, per_item, B, H, Skv) is None
+    assert [g.items for g in analyse(per_item, B, H, 1, Skv).groups] == [[0], [1]]
 
 
 def test_update_decodes_the_schedules_the_dispatch_steps_used(flux):
