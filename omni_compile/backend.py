@@ -105,6 +105,7 @@ def apply_passes(gm: fx.GraphModule, state: OmniState, example_inputs=()) -> lis
     modules that run them (made now where the identity weight's example input shows which module)."""
     cfg = state.config
     graph_index = len(state.compiles)
+    P.canonicalize_ring(gm)  # diffusers' ring attention -> one SDPA over every rank's keys (passes/cp.py)
     sites = P.find_sites(gm)
     text_len = P.text_length(gm) if sites else None
     grids: dict = {}
@@ -113,14 +114,17 @@ def apply_passes(gm: fx.GraphModule, state: OmniState, example_inputs=()) -> lis
     for site in sites:
         plan = SitePlan(name=site.name, batch=site.batch, heads=site.heads, head_dim=site.head_dim,
                         seq_q=site.seq_q, seq_kv=site.seq_kv, mask=site.mask_kind, graph=graph_index)
-        walk = None
+        walk = cp = None
         if site.reject is None or site.heads:
+            cp = _context_parallel(site)
+            uly = cp if cp is not None and cp["mode"] == "ulysses" else None
             walk = P.SiteWalk()
-            walk.q_projections, walk.gemm_q, walk.gemm_q_reason, _ = P.walk_q(site.q, site.heads, site.head_dim, site.seq_q)
-            walk.k_projections = P.walk_kv(site.k, site.heads, site.head_dim)
-            walk.v_projections = P.walk_kv(site.v, site.heads, site.head_dim)
+            walk.q_projections, walk.gemm_q, walk.gemm_q_reason, _ = P.walk_q(site.q, site.heads, site.head_dim,
+                                                                              site.seq_q, uly)
+            walk.k_projections = P.walk_kv(site.k, site.heads, site.head_dim, uly)
+            walk.v_projections = P.walk_kv(site.v, site.heads, site.head_dim, uly)
             walk.out_projections, walk.gemm_o, walk.gemm_o_reason = P.walk_out(
-                site.node, site.heads, site.head_dim, site.seq_q, site.batch)
+                site.node, site.heads, site.head_dim, site.seq_q, site.batch, uly)
             for flag, projs in (("gemm_q", walk.q_projections), ("gemm_o", walk.out_projections)):
                 if getattr(walk, flag):
                     lins = [p.node for p in projs]
@@ -129,8 +133,18 @@ def apply_passes(gm: fx.GraphModule, state: OmniState, example_inputs=()) -> lis
                         setattr(walk, flag + "_reason", "projection already rewritten for another site")
                     else:
                         claimed.update({n: site.name for n in lins})
-        if walk is not None:
+        if cp is not None:
+            plan.cp = cp
+            plan.kind, plan.segments, plan.kv_segments = P.classify_cp(site, walk, text_len, cp)
+            if cp["mode"] == "ulysses":
+                # the attention's tokens are every rank's shard, rank-major: this rank's GEMM rows start at
+                # rank * S/P of them (a query block may straddle two ranks: the GEMMs mask by row)
+                for proj in walk.q_projections + walk.out_projections:
+                    if proj.row_offset is not None:
+                        proj.row_offset += cp["rank"] * cp["seq_local"]
+        elif walk is not None:
             plan.kind, plan.segments, plan.kv_segments = P.classify(site, walk, text_len)
+        if walk is not None:
             plan.q_projections = [(p.name, p.row_offset) for p in walk.q_projections]
             plan.out_projections = [(p.name, p.row_offset, p.rows, p.col_offset) for p in walk.out_projections]
             plan.out_features = {}
@@ -149,6 +163,8 @@ def apply_passes(gm: fx.GraphModule, state: OmniState, example_inputs=()) -> lis
             plan.token_layout = grid
         if site.reject is not None:
             plan.reason = site.reject
+        elif cp is not None and cp.get("reason"):
+            plan.reason = cp["reason"]
         elif not cfg.attention:
             plan.reason = "attention rewriting disabled (OmniConfig.attention=False)"
         if plan.reason is None:
@@ -198,6 +214,27 @@ def apply_passes(gm: fx.GraphModule, state: OmniState, example_inputs=()) -> lis
     gm.graph.lint()
     gm.recompile()
     return records
+
+
+def _context_parallel(site) -> Optional[dict]:
+    """The site's context parallelism (``passes.cp.site_cp``) with the shard sizes the runtime needs:
+    ``seq_local`` (each rank's tokens), ``heads_local`` (the heads this rank attends); ``reason`` when the
+    ops cannot run it."""
+    cp = P.site_cp(site)
+    if cp is None:
+        return None
+    size = cp["size"]
+    if cp["mode"] == "ulysses":
+        cp.update(seq_local=site.seq_q // size, heads_local=site.heads)
+        if site.seq_q % size or site.seq_kv != site.seq_q:
+            cp["reason"] = f"context parallel: {site.seq_q} queries, {site.seq_kv} keys do not split over {size} ranks"
+    elif cp["mode"] == "ring":
+        cp.update(seq_local=site.seq_q, heads_local=site.heads)
+        if site.seq_kv != site.seq_q * size:
+            cp["reason"] = f"context parallel (ring): {site.seq_kv} keys are not {size} shards of {site.seq_q}"
+    else:
+        cp["reason"] = "context parallel with both ulysses_degree and ring_degree > 1 is not supported"
+    return cp
 
 
 _SYMBOLIC = (torch.SymInt, torch.SymFloat, torch.SymBool)

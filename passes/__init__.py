@@ -6,10 +6,14 @@
 3. :mod:`.classify` — joint / self / cross, and the text/vision token split;
 4. :mod:`.rewrite` — replace the site's SDPA, q projections and output projections by the site ops.
 
+:mod:`.cp` holds what context parallelism (diffusers' Ulysses and ring attention) adds to these: the
+layout rule of the all-to-all, ring attention rewritten into one SDPA, the token segments of a shard.
+
 This package knows no sparsity strategy and no runtime: the ops to rewrite into are passed in.
 """
 
-from .classify import classify, text_length, timestep_input, token_grid
+from .classify import classify, classify_cp, text_length, timestep_input, token_grid
+from .cp import canonicalize_ring, site_cp
 from .find_sites import SKIP_COUNTS, AttentionSite, find_sites
 from .rewrite import (SiteOps, identity_weight, insert_clock, keep_alive, rewrite_attention, rewrite_linear_o,
                       rewrite_linear_q)
@@ -19,4 +23,5 @@ __all__ = [
     "AttentionSite", "find_sites", "SKIP_COUNTS", "Projection", "OutProjection", "SiteWalk", "walk_q",
     "walk_kv", "walk_out", "classify", "text_length", "timestep_input", "token_grid", "SiteOps", "identity_weight",
     "insert_clock", "keep_alive", "rewrite_attention", "rewrite_linear_q", "rewrite_linear_o",
+    "canonicalize_ring", "site_cp", "classify_cp",
 ]

@@ -18,6 +18,7 @@ from typing import Optional
 
 from torch import fx
 
+from . import cp
 from ._fx import linear_args, op_name, static_shape
 
 _TEXT_HINTS = ("add_q_proj", "add_k_proj", "add_v_proj", "context", "txt", "text", "encoder")
@@ -28,7 +29,8 @@ _PASS_THROUGH = {
 
 
 def text_length(gm: fx.GraphModule) -> Optional[int]:
-    """Sequence length of the text-encoder input (a placeholder named like ``encoder_hidden_states``)."""
+    """Sequence length of the text-encoder input (a placeholder named like ``encoder_hidden_states``), as this
+    rank sees it when context parallelism shards it."""
     for n in gm.graph.nodes:
         if n.op != "placeholder":
             continue
@@ -36,7 +38,7 @@ def text_length(gm: fx.GraphModule) -> Optional[int]:
         if "encoder_hidden_states" in low or "prompt_embeds" in low or "context" in low:
             shp = static_shape(n)
             if shp is not None and len(shp) == 3:
-                return shp[1]
+                return cp.shard_length(n, shp[1])  # a context-parallel graph sees its shard of the text
     return None
 
 
@@ -154,3 +156,24 @@ def classify(site, walk, text_len: Optional[int]):
     mods = {s[0] for s in segs}
     kind = "joint" if {"text", "vision"} <= mods else "self"
     return kind, segs, list(segs)
+
+
+# ---- context parallelism (passes/cp.py) ----------------------------------------------------------------
+
+
+def classify_cp(site, walk, text_len: Optional[int], par: dict):
+    """``classify`` for a context-parallel site: on one rank's shard, spread over the ranks where the
+    attention sees them all. Ulysses: queries and keys are every rank's shard, rank-major (FLUX
+    ``[text 0-4, vision 4-12, text 12-16, vision 16-24]``); ring: the queries are this rank's own, the keys
+    every rank's."""
+    import copy
+
+    size = par["size"]
+    local = copy.copy(site)
+    if par["mode"] == "ulysses":
+        local.seq_q, local.seq_kv = site.seq_q // size, site.seq_kv // size
+    else:
+        local.seq_kv = site.seq_kv // size
+    kind, segs, kv_segs = classify(local, walk, text_len)
+    kv = cp.spread(kv_segs, local.seq_kv, size)
+    return kind, (cp.spread(segs, local.seq_q, size) if par["mode"] == "ulysses" else segs), kv

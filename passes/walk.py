@@ -131,8 +131,13 @@ def _descendants(roots) -> set:
     return seen
 
 
-def walk_q(q: fx.Node, heads: int, head_dim: int, seq_q: int):
-    """Projections of q and whether GEMM-Q is valid for them: returns (projections, ok, reason, chain)."""
+def walk_q(q: fx.Node, heads: int, head_dim: int, seq_q: int, ulysses: Optional[dict] = None):
+    """Projections of q and whether GEMM-Q is valid for them: returns (projections, ok, reason, chain).
+    ``ulysses`` (``passes.cp.detect_ulysses``): ``heads`` are the heads this rank attends (H/P) over all
+    ``seq_q`` tokens, the projections hold all H heads of this rank's ``seq_q / P`` tokens, and the row
+    offsets are within that shard."""
+    size = ulysses["size"] if ulysses else 1
+    local_heads, heads = heads, heads * size
     projs, visited = find_projections(q, heads, head_dim)
     out = [Projection(p, module_path(p), static_shape(p)[1]) for p in projs]
     if not projs:
@@ -170,8 +175,10 @@ def walk_q(q: fx.Node, heads: int, head_dim: int, seq_q: int):
         b_g, h_g, s_g, d_g = (lay.normalize(g) for g in ql)
         if lay.has_token_or_head(b_g) or lay.has_token_or_head(d_g):
             raise lay.NotLocal(f"q's batch/head-dim axes carry tokens or heads ({b_g}, {d_g})")
-        if heads > 1 and h_g != (lay.h_atom(heads),):
+        if local_heads > 1 and h_g != (lay.h_atom(local_heads),):
             raise lay.NotLocal(f"q's head axis is not the projection's head split ({h_g})")
+        if ulysses:
+            s_g, seq_q = _strip_shards(s_g, ulysses, local_heads), seq_q // size
         parts = s_g[0].key if len(s_g) == 1 and s_g[0].kind == "CAT" else (s_g,)
         off = 0
         for part in parts:
@@ -194,14 +201,30 @@ def walk_q(q: fx.Node, heads: int, head_dim: int, seq_q: int):
     return out, True, None, chain
 
 
-def walk_kv(t: fx.Node, heads: int, head_dim: int) -> list:
-    projs, _ = find_projections(t, heads, head_dim)
+def _strip_shards(s_g: tuple, ulysses: dict, local_heads: int) -> tuple:
+    """q's token axis under Ulysses without its outer ``R`` atom (the source rank): what remains must be
+    this rank's projection rows, as without context parallelism."""
+    r = s_g[0] if s_g else None
+    if r is None or r.kind != "R" or r.size != ulysses["size"] or r.key != (ulysses["group"], local_heads):
+        raise lay.NotLocal(f"q's token axis is not the context-parallel group's token shards ({s_g})")
+    return tuple(s_g[1:])
+
+
+def walk_kv(t: fx.Node, heads: int, head_dim: int, ulysses: Optional[dict] = None) -> list:
+    projs, _ = find_projections(t, heads * (ulysses["size"] if ulysses else 1), head_dim)
     return [Projection(p, module_path(p), static_shape(p)[1]) for p in projs]
 
 
-def walk_out(o: fx.Node, heads: int, head_dim: int, seq_q: int, batch: int):
-    """Output projections fed by the attention output ``o``: returns (out_projections, ok, reason)."""
-    layouts = {o: ((lay.Atom("B", batch),), (lay.h_atom(heads),), (lay.s_atom("@out", 0, seq_q),), (lay.Atom("D", head_dim),))}
+def walk_out(o: fx.Node, heads: int, head_dim: int, seq_q: int, batch: int, ulysses: Optional[dict] = None):
+    """Output projections fed by the attention output ``o``: returns (out_projections, ok, reason).
+    ``ulysses``: the attention's tokens are the ranks' shards, rank-major, and the projections see all
+    ``heads * P`` heads of this rank's shard (rows within the shard)."""
+    tokens = (lay.s_atom("@out", 0, seq_q),)
+    if ulysses:
+        size = ulysses["size"]
+        tokens = (lay.Atom("R", size, (ulysses["group"], heads)), lay.s_atom("@out", 0, seq_q // size))
+    layouts = {o: ((lay.Atom("B", batch),), (lay.h_atom(heads),), tokens, (lay.Atom("D", head_dim),))}
+    heads *= ulysses["size"] if ulysses else 1
     outs: list = []
     visited = {o}
     try:

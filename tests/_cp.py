@@ -1,0 +1,321 @@
+"""Context-parallel runs for the tests: ranks as processes on this machine (gloo, CPU), diffusers' own
+``enable_parallelism``, the tiny FLUX and Wan, and what a single process must reproduce.
+
+``run_ranks(cases, world)`` spawns ``world`` processes once (``torch.multiprocessing.spawn``) and runs every
+case in each; a case compiles its model with ``backend="flashomni"`` under context parallelism, runs a
+short denoising loop per policy on that one compiled graph and returns, per rank: the outputs per step, the
+bits each policy decided (:class:`Recorder`), the collectives issued per step (profiler events), the
+sites and the state's report and memory. The single-process side (:func:`single_loop`) replays those bits
+through :class:`Replay`, mapped from the ranks' token order to its own (:func:`block_order`).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import traceback
+from dataclasses import dataclass, field
+
+import torch
+
+BLOCK = 16
+STEPS = 7  # warm-up 2, interval 3: dense 0, update 1, dispatch 2-3, update 4, dispatch 5-6
+WARMUP, INTERVAL = 2, 3
+#: FLUX sizes: 32 text + 64 image tokens, so each of 2 ranks holds 16 text + 32 image tokens, whole blocks
+FLUX_TEXT, FLUX_SIDE = 32, 8
+
+
+# ---- models and inputs --------------------------------------------------------------------------------
+
+
+def build(family: str):
+    """``(model, inputs(x, t), x0, t_scale)``: the tiny model, its inputs for latents ``x`` at timestep ``t``
+    (in [0, 1]), the first latents."""
+    if family == "flux":
+        from _runtime_helpers import initial_latents, tiny_flux
+
+        model, make, info = tiny_flux(side=FLUX_SIDE, text=FLUX_TEXT, layers=1, single_layers=1, heads=2, head_dim=16)
+        return model, lambda x, t: make(x, torch.tensor([t])), initial_latents(info)
+    if family == "wan":
+        import _tiny_models
+
+        model, make = _tiny_models.build("wan")
+        kw = make(0)
+        x0 = kw.pop("hidden_states")
+
+        def inputs(x, t):
+            return dict(kw, hidden_states=x, timestep=torch.tensor([t * 1000.0]))
+
+        return model, inputs, x0
+    raise ValueError(family)
+
+
+def cp_plan(model):
+    """The model's ``_cp_plan``, minus Wan's ``""`` entry: it shards ``timestep`` expecting Wan 2.2's
+    per-token 2-D timesteps, and for a 1-D one diffusers 0.42.1 calls ``logger.warning_once``, which its
+    logger does not have (``AttributeError``, eager too)."""
+    plan = dict(type(model)._cp_plan)
+    if type(model).__name__.startswith("Wan"):
+        plan.pop("", None)
+    return plan
+
+
+def enable(model, mode: str, world: int):
+    from diffusers import ContextParallelConfig
+
+    cfg = ContextParallelConfig(ulysses_degree=world) if mode == "ulysses" else ContextParallelConfig(ring_degree=world)
+    model.enable_parallelism(config=cfg, cp_plan=cp_plan(model))
+
+
+def ring_on_cpu():
+    """diffusers 0.42.1 runs ring attention only with a backend that returns the log-sum-exp; its native
+    (SDPA) op refuses (``return_lse=True``) and the flash/cuDNN ones have no CPU kernel. This gives the
+    native op an lse path through ``aten._scaled_dot_product_flash_attention_for_cpu`` (what a GPU run gets
+    from ``_native_cudnn`` / ``_native_flash``), so ring runs on CPU ranks."""
+    import diffusers.models.attention_dispatch as ad
+
+    orig = ad._native_attention_forward_op
+    if getattr(orig, "_omni_lse", False):
+        return
+
+    def forward_op(ctx, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                   enable_gqa=False, return_lse=False, _save_ctx=True, _parallel_config=None):
+        if not return_lse:
+            return orig(ctx, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, False,
+                        _save_ctx=_save_ctx, _parallel_config=_parallel_config)
+        q, k, v = (x.permute(0, 2, 1, 3) for x in (query, key, value))
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k, v, dropout_p, is_causal, attn_mask=attn_mask, scale=scale)
+        return out.permute(0, 2, 1, 3), lse.transpose(1, 2)
+
+    forward_op._omni_lse = True
+    ad._native_attention_forward_op = forward_op
+
+
+# ---- policies that record and replay bits ---------------------------------------------------------------
+
+
+@dataclass
+class Recorder:
+    """Runs ``inner`` and keeps the bits it decided per (site name, step)."""
+
+    inner: object
+    bits: dict = field(default_factory=dict)
+    name = "recorder"
+    needs_features = False
+    reuses_text = False
+
+    @property
+    def needs_scores(self) -> bool:
+        from omni_compile.policies import resolve_policy
+
+        return resolve_policy(self.inner).needs_scores
+
+    def __call__(self, inp, config):
+        from omni_compile.policies import resolve_policy
+
+        reuse, skip = resolve_policy(self.inner)(inp, config)
+        self.bits[(inp.site_name, inp.step)] = (reuse.cpu().clone(), skip.cpu().clone())
+        return reuse, skip
+
+
+@dataclass
+class Replay:
+    """Returns the bits of ``bits[(site name, step)]``."""
+
+    bits: dict
+    name = "replay"
+    needs_scores = False
+    needs_features = False
+    reuses_text = False
+
+    def __call__(self, inp, config):
+        reuse, skip = self.bits[(inp.site_name, inp.step)]
+        return reuse.to(inp.device), skip.to(inp.device)
+
+
+def block_order(segments_local: list, size: int, seq_local: int) -> torch.Tensor:
+    """For each block of the single process's sequence (text of every rank, then vision), the block of
+    the ranks' rank-major sequence that holds the same tokens: both are whole blocks of ``BLOCK`` rows."""
+    cp_blocks = []
+    for r in range(size):
+        for m, a, b in segments_local:
+            cp_blocks += [(m, r, i) for i in range(a // BLOCK, b // BLOCK)]
+    order = sorted(range(len(cp_blocks)), key=lambda i: (cp_blocks[i][0] != "text", cp_blocks[i][1], cp_blocks[i][2]))
+    return torch.tensor(order)
+
+
+def merge_bits(per_rank: list, modes: dict, orders: dict) -> dict:
+    """The bits of the whole site from every rank's recorded ones, in the single process's token order.
+    Ulysses: ranks hold heads (concatenated in rank order); ring: every rank decided for every query
+    (rank 0's); a site that context parallelism does not touch (Wan's cross-attention) holds its rank's
+    queries (concatenated along query blocks)."""
+    out = {}
+    for key in per_rank[0]:
+        name = key[0]
+        parts = [r[key] for r in per_rank]
+        mode = modes[name]
+        if mode == "ulysses":
+            reuse, skip = (torch.cat([p[i] for p in parts], dim=1) for i in (0, 1))
+        elif mode == "ring":
+            reuse, skip = parts[0]
+        else:
+            reuse, skip = (torch.cat([p[i] for p in parts], dim=2) for i in (0, 1))
+        q_order, k_order = orders.get(name, (None, None))
+        if q_order is not None:
+            reuse, skip = reuse[:, :, q_order], skip[:, :, q_order]
+        if k_order is not None:
+            skip = skip[..., k_order]
+        out[key] = (reuse, skip)
+    return out
+
+
+# ---- the loop -------------------------------------------------------------------------------------------
+
+
+def timesteps():
+    return [1.0 - i / STEPS for i in range(STEPS)]
+
+
+def loop(fn, inputs, x0, counter=None) -> list:
+    """An Euler loop of ``STEPS`` calls; the latents of every step (and, with ``counter``, the collectives
+    each call issued)."""
+    ts = timesteps() + [0.0]
+    x, outs = x0.clone(), []
+    with torch.no_grad():
+        for i in range(STEPS):
+            if counter is not None:
+                with counter.step():
+                    v = fn(**inputs(x, ts[i]))[0]
+            else:
+                v = fn(**inputs(x, ts[i]))[0]
+            x = x + (ts[i + 1] - ts[i]) * v
+            outs.append(x.clone())
+    return outs
+
+
+class Collectives:
+    """Collectives issued per step, from the profiler's events (a ``TorchDispatchMode`` would make Dynamo run
+    the frame eagerly instead of the compiled graph, and count nothing the site ops do)."""
+
+    def __init__(self):
+        self.steps: list = []
+
+    def step(self):
+        import contextlib
+
+        @contextlib.contextmanager
+        def cm():
+            prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+            with prof:
+                yield
+            counts = {}
+            for e in prof.key_averages():
+                k = e.key
+                if k.startswith("c10d::") or k.startswith("_c10d_functional::"):
+                    counts[k] = e.count
+            self.steps.append(counts)
+
+        return cm()
+
+
+def single_loop(family: str, policy=None, eager: bool = False) -> list:
+    """The loop in this process, without parallelism: eager, or compiled with ``policy``."""
+    import omni_compile
+
+    model, inputs, x0 = build(family)
+    if eager:
+        return loop(model, inputs, x0)
+    torch._dynamo.reset()
+    state = omni_compile.OmniState(omni_compile.OmniConfig(
+        policy=policy, use_inductor=False, block_q=BLOCK, block_kv=BLOCK, warmup=WARMUP, interval=INTERVAL))
+    state.name_modules(model)
+    out = loop(torch.compile(model, backend="flashomni", options={"state": state}), inputs, x0)
+    torch._dynamo.reset()
+    return out
+
+
+# ---- what each rank runs ----------------------------------------------------------------------------------
+
+
+def run_case(rank: int, world: int, family: str, mode: str, policies: tuple) -> dict:
+    import omni_compile
+
+    torch._dynamo.reset()
+    if mode == "ring":
+        ring_on_cpu()
+    model, inputs, x0 = build(family)
+    enable(model, mode, world)
+    state = omni_compile.OmniState(omni_compile.OmniConfig(
+        policy="dense", use_inductor=False, block_q=BLOCK, block_kv=BLOCK, warmup=WARMUP, interval=INTERVAL))
+    state.name_modules(model)
+    compiled = torch.compile(model, backend="flashomni", options={"state": state})
+    res = {"loops": {}, "bits": {}, "collectives": {}, "memory": {}, "reports": {}}
+    for i, name in enumerate(policies):
+        rec = None
+        if name != "dense":
+            rec = Recorder(name)
+            state.configure(policy=rec)
+        else:
+            state.configure(policy="dense")
+        counter = Collectives()
+        if i == 0:
+            outs = loop(compiled, inputs, x0, counter)
+        else:
+            with torch.compiler.set_stance("fail_on_recompile"):
+                outs = loop(compiled, inputs, x0, counter)
+        res["loops"][name] = outs
+        res["collectives"][name] = counter.steps
+        res["memory"][name] = state.memory_bytes()
+        res["reports"][name] = state.report()
+        if rec is not None:
+            res["bits"][name] = rec.bits
+    res["actions"] = [next((r.action for r in state.history if r.step == s), None) for s in range(STEPS)]
+    res["sites"] = [dict(name=s.name, kind=s.kind, rewritten=s.rewritten, gemm_q=s.gemm_q, gemm_o=s.gemm_o,
+                         segments=s.segments, kv_segments=s.kv_segments, cp=s.cp, heads=s.heads, seq_q=s.seq_q,
+                         seq_kv=s.seq_kv, reason=s.reason, runtime_reason=s.runtime_reason,
+                         sparse_calls={k: sum(ss.sparse_calls[k] for ss in s.streams.values())
+                                       for k in ("attention", "linear_q", "linear_o")})
+                    for s in state.sites]
+    res["compiles"] = len(state.compiles)
+    return res
+
+
+# ---- processes ---------------------------------------------------------------------------------------------
+
+
+def _worker(rank: int, world: int, tmp: str, cases: list):
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=world)
+    # diffusers 0.42.1 places each rank on device `rank % torch.accelerator.device_count()`, which is 0 on a
+    # CPU build of torch (ZeroDivisionError): one "device" it is
+    torch.accelerator.device_count = lambda: 1
+    out = {}
+    try:
+        for case in cases:
+            try:
+                out[case] = run_case(rank, world, *case)
+            except Exception:
+                out[case] = {"error": traceback.format_exc()}
+                raise
+    finally:
+        torch.save(out, f"{tmp}/rank{rank}.pt")
+        dist.destroy_process_group()
+
+
+def run_ranks(cases: list, world: int = 2) -> list:
+    """Run every case on ``world`` ranks; returns ``{case: result}`` per rank (rank order)."""
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            mp.spawn(_worker, args=(world, tmp, cases), nprocs=world, join=True)
+        finally:
+            got = []
+            for r in range(world):
+                p = f"{tmp}/rank{r}.pt"
+                got.append(torch.load(p, weights_only=False) if os.path.exists(p) else {})
+    return got
