@@ -107,7 +107,13 @@ def apply_passes(gm: fx.GraphModule, state: OmniState, example_inputs=()) -> lis
     graph_index = len(state.compiles)
     P.canonicalize_ring(gm)  # diffusers' ring attention -> one SDPA over every rank's keys (passes/cp.py)
     sites = P.find_sites(gm)
-    text_len = P.text_length(gm) if sites else None
+    text_len = P.text_length(gm)
+    if text_len is not None:
+        state._text_length = text_len
+    elif sites:
+        # a graph after a graph break may take the text under a positional name (Wan under context
+        # parallelism: diffusers' hook on blocks.0 breaks the frame there): the model's earlier graph saw it
+        text_len = state._text_length
     grids: dict = {}
     plans = []
     claimed: dict = {}

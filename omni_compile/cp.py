@@ -39,7 +39,8 @@ def _all_gather(plan, t: torch.Tensor) -> torch.Tensor:
     size = plan.cp["size"]
     # gathered along dim 0 (the form every backend takes, gloo included), then split by rank
     out = torch.empty((size * t.shape[0],) + tuple(t.shape[1:]), dtype=t.dtype, device=t.device)
-    dist.all_gather_into_tensor(out, t, group=_group(plan))
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # the name of torch >= 2.13
+    gather(out, t, group=_group(plan))
     return out.view((size,) + tuple(t.shape))
 
 

@@ -288,6 +288,8 @@ class OmniState:
         self._hook_tick = False
         """An attached model's forward hook placed the current call (the graphs' own clocks then skip it)."""
         self._warned: set = set()
+        self._text_length: Optional[int] = None
+        """The text length the latest graph with a named text input showed (``backend.apply_passes``)."""
         _STATES[self.id] = self
 
     # ---- sites ----------------------------------------------------------------------------------

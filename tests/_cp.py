@@ -4,7 +4,7 @@
 ``run_ranks(cases, world)`` spawns ``world`` processes once (``torch.multiprocessing.spawn``) and runs every
 case in each; a case compiles its model with ``backend="flashomni"`` under context parallelism, runs a
 short denoising loop per policy on that one compiled graph and returns, per rank: the outputs per step, the
-bits each policy decided (:class:`Recorder`), the collectives issued per step (profiler events), the
+bits each policy decided (:class:`Recorder`), the collectives issued per step (:func:`issued`), the
 sites and the state's report and memory. The single-process side (:func:`single_loop`) replays those bits
 through :class:`Replay`, mapped from the ranks' token order to its own (:func:`block_order`).
 """
@@ -142,7 +142,21 @@ def block_order(segments_local: list, size: int, seq_local: int) -> torch.Tensor
         for m, a, b in segments_local:
             cp_blocks += [(m, r, i) for i in range(a // BLOCK, b // BLOCK)]
     order = sorted(range(len(cp_blocks)), key=lambda i: (cp_blocks[i][0] != "text", cp_blocks[i][1], cp_blocks[i][2]))
-    return torch.tensor(order)
+    return torch.tensor(order, dtype=torch.long)
+
+
+def replay_bits(per_rank: list, policy: str) -> dict:
+    """The bits the ranks decided under ``policy`` (their results of one case), for a single process."""
+    modes, orders = {}, {}
+    for site in per_rank[0]["sites"]:
+        cp = site["cp"]
+        modes[site["name"]] = cp["mode"] if cp else None
+        if cp:
+            n = cp["seq_local"]
+            local = [(m, a, min(b, n)) for m, a, b in site["segments"] if a < n]  # one rank's shard
+            order = block_order(local, cp["size"], cp["seq_local"])
+            orders[site["name"]] = (order, order)
+    return merge_bits([r["bits"][policy] for r in per_rank], modes, orders)
 
 
 def merge_bits(per_rank: list, modes: dict, orders: dict) -> dict:
@@ -177,60 +191,53 @@ def timesteps():
     return [1.0 - i / STEPS for i in range(STEPS)]
 
 
-def loop(fn, inputs, x0, counter=None) -> list:
-    """An Euler loop of ``STEPS`` calls; the latents of every step (and, with ``counter``, the collectives
-    each call issued)."""
+def loop(fn, inputs, x0, counts=None) -> list:
+    """An Euler loop of ``STEPS`` calls; the latents of every step. ``counts`` (a list) gets the number of
+    collectives each call issued (:func:`issued`)."""
     ts = timesteps() + [0.0]
     x, outs = x0.clone(), []
     with torch.no_grad():
         for i in range(STEPS):
-            if counter is not None:
-                with counter.step():
-                    v = fn(**inputs(x, ts[i]))[0]
-            else:
-                v = fn(**inputs(x, ts[i]))[0]
+            before = issued() if counts is not None else 0
+            v = fn(**inputs(x, ts[i]))[0]
+            if counts is not None:
+                counts.append(issued() - before)
             x = x + (ts[i + 1] - ts[i]) * v
             outs.append(x.clone())
     return outs
 
 
-class Collectives:
-    """Collectives issued per step, from the profiler's events (a ``TorchDispatchMode`` would make Dynamo run
-    the frame eagerly instead of the compiled graph, and count nothing the site ops do)."""
+def issued() -> int:
+    """Collectives this process has issued so far, over every process group: c10d numbers each group's
+    collectives (the functional ones in compiled graphs too). Neither a ``TorchDispatchMode`` (under one,
+    Dynamo runs the frame eagerly instead of the compiled graph, and the site ops never run) nor the
+    profiler (~1.5 s per step of these tiny loops) is needed."""
+    from torch.distributed.distributed_c10d import _world
 
-    def __init__(self):
-        self.steps: list = []
-
-    def step(self):
-        import contextlib
-
-        @contextlib.contextmanager
-        def cm():
-            prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
-            with prof:
-                yield
-            counts = {}
-            for e in prof.key_averages():
-                k = e.key
-                if k.startswith("c10d::") or k.startswith("_c10d_functional::"):
-                    counts[k] = e.count
-            self.steps.append(counts)
-
-        return cm()
+    return sum(pg._get_sequence_number_for_group() for pg in list(_world.pg_names))
 
 
-def single_loop(family: str, policy=None, eager: bool = False) -> list:
-    """The loop in this process, without parallelism: eager, or compiled with ``policy``."""
+def eager_loop(family: str) -> list:
+    """The loop in this process, eager, without parallelism."""
+    model, inputs, x0 = build(family)
+    return loop(model, inputs, x0)
+
+
+def single_loops(family: str, policies: list) -> list:
+    """The loop in this process without parallelism, once per policy, all on one compiled graph:
+    ``[(latents per step, memory_bytes, report)]``."""
     import omni_compile
 
     model, inputs, x0 = build(family)
-    if eager:
-        return loop(model, inputs, x0)
     torch._dynamo.reset()
     state = omni_compile.OmniState(omni_compile.OmniConfig(
-        policy=policy, use_inductor=False, block_q=BLOCK, block_kv=BLOCK, warmup=WARMUP, interval=INTERVAL))
+        policy="dense", use_inductor=False, block_q=BLOCK, block_kv=BLOCK, warmup=WARMUP, interval=INTERVAL))
     state.name_modules(model)
-    out = loop(torch.compile(model, backend="flashomni", options={"state": state}), inputs, x0)
+    compiled = torch.compile(model, backend="flashomni", options={"state": state})
+    out = []
+    for p in policies:
+        state.configure(policy=p)
+        out.append((loop(compiled, inputs, x0), state.memory_bytes(), state.report()))
     torch._dynamo.reset()
     return out
 
@@ -239,8 +246,11 @@ def single_loop(family: str, policy=None, eager: bool = False) -> list:
 
 
 def run_case(rank: int, world: int, family: str, mode: str, policies: tuple) -> dict:
+    import time
+
     import omni_compile
 
+    t0 = time.perf_counter()
     torch._dynamo.reset()
     if mode == "ring":
         ring_on_cpu()
@@ -250,26 +260,29 @@ def run_case(rank: int, world: int, family: str, mode: str, policies: tuple) -> 
         policy="dense", use_inductor=False, block_q=BLOCK, block_kv=BLOCK, warmup=WARMUP, interval=INTERVAL))
     state.name_modules(model)
     compiled = torch.compile(model, backend="flashomni", options={"state": state})
-    res = {"loops": {}, "bits": {}, "collectives": {}, "memory": {}, "reports": {}}
+    res = {"loops": {}, "bits": {}, "collectives": {}, "memory": {}, "reports": {}, "seconds": {}}
+    res["seconds"]["build"] = time.perf_counter() - t0
     for i, name in enumerate(policies):
+        t0 = time.perf_counter()
         rec = None
         if name != "dense":
             rec = Recorder(name)
             state.configure(policy=rec)
         else:
             state.configure(policy="dense")
-        counter = Collectives()
+        counts: list = []
         if i == 0:
-            outs = loop(compiled, inputs, x0, counter)
+            outs = loop(compiled, inputs, x0, counts)
         else:
             with torch.compiler.set_stance("fail_on_recompile"):
-                outs = loop(compiled, inputs, x0, counter)
+                outs = loop(compiled, inputs, x0, counts)
         res["loops"][name] = outs
-        res["collectives"][name] = counter.steps
+        res["collectives"][name] = counts
         res["memory"][name] = state.memory_bytes()
         res["reports"][name] = state.report()
         if rec is not None:
             res["bits"][name] = rec.bits
+        res["seconds"][name] = time.perf_counter() - t0
     res["actions"] = [next((r.action for r in state.history if r.step == s), None) for s in range(STEPS)]
     res["sites"] = [dict(name=s.name, kind=s.kind, rewritten=s.rewritten, gemm_q=s.gemm_q, gemm_o=s.gemm_o,
                          segments=s.segments, kv_segments=s.kv_segments, cp=s.cp, heads=s.heads, seq_q=s.seq_q,
