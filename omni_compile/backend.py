@@ -32,7 +32,7 @@ from torch import fx
 
 from . import passes as P
 from . import runtime  # noqa: F401  (registers the site ops)
-from .block_cache import build_program
+from .block_cache import FixedBlocks, build_program
 from .config import OmniConfig
 from .passes import SiteOps, _fx
 from .state import OmniState, SitePlan, set_last_state, summarize
@@ -407,6 +407,13 @@ def _block_program(gm: fx.GraphModule, state: OmniState, records: list, mode: Op
 
         return compile_fx(module, example, config_patches=patches) if patches else compile_fx(module, example)
 
+    if not isinstance(cfg.block_cache, FixedBlocks) and any(_fx.collective(n) for n in gm.graph.nodes):
+        entry["blocks_reason"] = (
+            "context parallelism: a block-cache rule that reads each rank's own data (ComputedShare, "
+            "ResidualChange) may cache a block on one rank and run it on another, whose collectives would then "
+            "wait forever; FixedBlocks decides alike on every rank")
+        log.info("flashomni: block caching off for this graph: %s", entry["blocks_reason"])
+        return None
     program = build_program(gm, state, records, compile_region, entry, ops=_site_ops())
     entry["split_seconds"] = time.perf_counter() - t0
     if program is None:

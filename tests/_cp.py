@@ -31,10 +31,12 @@ FLUX_TEXT, FLUX_SIDE = 32, 8
 def build(family: str):
     """``(model, inputs(x, t), x0, t_scale)``: the tiny model, its inputs for latents ``x`` at timestep ``t``
     (in [0, 1]), the first latents."""
-    if family == "flux":
+    if family in ("flux", "flux4"):
         from _runtime_helpers import initial_latents, tiny_flux
 
-        model, make, info = tiny_flux(side=FLUX_SIDE, text=FLUX_TEXT, layers=1, single_layers=1, heads=2, head_dim=16)
+        # flux4: 4 heads and 64 text + 256 image tokens, so that 4 ranks hold whole blocks and heads
+        side, text, heads = (FLUX_SIDE, FLUX_TEXT, 2) if family == "flux" else (16, 64, 4)
+        model, make, info = tiny_flux(side=side, text=text, layers=1, single_layers=1, heads=heads, head_dim=16)
         return model, lambda x, t: make(x, torch.tensor([t])), initial_latents(info)
     if family == "wan":
         import _tiny_models
@@ -50,46 +52,12 @@ def build(family: str):
     raise ValueError(family)
 
 
-def cp_plan(model):
-    """The model's ``_cp_plan``, minus Wan's ``""`` entry: it shards ``timestep`` expecting Wan 2.2's
-    per-token 2-D timesteps, and for a 1-D one diffusers 0.42.1 calls ``logger.warning_once``, which its
-    logger does not have (``AttributeError``, eager too)."""
-    plan = dict(type(model)._cp_plan)
-    if type(model).__name__.startswith("Wan"):
-        plan.pop("", None)
-    return plan
-
-
 def enable(model, mode: str, world: int):
-    from diffusers import ContextParallelConfig
+    """diffusers' context parallelism on ``model`` (``omni_compile.bench.parallel.enable``: its ``_cp_plan``,
+    and on CPU ranks an lse path for ring attention)."""
+    from omni_compile.bench import parallel
 
-    cfg = ContextParallelConfig(ulysses_degree=world) if mode == "ulysses" else ContextParallelConfig(ring_degree=world)
-    model.enable_parallelism(config=cfg, cp_plan=cp_plan(model))
-
-
-def ring_on_cpu():
-    """diffusers 0.42.1 runs ring attention only with a backend that returns the log-sum-exp; its native
-    (SDPA) op refuses (``return_lse=True``) and the flash/cuDNN ones have no CPU kernel. This gives the
-    native op an lse path through ``aten._scaled_dot_product_flash_attention_for_cpu`` (what a GPU run gets
-    from ``_native_cudnn`` / ``_native_flash``), so ring runs on CPU ranks."""
-    import diffusers.models.attention_dispatch as ad
-
-    orig = ad._native_attention_forward_op
-    if getattr(orig, "_omni_lse", False):
-        return
-
-    def forward_op(ctx, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
-                   enable_gqa=False, return_lse=False, _save_ctx=True, _parallel_config=None):
-        if not return_lse:
-            return orig(ctx, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, False,
-                        _save_ctx=_save_ctx, _parallel_config=_parallel_config)
-        q, k, v = (x.permute(0, 2, 1, 3) for x in (query, key, value))
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            q, k, v, dropout_p, is_causal, attn_mask=attn_mask, scale=scale)
-        return out.permute(0, 2, 1, 3), lse.transpose(1, 2)
-
-    forward_op._omni_lse = True
-    ad._native_attention_forward_op = forward_op
+    parallel.enable(model, mode, world)
 
 
 # ---- policies that record and replay bits ---------------------------------------------------------------
@@ -223,15 +191,14 @@ def eager_loop(family: str) -> list:
     return loop(model, inputs, x0)
 
 
-def single_loops(family: str, policies: list) -> list:
+def single_loops(family: str, policies: list, config: tuple = ()) -> list:
     """The loop in this process without parallelism, once per policy, all on one compiled graph:
-    ``[(latents per step, memory_bytes, report)]``."""
+    ``[(latents per step, memory_bytes, report)]``; ``config`` as for :func:`run_case`."""
     import omni_compile
 
     model, inputs, x0 = build(family)
     torch._dynamo.reset()
-    state = omni_compile.OmniState(omni_compile.OmniConfig(
-        policy="dense", use_inductor=False, block_q=BLOCK, block_kv=BLOCK, warmup=WARMUP, interval=INTERVAL))
+    state = omni_compile.OmniState(_config(config))
     state.name_modules(model)
     compiled = torch.compile(model, backend="flashomni", options={"state": state})
     out = []
@@ -242,22 +209,27 @@ def single_loops(family: str, policies: list) -> list:
     return out
 
 
+def _config(config: tuple):
+    from omni_compile import OmniConfig
+
+    base = dict(policy="dense", use_inductor=False, block_q=BLOCK, block_kv=BLOCK, warmup=WARMUP, interval=INTERVAL)
+    return OmniConfig(**{**base, **dict(config)})
+
+
 # ---- what each rank runs ----------------------------------------------------------------------------------
 
 
-def run_case(rank: int, world: int, family: str, mode: str, policies: tuple) -> dict:
+def run_case(rank: int, world: int, family: str, mode: str, policies: tuple, config: tuple = ()) -> dict:
+    """One case on this rank (module docstring); ``config``: ``(field, value)`` pairs of ``OmniConfig``."""
     import time
 
     import omni_compile
 
     t0 = time.perf_counter()
     torch._dynamo.reset()
-    if mode == "ring":
-        ring_on_cpu()
     model, inputs, x0 = build(family)
     enable(model, mode, world)
-    state = omni_compile.OmniState(omni_compile.OmniConfig(
-        policy="dense", use_inductor=False, block_q=BLOCK, block_kv=BLOCK, warmup=WARMUP, interval=INTERVAL))
+    state = omni_compile.OmniState(_config(config))
     state.name_modules(model)
     compiled = torch.compile(model, backend="flashomni", options={"state": state})
     res = {"loops": {}, "bits": {}, "collectives": {}, "memory": {}, "reports": {}, "seconds": {}}
@@ -283,6 +255,7 @@ def run_case(rank: int, world: int, family: str, mode: str, policies: tuple) -> 
         if rec is not None:
             res["bits"][name] = rec.bits
         res["seconds"][name] = time.perf_counter() - t0
+        res.setdefault("skipped_blocks", {})[name] = sum(b.skipped_calls for b in state.blocks)
     res["actions"] = [next((r.action for r in state.history if r.step == s), None) for s in range(STEPS)]
     res["sites"] = [dict(name=s.name, kind=s.kind, rewritten=s.rewritten, gemm_q=s.gemm_q, gemm_o=s.gemm_o,
                          segments=s.segments, kv_segments=s.kv_segments, cp=s.cp, heads=s.heads, seq_q=s.seq_q,

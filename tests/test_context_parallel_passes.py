@@ -25,7 +25,7 @@ def fake_rank(monkeypatch):
     backend: collectives do nothing), torn down after the test."""
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
-    monkeypatch.setattr(torch.accelerator, "device_count", lambda: 1)  # see tests/_cp.py, _worker
+    monkeypatch.setattr(torch.accelerator, "device_count", lambda: 1)  # see omni_compile.bench.parallel.init
 
     def init(rank, world):
         dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world)
@@ -38,11 +38,13 @@ def fake_rank(monkeypatch):
 def _plans(family, mode, ulysses=1, ring=1):
     from diffusers import ContextParallelConfig
 
+    from omni_compile.bench import parallel
+
     if ring > 1:
-        _cp.ring_on_cpu()
+        parallel.ring_on_cpu()
     model, inputs, x0 = _cp.build(family)
     model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=ulysses, ring_degree=ring),
-                             cp_plan=_cp.cp_plan(model))
+                             cp_plan=parallel.cp_plan(model))
     state = omni_compile.OmniState(omni_compile.OmniConfig(policy="dense", use_inductor=False, block_q=16, block_kv=16))
     with torch.no_grad():
         torch.compile(model, backend="flashomni", options={"state": state})(**inputs(x0, 1.0))

@@ -32,6 +32,12 @@ Block times are the kernels inside each block's label on the device timeline (:f
 Correctness in the same run: the ``dense`` setting's final latent against Inductor's (relative L2), and
 every sparse setting's final latent error is reported as its quality figure.
 
+**Context parallelism** (``--cp ulysses|ring``, under ``torchrun --nproc-per-node N``): every process shards
+the model with diffusers' ``enable_parallelism`` (:mod:`.parallel`) before anything is compiled, so the
+Inductor baseline and every flashomni setting run with the same parallel config; each rank runs the same
+loop, rank 0 times it and writes the results (with every rank's cache memory). The scaling table over runs
+at several N: ``--scaling DIR1/e2e_flux.json DIR2/e2e_flux.json ... --out DIR``.
+
 Writes ``DIR/e2e_<model>.json``, ``.md`` and ``.png`` (per-step wall and GPU time per setting, speedups
 beside their ideal: :mod:`omni_compile.bench.figures`), rewritten after every setting so a run cut off by a time
 limit keeps what it measured. ``--replot FILE.json`` rebuilds the table and figure from a saved result.
@@ -53,6 +59,8 @@ import torch
 
 from omni_compile import FixedBlocks
 from omni_compile.policies import Fixed
+
+from . import parallel
 
 SETTINGS: Dict[str, dict] = {
     "dense": dict(policy="dense"),
@@ -402,10 +410,11 @@ def profile_actions(fn, latent, inputs, steps: int, done: int, warmup: int, inte
             res[act] = dict(wall_ms=wall, device_ms=dev, host_ms=host, host_syncs=max(syncs, 0),
                             memcpy=sum(calls.get(n, 0) for n in _COPY_CALLS),
                             copies_from=calls_by_caller(events), syncs_from=calls_by_caller(events, _SYNC_CALLS))
-            with open(os.path.join(out_dir, f"profile_{tag}_{act}.txt"), "w") as f:
-                f.write(avgs.table(sort_by="self_cpu_time_total", row_limit=40))
-                f.write("\n\n")
-                f.write(avgs.table(sort_by="self_device_time_total", row_limit=25))
+            if out_dir is not None:
+                with open(os.path.join(out_dir, f"profile_{tag}_{act}.txt"), "w") as f:
+                    f.write(avgs.table(sort_by="self_cpu_time_total", row_limit=40))
+                    f.write("\n\n")
+                    f.write(avgs.table(sort_by="self_device_time_total", row_limit=25))
         else:
             fn(**kw)
         step += 1
@@ -464,17 +473,37 @@ def main(argv=None) -> int:
                     help="narrow model (2 heads of 16), fp32, CPU, no Inductor: checks the driver only")
     ap.add_argument("--replot", metavar="E2E_JSON", default=None,
                     help="measure nothing: write e2e_<model>.md and .png under --out from a saved e2e_<model>.json")
+    ap.add_argument("--cp", default="none", choices=parallel.MODES,
+                    help="context parallelism over the processes torchrun starts (torchrun --nproc-per-node N "
+                         "-m omni_compile.bench.e2e --cp ulysses ...): diffusers' Ulysses or ring attention")
+    ap.add_argument("--scaling", nargs="+", metavar="E2E_JSON", default=None,
+                    help="measure nothing: write scaling_<model>.md under --out from e2e_<model>.json files of "
+                         "runs at several process counts (--cp)")
     args = ap.parse_args(argv)
     if args.replot:
         with open(args.replot) as f:
             write_report(args.out, json.load(f))
+        return 0
+    if args.scaling:
+        results = []
+        for path in args.scaling:
+            with open(path) as f:
+                results.append(json.load(f))
+        os.makedirs(args.out, exist_ok=True)
+        md = scaling_markdown(results)
+        with open(os.path.join(args.out, f"scaling_{results[0]['model']}.md"), "w") as f:
+            f.write(md)
+        print(md)
         return 0
     if not torch.cuda.is_available() and not args.cpu_smoke:
         print("omni_compile.bench.e2e needs a CUDA GPU (--cpu-smoke runs a tiny model on the CPU)", file=sys.stderr)
         return 2
     from omni_compile import OmniConfig, OmniState
 
-    os.makedirs(args.out, exist_ok=True)
+    rank, world = parallel.init(args.cp)
+    lead = rank == 0  # the rank that writes: every rank runs the same loop
+    if lead:
+        os.makedirs(args.out, exist_ok=True)
     torch.manual_seed(0)
     t0 = time.perf_counter()
     if args.cpu_smoke:
@@ -485,9 +514,11 @@ def main(argv=None) -> int:
     else:
         layouts = TOKEN_LAYOUTS
         model, latent, inputs = MODELS[args.model](layers=args.layers)
+    if args.cp != "none":
+        parallel.enable(model, args.cp, world)
     res = dict(model=args.model, steps=args.steps, max_steps=args.max_steps, interval=args.interval,
                warmup=args.warmup, device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", torch=torch.__version__,
-               triton=__import__("triton").__version__, tokens=None, rows=[], clock=args.clock)
+               triton=__import__("triton").__version__, tokens=None, rows=[], clock=args.clock, cp=args.cp, world=world)
     print(f"built {args.model} in {time.perf_counter() - t0:.1f} s; "
           f"{sum(p.numel() for p in model.parameters()) / 1e9:.2f} B params", flush=True)
     all_acts = actions(args.steps, args.warmup, args.interval)
@@ -507,9 +538,10 @@ def main(argv=None) -> int:
         if state is not None:
             row.update(dispatch_figures(state))
             row["memory_mb"] = state.memory_bytes() / 2**20
+            row["memory_mb_per_rank"] = parallel.gather(row["memory_mb"], world)  # each rank's own caches
             if name in args.profile.split(","):
                 row["profile"] = profile_actions(fn, latent, inputs, args.steps, len(times), args.warmup,
-                                                 args.interval, args.out, f"{args.model}_{name}")
+                                                 args.interval, args.out if lead else None, f"{args.model}_{name}")
                 for act, p in row["profile"].items():
                     print(f"    profiled {act}: wall {p['wall_ms']:.1f} ms, device {p['device_ms']}, "
                           f"host in site ops {p['host_ms']}", flush=True)
@@ -564,6 +596,8 @@ def main(argv=None) -> int:
             r["of_ideal"] = r["speedup"] / r["ideal_speedup"]
 
     def write(partial: bool):
+        if not lead:
+            return
         finalize_rows()  # partial files too: a run cut off by a time limit still reports its speedups
         out = dict(res, partial=partial, rows=[{k: v for k, v in r.items() if k != "final"} for r in res["rows"]])
         with open(os.path.join(args.out, f"e2e_{args.model}.json"), "w") as f:
@@ -679,7 +713,39 @@ def main(argv=None) -> int:
             row["cached_share"] = sum(blocks_ms.get(n, 0.0) for n in cached) / max(prof["total"], 1e-9)
             write(partial=True)
     write(partial=False)
-    return 1 if check_dense() else 0
+    failed = check_dense()
+    parallel.finish(world)
+    return 1 if failed else 0
+
+
+def scaling_markdown(results: list) -> str:
+    """Loop seconds of every setting at each process count, and speedups against Inductor with the same
+    parallel config and against Inductor on one process (``--scaling``)."""
+    results = sorted(results, key=lambda r: r.get("world", 1))
+    base = {r.get("world", 1): next((x["total_s"] for x in r["rows"] if x["name"] == "inductor"), None) for r in results}
+    one = base.get(1)
+    names = [x["name"] for x in results[0]["rows"]]
+    for r in results[1:]:
+        names += [x["name"] for x in r["rows"] if x["name"] not in names]
+    head = " | ".join(f"{r.get('world', 1)}× {r.get('cp', 'none')}" for r in results)
+    lines = [f"{results[0]['model']}: {results[0]['steps']} steps, {results[0]['device']}; loop seconds "
+             "(speedup against Inductor with the same parallel config; against Inductor on one process)", "",
+             f"| setting | {head} |", "|---|" + "---:|" * len(results)]
+    for name in names:
+        cells = []
+        for r in results:
+            row = next((x for x in r["rows"] if x["name"] == name), None)
+            if row is None:
+                cells.append("—")
+                continue
+            b = base.get(r.get("world", 1))
+            cell = f"{row['total_s']:.2f}{'*' if row.get('projected') else ''}"
+            parts = [f"{b / row['total_s']:.2f}x" if b else None, f"{one / row['total_s']:.2f}x" if one else None]
+            if any(parts):
+                cell += " (" + "; ".join(p or "—" for p in parts) + ")"
+            cells.append(cell)
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def write_report(out_dir: str, res: dict) -> str:
@@ -698,8 +764,10 @@ def markdown(res: dict) -> str:
     def f(v, fmt):
         return "—" if v is None else format(v, fmt)
 
+    par = (f"; context parallel: {res['cp']} over {res['world']} processes (rank 0's times)"
+           if res.get("cp", "none") != "none" else "")
     lines = [f"{res['model']}: {res['steps']} steps, interval {res['interval']}, warm-up {res['warmup']}, "
-             f"{res['device']}, torch {res['torch']}, triton {res['triton']}; sites: {res.get('sites')}", ""]
+             f"{res['device']}, torch {res['torch']}, triton {res['triton']}; sites: {res.get('sites')}{par}", ""]
     for key in ("profile_inductor", "profile_flashomni_dense"):
         p = res.get(key)
         if p:
