@@ -303,12 +303,15 @@ def make_symbols(state, site: SiteRecord, q, k, scale, step: int, timestep: floa
             change = feature_change(now, prev, s1 - s0)
     h0, heads_total = cp.head_offset(site.plan)
     ring = cp.ring(site.plan)
+    why = None
     if ring:
         # the policy sees every rank's queries, as without parallelism; this rank keeps its rows below
         why = cp.ring_rows(site.plan, cfg.block_q)
         if why is None:
             scores, square, change = cp.ring_gather(site.plan, scores, square, change)
             q_text, n_text, Sq = cp.ring_q_text(state, site.plan, q_text), n_text * site.cp["size"], Sq * site.cp["size"]
+        elif not (policy.needs_scores or policy.needs_features):
+            ring = why = None  # a content-blind policy decides on this rank's queries alone
         layout, layout_reason = None, "ring context parallelism: each rank's vision tokens are one range of the keys"
     inp = PolicyInput(scores=scores, scores_square=square, kind=site.kind, q_text=q_text, kv_text=kv_text,
                       batch=B, heads=H, seq_q=Sq, seq_kv=Skv, block_q=cfg.block_q, block_kv=cfg.block_kv,
@@ -316,7 +319,7 @@ def make_symbols(state, site: SiteRecord, q, k, scale, step: int, timestep: floa
                       timestep=timestep, site_name=site.name, layout=layout, layout_reason=layout_reason or "",
                       change=change, head_offset=h0, heads_total=heads_total)
     try:
-        if ring and why is not None:
+        if why is not None:
             raise PolicyFallback(why)
         sym = policy_symbols(policy, inp, cfg, allow_reuse)
         if ring:
