@@ -34,6 +34,7 @@ from . import passes as P
 from . import runtime  # noqa: F401  (registers the site ops)
 from .block_cache import FixedBlocks, build_program
 from .config import OmniConfig
+from .graphs import GraphRunner
 from .passes import SiteOps, _fx
 from .state import OmniState, SitePlan, set_last_state, summarize
 
@@ -294,6 +295,10 @@ def _compile(gm: fx.GraphModule, example_inputs, state: OmniState, mode: Optiona
                  if state.config.use_inductor else "flashomni: no attention sites; graph left unchanged")
     entry = {"sites": len(plans), "rewritten": sum(p.rewritten for p in plans), "pass_seconds": t_pass}
     state.compiles.append(entry)
+    clock = next((n for n in gm.graph.nodes if n.op == "call_function" and n.target is _site_ops().clock), None)
+    # CUDA graphs: dispatch steps replayed by the runner (omni_compile.graphs), never Inductor's own capture,
+    # which would freeze the runtime's per-step decisions inside the site ops
+    graphs = _replays_dispatch_steps(state, mode, bool(plans or clock is not None), example_inputs)
     compiled = None
     if state.config.block_cache is not None:
         compiled = _block_program(gm, state, records, mode, entry)
@@ -303,23 +308,49 @@ def _compile(gm: fx.GraphModule, example_inputs, state: OmniState, mode: Optiona
     elif compiled is None:
         from torch._inductor.compile_fx import compile_fx  # Inductor's import costs seconds: only when used
 
-        patches = torch._inductor.list_mode_options(mode) if mode and mode != "default" else None
+        patches = _inductor_patches(mode, plans or clock is not None)
         t1 = time.perf_counter()
         compiled = compile_fx(gm, example_inputs, config_patches=patches) if patches else compile_fx(gm, example_inputs)
         entry["compile_seconds"] = t_pass + time.perf_counter() - t1
+
+    def inner(*args):
+        out = compiled(*args)
+        return out[:-1] if kept_clock else out
+
+    runner = inner
+    if graphs:
+        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        index = placeholders.index(clock.args[0]) if clock is not None else None
+        runner = entry["graph_runner"] = GraphRunner(state, inner, index, graph)
     checked = []
 
     def run(*args):
-        out = compiled(*args)
+        out = runner(*args)
         if not checked:
             checked.append(True)
             _check_first_call(state, graph)
-        if kept_clock:
-            out = out[:-1]
         return out
 
     run._omni_state = state  # keeps the state (looked up by id in the site ops) alive with the graph
     return run
+
+
+def _replays_dispatch_steps(state: OmniState, mode: Optional[str], has_sites: bool, example_inputs) -> bool:
+    """Whether the graph's dispatch steps are replayed from CUDA graphs: asked for (``cuda_graphs``, or
+    ``mode="reduce-overhead"``), a graph with site ops or the clock, on CUDA."""
+    return ((state.config.cuda_graphs or mode == "reduce-overhead") and has_sites
+            and any(isinstance(t, torch.Tensor) and t.is_cuda for t in example_inputs))
+
+
+def _inductor_patches(mode: Optional[str], has_sites: bool) -> Optional[dict]:
+    """Inductor's options for ``mode``, without its CUDA graphs when the graph holds site ops (the runner
+    replays dispatch steps itself)."""
+    if not mode or mode == "default":
+        return None
+    patches = dict(torch._inductor.list_mode_options(mode))
+    if has_sites:
+        patches.pop("triton.cudagraphs", None)
+    return patches or None
 
 
 def _output_count(gm: fx.GraphModule) -> int:
@@ -398,7 +429,7 @@ def _block_program(gm: fx.GraphModule, state: OmniState, records: list, mode: Op
     ``use_inductor=False``); None when the graph has no blocks or no step clock (it is then compiled whole)."""
     t0 = time.perf_counter()
     cfg = state.config
-    patches = torch._inductor.list_mode_options(mode) if mode and mode != "default" else None
+    patches = _inductor_patches(mode, True)
 
     def compile_region(module: fx.GraphModule, example: list):
         if not cfg.use_inductor:

@@ -261,7 +261,7 @@ class BlockProgram:
     def __call__(self, *args):
         st = self.state
         env = dict(zip(self.split.placeholders, args))
-        ticks = st.clock.ticks
+        ticks, placed = st.clock.ticks, st._hook_tick  # placed: a runner or a hook placed the call already
         self._pending = []
         pos = None
         for r, region in enumerate(self.split.regions):
@@ -278,8 +278,8 @@ class BlockProgram:
                 env.update(zip(region.outputs, outs))
             for n in region.release:
                 env.pop(n, None)
-            if r == 0 and st.clock.ticks != ticks:
-                pos = st.clock.position  # the prologue's clock placed this call: blocks may be cached
+            if r == 0 and (st.clock.ticks != ticks or placed):
+                pos = st.clock.position  # the call is placed (by the prologue's clock, or before): blocks may be cached
         if self._pending:
             self._resolve()
         return fx.node.map_aggregate(self.output, lambda n: env[n.name] if isinstance(n, _Ref) else n)
@@ -308,7 +308,8 @@ class BlockProgram:
             x = pos.step - bs.update_step
             for (o, i), fs in zip(blk.streams, bs.factors):
                 inp = env[i.name]
-                env[o.name] = taylor.forecast(fs, x, inp.dtype, base=inp)
+                coefs = self.state.step_coefs(inp.device) if self.state.in_graph_mode else x
+                env[o.name] = taylor.forecast(fs, coefs, inp.dtype, base=inp)
             bs.skipped += 1
             rec.skipped_calls += 1
             return

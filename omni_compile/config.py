@@ -84,6 +84,14 @@ class OmniConfig:
     output itself for reused tiles (more memory: ``taylor_order + 1`` tensors of ``[B, H, S, D]`` per
     site instead of ``taylor_order + 1`` of ``[B, S, C]`` plus ``taylor_order`` of ``[B, S, H*D]``)."""
 
+    cuda_graphs: bool = False
+    """Replay dispatch steps from CUDA graphs (``omni_compile.graphs``): between two updates every dispatch
+    step runs the same kernels, so after one ordinary dispatch step the next is captured and the rest
+    replayed, with no per-kernel host work. Pair it with ``steps`` (the counted clock) for dispatch steps
+    that read nothing on the host. Needs CUDA (ignored elsewhere); graphs whose sites read an attention
+    mask on the host, or follow per-site intervals, run as usual. ``torch.compile(..., mode=
+    "reduce-overhead")`` without options turns it on. Fixed at compile time."""
+
     interval: int = 5
     """Steps between two update steps (N in the paper; 6 for HunyuanVideo, 5 in the FLUX prototype).
     The ``interval - 1`` steps in between are dispatch steps that reuse the symbols and caches: larger
@@ -151,7 +159,7 @@ class OmniConfig:
             v = getattr(self, name)
             if not _is_int(v) or v < 16 or v > 256 or v & (v - 1):
                 raise ValueError(f"OmniConfig.{name} must be a power of two from 16 to 256, got {v!r}")
-        for name in ("use_inductor", "attention", "gemm_q", "gemm_o"):
+        for name in ("use_inductor", "attention", "gemm_q", "gemm_o", "cuda_graphs"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"OmniConfig.{name} must be True or False, got {getattr(self, name)!r}")
         for name, lo, hi in (("interval", 1, 1000), ("warmup", 1, 1000), ("taylor_order", 0, 2)):

@@ -87,37 +87,11 @@ def step_clock(timestep: torch.Tensor, state: int) -> torch.Tensor:
     int64 on the timestep's device) that the site ops take as an input, so they run after it; it is
     filled on the device (a host-to-device copy from pageable memory would wait for the GPU as well)."""
     st = get_state(state)
-    cfg = st.config
-    if st._hook_tick:  # an attached model's forward hook placed this call already (OmniState.attach)
+    if st._hook_tick:  # the model's forward hook or the graph's runner placed this call already
         st._hook_tick = False
-    elif cfg.steps is None:
-        st.tick(timestep)
     else:
-        gen = st.clock.generation
-        pos = st.clock.tick_counted(cfg.steps, cfg.streams)
-        _check_timestep_later(st.clock, pos, timestep)
-        if pos.generation != gen:
-            st.new_generation()
+        st.place_call(timestep)
     return torch.zeros(3, dtype=torch.int64, device=timestep.device)
-
-
-def _check_timestep_later(clock, pos, timestep: torch.Tensor) -> None:
-    """Queue the counted position's timestep for :meth:`StepClock.check`, copied to pinned host memory
-    without blocking, and check every queued one whose copy has landed (oldest first)."""
-    t = timestep.reshape(-1)[:1]
-    if t.numel() == 0:
-        return
-    if not t.is_cuda:
-        clock.check(pos, float(t))
-        return
-    host = torch.empty(1, dtype=t.dtype, pin_memory=True)
-    host.copy_(t, non_blocking=True)
-    done = torch.cuda.Event()
-    done.record()
-    clock.pending.append((pos, host, done))
-    while clock.pending and clock.pending[0][2].query():
-        p, h, _ = clock.pending.popleft()
-        clock.check(p, float(h))
 
 
 @step_clock.register_fake
@@ -416,7 +390,8 @@ def run_attention(state, site: SiteRecord, q, k, v, mask, scale):
             site.fallbacks += 1
             out = _run_attention_dense(state, site, q, k, v, mask, scale)
         if ss.out_factors is not None:
-            fc = taylor.forecast(ss.out_factors, step - ss.out_step, out.dtype)
+            x = state.step_coefs(out.device) if state.in_graph_mode else step - ss.out_step
+            fc = taylor.forecast(ss.out_factors, x, out.dtype)
             out = torch.where(ss.reuse_rows, fc, out)
         return out
     site.symbols = dense
@@ -592,8 +567,9 @@ def site_linear_o(
         # the forecast Σ term_i x^i / i! is summed inside the kernel, as it loads the bias tiles; every
         # argument was built here on the update step (cache_bias_for's outputs, this site's symbols), so
         # the public wrapper's checks are skipped: a quarter of the call's host time at FLUX size
-        return sparse_linear_o_prechecked(a, w, bias, ss.gemm_view(), head_dim, terms,
-                                          taylor.coefficients(len(terms), ss.step - ss.update_step), row_offset)
+        scales = (st.step_coefs(a.device) if st.in_graph_mode
+                  else taylor.coefficients(len(terms), ss.step - ss.update_step))
+        return sparse_linear_o_prechecked(a, w, bias, ss.gemm_view(), head_dim, terms, scales, row_offset)
     out = _dense_linear(st, a, w, bias, head_dim, row_offset, seq_q, "o")
     if ss is None:
         return out

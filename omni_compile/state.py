@@ -21,6 +21,7 @@ Two kinds of site objects:
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import threading
 import warnings
@@ -33,7 +34,7 @@ import torch
 from .config import OmniConfig
 from .ops import Symbols
 from .report import Report, build_report
-from .schedule import StepClock
+from .schedule import DISPATCH, StepClock, step_action
 
 _IDS = itertools.count(1)
 _STATES: "weakref.WeakValueDictionary[int, OmniState]" = weakref.WeakValueDictionary()
@@ -286,10 +287,13 @@ class OmniState:
         self._names: dict = {}
         """Weight storage -> module path, from :meth:`attach` (names the modules of shared graphs)."""
         self._hook_tick = False
-        """An attached model's forward hook placed the current call (the graphs' own clocks then skip it)."""
+        """A forward hook (:meth:`attach`) or a graph runner placed the current call (the graphs' own clocks
+        then skip it)."""
         self._warned: set = set()
         self._text_length: Optional[int] = None
         """The text length the latest graph with a named text input showed (``backend.apply_passes``)."""
+        self._coefs: dict = {}
+        self.in_graph_mode = False
         _STATES[self.id] = self
 
     # ---- sites ----------------------------------------------------------------------------------
@@ -361,7 +365,7 @@ class OmniState:
         def tick(module, args, kwargs):
             t = kwargs.get(arg, args[pos] if pos < len(args) else None)
             if t is not None:
-                self.tick(t)
+                self.place_call(t)
                 self._hook_tick = True
 
         return model.register_forward_pre_hook(tick, with_kwargs=True)
@@ -380,14 +384,51 @@ class OmniState:
             if path:
                 rec.name = path
 
-    def tick(self, timestep) -> None:
-        """Place a model call from its timestep (a tensor or number; the first value counts)."""
+    def place_call(self, timestep) -> None:
+        """Place a model call in the loop (``self.clock.position``): from its timestep (a tensor or number;
+        the first value counts; one host read), or with ``OmniConfig.steps`` set from call counts, reading
+        nothing (the timestep is checked once its copy reaches the host, never on a dispatch step)."""
+        cfg = self.config
         gen = self.clock.generation
-        if isinstance(timestep, torch.Tensor):
-            timestep = float(timestep.reshape(-1)[0]) if timestep.numel() else 0.0
-        pos = self.clock.tick(float(timestep))
+        if cfg.steps is None:
+            if isinstance(timestep, torch.Tensor):
+                timestep = float(timestep.reshape(-1)[0]) if timestep.numel() else 0.0
+            pos = self.clock.tick(float(timestep))
+        else:
+            pos = self.clock.tick_counted(cfg.steps, cfg.streams)
+            if isinstance(timestep, torch.Tensor):
+                _check_timestep_later(self.clock, pos, timestep,
+                                      drain=step_action(pos.step, cfg.warmup, cfg.interval) != DISPATCH)
         if pos.generation != gen:
             self.new_generation()
+
+    # ---- dispatch steps from CUDA graphs (omni_compile.graphs) ----------------------------------
+    def set_step_coefs(self, x: float, args=()) -> None:
+        """Write this step's Taylor coefficients ``[1, x, x²/2]`` into the device tensor the kernels read in
+        graph mode (:meth:`step_coefs`), on the device of the first tensor in ``args``, without a sync."""
+        device = next((a.device for a in args if isinstance(a, torch.Tensor) and a.device.type != "cpu"),
+                      torch.device("cpu"))
+        host = torch.tensor([1.0, x, x * x / 2], dtype=torch.float32, pin_memory=device.type == "cuda")
+        self.step_coefs(device).copy_(host, non_blocking=True)
+
+    def step_coefs(self, device) -> torch.Tensor:
+        """``[1, x, x²/2]`` (fp32) on ``device``: the Taylor coefficients of the current dispatch step, which
+        the ops read from memory in graph mode so a captured graph serves every dispatch step."""
+        device = torch.device(device)
+        buf = self._coefs.get(device)
+        if buf is None:
+            buf = self._coefs[device] = torch.zeros(3, dtype=torch.float32, device=device)
+        return buf
+
+    @contextlib.contextmanager
+    def graph_mode(self):
+        """Inside: dispatch steps take their Taylor coefficients from :meth:`step_coefs` (the runner of a
+        captured graph sets them before every call)."""
+        old, self.in_graph_mode = self.in_graph_mode, True
+        try:
+            yield
+        finally:
+            self.in_graph_mode = old
 
     def warn_once(self, key, message: str) -> None:
         """One :class:`FlashOmniWarning` per ``key`` and state."""
@@ -408,7 +449,7 @@ class OmniState:
         if unknown:
             raise ValueError(f"OmniState.configure: unknown field(s) {unknown}; valid: {', '.join(OmniConfig.field_names())}")
         new = self.config.replace(**changes)
-        fixed = sorted(k for k in ("attention", "gemm_q", "gemm_o", "use_inductor")
+        fixed = sorted(k for k in ("attention", "gemm_q", "gemm_o", "use_inductor", "cuda_graphs")
                        if getattr(new, k) != getattr(self.config, k))
         if fixed and self.compiles:
             raise ValueError(f"OmniState.configure: {fixed} are fixed when the graph is compiled; compile again "
@@ -519,3 +560,22 @@ def set_last_state(state: OmniState) -> None:
 def last_state() -> Optional[OmniState]:
     """The state used by the most recent ``flashomni`` compile (None before any)."""
     return _LAST
+
+
+def _check_timestep_later(clock, pos, timestep: torch.Tensor, drain: bool) -> None:
+    """Queue the counted position's timestep for :meth:`StepClock.check` (on CUDA copied to pinned host memory
+    without blocking) and, when ``drain``, check every queued one whose copy has landed, oldest first. The
+    caller drains on dense and update steps only, so a dispatch step reads nothing."""
+    t = timestep.reshape(-1)[:1]
+    if t.numel():
+        if t.is_cuda:
+            host = torch.empty(1, dtype=t.dtype, pin_memory=True)
+            host.copy_(t, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
+        else:
+            host, done = t.clone(), None
+        clock.pending.append((pos, host, done))
+    while drain and clock.pending and (clock.pending[0][2] is None or clock.pending[0][2].query()):
+        p, h, _ = clock.pending.popleft()
+        clock.check(p, float(h))

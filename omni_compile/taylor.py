@@ -55,20 +55,23 @@ def coefficients(n: int, x: float) -> List[float]:
     return [x**i / math.factorial(i) for i in range(n)]
 
 
-def forecast(factors: Sequence[torch.Tensor], x: float, dtype: torch.dtype = torch.float32,
+def forecast(factors: Sequence[torch.Tensor], x, dtype: torch.dtype = torch.float32,
              base: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``base + Σ_i factors[i] · x^i / i!`` (``base`` None: the forecast alone) returned in ``dtype``.
+    """``base + Σ_i factors[i] · x^i / i!`` (``base`` None: the forecast alone) returned in ``dtype``. ``x``:
+    the steps since the observation, or the fp32 device tensor ``[1, x, x²/2]`` of them
+    (``OmniState.step_coefs``: nothing is then read on the host, so a captured graph serves every step).
 
     When ``dtype`` is the factors' (and ``base``'s) dtype it is one pass over memory
     (``ops.taylor_sum``: computed in fp32, rounded once): on a dispatch step this runs for every cached
     block, and as separate PyTorch ops (a sum, then the addition to the input) it cost two passes.
     Otherwise it accumulates in fp32 (or wider) and converts at the end."""
+    coefs = x if isinstance(x, torch.Tensor) else coefficients(len(factors), x)
     if dtype in _OPS_DTYPES and all(f.dtype == dtype for f in factors) and (base is None or base.dtype == dtype):
-
-        return taylor_sum(factors, coefficients(len(factors), x), base)
+        return taylor_sum(factors, coefs, base)
     acc = torch.promote_types(factors[0].dtype, torch.float32)
     out = None if base is None else base.to(acc)
-    for c, f in zip(coefficients(len(factors), x), factors):
-        term = f.to(acc) if c == 1.0 else f.to(acc) * c
+    for i, f in enumerate(factors):
+        c = coefs[i]
+        term = f.to(acc) if (not isinstance(c, torch.Tensor) and c == 1.0) else f.to(acc) * c
         out = term if out is None else out + term
     return out.to(dtype)

@@ -27,8 +27,11 @@ from .symbols import Symbols, row_head_selection
 
 
 def sparse_linear_o_reference(a, weight, bias, cache_bias, reuse_bits, block_q, seq_q, head_dim, row_offset, select_reused,
-                              cache_bias_1=None, cache_bias_2=None, coef_1=0.0, coef_2=0.0):
-    """fp32: zero the unselected head slices of ``a`` (``torch.where``), project, add bias terms."""
+                              cache_bias_1=None, cache_bias_2=None, coef_1=0.0, coef_2=0.0, coefs=None):
+    """fp32: zero the unselected head slices of ``a`` (``torch.where``), project, add bias terms.
+    ``coefs`` (an fp32 tensor ``[1, c1, c2, ...]``), when given, replaces ``coef_1`` / ``coef_2``."""
+    if coefs is not None:
+        coef_1, coef_2 = coefs[1], coefs[2]
     sel = row_head_selection(reuse_bits, block_q, seq_q, a.shape[1], row_offset, select_reused)
     sel = sel.repeat_interleave(head_dim, dim=-1)
     af = torch.where(sel, a.float(), torch.zeros((), dtype=torch.float32, device=a.device))
@@ -66,7 +69,7 @@ def _reduce_head_chunk(acc, a_rows, w_rows, ReuseBits, bh, qb, rows, n_qbytes, h
 @triton.jit
 def _sparse_linear_o_kernel(
     A, W, Bias, CacheBias, CacheBias1, CacheBias2, Y, ReuseBits, HeadIdx, HeadCnt,
-    S, N, H, n_qbytes, row_offset, coef_1, coef_2,
+    S, N, H, n_qbytes, row_offset, coef_1, coef_2, Coefs,
     stride_ab, stride_as, stride_wn, stride_cb, stride_cs, stride_yb, stride_ys,
     HEAD_DIM: tl.constexpr,
     SYM_BLOCK_Q: tl.constexpr,
@@ -82,6 +85,7 @@ def _sparse_linear_o_kernel(
     USE_TMA: tl.constexpr,
     HEADS_IN_REGISTERS: tl.constexpr,
     H_POW2: tl.constexpr,
+    COEFS_IN_MEMORY: tl.constexpr = False,
 ):
     """GEMM-O. Grid: ``(cdiv(S, BLOCK_M) * cdiv(N, BLOCK_N), B)``, tiles grouped by ``GROUP_M`` rows.
 
@@ -94,8 +98,14 @@ def _sparse_linear_o_kernel(
     skipped head costs nothing. When a row tile straddles two query blocks (``STRADDLE``), each row also
     masks the heads its own block does not select (bit == ``SELECT_BIT`` selects). With ``USE_TMA`` (only
     when not ``STRADDLE`` and ``HEAD_DIM % BLOCK_K == 0``), ``A`` and ``W`` are tensor descriptors with
-    blocks ``[1, BLOCK_M, BLOCK_K]`` and ``[BLOCK_N, BLOCK_K]``.
+    blocks ``[1, BLOCK_M, BLOCK_K]`` and ``[BLOCK_N, BLOCK_K]``. ``COEFS_IN_MEMORY``: ``coef_1`` / ``coef_2`` are
+    read from ``Coefs[1]`` / ``Coefs[2]`` (fp32) instead (a captured graph then serves every step).
     """
+    if COEFS_IN_MEMORY:
+        if N_CACHE > 1:
+            coef_1 = tl.load(Coefs + 1)
+        if N_CACHE > 2:
+            coef_2 = tl.load(Coefs + 2)
     pid = tl.program_id(0)
     b = tl.program_id(1)
     num_pid_m = tl.cdiv(S, BLOCK_M)
@@ -170,7 +180,7 @@ def linear_o_config(head_dim: int, block_q: int, dtype: torch.dtype, tma: bool =
 
 def _launch_linear_o(a, weight, bias, cache_bias, reuse_bits, head_indices, head_counts, block_q, head_dim,
                      row_offset, block_m, select_reused, config=None, cache_bias_1=None, cache_bias_2=None,
-                     coef_1=0.0, coef_2=0.0):
+                     coef_1=0.0, coef_2=0.0, coefs=None):
     B, S, _ = a.shape
     N = weight.shape[0]
     y = torch.empty(B, S, N, dtype=a.dtype, device=a.device)
@@ -195,13 +205,14 @@ def _launch_linear_o(a, weight, bias, cache_bias, reuse_bits, head_indices, head
         cache_bias_1 if cache_bias_1 is not None else dummy, cache_bias_2 if cache_bias_2 is not None else dummy, y,
         reuse_bits, head_indices, head_counts,
         S, N, reuse_bits.shape[1], reuse_bits.shape[2], row_offset, float(coef_1), float(coef_2),
+        coefs if coefs is not None else dummy,
         a.stride(0), a.stride(1), weight.stride(0),
         cache_bias.stride(0) if cache_bias is not None else 0, cache_bias.stride(1) if cache_bias is not None else 0,
         y.stride(0), y.stride(1),
         HEAD_DIM=head_dim, SYM_BLOCK_Q=block_q, HAS_BIAS=bias is not None,
         N_CACHE=0 if cache_bias is None else 1 + (cache_bias_1 is not None) + (cache_bias_2 is not None),
         STRADDLE=straddle, SELECT_BIT=1 if select_reused else 0, IEEE=a.dtype == torch.float32, USE_TMA=use_tma,
-        H_POW2=max(2, next_pow2(reuse_bits.shape[1])), **cfg,
+        H_POW2=max(2, next_pow2(reuse_bits.shape[1])), COEFS_IN_MEMORY=coefs is not None, **cfg,
     )
     return y
 
@@ -224,16 +235,18 @@ def _sparse_linear_o_op_impl(
     cache_bias_2: Optional[torch.Tensor] = None,
     coef_1: float = 0.0,
     coef_2: float = 0.0,
+    coefs: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Registered op; ``head_indices``/``head_counts`` are ``Symbols.head_schedule(S, row_offset,
     block_m, select_reused)`` of the same bits; the bias is ``cache_bias + coef_1 * cache_bias_1 +
-    coef_2 * cache_bias_2`` (terms present in that order, all with the strides of ``cache_bias``)."""
+    coef_2 * cache_bias_2`` (terms present in that order, all with the strides of ``cache_bias``), with
+    ``coefs[1]`` / ``coefs[2]`` (fp32, read on the device) for ``coef_1`` / ``coef_2`` when given."""
     if use_triton(a):
         return _launch_linear_o(a, weight, bias, cache_bias, reuse_bits, head_indices, head_counts, block_q,
                                 head_dim, row_offset, block_m, select_reused, cache_bias_1=cache_bias_1,
-                                cache_bias_2=cache_bias_2, coef_1=coef_1, coef_2=coef_2)
+                                cache_bias_2=cache_bias_2, coef_1=coef_1, coef_2=coef_2, coefs=coefs)
     return sparse_linear_o_reference(a, weight, bias, cache_bias, reuse_bits, block_q, seq_q, head_dim, row_offset,
-                                     select_reused, cache_bias_1, cache_bias_2, coef_1, coef_2)
+                                     select_reused, cache_bias_1, cache_bias_2, coef_1, coef_2, coefs)
 
 
 sparse_linear_o_op = torch.library.custom_op("flashomni::sparse_linear_o", _sparse_linear_o_op_impl, mutates_args=())
@@ -241,7 +254,7 @@ sparse_linear_o_op = torch.library.custom_op("flashomni::sparse_linear_o", _spar
 
 @sparse_linear_o_op.register_fake
 def _(a, weight, bias, cache_bias, reuse_bits, head_indices, head_counts, block_q, seq_q, head_dim, row_offset,
-      block_m, select_reused, cache_bias_1=None, cache_bias_2=None, coef_1=0.0, coef_2=0.0):
+      block_m, select_reused, cache_bias_1=None, cache_bias_2=None, coef_1=0.0, coef_2=0.0, coefs=None):
     return a.new_empty(a.shape[0], a.shape[1], weight.shape[0])
 
 
@@ -279,7 +292,9 @@ def sparse_linear_o_prechecked(a, weight, bias, symbols, head_dim, terms, scales
     (the runtime's dispatch steps: the checks and the cache terms' validation cost ~28 µs of host time a
     call at FLUX size, a quarter of the launch). ``terms``: a list of 0–3 tensors of shape ``[B, S, Cout]``
     with one set of strides (as :func:`cache_bias_for` returns them), ``scales`` their coefficients
-    (``scales[0] == 1``). Wrong arguments here give wrong results or a kernel fault, not an error."""
+    (``scales[0] == 1``), or an fp32 device tensor ``[1, c1, c2]`` the kernel reads them from (a captured
+    CUDA graph then serves every step). Wrong arguments here give wrong results or a kernel fault, not an
+    error."""
     return _run(a, weight, bias, terms, scales, symbols, head_dim, row_offset, False)
 
 
@@ -293,12 +308,14 @@ def cache_bias_prechecked(a, weight, symbols, head_dim, row_offset=0):
 
 def _run(a, weight, bias, terms, scales, symbols, head_dim, row_offset, select_reused):
     extra = terms[1:] + [None] * (3 - len(terms))
-    coefs = scales[1:] + [0.0] * (3 - len(scales))
+    in_memory = isinstance(scales, torch.Tensor)
+    coefs = [0.0, 0.0, 0.0] if in_memory else scales[1:] + [0.0] * (3 - len(scales))
     block_m = linear_o_config(head_dim, symbols.block_q, a.dtype)["BLOCK_M"]
     idx, cnt = symbols.head_schedule(a.shape[1], row_offset, block_m, select_reused)
     return op_for_call(sparse_linear_o_op, _sparse_linear_o_op_impl)(
         a, weight, bias, terms[0] if terms else None, symbols.reuse_bits, idx, cnt, symbols.block_q, symbols.seq_q,
         head_dim, row_offset, block_m, select_reused, extra[0], extra[1], coefs[0], coefs[1],
+        scales if in_memory and len(terms) > 1 else None,
     )
 
 

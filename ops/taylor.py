@@ -39,12 +39,13 @@ _BLOCK = 2048
 # ------------------------------------------------------------------------------------------------
 # References
 # ------------------------------------------------------------------------------------------------
-def taylor_sum_reference(factors: Sequence[torch.Tensor], coefs: Sequence[float],
-                         base: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """fp32 ``base + Σ coefs[i] · factors[i]``, rounded once to the factors' dtype."""
+def taylor_sum_reference(factors: Sequence[torch.Tensor], coefs, base: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """fp32 ``base + Σ coefs[i] · factors[i]``, rounded once to the factors' dtype. ``coefs``: numbers, or
+    an fp32 tensor read on the device (the first ``len(factors)`` entries)."""
     acc = torch.zeros(factors[0].shape, dtype=torch.float32, device=factors[0].device) if base is None else base.float()
-    for c, f in zip(coefs, factors):
-        acc = acc + float(c) * f.float()
+    for i, f in enumerate(factors):
+        c = coefs[i] if isinstance(coefs, torch.Tensor) else float(coefs[i])
+        acc = acc + c * f.float()
     return acc.to(factors[0].dtype)
 
 
@@ -62,10 +63,17 @@ def taylor_refresh_reference(new: torch.Tensor, sub: Optional[torch.Tensor], old
 # Triton kernels
 # ------------------------------------------------------------------------------------------------
 @triton.jit
-def _taylor_sum_kernel(Out, Base, F0, F1, F2, c0, c1, c2, n,
-                       N: tl.constexpr, HAS_BASE: tl.constexpr, BLOCK: tl.constexpr):
+def _taylor_sum_kernel(Out, Base, F0, F1, F2, c0, c1, c2, Coefs, n,
+                       N: tl.constexpr, HAS_BASE: tl.constexpr, COEFS_IN_MEMORY: tl.constexpr, BLOCK: tl.constexpr):
     """Grid ``(cdiv(n, BLOCK),)``; all tensors flat, contiguous, ``n`` elements; ``N`` factors are read
-    (the pointers past them are dummies)."""
+    (the pointers past them are dummies). ``COEFS_IN_MEMORY``: the coefficients are read from ``Coefs``
+    (fp32) instead of ``c0``..``c2`` (a captured graph then serves every step)."""
+    if COEFS_IN_MEMORY:
+        c0 = tl.load(Coefs)
+        if N > 1:
+            c1 = tl.load(Coefs + 1)
+        if N > 2:
+            c2 = tl.load(Coefs + 2)
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     m = offs < n
     acc = c0 * tl.load(F0 + offs, mask=m, other=0.0).to(tl.float32)
@@ -102,14 +110,15 @@ def _grid(n):
     return (cdiv(n, _BLOCK),)
 
 
-def _taylor_sum_triton(factors, coefs, base):
+def _taylor_sum_triton(factors, coefs, base, coef_tensor=None):
     out = torch.empty_like(factors[0])
     fs = list(factors) + [factors[0]] * (MAX_FACTORS - len(factors))
     cs = [float(c) for c in coefs] + [0.0] * (MAX_FACTORS - len(coefs))
     n = out.numel()
     if n:
-        launch(_taylor_sum_kernel, _grid(n), out, factors[0] if base is None else base, *fs, *cs, n,
-               N=len(factors), HAS_BASE=base is not None, BLOCK=_BLOCK)
+        launch(_taylor_sum_kernel, _grid(n), out, factors[0] if base is None else base, *fs, *cs,
+               coef_tensor if coef_tensor is not None else out, n,
+               N=len(factors), HAS_BASE=base is not None, COEFS_IN_MEMORY=coef_tensor is not None, BLOCK=_BLOCK)
     return out
 
 
@@ -129,10 +138,12 @@ def _taylor_refresh_triton(new, sub, old, delta):
 # ------------------------------------------------------------------------------------------------
 # Custom ops
 # ------------------------------------------------------------------------------------------------
-def _taylor_sum_impl(factors: List[torch.Tensor], coefs: List[float], base: Optional[torch.Tensor] = None) -> torch.Tensor:
+def _taylor_sum_impl(factors: List[torch.Tensor], coefs: List[float], base: Optional[torch.Tensor] = None,
+                     coef_tensor: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``coef_tensor`` (fp32, at least ``len(factors)`` entries), when given, replaces ``coefs``."""
     if use_triton(factors[0]) and _flat(factors, base):
-        return _taylor_sum_triton(factors, coefs, base)
-    return taylor_sum_reference(factors, coefs, base)
+        return _taylor_sum_triton(factors, coefs, base, coef_tensor)
+    return taylor_sum_reference(factors, coefs if coef_tensor is None else coef_tensor, base)
 
 
 def _taylor_refresh_impl(new: torch.Tensor, sub: Optional[torch.Tensor], old: List[torch.Tensor],
@@ -157,7 +168,7 @@ taylor_refresh_op = torch.library.custom_op("flashomni::taylor_refresh", _taylor
 
 
 @taylor_sum_op.register_fake
-def _(factors, coefs, base=None):
+def _(factors, coefs, base=None, coef_tensor=None):
     return torch.empty_like(factors[0])
 
 
@@ -178,15 +189,24 @@ def _check(labelled, like):
             raise ValueError(f"{name} has shape {list(t.shape)}, expected {list(like.shape)}")
 
 
-def taylor_sum(factors: Sequence[torch.Tensor], coefs: Sequence[float], base: Optional[torch.Tensor] = None) -> torch.Tensor:
+def taylor_sum(factors: Sequence[torch.Tensor], coefs, base: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``base + Σ coefs[i] · factors[i]`` (``base`` None: the sum alone) in one pass, computed in fp32 and
-    rounded once to the factors' dtype. 1 to 3 factors of one shape and dtype; ``base`` likewise."""
+    rounded once to the factors' dtype. 1 to 3 factors of one shape and dtype; ``base`` likewise.
+    ``coefs``: numbers, or an fp32 tensor on the factors' device holding at least one per factor, which
+    the kernel reads from memory (nothing is read on the host: a captured CUDA graph serves every step)."""
     factors = list(factors)
-    if not 1 <= len(factors) <= MAX_FACTORS or len(coefs) != len(factors):
+    in_memory = isinstance(coefs, torch.Tensor)
+    n_coefs = coefs.numel() if in_memory else len(coefs)
+    if not 1 <= len(factors) <= MAX_FACTORS or (n_coefs < len(factors) if in_memory else n_coefs != len(factors)):
         raise ValueError(f"taylor_sum takes 1 to {MAX_FACTORS} factors with as many coefs, got {len(factors)} "
-                         f"factors and {len(coefs)} coefs")
+                         f"factors and {n_coefs} coefs")
     _check([(f"factors[{i}]", f) for i, f in enumerate(factors)] + ([("base", base)] if base is not None else []),
            factors[0])
+    if in_memory:
+        if coefs.dtype != torch.float32 or coefs.device != factors[0].device or coefs.dim() != 1:
+            raise TypeError(f"taylor_sum: coefs given as a tensor must be 1-D float32 on {factors[0].device}, got "
+                            f"{coefs.dtype} of {coefs.dim()} dims on {coefs.device}")
+        return op_for_call(taylor_sum_op, _taylor_sum_impl)(factors, [0.0] * len(factors), base, coefs.contiguous())
     return op_for_call(taylor_sum_op, _taylor_sum_impl)(factors, [float(c) for c in coefs], base)
 
 

@@ -105,9 +105,12 @@ def test_gemm_o_adds_taylor_terms_with_their_scales(impl, case, n_terms, x):
     gold = gold_linear + bias
     ulp = torch.finfo(a.dtype).eps * (gold.abs() + bias.abs() + 1)
     assert (y.double() - gold).abs().le(linear_tol(a_computed, w, b, gold_linear) + 4 * ulp).all()
-    # the runtime's entry without the checks computes exactly what the public wrapper does
+    # the runtime's entry without the checks computes exactly what the public wrapper does, also with the
+    # coefficients read from memory (the captured-graph form)
     with impl_context(impl):
         assert torch.equal(sparse_linear_o_prechecked(a, w, b, s, D, terms, scales, off), y)
+        in_memory = torch.tensor(scales + [0.0] * (3 - len(scales)), dtype=torch.float32)
+        assert torch.equal(sparse_linear_o_prechecked(a, w, b, s, D, terms, in_memory, off), y)
         no_terms = sparse_linear_o(a, w, b, s, D, None, row_offset=off)
         assert torch.equal(sparse_linear_o_prechecked(a, w, b, s, D, [], [], off), no_terms)
 

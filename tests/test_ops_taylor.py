@@ -28,10 +28,13 @@ def test_taylor_sum_matches_golden(impl, shape, dtype, n, with_base, coefs, seed
     base = _rand(shape, dtype, g) if with_base else None
     with impl_context(impl):
         got = taylor_sum(fs, coefs[:n], base)
+        # the coefficients read from memory (what a captured graph does) give the same sums
+        from_memory = taylor_sum(fs, torch.tensor(coefs, dtype=torch.float32), base)
     gold = sum(c * f.double() for c, f in zip(coefs[:n], fs)) + (0 if base is None else base.double())
     assert got.dtype == dtype and got.shape == fs[0].shape
     # computed in fp32 and rounded once: half a unit of the dtype at the result's scale, plus fp32 sums
     assert max_err(got, gold) <= EPS[dtype] * (gold.abs().max().item() + 1.0) + 1e-5 * (1 + sum(map(abs, coefs)))
+    assert max_err(from_memory, gold) <= EPS[dtype] * (gold.abs().max().item() + 1.0) + 1e-5 * (1 + sum(map(abs, coefs)))
 
 
 @pytest.mark.parametrize("impl", IMPLS[:2])
@@ -97,5 +100,10 @@ def test_bad_input_raises_and_opcheck():
         taylor_refresh(x, [x], 0)
     torch.library.opcheck(taylor_sum_op, ([x, torch.randn(4, 8)], [1.0, 0.5], torch.randn(4, 8)))
     torch.library.opcheck(taylor_sum_op, ([x], [2.0], None))
+    torch.library.opcheck(taylor_sum_op, ([x, torch.randn(4, 8)], [0.0, 0.0], None, torch.tensor([1.0, 0.5])))
+    with pytest.raises(TypeError, match="1-D float32"):
+        taylor_sum([x], torch.tensor([1.0], dtype=torch.float64))
+    with pytest.raises(ValueError, match="as many coefs"):
+        taylor_sum([x, x], torch.tensor([1.0]))
     torch.library.opcheck(taylor_refresh_op, (x, torch.randn(4, 8), [torch.randn(4, 8), torch.randn(4, 8)], 3.0))
     torch.library.opcheck(taylor_refresh_op, (x, None, [], 1.0))
