@@ -31,10 +31,10 @@ from typing import Optional
 import torch
 from torch import fx
 
-from . import _layout as lay
 from ._fx import collective, example, group_size, is_linear, mutations_of, op_name, process_group, static_shape
 
 log = logging.getLogger("omni_compile.passes")
+
 
 def group_rank(name) -> int:
     import torch.distributed as dist
@@ -44,6 +44,9 @@ def group_rank(name) -> int:
 
 def _arg(node: fx.Node, i: int, name: str, default=None):
     return node.args[i] if len(node.args) > i else node.kwargs.get(name, default)
+
+
+# ---- which form a site has -------------------------------------------------------------------------------
 
 
 def detect_ulysses(q: fx.Node) -> Optional[dict]:

@@ -44,13 +44,18 @@ def init(mode: str) -> tuple:
 
 def enable(model, mode: str, world: int) -> None:
     """Shard ``model`` over the ``world`` ranks: Ulysses (heads inside attention) or ring (keys and values
-    all-gathered; on a CPU through :func:`ring_on_cpu`)."""
+    all-gathered; on GPUs through diffusers' ``_native_cudnn`` attention, on a CPU through
+    :func:`ring_on_cpu`)."""
     from diffusers import ContextParallelConfig
 
     if getattr(type(model), "_cp_plan", None) is None:
         raise SystemExit(f"diffusers gives {type(model).__name__} no context-parallel plan (_cp_plan)")
-    if mode == "ring" and not torch.cuda.is_available():
-        ring_on_cpu()
+    if mode == "ring":
+        if torch.cuda.is_available():
+            # diffusers' default (native SDPA) refuses ring: it returns no log-sum-exp; cuDNN's does
+            model.set_attention_backend("_native_cudnn")
+        else:
+            ring_on_cpu()
     cfg = ContextParallelConfig(ulysses_degree=world) if mode == "ulysses" else ContextParallelConfig(ring_degree=world)
     model.enable_parallelism(config=cfg, cp_plan=cp_plan(model))
 
