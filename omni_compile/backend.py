@@ -270,6 +270,25 @@ def _scalar_inputs(gm: fx.GraphModule) -> list:
     return out
 
 
+def autograd_flows(gm: fx.GraphModule, example_inputs, state: OmniState) -> bool:
+    """Whether autograd would record through ``gm``: traced with grad enabled and an input or parameter that
+    requires grad. Dynamo guards on the grad mode, so the answer holds for every call of the compiled graph.
+    The site ops are inference-only (their kernels compute no gradients and their caches outlive the step),
+    so such a graph is left unrewritten and compiled as with Inductor alone: correct gradients, no
+    sparsity. Warns once per state."""
+    if not torch.is_grad_enabled():
+        return False
+    if not any(isinstance(x, torch.Tensor) and x.requires_grad for x in example_inputs) and not any(
+            p.requires_grad for p in gm.parameters()):
+        return False
+    state.warn_once("autograd", (
+        "flashomni: the graph was traced with autograd enabled and inputs or parameters that require grad; the "
+        "backend is inference-only, so its attention sites are left dense (plain Inductor, correct gradients). "
+        "Run the model under torch.no_grad() or torch.inference_mode() (diffusers pipelines do), or call "
+        "model.requires_grad_(False), to get the sparse sites."))
+    return True
+
+
 def flashomni(gm: fx.GraphModule, example_inputs, options: Optional[dict] = None, mode: Optional[str] = None):
     """torch.compile backend: rewrite attention sites into the FlashOmni ops, then compile with Inductor."""
     state = resolve_options(options)
@@ -283,7 +302,8 @@ def _compile(gm: fx.GraphModule, example_inputs, state: OmniState, mode: Optiona
     """Rewrite and compile one graph of static shapes; returns the callable Dynamo runs."""
     t0 = time.perf_counter()
     n_out = _output_count(gm)
-    records = apply_passes(gm, state, example_inputs)
+    training = autograd_flows(gm, example_inputs, state)
+    records = [] if training else apply_passes(gm, state, example_inputs)
     kept_clock = _output_count(gm) != n_out  # the clock's token is an extra output: stripped below
     t_pass = time.perf_counter() - t0
     graph = len(state.compiles)
@@ -300,7 +320,7 @@ def _compile(gm: fx.GraphModule, example_inputs, state: OmniState, mode: Optiona
     # which would freeze the runtime's per-step decisions inside the site ops
     graphs = _replays_dispatch_steps(state, mode, bool(plans or clock is not None), example_inputs)
     compiled = None
-    if state.config.block_cache is not None:
+    if state.config.block_cache is not None and not training:
         compiled = _block_program(gm, state, records, mode, entry)
     if compiled is None and not state.config.use_inductor:
         compiled = gm.forward

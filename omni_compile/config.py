@@ -134,8 +134,9 @@ class OmniConfig:
 
     steps: Optional[int] = None
     """How the runtime places a model call in the denoising loop. None (default): from the call's
-    timestep — a smaller one is the next step, an equal one the next CFG stream, a larger one a new
-    generation; it works with any loop but reads the timestep on the host every call, which waits for
+    timestep — one that moves on in the loop's direction (falling or rising, learned from the first two
+    steps) is the next step, an equal one the next CFG stream, one that turns back a new generation
+    (docs/runtime.md has every rule); it works with any loop but reads the timestep on the host every call, which waits for
     the GPU when the timestep is on it (one device sync per call: the host cannot queue the next step
     while the GPU runs this one, which costs time when a step's host work is close to its GPU time, as
     at FLUX size). An integer: the loop's number of denoising steps; calls are placed by counting them
@@ -145,8 +146,11 @@ class OmniConfig:
     late. Policies then see ``timestep`` as NaN. Integer, 1 or more, or None."""
 
     streams: int = 1
-    """``steps`` set only: model calls per denoising step (2 for a pipeline that runs the conditional and
-    unconditional passes as two calls; 1 when CFG is batched into one call or absent). Integer, 1 to 16."""
+    """Model calls per denoising step (2 for a pipeline that runs the conditional and unconditional passes
+    as two calls; 1 when CFG is batched into one call or absent). With ``steps`` set the counted clock
+    places calls by it. With ``steps=None`` the timestep clock takes up to ``max(8, streams)`` calls at one
+    timestep as the streams of one step and starts a new generation at the next one (a new image at the
+    same timestep), so only pipelines with more than 8 calls per step need to set it. Integer, 1 to 16."""
 
     def __post_init__(self) -> None:
         self.validate()
@@ -225,6 +229,17 @@ class OmniConfig:
 
     def replace(self, **changes) -> "OmniConfig":
         return dataclasses.replace(self, **changes)
+
+
+def unmatched_override_patterns(config: OmniConfig, site_names) -> list:
+    """The patterns of ``config.overrides`` that match none of ``site_names`` (module paths, as
+    :meth:`OmniConfig.for_site` matches them: ``fnmatch``, case-sensitive), in the order given. The backend
+    warns about them once, at the first call: a misspelt pattern (``"transformer_block.0.*"``) would
+    otherwise leave its sites on the global settings without a word."""
+    if not config.overrides:
+        return []
+    names = list(site_names)
+    return [p for p in config.overrides if not any(fnmatch.fnmatchcase(n, p) for n in names)]
 
 
 def _is_int(v) -> bool:

@@ -31,8 +31,9 @@ from typing import Optional
 
 import torch
 
-from .config import OmniConfig
+from .config import OmniConfig, unmatched_override_patterns
 from .ops import Symbols
+from .passes.classify import TIMESTEP_NAMES
 from .report import Report, build_report
 from .schedule import DISPATCH, StepClock, step_action
 
@@ -40,10 +41,6 @@ _IDS = itertools.count(1)
 _STATES: "weakref.WeakValueDictionary[int, OmniState]" = weakref.WeakValueDictionary()
 _LAST: Optional["OmniState"] = None
 _LOCK = threading.Lock()
-
-
-#: Argument names a model's timestep goes by (:meth:`OmniState.attach`).
-TIMESTEP_NAMES = ("timestep", "timesteps", "t", "sigma", "sigmas")
 
 
 class FlashOmniWarning(UserWarning):
@@ -393,7 +390,7 @@ class OmniState:
         if cfg.steps is None:
             if isinstance(timestep, torch.Tensor):
                 timestep = float(timestep.reshape(-1)[0]) if timestep.numel() else 0.0
-            pos = self.clock.tick(float(timestep))
+            pos = self.clock.tick(float(timestep), cfg.streams)  # streams: the bound on calls at one timestep
         else:
             pos = self.clock.tick_counted(cfg.steps, cfg.streams)
             if isinstance(timestep, torch.Tensor):
@@ -401,6 +398,12 @@ class OmniState:
                                       drain=step_action(pos.step, cfg.warmup, cfg.interval) != DISPATCH)
         if pos.generation != gen:
             self.new_generation()
+        if self.clock.ticks == 2:  # every graph of the model has run once: warn about what matched nothing
+            unmatched = unmatched_override_patterns(cfg, [s.name for s in self.sites])
+            if unmatched:
+                self.warn_once("overrides", f"flashomni: OmniConfig.overrides patterns {unmatched} match none of the "
+                               f"{len(self.sites)} attention sites (e.g. {[s.name for s in self.sites[:3]]}); their "
+                               "settings apply nowhere")
 
     # ---- dispatch steps from CUDA graphs (omni_compile.graphs) ----------------------------------
     def set_step_coefs(self, x: float, args=()) -> None:
@@ -463,7 +466,7 @@ class OmniState:
         return self
 
     def new_generation(self) -> None:
-        """Drop every stream's symbols and caches (the clock saw the timestep jump back up), and the step
+        """Drop every stream's symbols and caches (the clock began a new generation), and the step
         history of generations before the one that just ended: ``report()`` after a generation still sees
         it, while a long-running process does not accumulate records (each holds its step's symbols)
         without bound."""

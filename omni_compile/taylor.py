@@ -32,7 +32,9 @@ def refresh(old: Optional[Sequence[torch.Tensor]], new: torch.Tensor, delta: int
     how many factors are computed and returned (all ``<= order + 1`` by default).
 
     Every returned tensor is a fresh copy, never ``new`` itself: a compiled graph may reuse the storage
-    of its intermediate tensors (Inductor's buffer reuse) once their last use in the graph is done."""
+    of its intermediate tensors (Inductor's buffer reuse) once their last use in the graph is done. None
+    carries autograd history: the factors are kept across steps, and a cached tensor with a ``grad_fn``
+    would keep its step's whole graph alive (and be backpropagated through again at the next step)."""
     dtype = dtype or new.dtype
     n_old = 0 if old is None or delta <= 0 else min(order, len(old))
     if keep is not None:
@@ -42,12 +44,17 @@ def refresh(old: Optional[Sequence[torch.Tensor]], new: torch.Tensor, delta: int
         # factor computed in fp32 and rounded once; as PyTorch ops it was a copy, then a subtraction and an
         # in-place division per order, on every GEMM-O projection and cached block of every update step)
 
-        return taylor_refresh(new, list(old[:n_old]) if n_old else [], delta, sub=sub)
+        return _detached(taylor_refresh(new, list(old[:n_old]) if n_old else [], delta, sub=sub))
     acc = torch.promote_types(new.dtype, torch.float32)
     f = [new.to(acc) if sub is None else new.to(acc) - sub.to(acc)]
     for i in range(n_old):
         f.append((f[i] - old[i].to(acc)) / delta)
-    return [x.to(dtype, copy=True) if x is new or x.data_ptr() == new.data_ptr() else x.to(dtype) for x in f]
+    return _detached([x.to(dtype, copy=True) if x is new or x.data_ptr() == new.data_ptr() else x.to(dtype) for x in f])
+
+
+def _detached(factors: List[torch.Tensor]) -> List[torch.Tensor]:
+    """``factors`` without autograd history (the check alone when there is none, as under ``no_grad``)."""
+    return [f.detach() if f.requires_grad else f for f in factors]
 
 
 def coefficients(n: int, x: float) -> List[float]:

@@ -271,20 +271,52 @@ def keep(cache: dict, key, value):
 def plans_apply(*tensors) -> bool:
     """Whether a public wrapper may keep its checks' outcome and launch plan for this call: plain tensors
     (``None`` allowed) outside torch.compile's tracing (fake tensors have no data pointer, subclasses may
-    behave otherwise), unless ``OMNI_COMPILE_CALL_PLANS=0``."""
+    behave otherwise) that autograd does not track (those go through the registered op, whose backward
+    raises: :func:`op_for_call`), unless ``OMNI_COMPILE_CALL_PLANS=0``."""
     if not CALL_PLANS:
         return False
+    grad = torch.is_grad_enabled()
     for t in tensors:
-        if t is not None and type(t) is not torch.Tensor:
+        if t is not None and (type(t) is not torch.Tensor or (grad and t.requires_grad)):
             return False
     return not torch.compiler.is_compiling()
 
 
-def op_for_call(op, impl):
-    """The registered op while torch.compile traces (so graphs hold ``flashomni::*`` nodes), the plain
-    implementation in eager mode: the dispatcher round trip costs ~10-20 us a call on the host, as much
-    as a small sparse kernel runs."""
-    return op if torch.compiler.is_compiling() else impl
+def _tracked(tensors) -> bool:
+    """Whether autograd records an op on these inputs (tensors, None, or lists of tensors)."""
+    if not torch.is_grad_enabled():
+        return False
+    for t in tensors:
+        if isinstance(t, (list, tuple)):
+            if any(x is not None and x.requires_grad for x in t):
+                return True
+        elif t is not None and t.requires_grad:
+            return True
+    return False
+
+
+def op_for_call(op, impl, *tensors):
+    """The registered op while torch.compile traces (so graphs hold ``flashomni::*`` nodes) or when autograd
+    tracks one of ``tensors`` (so the output carries the op's backward, which raises: see
+    :func:`inference_only`), the plain implementation otherwise: the dispatcher round trip costs ~10-20 us
+    a call on the host, as much as a small sparse kernel runs. Called outside autograd (the runtime runs
+    under ``no_grad``), the check is one ``torch.is_grad_enabled()``."""
+    return op if torch.compiler.is_compiling() or _tracked(tensors) else impl
+
+
+def inference_only(op) -> None:
+    """Register a backward for the custom op ``op`` that raises a ``RuntimeError`` saying the op is
+    inference-only. The kernels compute no gradients (the Triton paths return outputs autograd cannot
+    see through), so a backward through them would otherwise be wrong silently or fail with a message
+    that asks the user to write one."""
+    name = op._qualname
+
+    def backward(ctx, *grads):
+        raise RuntimeError(
+            f"{name} has no backward: the flashomni ops and the flashomni backend are inference-only. Run the model "
+            "under torch.no_grad() or torch.inference_mode() (diffusers pipelines do), or detach the op's inputs.")
+
+    op.register_autograd(backward)
 
 
 _DEVICE_CONSTANTS: dict = {}

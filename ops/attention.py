@@ -29,6 +29,7 @@ from ._common import (
     env_switch,
     plans_apply,
     hopper_with_new_triton,
+    inference_only,
     keep,
     make_descriptor,
     op_for_call,
@@ -67,7 +68,10 @@ def sparse_attention_reference(
     """Dense masked attention in ``compute_dtype``; returns ``(out in q.dtype, lse fp32)``.
 
     Skipped scores are replaced (``torch.where``), never added to, and values of key blocks a tile does
-    not keep are zeroed before the product, so NaN/inf in skipped keys or values cannot leak.
+    not keep are zeroed before the product, so NaN/inf in skipped keys or values cannot leak. What a row
+    does with its kept keys follows the kernel (and SDPA): a NaN it reads makes its output and lse NaN.
+    Whether a row has keys is read from the symbols, not from the scores, so a NaN score never turns a
+    row into a keyless one (zeros).
     """
     B, H, Sq, D = q.shape
     Skv = k.shape[2]
@@ -85,14 +89,14 @@ def sparse_attention_reference(
         s = torch.einsum("bhqd,bhkd->bhqk", qf[:, :, rows], kf) * scale
         s = torch.where(keep_cols.unsqueeze(2), s, float("-inf"))
         m = s.amax(-1, keepdim=True)
-        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+        m = torch.where(m == float("-inf"), torch.zeros_like(m), m)  # keyless rows; NaN stays NaN
         p = torch.exp(s - m)
         l = p.sum(-1, keepdim=True)
         vm = torch.where(keep_cols.unsqueeze(-1), vf, torch.zeros_like(vf))
-        o = torch.einsum("bhqk,bhkd->bhqd", p, vm) / torch.where(l > 0, l, torch.ones_like(l))
-        has = (l > 0).squeeze(-1)
-        out[:, :, rows] = torch.where(has.unsqueeze(-1), o, torch.zeros_like(o))
-        lse[:, :, rows] = torch.where(has, (m + torch.log(l)).squeeze(-1).float(), float("-inf"))
+        has = keep_cols.any(-1)[:, :, None, None]  # [B,H,1,1]: the tile keeps a key block
+        o = torch.einsum("bhqk,bhkd->bhqd", p, vm) / torch.where(has, l, torch.ones_like(l))
+        out[:, :, rows] = torch.where(has, o, torch.zeros_like(o))
+        lse[:, :, rows] = torch.where(has[..., 0], (m + torch.log(l)).squeeze(-1).float(), float("-inf"))
     return out.to(q.dtype), lse
 
 
@@ -311,7 +315,7 @@ def _pointer_tile(
                     USE_TMA, BLOCK_N,
                 )
 
-    has = l_i > 0.0
+    has = l_i != 0.0  # rows without keys; a NaN row (a NaN read) keeps its NaN in the lse too
     l_safe = tl.where(has, l_i, 1.0)
     o_ptrs = Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :]
     tl.store(o_ptrs, (acc / l_safe[:, None]).to(Out.dtype.element_ty), mask=q_mask)
@@ -328,7 +332,7 @@ def _store_tile_descriptors(acc, m_i, l_i, Out, Lse, start_m, seq_q, stride_os,
     Descriptors, not masked pointer stores: after a warp-specialized loop a masked pointer store wrote
     wrong rows (Triton 3.6, H200: rel. err 0.6-1.2, the descriptor store exact). A row of ``LSE_PAD``
     fp32 per query is the narrowest tile a descriptor takes (16 bytes)."""
-    has = l_i > 0.0
+    has = l_i != 0.0  # rows without keys; a NaN row (a NaN read) keeps its NaN in the lse too
     l_safe = tl.where(has, l_i, 1.0)
     od = tl.make_tensor_descriptor(Out, shape=[seq_q, HEAD_DIM], strides=[stride_os, 1], block_shape=[BLOCK_M, HEAD_DIM])
     od.store([start_m, 0], (acc / l_safe[:, None]).to(Out.dtype.element_ty))
@@ -651,6 +655,7 @@ def _sparse_attention_op_impl(
 
 
 sparse_attention_op = torch.library.custom_op("flashomni::sparse_attention", _sparse_attention_op_impl, mutates_args=())
+inference_only(sparse_attention_op)
 
 
 @sparse_attention_op.register_fake
@@ -698,6 +703,8 @@ def sparse_attention(
         if key is not None and use_triton(q):
             call = keep(_CALLS, key, (persistent, _plan_key(q, k, v, symbols.block_q, symbols.block_kv, heads_inner,
                                                             persistent)))
+    if call is not None or not torch.compiler.is_compiling():  # (a kept call runs eagerly)
+        symbols._unchanged()
     idx, cnt = symbols.kv_schedule()
     scale = scale_or_default(scale, q.shape[-1])
     if call is not None:
@@ -707,7 +714,7 @@ def sparse_attention(
                                      kv_order=symbols.kv_order() if persistent else None, plan_key=plan_key)
     else:
         order = symbols.kv_order() if persistent else None
-        out, lse = op_for_call(sparse_attention_op, _sparse_attention_op_impl)(
+        out, lse = op_for_call(sparse_attention_op, _sparse_attention_op_impl, q, k, v)(
             q, k, v, symbols.reuse_bits, symbols.skip_bits, idx, cnt, symbols.block_q, symbols.block_kv,
             scale, heads_inner, order,
         )

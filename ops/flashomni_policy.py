@@ -36,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import cdiv, next_pow2, op_for_call, triton_interpreting, use_triton
+from ._common import cdiv, inference_only, next_pow2, op_for_call, triton_interpreting, use_triton
 from ._launch import launch
 from .symbols import block_count, pack_bits, selected_first_reference
 
@@ -356,6 +356,7 @@ def _flashomni_symbols_impl(scores: torch.Tensor, square: torch.Tensor, q_text: 
 
 flashomni_symbols_op = torch.library.custom_op("flashomni::flashomni_symbols", _flashomni_symbols_impl,
                                                mutates_args=())
+inference_only(flashomni_symbols_op)
 
 
 @flashomni_symbols_op.register_fake
@@ -395,5 +396,5 @@ def flashomni_symbols(scores: torch.Tensor, square, q_text: torch.Tensor, kv_tex
         if t.dtype != torch.bool or tuple(t.shape) != (n,) or t.device != scores.device:
             raise ValueError(f"{name} must be a bool tensor of shape [{n}] on {scores.device}, got {t.dtype} "
                              f"{list(t.shape)} on {t.device}")
-    return op_for_call(flashomni_symbols_op, _flashomni_symbols_impl)(
+    return op_for_call(flashomni_symbols_op, _flashomni_symbols_impl, scores, square)(
         scores, square, q_text, kv_text, int(mode), float(tau_q), float(tau_kv), bool(allow_reuse))

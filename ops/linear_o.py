@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from ._launch import launch
-from ._common import cdiv, next_pow2, make_descriptor, op_for_call, tma_compatible, tma_enabled, check_float, grouped_tile, load_reuse_bit, triton_interpreting, use_triton
+from ._common import cdiv, inference_only, next_pow2, make_descriptor, op_for_call, tma_compatible, tma_enabled, check_float, grouped_tile, load_reuse_bit, triton_interpreting, use_triton
 from .linear_q import check_projection
 from .symbols import Symbols, row_head_selection
 
@@ -250,6 +250,7 @@ def _sparse_linear_o_op_impl(
 
 
 sparse_linear_o_op = torch.library.custom_op("flashomni::sparse_linear_o", _sparse_linear_o_op_impl, mutates_args=())
+inference_only(sparse_linear_o_op)
 
 
 @sparse_linear_o_op.register_fake
@@ -311,8 +312,10 @@ def _run(a, weight, bias, terms, scales, symbols, head_dim, row_offset, select_r
     in_memory = isinstance(scales, torch.Tensor)
     coefs = [0.0, 0.0, 0.0] if in_memory else scales[1:] + [0.0] * (3 - len(scales))
     block_m = linear_o_config(head_dim, symbols.block_q, a.dtype)["BLOCK_M"]
+    if not torch.compiler.is_compiling():
+        symbols._unchanged()
     idx, cnt = symbols.head_schedule(a.shape[1], row_offset, block_m, select_reused)
-    return op_for_call(sparse_linear_o_op, _sparse_linear_o_op_impl)(
+    return op_for_call(sparse_linear_o_op, _sparse_linear_o_op_impl, a, weight, bias, terms)(
         a, weight, bias, terms[0] if terms else None, symbols.reuse_bits, idx, cnt, symbols.block_q, symbols.seq_q,
         head_dim, row_offset, block_m, select_reused, extra[0], extra[1], coefs[0], coefs[1],
         scales if in_memory and len(terms) > 1 else None,

@@ -24,7 +24,7 @@ import triton.language as tl
 
 from . import _common
 from ._launch import launch, launch_planned
-from ._common import cdiv, env_switch, keep, plans_apply, tensors_key, ensure_device_allocator, hopper_with_new_triton, make_descriptor, num_persistent_programs, op_for_call, tma_compatible, tma_enabled, tma_mode, tma_strides_compatible, check_float, check_head_dim, check_symbols_device, grouped_tile, load_reuse_bit, triton_interpreting, use_triton
+from ._common import cdiv, env_switch, inference_only, keep, plans_apply, tensors_key, ensure_device_allocator, hopper_with_new_triton, make_descriptor, num_persistent_programs, op_for_call, tma_compatible, tma_enabled, tma_mode, tma_strides_compatible, check_float, check_head_dim, check_symbols_device, grouped_tile, load_reuse_bit, triton_interpreting, use_triton
 from .symbols import Symbols, row_head_selection
 
 
@@ -319,6 +319,7 @@ def _sparse_linear_q_op_impl(
 
 
 sparse_linear_q_op = torch.library.custom_op("flashomni::sparse_linear_q", _sparse_linear_q_op_impl, mutates_args=())
+inference_only(sparse_linear_q_op)
 
 
 @sparse_linear_q_op.register_fake
@@ -332,6 +333,10 @@ def check_projection(name_x, x, weight, bias, symbols, head_dim, row_offset, wei
     check_float("weight", weight, 2, x.dtype, x.device)
     if bias is not None:
         check_float("bias", bias, 1, x.dtype, x.device)
+        if bias.shape[0] != weight.shape[0]:
+            # the kernels read weight.shape[0] entries of it: a shorter bias would be read past its end
+            raise ValueError(f"bias must have shape [{weight.shape[0]}] (the weight's output features), "
+                             f"got {list(bias.shape)}")
     check_head_dim("head_dim", head_dim)
     if weight.shape[1] != x.shape[2]:
         in_name = "H*D" if weight_in_dim else "Cin"
@@ -384,8 +389,10 @@ def sparse_linear_q(
         check_projection("x", x, weight, bias, symbols, head_dim, row_offset, weight_in_dim=False)
         block_m = persistent_rows(x, weight, symbols.block_q, head_dim, row_offset)
         if key is None or not use_triton(x):
+            if not torch.compiler.is_compiling():
+                symbols._unchanged()
             tiles, count = symbols.tile_schedule(x.shape[1], row_offset, block_m) if block_m else (None, None)
-            return op_for_call(sparse_linear_q_op, _sparse_linear_q_op_impl)(
+            return op_for_call(sparse_linear_q_op, _sparse_linear_q_op_impl, x, weight, bias)(
                 x, weight, bias, symbols.reuse_bits, symbols.block_q, symbols.seq_q, head_dim, row_offset, tiles, count,
                 fill_reused,
             )
@@ -394,6 +401,7 @@ def sparse_linear_q(
         call = keep(_CALLS, key, (block_m, _persistent_plan(x, weight, bias, block_m, head_dim, fill_reused))
                     if persistent else (0, None))
     block_m, plan = call
+    symbols._unchanged()
     if block_m:
         tiles, count = symbols.tile_schedule(x.shape[1], row_offset, block_m)
         return _launch_linear_q_persistent(x, weight, bias, tiles, count, block_m, head_dim, fill_reused=fill_reused,

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import cdiv, device_capability, op_for_call, check_float, check_head_dim, next_pow2, triton_interpreting, use_triton
+from ._common import cdiv, device_capability, inference_only, op_for_call, check_float, check_head_dim, next_pow2, triton_interpreting, use_triton
 from ._launch import launch
 from .symbols import block_count, check_block_size, scale_or_default
 
@@ -195,6 +195,7 @@ def _pooled_scores_op_impl(q: torch.Tensor, k: torch.Tensor, block_q: int, block
 
 
 pooled_scores_op = torch.library.custom_op("flashomni::pooled_scores", _pooled_scores_op_impl, mutates_args=())
+inference_only(pooled_scores_op)
 
 
 @pooled_scores_op.register_fake
@@ -215,4 +216,4 @@ def pooled_scores(
         raise ValueError(f"k must have shape [B, H, Skv, D] matching q {list(q.shape)}, got {list(k.shape)}")
     check_block_size("block_q", block_q)
     check_block_size("block_kv", block_kv)
-    return op_for_call(pooled_scores_op, _pooled_scores_op_impl)(q, k, block_q, block_kv, scale_or_default(scale, q.shape[-1]))
+    return op_for_call(pooled_scores_op, _pooled_scores_op_impl, q, k)(q, k, block_q, block_kv, scale_or_default(scale, q.shape[-1]))

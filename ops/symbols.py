@@ -67,6 +67,20 @@ def _bit_weights(device) -> torch.Tensor:
     return device_constant("bit_weights", device, lambda: torch.tensor(_BIT_WEIGHTS, dtype=torch.uint8))
 
 
+#: What a ``Symbols`` fixes at construction (:meth:`Symbols.__setattr__`).
+_FIELDS = frozenset({"reuse_bits", "skip_bits", "block_q", "block_kv", "seq_q", "seq_kv"})
+
+
+def _versions(*tensors: torch.Tensor) -> Optional[int]:
+    """The sum of the tensors' version counters, or None when one is an inference tensor (it has none)."""
+    total = 0
+    for t in tensors:
+        if t.is_inference():
+            return None
+        total += t._version
+    return total
+
+
 def unpack_bits(packed: torch.Tensor, n: int) -> torch.Tensor:
     """Inverse of :func:`pack_bits`: the first ``n`` bits along the last axis, as a bool tensor."""
     shifts = torch.arange(8, dtype=torch.int32, device=packed.device)
@@ -77,7 +91,10 @@ def unpack_bits(packed: torch.Tensor, n: int) -> torch.Tensor:
 class Symbols:
     """Reuse and skip bits for one attention call (see the module docstring for the format).
 
-    Build with :meth:`from_dense` (from boolean masks) or :meth:`dense` (everything computed).
+    Build with :meth:`from_dense` (from boolean masks) or :meth:`dense` (everything computed). Immutable:
+    the fields cannot be reassigned, and a change to the bits in place (through any view) makes every
+    later op call raise ``RuntimeError`` (:meth:`_unchanged`), since the schedules decoded from the bits
+    are cached on the object.
     ``density()`` is the fraction of attention work (query rows x key columns, partial blocks weighted
     by their real size) that remains after reuse and skipping.
     """
@@ -94,6 +111,7 @@ class Symbols:
         "_head_schedules",
         "_tile_schedules",
         "_dense",
+        "_versions",
     )
 
     def __init__(
@@ -124,15 +142,54 @@ class Symbols:
             raise ValueError(f"skip_bits must have shape {expect}; got {list(skip_bits.shape)}")
         if skip_bits.device != reuse_bits.device:
             raise ValueError("reuse_bits and skip_bits must be on the same device")
-        self.reuse_bits = reuse_bits.contiguous()
-        self.skip_bits = skip_bits.contiguous()
-        self.block_q, self.block_kv = block_q, block_kv
-        self.seq_q, self.seq_kv = seq_q, seq_kv
-        self._kv_schedule: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
-        self._kv_order: Optional[torch.Tensor] = None
-        self._head_schedules: dict = {}
-        self._tile_schedules: dict = {}
-        self._dense: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+        # set past __setattr__ (its check would double the construction's host time)
+        init = object.__setattr__
+        init(self, "reuse_bits", reuse_bits.contiguous())
+        init(self, "skip_bits", skip_bits.contiguous())
+        init(self, "block_q", block_q)
+        init(self, "block_kv", block_kv)
+        init(self, "seq_q", seq_q)
+        init(self, "seq_kv", seq_kv)
+        init(self, "_kv_schedule", None)  # Optional[Tuple[Tensor, Tensor]]
+        init(self, "_kv_order", None)  # Optional[Tensor]
+        init(self, "_head_schedules", {})
+        init(self, "_tile_schedules", {})
+        init(self, "_dense", None)  # Optional[Tuple[Tensor, Tensor]]
+        init(self, "_versions", _versions(self.reuse_bits, self.skip_bits))
+
+    def __setattr__(self, name, value):
+        # the bits, blocks and lengths are fixed at construction: the decoded schedules are cached
+        if name in _FIELDS and hasattr(self, name):
+            raise AttributeError(f"Symbols.{name} cannot be changed: Symbols are immutable (the schedules decoded "
+                                 "from them are cached); build new ones")
+        object.__setattr__(self, name, value)
+
+    def _unchanged(self) -> None:
+        """Raise unless the bits (and the masks kept as :meth:`to_dense`) are as they were at construction.
+        Their version counters move with every in-place write, through any view. The ops call it once per
+        eager call, before they read a schedule (outside a Dynamo trace only: there the counters are
+        symbolic), so a change in place never leaves a stale cached schedule behind, which the kernels would
+        read while the reference reads the new bits (~0.25 us a call; in every schedule accessor, with the
+        trace check, it cost ~0.5 us each, several per call). Inference tensors have no version counter:
+        symbols made under ``torch.inference_mode()`` are not checked (such tensors can be changed only
+        inside inference mode)."""
+        v = self._versions
+        if v is None:
+            return
+        # counters only grow, so their sum is unchanged exactly when each is
+        d = self._dense
+        now = self.reuse_bits._version + self.skip_bits._version
+        if d is not None:
+            now += d[0]._version + d[1]._version
+        if now != v:
+            raise RuntimeError(
+                "Symbols are immutable, but their bits (or the masks they were built from with share_dense) were "
+                "changed in place after construction: the schedules decoded from them would be stale. Build new "
+                "Symbols (Symbols(...), Symbols.from_dense(...)) instead of changing these")
+
+    def _keep_dense(self, reuse: torch.Tensor, skip: torch.Tensor) -> None:
+        self._dense = (reuse, skip)
+        self._versions = _versions(self.reuse_bits, self.skip_bits, reuse, skip)
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
@@ -165,7 +222,7 @@ class Symbols:
             raise TypeError("reuse and skip must be bool tensors")
         out = cls(pack_bits(reuse), pack_bits(skip), block_q, block_kv, seq_q, seq_kv)
         if share_dense:
-            out._dense = (reuse, skip)
+            out._keep_dense(reuse, skip)
         return out
 
     @classmethod
@@ -180,7 +237,7 @@ class Symbols:
         reuse, skip = dense
         if tuple(reuse.shape) != (out.batch, out.heads, out.num_q_blocks) or tuple(skip.shape) != tuple(out.skip_bits.shape[:3]) + (out.num_kv_blocks,):
             raise ValueError(f"dense masks of shapes {list(reuse.shape)} and {list(skip.shape)} do not match {out!r}")
-        out._dense = (reuse, skip)
+        out._keep_dense(reuse, skip)
         out._kv_schedule = kv_schedule
         return out
 
@@ -225,7 +282,8 @@ class Symbols:
     # ---- views -------------------------------------------------------------------------------
     def to_dense(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """``(reuse [B, H, nQ], skip [B, H, nQ, nK])`` as bool tensors (do not modify them: they may be
-        the masks this object was built from, see :meth:`from_dense`)."""
+        the masks this object was built from, see :meth:`from_dense`, and a change to those makes the ops
+        raise)."""
         if self._dense is not None:
             return self._dense
         return (

@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import FLOAT_DTYPES, cdiv, op_for_call, use_triton
+from ._common import FLOAT_DTYPES, cdiv, inference_only, op_for_call, use_triton
 from ._launch import launch
 
 MAX_FACTORS = 3
@@ -165,6 +165,8 @@ def _flat(tensors, extra) -> bool:
 
 taylor_sum_op = torch.library.custom_op("flashomni::taylor_sum", _taylor_sum_impl, mutates_args=())
 taylor_refresh_op = torch.library.custom_op("flashomni::taylor_refresh", _taylor_refresh_impl, mutates_args=())
+inference_only(taylor_sum_op)
+inference_only(taylor_refresh_op)
 
 
 @taylor_sum_op.register_fake
@@ -206,8 +208,9 @@ def taylor_sum(factors: Sequence[torch.Tensor], coefs, base: Optional[torch.Tens
         if coefs.dtype != torch.float32 or coefs.device != factors[0].device or coefs.dim() != 1:
             raise TypeError(f"taylor_sum: coefs given as a tensor must be 1-D float32 on {factors[0].device}, got "
                             f"{coefs.dtype} of {coefs.dim()} dims on {coefs.device}")
-        return op_for_call(taylor_sum_op, _taylor_sum_impl)(factors, [0.0] * len(factors), base, coefs.contiguous())
-    return op_for_call(taylor_sum_op, _taylor_sum_impl)(factors, [float(c) for c in coefs], base)
+        return op_for_call(taylor_sum_op, _taylor_sum_impl, factors, base)(factors, [0.0] * len(factors), base,
+                                                                            coefs.contiguous())
+    return op_for_call(taylor_sum_op, _taylor_sum_impl, factors, base)(factors, [float(c) for c in coefs], base)
 
 
 def taylor_refresh(new: torch.Tensor, old: Sequence[torch.Tensor], delta: float,
@@ -222,4 +225,4 @@ def taylor_refresh(new: torch.Tensor, old: Sequence[torch.Tensor], delta: float,
         raise ValueError(f"taylor_refresh needs delta > 0 with old factors, got {delta!r}")
     _check([("new", new)] + ([("sub", sub)] if sub is not None else []) + [(f"old[{i}]", o) for i, o in enumerate(old)],
            new)
-    return op_for_call(taylor_refresh_op, _taylor_refresh_impl)(new, sub, old, float(delta) if old else 1.0)
+    return op_for_call(taylor_refresh_op, _taylor_refresh_impl, new, sub, old)(new, sub, old, float(delta) if old else 1.0)

@@ -14,12 +14,13 @@ whose length equals the text length (the ``encoder_hidden_states`` input's seque
 
 from __future__ import annotations
 
+import re
 from typing import Optional
 
 from torch import fx
 
 from . import cp
-from ._fx import linear_args, op_name, static_shape
+from ._fx import linear_args, op_name, static_shape, tensor_meta
 
 _TEXT_HINTS = ("add_q_proj", "add_k_proj", "add_v_proj", "context", "txt", "text", "encoder")
 _PASS_THROUGH = {
@@ -42,21 +43,87 @@ def text_length(gm: fx.GraphModule) -> Optional[int]:
     return None
 
 
+#: Argument names a denoising timestep goes by, most usual first (in graphs after Dynamo's ``l_`` /
+#: ``l_kwargs_`` prefix and ``_`` suffix); any name holding ``timestep`` counts too.
+TIMESTEP_NAMES = ("timestep", "timesteps", "t", "sigma", "sigmas", "noise_level", "time", "times")
+#: Parts of the names of other scalar conditions that some models embed sinusoidally like the timestep
+#: (FLUX-dev's ``guidance``, CogVideoX 1.5's ``ofs``, PixArt's resolution and aspect ratio, frame rates):
+#: constant across the steps, so taken for the timestep they would make every call one step's stream.
+_OTHER_CONDITIONS = ("guidance", "ofs", "aspect", "resolution", "size", "label", "fps", "frame", "motion", "cfg")
+_SINUSOID = ("sin", "cos")
+
+
+def _argument_name(node: fx.Node) -> str:
+    return re.sub(r"^l_(kwargs_)?", "", node.name.lower()).rstrip("_")
+
+
+def _named_like_a_timestep(name: str) -> bool:
+    return "timestep" in name or name in TIMESTEP_NAMES
+
+
+def _nearby(node: fx.Node, depth: int, forward: bool):
+    """The nodes within ``depth`` edges of ``node`` (its users' side when ``forward``, its inputs'
+    otherwise), breadth first, each once."""
+    frontier, seen = [node], {node}
+    for _ in range(depth):
+        nxt = []
+        for n in frontier:
+            for m in (n.users if forward else n.all_input_nodes):
+                if m not in seen:
+                    seen.add(m)
+                    nxt.append(m)
+                    yield m
+        frontier = nxt
+
+
+def _feeds_sinusoidal_embedding(node: fx.Node) -> bool:
+    """Whether ``node`` is the input of a sinusoidal timestep embedding (diffusers' ``Timesteps`` /
+    ``get_timestep_embedding`` and its copies: ``t[:, None] * exp(-log(P) * arange(half) / half)`` then
+    ``sin`` and ``cos``): a ``sin``/``cos`` a few nodes downstream whose argument also derives from
+    ``exp`` of an ``arange``. Rotary position embeddings take ``pow`` of an ``arange`` instead, and their
+    positions are 2-D."""
+    # depth 12: FLUX takes 7 nodes (to, mul by 1000, getitem, float, mul by the frequencies, mul, sin)
+    for m in _nearby(node, 12, forward=True):
+        if op_name(m) in _SINUSOID:
+            for e in _nearby(m, 8, forward=False):
+                if op_name(e) == "exp" and any(op_name(a) == "arange" for a in _nearby(e, 6, forward=False)):
+                    return True
+    return False
+
+
 def timestep_input(gm: fx.GraphModule) -> Optional[fx.Node]:
-    """The denoising timestep input: a tensor placeholder named like ``timestep`` (Dynamo names it
-    ``l_timestep_`` or ``l_kwargs_timestep_``; parameter placeholders, whose names hold ``parameters``
-    or ``modules``, are not it) with at most one dimension. None when the graph has none (e.g. a graph
-    after a graph break, or a block compiled on its own)."""
+    """The denoising timestep input of ``gm``: a tensor placeholder of at most one dimension (Dynamo's
+    parameter and buffer placeholders, whose names hold ``parameters``, ``modules`` or ``buffers``, are
+    not it), found by its role and, where that does not decide, by its name. In order of preference:
+
+    1. one that feeds a sinusoidal timestep embedding (:func:`_feeds_sinusoidal_embedding`) and is named
+       like a timestep (``timestep``, ``timesteps``, ``t``, ``sigma``, ``sigmas``, ``noise_level``, …:
+       Dynamo spells them ``l_timestep_``, ``l_kwargs_timestep_``, ``l_t_``);
+    2. one that feeds such an embedding and is not named like another scalar condition (FLUX-dev's
+       ``guidance`` is embedded the same way, but stays constant across the steps);
+    3. one named like a timestep (a graph whose embedding does not look like diffusers').
+
+    None when the graph has none (e.g. a graph after a graph break, or a block compiled on its own)."""
+    candidates = []
     for n in gm.graph.nodes:
         if n.op != "placeholder":
             continue
         low = n.name.lower()
-        if "timestep" not in low or "parameters" in low or "modules" in low or "buffers" in low:
+        if "parameters" in low or "modules" in low or "buffers" in low:
             continue
-        shp = static_shape(n)
-        if shp is not None and len(shp) <= 1:
+        t = tensor_meta(n)
+        if t is None or t.dim() > 1:
+            continue
+        candidates.append(n)
+    named = [n for n in candidates if _named_like_a_timestep(_argument_name(n))]
+    embedded = [n for n in candidates if _feeds_sinusoidal_embedding(n)]
+    for n in embedded:
+        if n in named:
             return n
-    return None
+    for n in embedded:
+        if not any(c in _argument_name(n) for c in _OTHER_CONDITIONS):
+            return n
+    return named[0] if named else None
 
 
 def token_grid(gm: fx.GraphModule, batch: int) -> Optional[tuple]:

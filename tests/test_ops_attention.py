@@ -98,6 +98,65 @@ def test_garbage_in_skipped_and_reused_places_never_leaks(impl, case):
     assert torch.isfinite(dirty).all()
 
 
+def _nan_reach(s, which, b, h, i):
+    """``[B, H, Sq]`` bool: the rows whose output a NaN at row ``i`` of ``which`` (of batch item ``b``,
+    head ``h``) reaches when the symbols read it: a q row reaches itself if its tile is computed; a k or v
+    row every row of the tiles that keep its key block."""
+    reuse, skip = s.to_dense()
+    keep = ~skip & ~reuse.unsqueeze(-1)  # [B, H, nQ, nK]
+    rows = torch.arange(s.seq_q) // s.block_q
+    out = torch.zeros(s.batch, s.heads, s.seq_q, dtype=torch.bool)
+    if which == "q":
+        out[b, h, i] = keep[b, h, i // s.block_q].any()
+    else:
+        out[b, h] = keep[b, h, rows, i // s.block_kv]
+    return out
+
+
+@pytest.mark.parametrize("which", ["q", "k", "v"])
+@given(case=attention_case(dtypes=(torch.float32,)), pick=st.integers(0, 2**31))
+def test_nan_in_a_read_input_propagates_as_in_the_kernel(which, case, pick):
+    """A NaN the symbols make the op read reaches exactly the rows whose softmax reads it, as NaN (output
+    and lse), on the reference as in the kernel; every other row is as without it. (Garbage where the
+    symbols read nothing never leaks: the test above.)"""
+    q, k, v, s = make(case)
+    t = {"q": q, "k": k, "v": v}[which]
+    g = torch.Generator().manual_seed(pick)
+    b, h = (int(torch.randint(n, (1,), generator=g)) for n in t.shape[:2])
+    i, d = int(torch.randint(t.shape[2], (1,), generator=g)), int(torch.randint(t.shape[3], (1,), generator=g))
+    dirty = t.clone()
+    dirty[b, h, i, d] = float("nan")
+    args = {"q": q, "k": k, "v": v, which: dirty}
+    reach = _nan_reach(s, which, b, h, i)
+    clean = sparse_attention(q, k, v, s)
+    for impl in ("reference", "triton", "triton-device-tma"):  # both stores of the kernel's epilogue
+        with impl_context(impl):
+            out, lse = sparse_attention(args["q"], args["k"], args["v"], s, return_lse=True)
+        if which == "v":  # a value feeds its own column only
+            assert torch.equal(out.isnan().any(-1), reach) and not lse.isnan().any()
+        else:
+            assert torch.equal(out.isnan().all(-1), reach) and torch.equal(out.isnan().any(-1), reach)
+            assert torch.equal(lse.isnan(), reach)
+        same = ~reach.unsqueeze(-1)
+        assert max_err(torch.where(same, out, 0), torch.where(same, clean, 0)) <= 1e-5
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("which", ["q", "k", "v"])
+def test_nan_in_a_read_input_gives_the_nan_rows_of_sdpa(impl, which):
+    """Everything computed: the rows a NaN input turns NaN are SDPA's."""
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 2, 50, 64, generator=g) for _ in range(3))
+    args = {"q": q, "k": k, "v": v}
+    args[which] = args[which].clone()
+    args[which][1, 0, 37, 5] = float("nan")
+    sdpa = torch.nn.functional.scaled_dot_product_attention(args["q"], args["k"], args["v"])
+    assert sdpa.isnan().any()
+    with impl_context(impl):
+        out = sparse_attention(args["q"], args["k"], args["v"], Symbols.dense(2, 2, 50, 50, 16, 32))
+    assert torch.equal(out.isnan(), sdpa.isnan())
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 def test_all_skipped_and_all_reused_give_zeros(impl):
     q, k, v = (torch.randn(2, 2, 50, 64).half() for _ in range(3))

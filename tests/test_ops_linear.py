@@ -181,6 +181,22 @@ def test_bad_input_raises_naming_the_argument():
         sparse_linear_o(a, torch.randn(8, 64), None, s, 64)
 
 
+@pytest.mark.parametrize("impl", DEVICE_TMA_IMPLS)
+@pytest.mark.parametrize("length", [lambda n: n - 1, lambda n: n + 1, lambda n: 1], ids=["shorter", "longer", "one"])
+def test_a_bias_of_the_wrong_length_is_rejected(impl, length):
+    """The kernels read weight.shape[0] bias entries: a bias of any other length raises before a launch
+    (a shorter one would be read past its end), on every implementation, and again on a repeated call
+    (whose checks are kept by its key)."""
+    s, x, wq, bq_, a, wo, bo, _, D, off = make((1, 2, 64, 16, 40, 5, 24, 30, torch.float32, 0.5, True, 0))
+    with impl_context(impl):
+        sparse_linear_q(x, wq, bq_, s, D, row_offset=off)  # the right length, once: keeps the call's checks
+        for _ in range(2):
+            with pytest.raises(ValueError, match=rf"bias must have shape \[{wq.shape[0]}\]"):
+                sparse_linear_q(x, wq, torch.randn(length(wq.shape[0])), s, D, row_offset=off)
+            with pytest.raises(ValueError, match=rf"bias must have shape \[{wo.shape[0]}\]"):
+                sparse_linear_o(a, wo, torch.randn(length(wo.shape[0])), s, D, row_offset=off)
+
+
 def test_opcheck():
     s, x, wq, bq_, a, wo, bo, _, D, off = make((1, 2, 64, 16, 40, 5, 24, 30, torch.float32, 0.5, True, 0))
     torch.library.opcheck(sparse_linear_q_op, (x, wq, bq_, s.reuse_bits, s.block_q, s.seq_q, D, off))
@@ -209,14 +225,27 @@ def test_tma_paths_are_taken_when_forced(monkeypatch):
     for mod in (LQ, LO):
         real = mod.make_descriptor
         monkeypatch.setattr(mod, "make_descriptor", lambda t, shape, real=real: made.append(shape) or real(t, shape))
-    s, x, wq, bq_, a, wo, bo, _, D, off = make((1, 2, 64, 64, 90, 0, 32, 40, torch.float16, 0.5, True, 5))
+    s, x, wq, bq_, a, wo, bo, computed, D, off = make((1, 2, 64, 64, 90, 0, 32, 40, torch.float16, 0.5, True, 5))
     outs = {}
     for impl in ("triton-tma", "triton"):
         with impl_context(impl):
-            outs[impl] = (sparse_linear_q(x, wq, bq_, s, D), sparse_linear_o(a, wo, bo, s, D, cache_bias_for(a, wo, s, D)))
+            outs[impl] = (sparse_linear_q(x, wq, bq_, s, D), sparse_linear_o(a, wo, bo, s, D),
+                          cache_bias_for(a, wo, s, D))
     assert len(made) == 6  # x, W for GEMM-Q; a, W for GEMM-O and for the cache bias
-    for got, want in zip(outs["triton-tma"], outs["triton"]):
-        assert torch.equal(got, want)
+    # GEMM-Q takes the same tiles either way (descriptors zero-fill what the pointer loads mask to zero):
+    # the same products in the same order, bit for bit
+    assert torch.equal(outs["triton-tma"][0], outs["triton"][0])
+    # GEMM-O through descriptors takes 256-wide column tiles, 128 with pointers: other matrix products,
+    # which under the interpreter go through the host's BLAS, whose order may depend on the shape. Both
+    # within the dtype's accumulation error of the fp64 golden
+    sel = computed.repeat_interleave(D, -1)
+    for i, heads in ((1, sel), (2, ~sel)):
+        a_sel = torch.where(heads, a, torch.zeros((), dtype=a.dtype))
+        bias = bo if i == 1 else None
+        gold = F.linear(a_sel.double(), wo.double(), None if bias is None else bias.double())
+        tol = linear_tol(a_sel, wo, bias, gold)
+        for impl in ("triton-tma", "triton"):
+            assert max_err(outs[impl][i], gold) <= tol, (impl, i)
 
 
 @pytest.mark.parametrize("impl", ["triton", "triton-tma"])

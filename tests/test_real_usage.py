@@ -156,3 +156,14 @@ def test_two_models_on_one_state_keep_their_caches_apart():
     assert min(by_step) == 4 and by_step[4] == {"update"}  # warm-up 2, interval 3: step 4 would dispatch
     assert "dispatch" in by_step[5]
     assert torch.isfinite(torch.stack(outs)).all()
+
+
+def test_an_overrides_pattern_that_matches_no_site_warns_once():
+    model, make_inputs, _ = _flux()
+    st = _state(overrides={"transformer_block.0.*": {"policy": "dense"},  # misspelt: the blocks are "…blocks.0"
+                           "single_transformer_blocks.*": {"interval": 2}})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _loop(compile_with(model, st), make_inputs, 4, steps=3)
+    msgs = [str(w.message) for w in caught if issubclass(w.category, omni_compile.FlashOmniWarning)]
+    assert len(msgs) == 1 and "['transformer_block.0.*']" in msgs[0]

@@ -246,7 +246,7 @@ def test_counted_clock_places_calls_like_the_timestep_clock(steps, streams, gens
     ([1.0, 0.5, 0.2, 0.1], 3, 1, "more steps than OmniConfig.steps"),
     ([1.0, 0.5, 1.0, 0.5], 3, 1, "fewer steps than OmniConfig.steps"),
     ([1.0, 0.5, 0.2, 0.1], 2, 2, "different timesteps"),
-    ([1.0, 1.0, 1.0, 1.0], 2, 1, "did not fall"),
+    ([1.0, 1.0, 1.0, 1.0], 2, 1, "stayed the same from one step to the next"),
 ])
 def test_counted_clock_raises_when_the_loop_does_not_match(seq, steps, streams, match):
     c = StepClock()
@@ -284,6 +284,24 @@ def test_config_rejects_invalid_values(kw, field, rng):
 def test_policy_objects_reject_invalid_knobs(make, field, rng):
     with pytest.raises(ValueError, match=rf"{field} must .*{rng}"):
         make()
+
+
+def test_override_patterns_that_match_no_site_are_reported():
+    from omni_compile.config import unmatched_override_patterns
+
+    sites = ["transformer_blocks.0.attn", "transformer_blocks.1.attn", "single_transformer_blocks.0.attn"]
+    cfg = OmniConfig(overrides={"transformer_blocks.0.*": {"policy": "dense"},
+                                "transformer_block.1.*": {"interval": 2},  # misspelt
+                                "single_transformer_blocks.*": {"interval": 3},
+                                "Transformer_blocks.1.*": {"interval": 2},  # case matters, as in for_site
+                                "blocks.*": {"interval": 2}})  # fnmatch matches the whole path
+    assert unmatched_override_patterns(cfg, sites) == ["transformer_block.1.*", "Transformer_blocks.1.*", "blocks.*"]
+    assert unmatched_override_patterns(cfg, []) == list(cfg.overrides)
+    assert unmatched_override_patterns(OmniConfig(), sites) == []
+    # exactly the patterns for_site never applies (it returns the config itself when none matches)
+    alone = {p: OmniConfig(overrides={p: dict(f)}) for p, f in cfg.overrides.items()}
+    never = [p for p, c in alone.items() if all(c.for_site(n) is c for n in sites)]
+    assert unmatched_override_patterns(cfg, sites) == never
 
 
 def test_config_defaults_are_the_paper_settings():

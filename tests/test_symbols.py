@@ -286,3 +286,48 @@ def test_longest_first_is_a_stable_descending_sort(n, top, seed):
         with kernel_backend(backend):
             got = longest_first(counts.reshape(1, -1, 1)[:, :, 0])  # any shape: ranked flat
         assert got.dtype == torch.int32 and torch.equal(got.long(), want), backend
+
+
+def _mutations(sym, reuse, skip):
+    """In-place changes a caller could make after building ``sym``: each flips one bit somewhere."""
+    return [
+        ("reuse_bits", lambda: sym.reuse_bits[0, 1].bitwise_xor_(1)),
+        ("skip_bits through a view", lambda: sym.skip_bits.view(-1)[:1].bitwise_xor_(1)),
+        ("shared reuse mask", lambda: reuse[0, 0, 2].logical_not_()),
+        ("shared skip mask", lambda: skip[0, 0, 0, 1].logical_not_()),
+    ]
+
+
+@pytest.mark.parametrize("impl", ["reference", "triton"])
+@pytest.mark.parametrize("which", range(4))
+def test_symbols_are_immutable_after_construction(impl, which):
+    """A Symbols caches the schedules it decodes; changing its bits (or the masks it keeps) in place after
+    a use would leave the kernels reading a stale schedule while the reference reads the new bits. Every
+    op raises instead (the runtime's prechecked GEMM-O path too), and the fields cannot be reassigned."""
+    from omni_compile.ops import cache_bias_for, kernel_backend, sparse_attention, sparse_linear_o, sparse_linear_q
+    from omni_compile.ops.linear_o import sparse_linear_o_prechecked
+
+    g = torch.Generator().manual_seed(which)
+    B, H, S, D = 1, 2, 48, 16
+    reuse = torch.zeros(B, H, 3, dtype=torch.bool)
+    reuse[0, 1, 0] = True
+    skip = torch.zeros(B, H, 3, 3, dtype=torch.bool)
+    sym = Symbols.from_dense(reuse, skip, 16, 16, S, S, share_dense=True)
+    q, k, v = (torch.randn(B, H, S, D, generator=g) for _ in range(3))
+    x, a = torch.randn(B, S, 24, generator=g), torch.randn(B, S, H * D, generator=g)
+    wq, wo = torch.randn(H * D, 24, generator=g), torch.randn(8, H * D, generator=g)
+    calls = [lambda: sparse_attention(q, k, v, sym), lambda: sparse_linear_q(x, wq, None, sym, D),
+             lambda: sparse_linear_o(a, wo, None, sym, D), lambda: cache_bias_for(a, wo, sym, D),
+             lambda: sparse_linear_o_prechecked(a, wo, None, sym, D, [], [])]
+    with kernel_backend(impl):
+        for call in calls:
+            call()  # decodes and caches the schedules (the second call of each op takes its kept plan)
+            call()
+        name, mutate = _mutations(sym, reuse, skip)[which]
+        mutate()
+        for call in calls:
+            with pytest.raises(RuntimeError, match="Symbols are immutable"):
+                call()
+    for field in ("reuse_bits", "skip_bits", "block_q", "seq_kv"):
+        with pytest.raises(AttributeError, match=f"Symbols.{field} cannot be changed"):
+            setattr(Symbols.dense(1, 1, 16, 16, 16, 16), field, getattr(sym, field))
