@@ -32,7 +32,7 @@ from torch import fx
 
 from . import passes as P
 from . import runtime  # noqa: F401  (registers the site ops)
-from .block_cache import build_program
+from .block_cache import FixedBlocks, build_program
 from .config import OmniConfig
 from .graphs import GraphRunner
 from .passes import SiteOps, _fx
@@ -106,24 +106,33 @@ def apply_passes(gm: fx.GraphModule, state: OmniState, example_inputs=()) -> lis
     modules that run them (made now where the identity weight's example input shows which module)."""
     cfg = state.config
     graph_index = len(state.compiles)
+    P.canonicalize_ring(gm)  # diffusers' ring attention -> one SDPA over every rank's keys (passes/cp.py)
     sites = P.find_sites(gm)
-    text_len = P.text_lengths(gm) if sites else None
+    text_len = P.text_lengths(gm)
+    if text_len:
+        state._text_length = text_len
+    elif sites and state._text_length is not None:
+        # a graph after a graph break may take the text under a positional name (Wan under context
+        # parallelism: diffusers' hook on blocks.0 breaks the frame there): the model's earlier graph saw it
+        text_len = state._text_length
     grids: dict = {}
     plans = []
     claimed: dict = {}
     for site in sites:
         plan = SitePlan(name=site.name, batch=site.batch, heads=site.heads, head_dim=site.head_dim,
                         seq_q=site.seq_q, seq_kv=site.seq_kv, mask=site.mask_kind, graph=graph_index)
-        walk = None
+        walk = cp = None
         if site.reject is None or site.heads:
+            cp = _context_parallel(site)
+            uly = cp if cp is not None and cp["mode"] == "ulysses" else None
             walk = P.SiteWalk()
             mixing: list = []  # ops that mix the heads of a token: GEMM-Q then skips blocks every head reuses
             walk.q_projections, walk.gemm_q, walk.gemm_q_reason, _ = P.walk_q(site.q, site.heads, site.head_dim,
-                                                                            site.seq_q, mixing)
-            walk.k_projections = P.walk_kv(site.k, site.heads, site.head_dim)
-            walk.v_projections = P.walk_kv(site.v, site.heads, site.head_dim)
+                                                                            site.seq_q, mixing, uly)
+            walk.k_projections = P.walk_kv(site.k, site.heads, site.head_dim, uly)
+            walk.v_projections = P.walk_kv(site.v, site.heads, site.head_dim, uly)
             walk.out_projections, walk.gemm_o, walk.gemm_o_reason = P.walk_out(
-                site.node, site.heads, site.head_dim, site.seq_q, site.batch)
+                site.node, site.heads, site.head_dim, site.seq_q, site.batch, uly)
             for flag, projs in (("gemm_q", walk.q_projections), ("gemm_o", walk.out_projections)):
                 if getattr(walk, flag):
                     lins = [p.node for p in projs]
@@ -132,8 +141,18 @@ def apply_passes(gm: fx.GraphModule, state: OmniState, example_inputs=()) -> lis
                         setattr(walk, flag + "_reason", "projection already rewritten for another site")
                     else:
                         claimed.update({n: site.name for n in lins})
-        if walk is not None:
+        if cp is not None:
+            plan.cp = cp
+            plan.kind, plan.segments, plan.kv_segments = P.classify_cp(site, walk, text_len, cp)
+            if cp["mode"] == "ulysses":
+                # the attention's tokens are every rank's shard, rank-major: this rank's GEMM rows start at
+                # rank * S/P of them (a query block may straddle two ranks: the GEMMs mask by row)
+                for proj in walk.q_projections + walk.out_projections:
+                    if proj.row_offset is not None:
+                        proj.row_offset += cp["rank"] * cp["seq_local"]
+        elif walk is not None:
             plan.kind, plan.segments, plan.kv_segments = P.classify(site, walk, text_len)
+        if walk is not None:
             plan.q_projections = [(p.name, p.row_offset) for p in walk.q_projections]
             plan.out_projections = [(p.name, p.row_offset, p.rows, p.col_offset) for p in walk.out_projections]
             plan.out_features = {}
@@ -152,6 +171,8 @@ def apply_passes(gm: fx.GraphModule, state: OmniState, example_inputs=()) -> lis
             plan.token_layout = grid
         if site.reject is not None:
             plan.reason = site.reject
+        elif cp is not None and cp.get("reason"):
+            plan.reason = cp["reason"]
         elif not cfg.attention:
             plan.reason = "attention rewriting disabled (OmniConfig.attention=False)"
         if plan.reason is None:
@@ -202,6 +223,27 @@ def apply_passes(gm: fx.GraphModule, state: OmniState, example_inputs=()) -> lis
     gm.graph.lint()
     gm.recompile()
     return records
+
+
+def _context_parallel(site) -> Optional[dict]:
+    """The site's context parallelism (``passes.cp.site_cp``) with the shard sizes the runtime needs:
+    ``seq_local`` (each rank's tokens), ``heads_local`` (the heads this rank attends); ``reason`` when the
+    ops cannot run it."""
+    cp = P.site_cp(site)
+    if cp is None:
+        return None
+    size = cp["size"]
+    if cp["mode"] == "ulysses":
+        cp.update(seq_local=site.seq_q // size, heads_local=site.heads)
+        if site.seq_q % size or site.seq_kv != site.seq_q:
+            cp["reason"] = f"context parallel: {site.seq_q} queries, {site.seq_kv} keys do not split over {size} ranks"
+    elif cp["mode"] == "ring":
+        cp.update(seq_local=site.seq_q, heads_local=site.heads)
+        if site.seq_kv != site.seq_q * size:
+            cp["reason"] = f"context parallel (ring): {site.seq_kv} keys are not {size} shards of {site.seq_q}"
+    else:
+        cp["reason"] = "context parallel with both ulysses_degree and ring_degree > 1 is not supported"
+    return cp
 
 
 _SYMBOLIC = (torch.SymInt, torch.SymFloat, torch.SymBool)
@@ -327,8 +369,14 @@ def _compile(gm: fx.GraphModule, example_inputs, state: OmniState, mode: Optiona
 def _replays_dispatch_steps(state: OmniState, mode: Optional[str], has_sites: bool, example_inputs) -> bool:
     """Whether the graph's dispatch steps are replayed from CUDA graphs: asked for (``cuda_graphs``, or
     ``mode="reduce-overhead"``), a graph with site ops or the clock, on CUDA."""
-    return ((state.config.cuda_graphs or mode == "reduce-overhead") and has_sites
-            and any(isinstance(t, torch.Tensor) and t.is_cuda for t in example_inputs))
+    if not (state.config.cuda_graphs or mode == "reduce-overhead") or not has_sites:
+        return False
+    if not any(isinstance(t, torch.Tensor) and t.is_cuda for t in example_inputs):
+        state.warn_once("cuda_graphs_cpu", "flashomni: CUDA graphs were asked for (OmniConfig.cuda_graphs or "
+                        "mode='reduce-overhead') but the graph's inputs are not on a CUDA device: its steps run "
+                        "without them")
+        return False
+    return True
 
 
 def _inductor_patches(mode: Optional[str], has_sites: bool) -> Optional[dict]:
@@ -430,6 +478,13 @@ def _block_program(gm: fx.GraphModule, state: OmniState, records: list, mode: Op
 
         return compile_fx(module, example, config_patches=patches) if patches else compile_fx(module, example)
 
+    if not isinstance(cfg.block_cache, FixedBlocks) and any(_fx.collective(n) for n in gm.graph.nodes):
+        entry["blocks_reason"] = (
+            "context parallelism: a block-cache rule that reads each rank's own data (ComputedShare, "
+            "ResidualChange) may cache a block on one rank and run it on another, whose collectives would then "
+            "wait forever; FixedBlocks decides alike on every rank")
+        log.info("flashomni: block caching off for this graph: %s", entry["blocks_reason"])
+        return None
     program = build_program(gm, state, records, compile_region, entry, ops=_site_ops())
     entry["split_seconds"] = time.perf_counter() - t0
     if program is None:

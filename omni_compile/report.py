@@ -8,12 +8,16 @@ the ops never read a density back to the host while the loop runs.
   mean over sites.
 * **reused**: fraction of query rows (× heads × batch) whose tiles were reused.
 * **cache bytes**: what each site's streams hold now (``SiteStream.memory_bytes``).
+
+Under context parallelism every rank has its own state, and so its own report: its sites' work (Ulysses:
+the heads it attends; ring: its queries) and the caches it holds (its rows of each GEMM-O input and
+output); ``cp`` says which rank of how many.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 
 @dataclass
@@ -30,8 +34,17 @@ class Report:
         w = sum(s["work"] for s in self.steps)
         return sum(s["density"] * s["work"] for s in self.steps) / w if w else 1.0
 
+    @property
+    def cp(self) -> Optional[dict]:
+        """``{"mode", "size", "rank"}`` of the first context-parallel site, None without parallelism."""
+        return next(({k: s["cp"][k] for k in ("mode", "size", "rank")} for s in self.sites if s.get("cp")), None)
+
     def format(self, max_steps: int = 60) -> str:
-        lines = ["site                                      kind   upd  disp dense  density  reused  cache MiB"]
+        lines = []
+        if self.cp:
+            lines.append(f"context parallel ({self.cp['mode']}): rank {self.cp['rank']} of {self.cp['size']}; "
+                         "densities and caches of this rank")
+        lines.append("site                                      kind   upd  disp dense  density  reused  cache MiB")
         for s in self.sites:
             c = s["counts"]
             lines.append(
@@ -88,6 +101,7 @@ def build_report(state) -> Report:
             "cache_bytes": sum(st.memory_bytes() for st in s.streams.values()),
             "streams": len(s.streams),
             "note": s.reason if not s.rewritten else s.runtime_reason,
+            "cp": s.cp,
         })
     for b in getattr(state, "blocks", []):
         rep.blocks.append({

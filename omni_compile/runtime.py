@@ -33,7 +33,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from . import masks, taylor
+from . import cp, masks, taylor
 from .ops import Symbols, pooled_scores, sparse_attention, sparse_linear_o, sparse_linear_q
 from .ops.attention import heads_inner_empty
 from .ops.linear_o import cache_bias_prechecked, sparse_linear_o_prechecked
@@ -145,6 +145,7 @@ def _cache_estimate(state, site: SiteRecord, batch: int, heads: int, seq_q: int,
     """Upper bound of what a stream of this site holds after an update (caches, symbols excluded)."""
     D = state.config.taylor_order
     if site.gemm_o:
+        heads = cp.head_offset(site.plan)[1]  # the GEMM-O input holds every head (Ulysses: of this rank's rows)
         total = 0
         for (ro, _), (rows, cout) in site.out_features.items():
             total += D * batch * rows * heads * head_dim * itemsize
@@ -274,17 +275,33 @@ def make_symbols(state, site: SiteRecord, q, k, scale, step: int, timestep: floa
         if ss is not None and ss.features is not None and ss.features_prev is not None:
             (s1, now), (s0, prev) = ss.features, ss.features_prev
             change = feature_change(now, prev, s1 - s0)
+    h0, heads_total = cp.head_offset(site.plan)
+    ring = cp.ring(site.plan)
+    why = None
+    if ring:
+        # the policy sees every rank's queries, as without parallelism; this rank keeps its rows below
+        why = cp.ring_rows(site.plan, cfg.block_q)
+        if why is None:
+            scores, square, change = cp.ring_gather(site.plan, scores, square, change)
+            q_text, n_text, Sq = cp.ring_q_text(state, site.plan, q_text), n_text * site.cp["size"], Sq * site.cp["size"]
+        elif not (policy.needs_scores or policy.needs_features):
+            ring = why = None  # a content-blind policy decides on this rank's queries alone
+        layout, layout_reason = None, "ring context parallelism: each rank's vision tokens are one range of the keys"
     inp = PolicyInput(scores=scores, scores_square=square, kind=site.kind, q_text=q_text, kv_text=kv_text,
                       batch=B, heads=H, seq_q=Sq, seq_kv=Skv, block_q=cfg.block_q, block_kv=cfg.block_kv,
                       text_q_blocks=n_text, text_kv_blocks=n_text_kv, site_id=site.site_id, step=step,
                       timestep=timestep, site_name=site.name, layout=layout, layout_reason=layout_reason or "",
-                      change=change)
+                      change=change, head_offset=h0, heads_total=heads_total)
     try:
+        if why is not None:
+            raise PolicyFallback(why)
         sym = policy_symbols(policy, inp, cfg, allow_reuse)
+        if ring:
+            sym = cp.ring_local(site.plan, sym)
     except PolicyFallback as e:
         reason = f"policy {policy.name!r} cannot run here: {e}: dense"
         _policy_fallbacks(state)[site.site_id] = site.runtime_reason = reason
-        return state.dense_symbols(B, H, Sq, Skv, q.device)
+        return state.dense_symbols(B, H, q.shape[2], Skv, q.device)
     if inp.notes:
         site.runtime_reason = "; ".join(inp.notes)
     return sym
@@ -350,7 +367,7 @@ def run_attention(state, site: SiteRecord, q, k, v, mask, scale):
         if ss is not None:
             site.runtime_reason = MASK_DENSE
             if ss.action == UPDATE:
-                ss.symbols = None  # nothing to dispatch with: the next step updates again
+                ss.symbols = ss.gemm_symbols = None  # nothing to dispatch with: the next step updates again
         return _run_attention_dense(state, site, q, k, v, mask, scale)
     cfg = state.config
     dense = state.dense_symbols(B, H, Sq, Skv, q.device)
@@ -410,7 +427,11 @@ def run_attention(state, site: SiteRecord, q, k, v, mask, scale):
             ss.symbols = masks.stitch(ss.group_symbols, plan, B)
             ss.mask_signature = plan.signature
         ss.symbols.prefetch_schedules(old_symbols)  # the dispatch steps will decode the same schedules
-        ss.q_symbols = _all_heads(ss.symbols) if site.q_mixes_heads else None
+        if cp.ulysses(site.plan) and (site.gemm_q or site.gemm_o):
+            # every rank reaches this on every update step (the action is a function of the step): the
+            # collective pairs up across ranks; dispatch steps exchange nothing
+            ss.gemm_symbols = cp.gather_reuse(state, site.plan, ss.symbols)
+        ss.q_symbols = _all_heads(ss.gemm_view()) if site.q_mixes_heads else None
         ss.update_step = step
         if not site.gemm_o and not ss.capped:
             _observe_output(cfg, ss, out, step)
@@ -550,7 +571,7 @@ def site_linear_q(
         # the attention skips reused tiles and the chain to it is per-(token, head) local (the passes
         # proved it), so those tiles need not be written; a chain that mixes the heads of a token (a norm
         # across heads) leaves only the blocks every head reuses unwritten (ss.q_symbols)
-        sym = ss.q_symbols if rec.q_mixes_heads else ss.symbols
+        sym = ss.q_symbols if rec.q_mixes_heads else ss.gemm_view()
         return sparse_linear_q(x, weight, bias, sym, head_dim, row_offset, fill_reused=False)
     return _dense_linear(st, x, weight, bias, head_dim, row_offset, seq_q, "q")
 
@@ -598,7 +619,7 @@ def site_linear_o(
         # the public wrapper's checks are skipped: a quarter of the call's host time at FLUX size
         scales = (st.step_coefs(a.device) if st.in_graph_mode
                   else taylor.coefficients(len(terms), ss.step - ss.update_step))
-        return sparse_linear_o_prechecked(a, w, bias, ss.symbols, head_dim, terms, scales, row_offset)
+        return sparse_linear_o_prechecked(a, w, bias, ss.gemm_view(), head_dim, terms, scales, row_offset)
     out = _dense_linear(st, a, w, bias, head_dim, row_offset, seq_q, "o")
     if ss is None:
         return out
@@ -611,7 +632,7 @@ def site_linear_o(
         else:
             # every argument was built here (the refreshed factors are fresh contiguous tensors of a's
             # shape, the symbols this update's): the public wrapper's checks are skipped, as on dispatch steps
-            ss.bias_terms[key] = [cache_bias_prechecked(f.contiguous(), w, ss.symbols,
+            ss.bias_terms[key] = [cache_bias_prechecked(f.contiguous(), w, ss.gemm_view(),
                                                         head_dim, row_offset) for f in factors]
         _keep_a(ss, key, factors[:D])
     elif ss.action == DENSE and _observe_on_dense_step(cfg, ss.step):

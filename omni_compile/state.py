@@ -90,6 +90,12 @@ class SitePlan:
     embedding (None when the model does not show it; ``OmniConfig.token_layout`` then supplies it)."""
     identity: Optional[str] = None
     """The projection whose weight tells modules apart at run time (``"…to_q"``); None: the site name alone."""
+    cp: Optional[dict] = None
+    """Context parallelism (diffusers' ``enable_parallelism``) as the passes found it, else None:
+    ``{"mode": "ulysses" | "ring", "size": P, "group": process-group name, "rank": r, "seq_local": tokens
+    per rank, "heads_local": heads this rank attends}``. Ulysses: the plan's ``heads`` are this rank's H/P
+    over all ``seq_q`` tokens (rank-major); ring: all heads over this rank's ``seq_q`` queries and all
+    ``seq_kv`` keys."""
     plan_id: int = -1
     graph: int = -1
     """Index of the compile (``OmniState.compiles``) that made this plan."""
@@ -177,6 +183,9 @@ class SiteStream:
     action: str = "dense"
     symbols: object = None
     """Symbols the dispatch steps read (built on the last update)."""
+    gemm_symbols: object = None
+    """Under Ulysses context parallelism: the reuse bits of every head of the group, gathered on the update
+    step, which this rank's GEMM-Q / GEMM-O read for its token shard (``omni_compile.cp``); None otherwise."""
     update_step: Optional[int] = None
     capped: bool = False
     """The memory cap denied this stream its caches at the last update (no reused tiles)."""
@@ -203,9 +212,13 @@ class SiteStream:
     q_symbols: object = None
     """GEMM-Q's symbols when the q chain mixes heads (``SitePlan.q_mixes_heads``): blocks every head reuses."""
 
+    def gemm_view(self):
+        """The symbols GEMM-Q and GEMM-O read: ``gemm_symbols`` under Ulysses, else the attention's."""
+        return self.symbols if self.gemm_symbols is None else self.gemm_symbols
+
     def clear(self) -> None:
         self.symbols = None
-        self.group_symbols = self.mask_signature = self.q_symbols = None
+        self.group_symbols = self.mask_signature = self.q_symbols = self.gemm_symbols = None
         self.update_step = None
         self.capped = False
         self.out_factors = self.out_step = self.reuse_rows = None
@@ -222,6 +235,8 @@ class SiteStream:
             if sym is not None and all(sym is not h for h in held):  # one group's symbols may be the stitched ones
                 held.append(sym)
                 out += [sym.reuse_bits, sym.skip_bits]
+        if self.gemm_symbols is not None:
+            out.append(self.gemm_symbols.reuse_bits)  # its skip bits are the shared all-compute ones
         if self.reuse_rows is not None:
             out.append(self.reuse_rows)
         for f in (self.features, self.features_prev):
@@ -287,6 +302,8 @@ class OmniState:
         """A forward hook (:meth:`attach`) or a graph runner placed the current call (the graphs' own clocks
         then skip it)."""
         self._warned: set = set()
+        self._text_length = None  # the text stream (passes.text_lengths) of the last graph that took the text
+        """The text length the latest graph with a named text input showed (``backend.apply_passes``)."""
         self._coefs: dict = {}
         self.in_graph_mode = False
         _STATES[self.id] = self
@@ -355,14 +372,7 @@ class OmniState:
             raise ValueError(f"OmniState.attach: {type(model).__name__}.forward takes none of {TIMESTEP_NAMES}; "
                              f"its arguments are {params}")
         arg, pos = names[0], params.index(names[0])
-        for mod_name, mod in model.named_modules():
-            for leaf, p in mod.named_parameters(recurse=False):
-                if leaf == "weight":
-                    self._names[p.data_ptr()] = mod_name.rsplit(".", 1)[0] if "." in mod_name else mod_name
-        for rec in self.sites:  # modules already seen take their paths
-            path = self._names.get(rec.key[1])
-            if path:
-                rec.name = path
+        self.name_modules(model)
 
         def tick(module, args, kwargs):
             t = kwargs.get(arg, args[pos] if pos < len(args) else None)
@@ -371,6 +381,20 @@ class OmniState:
                 self._hook_tick = True
 
         return model.register_forward_pre_hook(tick, with_kwargs=True)
+
+    def name_modules(self, model) -> None:
+        """Name the attention modules of ``model`` by their paths in it, whichever graph runs them: where a
+        graph's root is a part of the model (a graph break at a hooked block, as diffusers' context-parallel
+        split hooks make for Wan; regional compilation) the passes see only paths within that part.
+        :meth:`attach` does this too."""
+        for mod_name, mod in model.named_modules():
+            for leaf, p in mod.named_parameters(recurse=False):
+                if leaf == "weight":
+                    self._names[p.data_ptr()] = mod_name.rsplit(".", 1)[0] if "." in mod_name else mod_name
+        for rec in self.sites:  # modules already seen take their paths
+            path = self._names.get(rec.key[1])
+            if path:
+                rec.name = path
 
     def place_call(self, timestep) -> None:
         """Place a model call in the loop (``self.clock.position``): from its timestep (a tensor or number;

@@ -6,11 +6,15 @@
 3. :mod:`.classify` — joint / self / cross, and the text/vision token split;
 4. :mod:`.rewrite` — replace the site's SDPA, q projections and output projections by the site ops.
 
+:mod:`.cp` holds what context parallelism (diffusers' Ulysses and ring attention) adds to these: the
+layout rule of the all-to-all, ring attention rewritten into one SDPA, the token segments of a shard.
+
 This package knows no sparsity strategy and no runtime: the ops to rewrite into are passed in.
 """
 
-from .classify import classify, text_lengths, timestep_input, token_grid
+from .classify import classify, classify_cp, text_lengths, timestep_input, token_grid
 from ._fx import graph_break
+from .cp import canonicalize_ring, site_cp
 from .find_sites import SKIP_COUNTS, AttentionSite, find_sites
 from .rewrite import (SiteOps, identity_weight, insert_clock, keep_alive, rewrite_attention, rewrite_linear_o,
                       rewrite_linear_q)
@@ -21,4 +25,5 @@ __all__ = [
     "walk_kv", "walk_out", "classify", "text_lengths", "timestep_input", "token_grid", "SiteOps",
     "identity_weight",
     "insert_clock", "keep_alive", "rewrite_attention", "rewrite_linear_q", "rewrite_linear_o",
+    "canonicalize_ring", "site_cp", "classify_cp",
 ]

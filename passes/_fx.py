@@ -73,6 +73,9 @@ def normalize_path(path: str) -> str:
     p = path
     p = re.sub(r"^L\['self'\]\.?", "", p)
     p = re.sub(r"^L\['fn'\]\.?", "", p)
+    # diffusers' HookRegistry (context-parallel split/gather hooks, caches) replaces a module's forward by a
+    # closure over ``function_reference``: Dynamo's root is then that module, spelled this way
+    p = re.sub(r"^L\['function_reference'\]\.forward\.__self__\.?", "", p)
     p = p.replace(".__dict__['_modules']", "").replace("__dict__['_modules']", "")
     p = re.sub(r"\['([^'\]]+)'\]", r".\1", p)
     p = re.sub(r"\._modules\.", ".", p)
@@ -164,3 +167,27 @@ def graph_break(gm: fx.GraphModule) -> Optional[dict]:
     in_attention = any(f.filename.rsplit("/", 1)[-1] in _ATTENTION_FILES or
                        (f.name == "__call__" and "transformer" in f.filename.rsplit("/", 1)[-1]) for f in stack)
     return {"reason": reason, "where": where, "in_attention": in_attention}
+_COLLECTIVES = "_c10d_functional"
+
+
+def collective(node: fx.Node) -> Optional[str]:
+    """The name of the functional collective ``node`` calls (``all_to_all_single``, ``wait_tensor``,
+    ``all_gather_into_tensor``…), or None."""
+    if node.op != "call_function":
+        return None
+    # Dynamo records the op packet (``torch.ops._c10d_functional.all_to_all_single``), an overload elsewhere
+    name = str(node.target)
+    if not name.startswith(_COLLECTIVES + "."):
+        return None
+    return name.split(".")[1]
+
+
+def process_group(name):
+    """The process group a functional collective names (by its group name string)."""
+    from torch.distributed.distributed_c10d import _resolve_process_group
+
+    return _resolve_process_group(name)
+
+
+def group_size(name) -> int:
+    return process_group(name).size()

@@ -9,6 +9,9 @@ the tuple of *atoms* that axis is made of in row-major order:
   ``reshape(..., D/2, 2)`` can split and re-merge them); ``D``/``B``/``X`` atoms only carry a size.
 * a ``CAT`` atom is an axis built by concatenation (joint text+image tokens, ``[attn ‖ mlp]`` features);
   it can move and be sliced but never be split by a reshape.
+* an ``R`` atom (context parallelism, ``passes/cp.py``) is the source rank of a Ulysses all-to-all: the
+  axis that indexes the ranks' token shards (tokens, rank-major); it moves like a token atom and is never
+  split by a reshape.
 
 An op is *per-(token, head) local* when every output element at (token s, head h) depends only on input
 elements at (s, h): reshapes that keep S and H intact, permutes, slicing/unbind/cat along other axes,
@@ -34,7 +37,7 @@ from typing import Optional, Sequence
 
 from torch import fx
 
-from ._fx import op_name, static_shape
+from ._fx import collective, group_size, op_name, static_shape
 
 
 class NotLocal(Exception):
@@ -43,9 +46,9 @@ class NotLocal(Exception):
 
 @dataclass(frozen=True)
 class Atom:
-    kind: str  # "B" | "S" | "H" | "D" | "X" | "CAT"
+    kind: str  # "B" | "S" | "H" | "D" | "X" | "CAT" | "R"
     size: int
-    key: tuple = ()  # S: (source, start); H: (stride,); CAT: parts (tuple of atom tuples)
+    key: tuple = ()  # S: (source, start); H: (stride,); CAT: parts (tuple of atom tuples); R: (group, stride)
 
     def __repr__(self) -> str:  # compact, for debug logs
         if self.kind == "S":
@@ -54,6 +57,8 @@ class Atom:
             return f"H{self.size}/{self.key[0]}"
         if self.kind == "CAT":
             return "CAT(" + " | ".join("·".join(map(repr, p)) for p in self.key) + ")"
+        if self.kind == "R":
+            return f"R{self.size}[{self.key[0]}]"
         return f"{self.kind}{self.size}"
 
 
@@ -77,7 +82,7 @@ def _prod(xs) -> int:
 
 def has_token(group: Sequence[Atom]) -> bool:
     for a in group:
-        if a.kind == "S" or (a.kind == "CAT" and any(has_token(p) for p in a.key)):
+        if a.kind in ("S", "R") or (a.kind == "CAT" and any(has_token(p) for p in a.key)):
             return True
     return False
 
@@ -88,7 +93,7 @@ def dim_size(group: Sequence[Atom]) -> int:
 
 def has_token_or_head(group: Sequence[Atom]) -> bool:
     for a in group:
-        if a.kind in ("S", "H"):
+        if a.kind in ("S", "H", "R"):
             return True
         if a.kind == "CAT" and any(has_token_or_head(p) for p in a.key):
             return True
@@ -181,7 +186,7 @@ def regroup(layout: Layout, out_shape: Sequence[int], what: str) -> Layout:
                 rem //= a.size
                 i += 1
             elif a.size % rem == 0:
-                if a.kind in ("S", "CAT"):
+                if a.kind in ("S", "CAT", "R"):
                     raise NotLocal(f"{what} splits the token axis (reshape to {list(out_shape)})")
                 inner = a.size // rem
                 if a.kind == "H":
@@ -204,7 +209,7 @@ def signature(group: Sequence[Atom]) -> tuple:
     size: two axes with equal signatures hold the same tokens and heads in the same places."""
     out: list = []
     for a in normalize(group):
-        if a.kind in ("S", "H", "CAT"):
+        if a.kind in ("S", "H", "CAT", "R"):
             out.append(a)
         elif out and out[-1].kind == "Z":
             out[-1] = Atom("Z", out[-1].size * a.size)
@@ -363,6 +368,9 @@ def propagate(node: fx.Node, layouts: dict, mixing: Optional[list] = None) -> ob
     src = node.args[0] if node.args else None
     lay0 = L(src)
 
+    if collective(node) is not None:  # context parallelism's exchanges (section at the end)
+        return collective_layout(node, lay0, what)
+
     if name == "getitem" and node.target is operator.getitem:
         if isinstance(lay0, list):
             return lay0[node.args[1]]
@@ -514,3 +522,39 @@ def check_mutation(mut: fx.Node, layouts: dict) -> None:
     others = [layouts.get(a) if isinstance(a, fx.Node) else None for a in mut.args[1:]]
     shape = tuple(dim_size(g) for g in lay_t)
     broadcast_merge([lay_t] + others, shape, what)
+
+
+# ---- context parallelism: the rule of diffusers' Ulysses exchange (passes/cp.py) ----------------
+
+
+def collective_layout(node: fx.Node, lay0, what: str):
+    """The layout tracker's rule for a collective on the chain: ``wait_tensor`` passes the layout on;
+    ``all_to_all_single`` with equal splits moves (token, head) *ownership*: chunk j of the flattened
+    tensor goes to rank j, chunk i of the result came from rank i. Its leading atom decides: a head factor
+    of size P (the heads rank j attends: Ulysses before the attention) becomes ``R`` (the source rank's
+    token shard); an ``R`` of the same group (after the attention) becomes that head factor again. Valid
+    because every rank runs the same graph, so the chunk it receives is laid out as its own. Any other
+    collective is not per-(token, head) local."""
+    name = collective(node)
+    if name == "wait_tensor":
+        return lay0
+    if name != "all_to_all_single":
+        raise NotLocal(f"{what}: collective `{name}` on the chain")
+    if lay0 is None:
+        raise NotLocal(f"{what}: all_to_all of a tensor off the chain")
+    out_s, in_s = _arg(node, 1, "output_split_sizes"), _arg(node, 2, "input_split_sizes")
+    group = _arg(node, 3, "group_name")
+    if in_s is not None and (len(set(in_s)) != 1 or (out_s is not None and list(out_s) != list(in_s))):
+        raise NotLocal(f"{what}: all_to_all with uneven splits ({in_s}, {out_s})")
+    size = len(in_s) if in_s is not None else group_size(group)
+    g = normalize(lay0[0])
+    if not g or g[0].size != size:
+        raise NotLocal(f"{what}: the exchanged (leading) axis {g[:1]} is not of the group size {size}")
+    a = g[0]
+    if a.kind == "H":
+        new = Atom("R", size, (group, a.key[0]))
+    elif a.kind == "R" and a.key[0] == group:
+        new = h_atom(size, a.key[1])
+    else:
+        raise NotLocal(f"{what}: all_to_all exchanges {a}, neither a head factor nor this group's token shards")
+    return ((new,) + tuple(g[1:]),) + tuple(lay0[1:])

@@ -19,6 +19,7 @@ from typing import Optional
 
 from torch import fx
 
+from . import cp
 from ._fx import linear_args, op_name, static_shape, tensor_meta
 
 _TEXT_HINTS = ("add_q_proj", "add_k_proj", "add_v_proj", "context", "txt", "text", "encoder")
@@ -67,7 +68,8 @@ def text_lengths(gm: fx.GraphModule) -> TextStream:
     """Every length the text token stream takes before it meets the image: the text input's, and those of
     ``[B, L, C]`` tensors computed from the text input, parameters and per-item conditioning alone (inputs
     of at most two dimensions: timestep, pooled embeddings). AuraFlow prepends 8 learned register tokens
-    to the prompt, so its joint sequences hold ``8 + L_text`` text tokens."""
+    to the prompt, so its joint sequences hold ``8 + L_text`` text tokens. A text input that context
+    parallelism shards counts at the length this rank sees."""
     deps: dict = {}
     small: set = set()
     text: set = set()
@@ -93,7 +95,7 @@ def text_lengths(gm: fx.GraphModule) -> TextStream:
     for n in text:
         shp = static_shape(n)
         if shp is not None and len(shp) == 3:
-            lengths.add(shp[1])
+            lengths.add(cp.shard_length(n, shp[1]))
     out = TextStream(lengths)
     out.deps, out.text, out.small = deps, frozenset(text), frozenset(small)
     return out
@@ -318,3 +320,24 @@ def classify(site, walk, text_len):
     mods = {s[0] for s in segs}
     kind = "joint" if {"text", "vision"} <= mods else "self"
     return kind, segs, list(segs)
+
+
+# ---- context parallelism (passes/cp.py) ----------------------------------------------------------------
+
+
+def classify_cp(site, walk, text_len: Optional[int], par: dict):
+    """``classify`` for a context-parallel site: on one rank's shard, spread over the ranks where the
+    attention sees them all. Ulysses: queries and keys are every rank's shard, rank-major (FLUX
+    ``[text 0-4, vision 4-12, text 12-16, vision 16-24]``); ring: the queries are this rank's own, the keys
+    every rank's."""
+    import copy
+
+    size = par["size"]
+    local = copy.copy(site)
+    if par["mode"] == "ulysses":
+        local.seq_q, local.seq_kv = site.seq_q // size, site.seq_kv // size
+    else:
+        local.seq_kv = site.seq_kv // size
+    kind, segs, kv_segs = classify(local, walk, text_len)
+    kv = cp.spread(kv_segs, local.seq_kv, size)
+    return kind, (cp.spread(segs, local.seq_q, size) if par["mode"] == "ulysses" else segs), kv

@@ -137,11 +137,16 @@ def _descendants(roots) -> set:
     return seen
 
 
-def walk_q(q: fx.Node, heads: int, head_dim: int, seq_q: int, mixing: Optional[list] = None):
+def walk_q(q: fx.Node, heads: int, head_dim: int, seq_q: int, mixing: Optional[list] = None,
+           ulysses: Optional[dict] = None):
     """Projections of q and whether GEMM-Q is valid for them: returns (projections, ok, reason, chain).
     With ``mixing`` (a list), ops that mix the heads of one token are accepted and described there
     (``_layout`` module docstring: GEMM-Q then needs the same reuse decision for every head). Fused
-    projections (``_fused``) are tried where the plain ones alone do not make GEMM-Q valid."""
+    projections (``_fused``) are tried where the plain ones alone do not make GEMM-Q valid.
+    ``ulysses`` (``passes.cp.detect_ulysses``): ``heads`` are the heads this rank attends (H/P) over all
+    ``seq_q`` tokens, the projections hold all H heads of this rank's ``seq_q / P`` tokens, and the row
+    offsets are within that shard."""
+    local_heads, heads = heads, heads * (ulysses["size"] if ulysses else 1)
     projs, visited, wide = find_projections(q, heads, head_dim)
     plain = [(Projection(p, module_path(p), static_shape(p)[1]), p, _head_layout(p, heads, head_dim)) for p in projs]
     fused, why_not_fused = [], None
@@ -158,7 +163,7 @@ def walk_q(q: fx.Node, heads: int, head_dim: int, seq_q: int, mixing: Optional[l
     tries = [plain, plain + fused] if plain and fused else [plain or fused]
     for i, cand in enumerate(tries):
         mixing_try = None if mixing is None else []
-        got = _check_q(q, cand, visited, heads, seq_q, mixing_try)
+        got = _check_q(q, cand, visited, local_heads, seq_q, mixing_try, ulysses=ulysses)
         if got[1] or i == len(tries) - 1:
             if mixing is not None and got[1]:
                 mixing.extend(mixing_try)
@@ -172,10 +177,11 @@ def _head_layout(p: fx.Node, heads: int, head_dim: int) -> tuple:
 
 
 def _check_q(q: fx.Node, cand: list, visited: set, heads: int, seq_q: int, mixing: Optional[list],
-             exclusive: bool = True):
+             exclusive: bool = True, ulysses: Optional[dict] = None):
     """GEMM-Q validity for the projections ``cand`` (``(Projection, start node, start layout)``): the layout
-    tracker over the chain from the start nodes to q (:func:`walk_q`'s result). ``exclusive=False`` lets
-    other nodes read the chain (enough to place each projection's rows, as :func:`walk_kv` does)."""
+    tracker over the chain from the start nodes to q (:func:`walk_q`'s result). ``heads`` are those q has
+    at the attention (this rank's under ``ulysses``). ``exclusive=False`` lets other nodes read the chain
+    (enough to place each projection's rows, as :func:`walk_kv` does)."""
     out = [pr for pr, _, _ in cand]
     starts = [n for _, n, _ in cand]
     layouts: dict = {n: layout for _, n, layout in cand}
@@ -210,6 +216,8 @@ def _check_q(q: fx.Node, cand: list, visited: set, heads: int, seq_q: int, mixin
             raise lay.NotLocal(f"q's batch/head-dim axes carry tokens or heads ({b_g}, {d_g})")
         if heads > 1 and h_g != (lay.h_atom(heads),):
             raise lay.NotLocal(f"q's head axis is not the projection's head split ({h_g})")
+        if ulysses:
+            s_g, seq_q = _strip_shards(s_g, ulysses, heads), seq_q // ulysses["size"]
         parts = s_g[0].key if len(s_g) == 1 and s_g[0].kind == "CAT" else (s_g,)
         off = 0
         for part in parts:
@@ -232,10 +240,21 @@ def _check_q(q: fx.Node, cand: list, visited: set, heads: int, seq_q: int, mixin
     return out, True, None, chain
 
 
-def walk_kv(t: fx.Node, heads: int, head_dim: int) -> list:
+def _strip_shards(s_g: tuple, ulysses: dict, local_heads: int) -> tuple:
+    """q's token axis under Ulysses without its outer ``R`` atom (the source rank): what remains must be
+    this rank's projection rows, as without context parallelism."""
+    r = s_g[0] if s_g else None
+    if r is None or r.kind != "R" or r.size != ulysses["size"] or r.key != (ulysses["group"], local_heads):
+        raise lay.NotLocal(f"q's token axis is not the context-parallel group's token shards ({s_g})")
+    return tuple(s_g[1:])
+
+
+def walk_kv(t: fx.Node, heads: int, head_dim: int, ulysses: Optional[dict] = None) -> list:
     """The linears k (or v) is computed from: projections of width H*D and fused ones wider than that, each
     with the ``row_offset`` of its rows in the key sequence where the layout tracker can follow them there
-    (None elsewhere): PRX's keys are the text's and the image's rows of two fused projections."""
+    (None elsewhere): PRX's keys are the text's and the image's rows of two fused projections. Under
+    ``ulysses`` the projections hold all ``heads * P`` heads of this rank's token shard."""
+    local_heads, heads = heads, heads * (ulysses["size"] if ulysses else 1)
     projs, visited, wide = find_projections(t, heads, head_dim)
     cand = [(Projection(p, module_path(p), static_shape(p)[1]), p, _head_layout(p, heads, head_dim)) for p in projs]
     others = []
@@ -248,13 +267,22 @@ def walk_kv(t: fx.Node, heads: int, head_dim: int) -> list:
             cand.append((pr, fs.slice_node, fs.layout))
     shp = static_shape(t)
     if cand and shp is not None and len(shp) == 4:
-        _check_q(t, cand, visited, heads, shp[2], [], exclusive=False)
+        _check_q(t, cand, visited, local_heads, shp[2], [], exclusive=False, ulysses=ulysses)
     return sorted([pr for pr, _, _ in cand] + others, key=lambda pr: _order(pr.node))
 
 
-def walk_out(o: fx.Node, heads: int, head_dim: int, seq_q: int, batch: int):
-    """Output projections fed by the attention output ``o``: returns (out_projections, ok, reason)."""
-    layouts = {o: ((lay.Atom("B", batch),), (lay.h_atom(heads),), (lay.s_atom("@out", 0, seq_q),), (lay.Atom("D", head_dim),))}
+
+
+def walk_out(o: fx.Node, heads: int, head_dim: int, seq_q: int, batch: int, ulysses: Optional[dict] = None):
+    """Output projections fed by the attention output ``o``: returns (out_projections, ok, reason).
+    ``ulysses``: the attention's tokens are the ranks' shards, rank-major, and the projections see all
+    ``heads * P`` heads of this rank's shard (rows within the shard)."""
+    tokens = (lay.s_atom("@out", 0, seq_q),)
+    if ulysses:
+        size = ulysses["size"]
+        tokens = (lay.Atom("R", size, (ulysses["group"], heads)), lay.s_atom("@out", 0, seq_q // size))
+    layouts = {o: ((lay.Atom("B", batch),), (lay.h_atom(heads),), tokens, (lay.Atom("D", head_dim),))}
+    heads *= ulysses["size"] if ulysses else 1
     outs: list = []
     visited = {o}
     try:

@@ -19,7 +19,9 @@ def test_cpu_smoke_runs_every_kind_of_setting(model, tmp_path):
     from omni_compile.ops import _launch
 
     launch_cache = _launch._ENABLED
-    configs = ["dense", "aggressive", "aggressive@triton", "s:topk", "blocks_aggressive"]
+    # the '+cg' settings get their own compiles (CUDA graphs, which a CPU run goes without: warned)
+    configs = ["dense", "aggressive", "aggressive@triton", "s:topk", "blocks_aggressive", "aggressive+cg",
+               "blocks_aggressive+cg"]
     rc = bench_e2e.main(["--cpu-smoke", "--model", model, "--steps", "6", "--warmup", "2", "--interval", "2",
                          "--no-inductor-baseline", "--profile", "aggressive", "--configs", ",".join(configs),
                          "--out", str(tmp_path)])
@@ -33,6 +35,8 @@ def test_cpu_smoke_runs_every_kind_of_setting(model, tmp_path):
     # the same setting with Triton's own launch path: the same work, recorded as such, the switch restored
     assert rows["aggressive@triton"]["launch_cache"] is False and rows["aggressive"]["launch_cache"] is True
     assert rows["aggressive@triton"]["density"] == rows["aggressive"]["density"]
+    assert rows["aggressive+cg"]["density"] == rows["aggressive"]["density"]
+    assert rows["blocks_aggressive+cg"]["blocks_cached"] == rows["blocks_aggressive"]["blocks_cached"]
     assert _launch._ENABLED == launch_cache
     assert set(rows["aggressive"]["profile"]) == {"update", "dispatch"}
     assert all(p["host_syncs"] >= 0 for p in rows["aggressive"]["profile"].values())
@@ -45,6 +49,47 @@ def test_cpu_smoke_runs_every_kind_of_setting(model, tmp_path):
     assert res["clock"] == "counted"
     assert all(r["pipelined_s"] > 0 and r["pipelined_err"] == 0.0 for r in rows.values())
     assert (tmp_path / f"e2e_{model}.md").read_text().count("\n| ") == len(configs) + 1
+
+
+@pytest.mark.slow
+def test_cpu_smoke_under_torchrun_with_context_parallelism(tmp_path):
+    """The N-GPU command on 2 CPU processes: torchrun, diffusers' Ulysses over both, every setting on one
+    compile; rank 0 writes the results with both ranks' cache memory."""
+    import subprocess
+    import sys
+
+    configs = ["dense", "aggressive", "flashomni", "blocks_aggressive"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "omni_compile.bench.e2e", "--cp", "ulysses", "--cpu-smoke", "--model", "flux", "--steps", "6",
+           "--warmup", "2", "--interval", "2", "--no-inductor-baseline", "--profile", "aggressive",
+           "--configs", ",".join(configs), "--out", str(tmp_path)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    res = json.loads((tmp_path / "e2e_flux.json").read_text())
+    assert (res["cp"], res["world"], res["partial"], res.get("failed")) == ("ulysses", 2, False, None)
+    rows = {r["name"]: r for r in res["rows"]}
+    assert list(rows) == configs
+    assert rows["aggressive"]["density"] < 1.0 and rows["blocks_aggressive"]["blocks_cached"] > 0
+    # each rank holds the caches of its own rows: the same amount on both ranks here
+    mem = rows["aggressive"]["memory_mb_per_rank"]
+    assert len(mem) == 2 and mem[0] == mem[1] > 0
+    assert "context parallel: ulysses over 2 processes" in (tmp_path / "e2e_flux.md").read_text()
+
+
+def test_scaling_table_sets_each_run_against_inductor_at_its_own_and_at_one_process(tmp_path):
+    def run(world, inductor, dense):
+        return dict(model="flux", steps=50, device="H100", cp="ulysses" if world > 1 else "none", world=world,
+                    rows=[dict(name="inductor", total_s=inductor), dict(name="dense", total_s=dense)])
+
+    paths = []
+    for world, ind, den in ((4, 10.0, 5.0), (1, 40.0, 20.0)):
+        path = tmp_path / f"e2e_{world}.json"
+        path.write_text(json.dumps(run(world, ind, den)))
+        paths.append(str(path))
+    assert bench_e2e.main(["--scaling", *paths, "--out", str(tmp_path)]) == 0
+    md = (tmp_path / "scaling_flux.md").read_text()
+    assert "| setting | 1× none | 4× ulysses |" in md
+    assert "| dense | 20.00 (2.00x; 2.00x) | 5.00 (2.00x; 8.00x) |" in md
 
 
 class _Range:

@@ -4,7 +4,6 @@ groups, minor rows and bias groups as the module docstring says."""
 
 from __future__ import annotations
 
-import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import given

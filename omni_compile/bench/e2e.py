@@ -32,6 +32,12 @@ Block times are the kernels inside each block's label on the device timeline (:f
 Correctness in the same run: the ``dense`` setting's final latent against Inductor's (relative L2), and
 every sparse setting's final latent error is reported as its quality figure.
 
+**Context parallelism** (``--cp ulysses|ring``, under ``torchrun --nproc-per-node N``): every process shards
+the model with diffusers' ``enable_parallelism`` (:mod:`.parallel`) before anything is compiled, so the
+Inductor baseline and every flashomni setting run with the same parallel config; each rank runs the same
+loop, rank 0 times it and writes the results (with every rank's cache memory). The scaling table over runs
+at several N: ``--scaling DIR1/e2e_flux.json DIR2/e2e_flux.json ... --out DIR``.
+
 Writes ``DIR/e2e_<model>.json``, ``.md`` and ``.png`` (per-step wall and GPU time per setting, speedups
 beside their ideal: :mod:`omni_compile.bench.figures`), rewritten after every setting so a run cut off by a time
 limit keeps what it measured. ``--replot FILE.json`` rebuilds the table and figure from a saved result.
@@ -54,6 +60,8 @@ import torch
 from omni_compile import FixedBlocks
 from omni_compile.policies import Fixed
 
+from . import parallel
+
 SETTINGS: Dict[str, dict] = {
     "dense": dict(policy="dense"),
     "flashomni": dict(policy="flashomni"),
@@ -74,12 +82,18 @@ TOKEN_LAYOUTS = {"flux": (1, 64, 64), "hunyuan": (9, 45, 80)}
 #: next to ``blocks_aggressive`` is a same-run A/B of the cache
 TRITON_LAUNCH = "@triton"
 
+#: suffix of a setting run on a compile with ``OmniConfig(cuda_graphs=True)``: dispatch steps replayed from
+#: CUDA graphs (``aggressive+cg`` next to ``aggressive`` and the ``inductor_cg`` anchor)
+CUDA_GRAPHS = "+cg"
+
 
 def setting(name: str, model: str, layouts=None) -> dict:
     """Config changes of a benchmark setting: a name of :data:`SETTINGS`, or ``s:<strategy>`` for a
     shipped policy strategy (``omni_compile.bench.presets``) at the model's token grid; either with
-    :data:`TRITON_LAUNCH` appended (same config, kernels launched through Triton's own path)."""
-    name = name[: -len(TRITON_LAUNCH)] if name.endswith(TRITON_LAUNCH) else name
+    :data:`TRITON_LAUNCH` appended (same config, kernels launched through Triton's own path) or
+    :data:`CUDA_GRAPHS` (same config on a compile with CUDA graphs)."""
+    for suffix in (TRITON_LAUNCH, CUDA_GRAPHS, TRITON_LAUNCH):
+        name = name[: -len(suffix)] if name.endswith(suffix) else name
     if name.startswith("s:"):
         from .presets import strategy_policy
 
@@ -402,10 +416,11 @@ def profile_actions(fn, latent, inputs, steps: int, done: int, warmup: int, inte
             res[act] = dict(wall_ms=wall, device_ms=dev, host_ms=host, host_syncs=max(syncs, 0),
                             memcpy=sum(calls.get(n, 0) for n in _COPY_CALLS),
                             copies_from=calls_by_caller(events), syncs_from=calls_by_caller(events, _SYNC_CALLS))
-            with open(os.path.join(out_dir, f"profile_{tag}_{act}.txt"), "w") as f:
-                f.write(avgs.table(sort_by="self_cpu_time_total", row_limit=40))
-                f.write("\n\n")
-                f.write(avgs.table(sort_by="self_device_time_total", row_limit=25))
+            if out_dir is not None:
+                with open(os.path.join(out_dir, f"profile_{tag}_{act}.txt"), "w") as f:
+                    f.write(avgs.table(sort_by="self_cpu_time_total", row_limit=40))
+                    f.write("\n\n")
+                    f.write(avgs.table(sort_by="self_device_time_total", row_limit=25))
         else:
             fn(**kw)
         step += 1
@@ -454,6 +469,8 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=8)
     ap.add_argument("--layers", type=int, default=None, help="fewer blocks (smoke runs)")
     ap.add_argument("--no-inductor-baseline", action="store_true")
+    ap.add_argument("--inductor-graphs", action="store_true",
+                    help="also time Inductor with CUDA graphs (mode='reduce-overhead'): the anchor of '+cg' settings")
     ap.add_argument("--clock", default="counted", choices=("counted", "timestep"),
                     help="how the flashomni runtime places calls: 'counted' (OmniConfig.steps set: no host read, the "
                          "host can run ahead) or 'timestep' (one host read of the timestep per call, a device sync)")
@@ -464,17 +481,37 @@ def main(argv=None) -> int:
                     help="narrow model (2 heads of 16), fp32, CPU, no Inductor: checks the driver only")
     ap.add_argument("--replot", metavar="E2E_JSON", default=None,
                     help="measure nothing: write e2e_<model>.md and .png under --out from a saved e2e_<model>.json")
+    ap.add_argument("--cp", default="none", choices=parallel.MODES,
+                    help="context parallelism over the processes torchrun starts (torchrun --nproc-per-node N "
+                         "-m omni_compile.bench.e2e --cp ulysses ...): diffusers' Ulysses or ring attention")
+    ap.add_argument("--scaling", nargs="+", metavar="E2E_JSON", default=None,
+                    help="measure nothing: write scaling_<model>.md under --out from e2e_<model>.json files of "
+                         "runs at several process counts (--cp)")
     args = ap.parse_args(argv)
     if args.replot:
         with open(args.replot) as f:
             write_report(args.out, json.load(f))
+        return 0
+    if args.scaling:
+        results = []
+        for path in args.scaling:
+            with open(path) as f:
+                results.append(json.load(f))
+        os.makedirs(args.out, exist_ok=True)
+        md = scaling_markdown(results)
+        with open(os.path.join(args.out, f"scaling_{results[0]['model']}.md"), "w") as f:
+            f.write(md)
+        print(md)
         return 0
     if not torch.cuda.is_available() and not args.cpu_smoke:
         print("omni_compile.bench.e2e needs a CUDA GPU (--cpu-smoke runs a tiny model on the CPU)", file=sys.stderr)
         return 2
     from omni_compile import OmniConfig, OmniState
 
-    os.makedirs(args.out, exist_ok=True)
+    rank, world = parallel.init(args.cp)
+    lead = rank == 0  # the rank that writes: every rank runs the same loop
+    if lead:
+        os.makedirs(args.out, exist_ok=True)
     torch.manual_seed(0)
     t0 = time.perf_counter()
     if args.cpu_smoke:
@@ -485,9 +522,11 @@ def main(argv=None) -> int:
     else:
         layouts = TOKEN_LAYOUTS
         model, latent, inputs = MODELS[args.model](layers=args.layers)
+    if args.cp != "none":
+        parallel.enable(model, args.cp, world)
     res = dict(model=args.model, steps=args.steps, max_steps=args.max_steps, interval=args.interval,
                warmup=args.warmup, device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", torch=torch.__version__,
-               triton=__import__("triton").__version__, tokens=None, rows=[], clock=args.clock)
+               triton=__import__("triton").__version__, tokens=None, rows=[], clock=args.clock, cp=args.cp, world=world)
     print(f"built {args.model} in {time.perf_counter() - t0:.1f} s; "
           f"{sum(p.numel() for p in model.parameters()) / 1e9:.2f} B params", flush=True)
     all_acts = actions(args.steps, args.warmup, args.interval)
@@ -507,9 +546,10 @@ def main(argv=None) -> int:
         if state is not None:
             row.update(dispatch_figures(state))
             row["memory_mb"] = state.memory_bytes() / 2**20
+            row["memory_mb_per_rank"] = parallel.gather(row["memory_mb"], world)  # each rank's own caches
             if name in args.profile.split(","):
                 row["profile"] = profile_actions(fn, latent, inputs, args.steps, len(times), args.warmup,
-                                                 args.interval, args.out, f"{args.model}_{name}")
+                                                 args.interval, args.out if lead else None, f"{args.model}_{name}")
                 for act, p in row["profile"].items():
                     print(f"    profiled {act}: wall {p['wall_ms']:.1f} ms, device {p['device_ms']}, "
                           f"host in site ops {p['host_ms']}", flush=True)
@@ -546,7 +586,10 @@ def main(argv=None) -> int:
                     r["speedup_pipelined"] = base["pipelined_s"] / r["pipelined_s"]
             if dense_row is not None and r is not dense_row and r["name"] != "inductor":
                 r["err_vs_dense"] = rel_l2(r["final"], dense_row["final"])
-            if r["name"] in ("inductor", "dense", "split_dense") or not (prof_i and base and prof_o) or not prof_i["total"]:
+            cg = next((x for x in res["rows"] if x["name"] == "inductor_cg"), None)
+            if cg is not None and r is not cg:
+                r["speedup_vs_inductor_cg"] = cg["total_s"] / r["total_s"]
+            if r["name"] in ("inductor", "inductor_cg", "dense", "split_dense") or not (prof_i and base and prof_o) or not prof_i["total"]:
                 continue
             # the ideal starts from the faster dense step: Inductor's, or the rewritten graph's own with every
             # tile computed when that ran in this run and is faster (HunyuanVideo: 1.25x, the mask dropped),
@@ -564,6 +607,8 @@ def main(argv=None) -> int:
             r["of_ideal"] = r["speedup"] / r["ideal_speedup"]
 
     def write(partial: bool):
+        if not lead:
+            return
         finalize_rows()  # partial files too: a run cut off by a time limit still reports its speedups
         out = dict(res, partial=partial, rows=[{k: v for k, v in r.items() if k != "final"} for r in res["rows"]])
         with open(os.path.join(args.out, f"e2e_{args.model}.json"), "w") as f:
@@ -593,6 +638,18 @@ def main(argv=None) -> int:
         base = record("inductor", ind, compile_s=c)
         del ind
         torch._dynamo.reset()
+        if args.inductor_graphs:
+            # the other anchor: Inductor with CUDA graphs (every step replayed, dense)
+            ind = torch.compile(model, mode="reduce-overhead")
+            t1 = time.perf_counter()
+            ind(**first)
+            _sync()
+            c = time.perf_counter() - t1
+            run_loop(ind, latent, inputs, 3)  # cudagraph trees record on the second and later calls
+            print(f"inductor reduce-overhead compile {c:.1f} s", flush=True)
+            record("inductor_cg", ind, compile_s=c)
+            del ind
+            torch._dynamo.reset()
 
     # the smoke model has ~100 tokens: blocks of 16 so that text and vision blocks both exist
     smoke_blocks = dict(block_q=16, block_kv=16) if args.cpu_smoke else {}
@@ -600,7 +657,7 @@ def main(argv=None) -> int:
     split_names = [n for n in names if setting(n, args.model, layouts).get("block_cache") is not None
                    or n == "split_dense"]
     omni = None
-    if len(split_names) < len(names):
+    if any(n not in split_names and not n.endswith(CUDA_GRAPHS) for n in names):
         state = OmniState(OmniConfig(policy="dense", interval=args.interval, warmup=args.warmup,
                                       use_inductor=not args.cpu_smoke, **smoke_blocks))
         omni = torch.compile(model, backend="flashomni", options={"state": state})
@@ -646,40 +703,90 @@ def main(argv=None) -> int:
         write(partial=True)
         return row
 
-    for name in [n for n in names if n not in split_names]:
-        run_setting(name, c if name == names[0] else None)
+    def cached_blocks(row, blocks_ms, prof):
+        cached = [b.name for b in state.blocks if b.skipped_calls > 0]
+        row["blocks_cached"] = len(cached)
+        row["blocks"] = len(state.blocks)
+        row["cached_share"] = sum(blocks_ms.get(n, 0.0) for n in cached) / max(prof["total"], 1e-9)
+        write(partial=True)
 
-    if split_names:
-        # block caching is decided at compile time (the graph is split into per-block regions), so it
-        # gets its own compile; the regions compile on their first run
+    def compile_omni(cuda_graphs: bool, split: bool):
+        """A flashomni compile of ``model`` for a group of settings: block caching splits the graph and CUDA
+        graphs wrap it at compile time, so each combination gets its own compile."""
+        nonlocal omni, state
         omni = None
         torch._dynamo.reset()
         state = OmniState(OmniConfig(policy="dense", interval=args.interval, warmup=args.warmup,
-                                      block_cache=FixedBlocks(0.5), use_inductor=not args.cpu_smoke,
-                                      **smoke_blocks))
+                                      block_cache=FixedBlocks(0.5) if split else None, cuda_graphs=cuda_graphs,
+                                      use_inductor=not args.cpu_smoke, **smoke_blocks))
         omni = torch.compile(model, backend="flashomni", options={"state": state})
         t1 = time.perf_counter()
         omni(**first)  # a dense step: every region runs (and compiles)
         _sync()
         c = time.perf_counter() - t1
-        print(f"flashomni compile, split at {len(state.blocks)} blocks: {c:.1f} s", flush=True)
+        print(f"flashomni compile{' with CUDA graphs' if cuda_graphs else ''}"
+              f"{f', split at {len(state.blocks)} blocks' if split else ''}: {c:.1f} s", flush=True)
         res.setdefault("sites", state.summary())
         state.reset()
+        return c
+
+    for name in [n for n in names if n not in split_names and not n.endswith(CUDA_GRAPHS)]:
+        run_setting(name, c if name == names[0] else None)
+
+    if split_names:
+        c = compile_omni(False, True)
         prof = profile_step(omni, first)
         blocks_ms = {k[len("block "):]: v for k, v in prof.items() if k.startswith("block ")}
         res["profile_split_dense"] = {k: v for k, v in prof.items() if not k.startswith("block ")}
         res["block_ms"] = blocks_ms
-        for name in split_names:
+        for name in [n for n in split_names if not n.endswith(CUDA_GRAPHS)]:
             row = run_setting(name, c if name == split_names[0] else None)
-            if row is None:
-                continue
-            cached = [b.name for b in state.blocks if b.skipped_calls > 0]
-            row["blocks_cached"] = len(cached)
-            row["blocks"] = len(state.blocks)
-            row["cached_share"] = sum(blocks_ms.get(n, 0.0) for n in cached) / max(prof["total"], 1e-9)
-            write(partial=True)
+            if row is not None:
+                cached_blocks(row, blocks_ms, prof)
+
+    for split in (False, True):
+        graphed = [n for n in names if n.endswith(CUDA_GRAPHS) and (n in split_names) == split]
+        if not graphed:
+            continue
+        c = compile_omni(True, split)
+        for name in graphed:
+            row = run_setting(name, c if name == graphed[0] else None)
+            if row is not None and split and res.get("block_ms"):
+                cached_blocks(row, res["block_ms"], res["profile_split_dense"])
     write(partial=False)
-    return 1 if check_dense() else 0
+    failed = check_dense()
+    parallel.finish(world)
+    return 1 if failed else 0
+
+
+def scaling_markdown(results: list) -> str:
+    """Loop seconds of every setting at each process count, and speedups against Inductor with the same
+    parallel config and against Inductor on one process (``--scaling``)."""
+    results = sorted(results, key=lambda r: r.get("world", 1))
+    base = {r.get("world", 1): next((x["total_s"] for x in r["rows"] if x["name"] == "inductor"), None) for r in results}
+    one = base.get(1)
+    names = [x["name"] for x in results[0]["rows"]]
+    for r in results[1:]:
+        names += [x["name"] for x in r["rows"] if x["name"] not in names]
+    head = " | ".join(f"{r.get('world', 1)}× {r.get('cp', 'none')}" for r in results)
+    lines = [f"{results[0]['model']}: {results[0]['steps']} steps, {results[0]['device']}; loop seconds "
+             "(speedup against Inductor with the same parallel config; against Inductor on one process)", "",
+             f"| setting | {head} |", "|---|" + "---:|" * len(results)]
+    for name in names:
+        cells = []
+        for r in results:
+            row = next((x for x in r["rows"] if x["name"] == name), None)
+            if row is None:
+                cells.append("—")
+                continue
+            b = base.get(r.get("world", 1))
+            cell = f"{row['total_s']:.2f}{'*' if row.get('projected') else ''}"
+            parts = [f"{b / row['total_s']:.2f}x" if b else None, f"{one / row['total_s']:.2f}x" if one else None]
+            if any(parts):
+                cell += " (" + "; ".join(p or "—" for p in parts) + ")"
+            cells.append(cell)
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def write_report(out_dir: str, res: dict) -> str:
@@ -698,8 +805,10 @@ def markdown(res: dict) -> str:
     def f(v, fmt):
         return "—" if v is None else format(v, fmt)
 
+    par = (f"; context parallel: {res['cp']} over {res['world']} processes (rank 0's times)"
+           if res.get("cp", "none") != "none" else "")
     lines = [f"{res['model']}: {res['steps']} steps, interval {res['interval']}, warm-up {res['warmup']}, "
-             f"{res['device']}, torch {res['torch']}, triton {res['triton']}; sites: {res.get('sites')}", ""]
+             f"{res['device']}, torch {res['torch']}, triton {res['triton']}; sites: {res.get('sites')}{par}", ""]
     for key in ("profile_inductor", "profile_flashomni_dense"):
         p = res.get(key)
         if p:
@@ -717,8 +826,8 @@ def markdown(res: dict) -> str:
         lines.append(f"- blocks (kernel ms, split graph, dense step): {len(res['block_ms'])} blocks, "
                      f"{sum(res['block_ms'].values()):.1f} ms in all"
                      + (f" of the step's {total:.1f}" if total else ""))
-    lines += ["", "| setting | loop s | pipelined s | dense ms | update ms | dispatch ms | density | reuse | blocks cached | speedup | pipelined speedup | ideal | of ideal | rel L2 vs dense | compile s |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines += ["", "| setting | loop s | pipelined s | dense ms | update ms | dispatch ms | density | reuse | blocks cached | speedup | pipelined speedup | vs Inductor+CUDA graphs | ideal | of ideal | rel L2 vs dense | compile s |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in res["rows"]:
         sm = r["step_ms"]
         lines.append(
@@ -726,7 +835,8 @@ def markdown(res: dict) -> str:
             f"{f(sm.get('dense'), '.1f')} | "
             f"{f(sm.get('update'), '.1f')} | {f(sm.get('dispatch'), '.1f')} | {f(r.get('density'), '.3f')} | "
             f"{f(r.get('reuse'), '.2f')} | {str(r['blocks_cached']) + '/' + str(r['blocks']) if 'blocks' in r else '—'} | "
-            f"{f(r.get('speedup'), '.2f')} | {f(r.get('speedup_pipelined'), '.2f')} | {f(r.get('ideal_speedup'), '.2f')} | "
+            f"{f(r.get('speedup'), '.2f')} | {f(r.get('speedup_pipelined'), '.2f')} | "
+            f"{f(r.get('speedup_vs_inductor_cg'), '.2f')} | {f(r.get('ideal_speedup'), '.2f')} | "
             f"{f(r.get('of_ideal'), '.0%')} | {f(r.get('err_vs_dense', r.get('err_vs_inductor')), '.2e')} | "
             f"{f(r.get('compile_s'), '.0f')} |")
     lines.append("")

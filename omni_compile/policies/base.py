@@ -100,6 +100,12 @@ class PolicyInput:
     """``[B, H, nQ]`` float: relative change per step of the block-mean attention output between the last
     two full steps, ``‖m_now − m_prev‖ / (‖m_prev‖ + 1e-6) / Δsteps`` over the head dim (``needs_features``
     policies only; None when fewer than two full steps were observed)."""
+    head_offset: int = 0
+    """Index of this call's first head among the site's: under Ulysses context parallelism a rank attends
+    heads ``head_offset … head_offset + heads - 1`` of ``heads_total`` (content-blind policies draw per
+    head of the whole site, so the ranks' bits differ as a single process's would)."""
+    heads_total: int = 0
+    """Heads of the whole site (``heads`` without context parallelism; 0: unknown, read as ``heads``)."""
     notes: List[str] = field(default_factory=list)
     """Remarks a policy leaves for ``site.runtime_reason`` (e.g. a composed member that fell back)."""
 

@@ -36,12 +36,15 @@ def _key(inp: PolicyInput, reuse: float, skip: float, seed: int) -> tuple:
     # the layout tensors are cached per site by the runtime, so their identity stands for their content
     # (reading them back would be two device-to-host copies per site and update); the memo keeps them
     # alive so an id is never reused for another tensor while its entry exists
-    return (int(seed), int(inp.site_id), inp.batch, inp.heads, float(reuse), float(skip), id(inp.q_text),
-            id(inp.kv_text))
+    return (int(seed), int(inp.site_id), inp.batch, inp.heads, inp.head_offset, inp.heads_total, float(reuse),
+            float(skip), id(inp.q_text), id(inp.kv_text))
 
 
 def _draw(inp: PolicyInput, reuse_fraction: float, skip_fraction: float, seed: int) -> Bits:
-    B, H = inp.batch, inp.heads
+    """Drawn for every head of the site and cut to this call's (``head_offset``: a rank under Ulysses
+    context parallelism attends some of them), so ranks draw as one process would."""
+    B, H = inp.batch, max(inp.heads_total, inp.heads)
+    h0, h1 = inp.head_offset, inp.head_offset + inp.heads
     nQ, nK = inp.q_text.numel(), inp.kv_text.numel()
     g = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(inp.site_id))
     q_text, kv_text = inp.q_text.cpu(), inp.kv_text.cpu()
@@ -60,7 +63,7 @@ def _draw(inp: PolicyInput, reuse_fraction: float, skip_fraction: float, seed: i
     skip = (rk.argsort(-1).argsort(-1) < k_skip) & cand
     skip &= (~reuse & vis_q).unsqueeze(-1)
     dev = inp.q_text.device
-    return reuse.to(dev), skip.to(dev)
+    return reuse[:, h0:h1].to(dev), skip[:, h0:h1].to(dev)
 
 
 @dataclass(frozen=True)
