@@ -23,7 +23,7 @@ from .policies import resolve_policy
 #: Fields ``OmniConfig.overrides`` may set per site. The others are global: they fix the compiled graph
 #: (``attention``, ``gemm_q``, ``gemm_o``, ``use_inductor``, ``block_cache``), the symbol grid (``block_q``,
 #: ``block_kv``), the cache layout and the warm-up observations (``taylor_order``, ``warmup``), the clock
-#: (``steps``, ``streams``) or a budget over all sites (``max_cache_mb``).
+#: (``steps``, ``streams``, ``final_dense``) or a budget over all sites (``max_cache_mb``).
 SITE_FIELDS = ("policy", "interval")
 
 
@@ -95,6 +95,12 @@ class OmniConfig:
     (step ``warmup - 1``) is the first update step. More warm-up protects the early, fast-changing
     steps that set the image layout, at the cost of fewer sparse steps. Integer, 1 to 1000."""
 
+    final_dense: int = 0
+    """Steps at the end of each generation that run dense (the paper's final dense step): the last
+    denoising steps set fine detail, and a dense step there removes the forecast error the dispatch steps
+    before it left in the latent, at the cost of those steps' savings. Needs the loop's length
+    (``steps``, the counted clock); 0 (default) runs none. Integer, 0 to 1000."""
+
     taylor_order: int = 1
     """Order D of the Taylor forecast of reused tiles between updates (finite differences of the
     features at the last D + 1 full steps). 0 reuses the last value as is; 1 (paper's HunyuanVideo) and
@@ -163,6 +169,11 @@ class OmniConfig:
             raise ValueError(f"OmniConfig.max_cache_mb must be None or a finite number, 0 or more, got {m!r}")
         if self.steps is not None and (not _is_int(self.steps) or self.steps < 1):
             raise ValueError(f"OmniConfig.steps must be None or an integer, 1 or more, got {self.steps!r}")
+        if not _is_int(self.final_dense) or not 0 <= self.final_dense <= 1000:
+            raise ValueError(f"OmniConfig.final_dense must be an integer from 0 to 1000, got {self.final_dense!r}")
+        if self.final_dense and self.steps is None:
+            raise ValueError("OmniConfig.final_dense needs the loop's length: set OmniConfig.steps (the counted "
+                             "clock) to the number of denoising steps")
         if not _is_int(self.streams) or not 1 <= self.streams <= 16:
             raise ValueError(f"OmniConfig.streams must be an integer from 1 to 16, got {self.streams!r}")
 
