@@ -24,7 +24,7 @@ and figures live in :mod:`omni_compile.bench`, the learned example model and the
 
 __all__ = [
     "OmniConfig", "OmniState", "SiteRecord", "Symbols", "last_state", "flashomni",
-    "FixedBlocks", "ComputedShare", "ResidualChange", "tune", "Budget", "WorkModel",
+    "FixedBlocks", "ComputedShare", "ResidualChange", "FlashOmniWarning", "tune", "Budget", "WorkModel",
 ]
 
 from . import ops  # noqa: F401
@@ -32,7 +32,7 @@ from .backend import flashomni
 from .block_cache import ComputedShare, FixedBlocks, ResidualChange
 from .config import OmniConfig
 from .ops import Symbols
-from .state import OmniState, SiteRecord, last_state
+from .state import FlashOmniWarning, OmniState, SiteRecord, last_state
 from . import tune  # a module that is also callable: omni_compile.tune(model, generate, inputs, budget)
 from .tune import Budget, WorkModel
 

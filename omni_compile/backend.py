@@ -6,11 +6,19 @@ hands over (the torch-level graph: docs/design.md, "Backend and passes") it
 
 1. finds every SDPA call and classifies it (``passes.find_sites``, ``passes.classify``),
 2. walks back to the q/k/v projections and forward to the output projections (``passes.walk``),
-3. rewrites supported sites into the site ops (``passes.rewrite`` → ``omni_compile.runtime``),
+3. rewrites supported sites into the site ops (``passes.rewrite`` → ``omni_compile.runtime``) and gives the
+   graph a step clock if it takes the model's timestep,
 4. hands the graph to Inductor (``compile_fx``), or runs it as is with ``use_inductor=False``.
 
+A graph whose sizes Dynamo made symbolic (a recompile for another resolution or batch size with
+``dynamic=None``, or ``dynamic=True``) is specialised here instead: each new set of input shapes gets its
+own copy of the graph with those sizes, rewritten and compiled on its first call (as ``dynamic=False``
+would), so its sites still run sparse.
+
 Options (``torch.compile(..., options={...})``): any :class:`OmniConfig` field, or ``"state"`` (an
-:class:`OmniState`, whose config then applies). Unknown names raise ``ValueError`` before any work.
+:class:`OmniState`, whose config then applies). Unknown names raise ``ValueError`` before any work. Without
+``"state"`` every graph compiled with the same options (one ``torch.compile`` call: the graphs between graph
+breaks, recompiles) shares one state, reachable as :func:`omni_compile.last_state`.
 """
 
 from __future__ import annotations
@@ -22,16 +30,20 @@ from typing import Optional
 import torch
 from torch import fx
 
-from .config import OmniConfig
 from . import passes as P
 from . import runtime  # noqa: F401  (registers the site ops)
 from .block_cache import build_program
+from .config import OmniConfig
 from .passes import SiteOps, _fx
-from .state import OmniState, SiteRecord, set_last_state, summarize
+from .state import OmniState, SitePlan, set_last_state, summarize
 
 log = logging.getLogger("omni_compile")
 
 VALID_OPTIONS = OmniConfig.field_names() + ("state",)
+
+#: default states by the options dict of their torch.compile call (``id`` -> (options, state)); the dict is
+#: kept so its id is never reused while the entry exists
+_DEFAULT_STATES: dict = {}
 
 
 def _site_ops():
@@ -44,7 +56,9 @@ def _site_ops():
 
 
 def resolve_options(options: Optional[dict]) -> OmniState:
-    """Validate backend options and return the state to use (the user's, or a new one)."""
+    """Validate backend options and return the state to use: the user's, or the default state of these
+    options (one per options dict, so every graph of one ``torch.compile`` call shares it)."""
+    key = id(options)
     if options is None:
         options = {}
     if not isinstance(options, dict):
@@ -65,23 +79,40 @@ def resolve_options(options: Optional[dict]) -> OmniState:
                 "OmniConfig instead"
             )
         return state
-    return OmniState(OmniConfig(**opts))
+    hit = _DEFAULT_STATES.get(key)
+    if hit is None:
+        hit = _DEFAULT_STATES[key] = (options, OmniState(OmniConfig(**opts)))
+    return hit[1]
 
 
-def apply_passes(gm: fx.GraphModule, state: OmniState) -> list:
-    """Find, classify and rewrite the attention sites of ``gm`` in place; returns their records."""
+def _example(gm: fx.GraphModule, example_inputs, node: Optional[fx.Node]):
+    """The real tensor behind graph input ``node`` at compile time (a placeholder's example input, or the
+    attribute a ``get_attr`` reads), or None when only a fake one is known."""
+    t = None
+    if node is not None and node.op == "placeholder":
+        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        i = placeholders.index(node)
+        t = example_inputs[i] if i < len(example_inputs) else None
+    elif node is not None and node.op == "get_attr":
+        t = gm
+        for part in str(node.target).split("."):
+            t = getattr(t, part, None)
+    return t if isinstance(t, torch.Tensor) and not isinstance(t, torch._subclasses.FakeTensor) else None
 
+
+def apply_passes(gm: fx.GraphModule, state: OmniState, example_inputs=()) -> list:
+    """Find, classify and rewrite the attention sites of ``gm`` in place; returns the site records of the
+    modules that run them (made now where the identity weight's example input shows which module)."""
     cfg = state.config
+    graph_index = len(state.compiles)
     sites = P.find_sites(gm)
-    if not sites:
-        return []
-    text_len = P.text_length(gm)
+    text_len = P.text_length(gm) if sites else None
     grids: dict = {}
     plans = []
     claimed: dict = {}
     for site in sites:
-        rec = SiteRecord(name=site.name, batch=site.batch, heads=site.heads, head_dim=site.head_dim,
-                         seq_q=site.seq_q, seq_kv=site.seq_kv, mask=site.mask_kind)
+        plan = SitePlan(name=site.name, batch=site.batch, heads=site.heads, head_dim=site.head_dim,
+                        seq_q=site.seq_q, seq_kv=site.seq_kv, mask=site.mask_kind, graph=graph_index)
         walk = None
         if site.reject is None or site.heads:
             walk = P.SiteWalk()
@@ -99,108 +130,229 @@ def apply_passes(gm: fx.GraphModule, state: OmniState) -> list:
                     else:
                         claimed.update({n: site.name for n in lins})
         if walk is not None:
-            rec.kind, rec.segments, rec.kv_segments = P.classify(site, walk, text_len)
-            rec.q_projections = [(p.name, p.row_offset) for p in walk.q_projections]
-            rec.out_projections = [(p.name, p.row_offset, p.rows, p.col_offset) for p in walk.out_projections]
-            rec.out_features = {}
+            plan.kind, plan.segments, plan.kv_segments = P.classify(site, walk, text_len)
+            plan.q_projections = [(p.name, p.row_offset) for p in walk.q_projections]
+            plan.out_projections = [(p.name, p.row_offset, p.rows, p.col_offset) for p in walk.out_projections]
+            plan.out_features = {}
             for p in walk.out_projections:
                 w_shape = _fx.static_shape(_fx.linear_args(p.node)[1])
                 if w_shape is not None:
-                    rec.out_features[(p.row_offset, p.col_offset)] = (p.rows, w_shape[0])
+                    plan.out_features[(p.row_offset, p.col_offset)] = (p.rows, w_shape[0])
         else:
-            rec.kind = "cross" if site.seq_q != site.seq_kv else "self"
-            rec.segments = [("vision", 0, site.seq_q)]
-            rec.kv_segments = [("vision", 0, site.seq_kv)]
+            plan.kind = "cross" if site.seq_q != site.seq_kv else "self"
+            plan.segments = [("vision", 0, site.seq_q)]
+            plan.kv_segments = [("vision", 0, site.seq_kv)]
         if site.batch not in grids:
             grids[site.batch] = P.token_grid(gm, site.batch)
         grid = grids[site.batch]
-        if grid is not None and grid[0] * grid[1] * grid[2] == sum(b - a for m, a, b in rec.segments if m == "vision"):
-            rec.token_layout = grid
+        if grid is not None and grid[0] * grid[1] * grid[2] == sum(b - a for m, a, b in plan.segments if m == "vision"):
+            plan.token_layout = grid
         if site.reject is not None:
-            rec.reason = site.reject
+            plan.reason = site.reject
         elif not cfg.attention:
-            rec.reason = "attention rewriting disabled (OmniConfig.attention=False)"
-        if rec.reason is None:
-            rec.rewritten = True
-            rec.gemm_q = walk.gemm_q and cfg.gemm_q
-            rec.gemm_o = walk.gemm_o and cfg.gemm_o
-            rec.gemm_q_reason = walk.gemm_q_reason if not walk.gemm_q else (None if cfg.gemm_q else "disabled (OmniConfig.gemm_q=False)")
-            rec.gemm_o_reason = walk.gemm_o_reason if not walk.gemm_o else (None if cfg.gemm_o else "disabled (OmniConfig.gemm_o=False)")
+            plan.reason = "attention rewriting disabled (OmniConfig.attention=False)"
+        if plan.reason is None:
+            plan.rewritten = True
+            plan.gemm_q = walk.gemm_q and cfg.gemm_q
+            plan.gemm_o = walk.gemm_o and cfg.gemm_o
+            plan.gemm_q_reason = walk.gemm_q_reason if not walk.gemm_q else (None if cfg.gemm_q else "disabled (OmniConfig.gemm_q=False)")
+            plan.gemm_o_reason = walk.gemm_o_reason if not walk.gemm_o else (None if cfg.gemm_o else "disabled (OmniConfig.gemm_o=False)")
         else:
-            rec.gemm_q_reason = rec.gemm_o_reason = "site not rewritten"
-            log.debug("flashomni: site %s left dense: %s", rec.name, rec.reason)
-        plans.append((site, walk, state.register(rec)))
+            plan.gemm_q_reason = plan.gemm_o_reason = "site not rewritten"
+            log.debug("flashomni: site %s left dense: %s", plan.name, plan.reason)
+        ident = P.identity_weight(site, walk)
+        if ident is not None:
+            plan.identity = next((p.name for projs in (walk.q_projections, walk.k_projections, walk.v_projections)
+                                  for p in projs if _fx.linear_args(p.node)[1] is ident), None)
+        plans.append((site, walk, state.register(plan), ident))
 
     ops = _site_ops()
     clock = None
-    if any(rec.rewritten for _, _, rec in plans):
-        ts = P.timestep_input(gm)
-        if ts is not None:
-            clock = P.insert_clock(gm, ts, ops, state.id)
-        else:
-            log.debug("flashomni: graph has no timestep input; its sites follow the clock of another graph")
-    for site, walk, rec in plans:
-        if not rec.rewritten:
+    ts = P.timestep_input(gm) if cfg.attention else None
+    if ts is not None:
+        # every graph that takes the timestep places the model call, with sites or not: after a graph break
+        # the sites may sit in a later graph that never sees the timestep
+        clock = P.insert_clock(gm, ts, ops, state.id)
+    elif any(plan.rewritten for _, _, plan, _ in plans):
+        log.debug("flashomni: graph has no timestep input; its sites follow the clock of another graph")
+    records = []
+    for site, walk, plan, ident in plans:
+        example = _example(gm, example_inputs, ident)
+        if ident is None or example is not None:  # else the first call shows which module runs it
+            records.append(state.instance(plan, example.data_ptr() if example is not None else None))
+        if not plan.rewritten:
             continue
-        P.rewrite_attention(gm, site, ops, state.id, rec.site_id, clock)
-        if rec.gemm_q:
+        P.rewrite_attention(gm, site, ops, state.id, plan.plan_id, clock, ident)
+        if plan.gemm_q:
             for proj in walk.q_projections:
-                P.rewrite_linear_q(gm, proj, site, ops, state.id, rec.site_id, clock)
-        elif rec.gemm_q_reason:
-            log.debug("flashomni: site %s: no GEMM-Q: %s", rec.name, rec.gemm_q_reason)
-        if rec.gemm_o:
+                P.rewrite_linear_q(gm, proj, site, ops, state.id, plan.plan_id, clock, ident)
+        elif plan.gemm_q_reason:
+            log.debug("flashomni: site %s: no GEMM-Q: %s", plan.name, plan.gemm_q_reason)
+        if plan.gemm_o:
             for proj in walk.out_projections:
-                P.rewrite_linear_o(gm, proj, site, ops, state.id, rec.site_id, clock)
-        elif rec.gemm_o_reason:
-            log.debug("flashomni: site %s: no GEMM-O: %s", rec.name, rec.gemm_o_reason)
+                P.rewrite_linear_o(gm, proj, site, ops, state.id, plan.plan_id, clock, ident)
+        elif plan.gemm_o_reason:
+            log.debug("flashomni: site %s: no GEMM-O: %s", plan.name, plan.gemm_o_reason)
+    if clock is not None and not clock.users:
+        P.keep_alive(gm, clock)
     gm.graph.lint()
     gm.recompile()
-    return [rec for _, _, rec in plans]
+    return records
+
+
+_SYMBOLIC = (torch.SymInt, torch.SymFloat, torch.SymBool)
+
+
+def _symbolic(gm: fx.GraphModule) -> bool:
+    """Whether Dynamo traced ``gm`` with symbolic values: sizes (a recompile with ``dynamic=None``,
+    ``dynamic=True``) or numbers it lifted to inputs (``dynamic=True`` makes Python floats, e.g. a dropout
+    probability, 0-dim tensor inputs read back with ``.item()``)."""
+    for n in gm.graph.nodes:
+        v = _fx.example(n)
+        if isinstance(v, _SYMBOLIC) or (isinstance(v, torch.Tensor) and any(isinstance(d, torch.SymInt) for d in v.shape)):
+            return True
+    return False
+
+
+def _scalar_inputs(gm: fx.GraphModule) -> list:
+    """Positions of the 0-dim tensor inputs the graph only reads back as numbers (``.item()``): their values
+    are part of a specialisation (the passes check them, e.g. a dropout probability of 0)."""
+    out = []
+    for i, n in enumerate(x for x in gm.graph.nodes if x.op == "placeholder"):
+        v = _fx.example(n)
+        if (isinstance(v, torch.Tensor) and v.dim() == 0 and n.users
+                and all(u.op == "call_method" and u.target == "item" for u in n.users)):
+            out.append(i)
+    return out
 
 
 def flashomni(gm: fx.GraphModule, example_inputs, options: Optional[dict] = None, mode: Optional[str] = None):
     """torch.compile backend: rewrite attention sites into the FlashOmni ops, then compile with Inductor."""
     state = resolve_options(options)
     set_last_state(state)
+    if _symbolic(gm):
+        return _ShapeSpecialized(gm, state, mode)
+    return _compile(gm, example_inputs, state, mode)
+
+
+def _compile(gm: fx.GraphModule, example_inputs, state: OmniState, mode: Optional[str]):
+    """Rewrite and compile one graph of static shapes; returns the callable Dynamo runs."""
     t0 = time.perf_counter()
-    records = apply_passes(gm, state)
+    n_out = _output_count(gm)
+    records = apply_passes(gm, state, example_inputs)
+    kept_clock = _output_count(gm) != n_out  # the clock's token is an extra output: stripped below
     t_pass = time.perf_counter() - t0
-    if records:
-        log.info("flashomni: %s", summarize(records))
+    graph = len(state.compiles)
+    plans = [p for p in state.plans if p.graph == graph]
+    if plans:
+        log.info("flashomni: %s", summarize(plans))
     else:
         log.info("flashomni: no attention sites; graph left unchanged (compiled as with Inductor)"
                  if state.config.use_inductor else "flashomni: no attention sites; graph left unchanged")
-    entry = {"sites": len(records), "rewritten": sum(r.rewritten for r in records), "pass_seconds": t_pass}
+    entry = {"sites": len(plans), "rewritten": sum(p.rewritten for p in plans), "pass_seconds": t_pass}
     state.compiles.append(entry)
+    compiled = None
     if state.config.block_cache is not None:
-        program = _block_program(gm, state, records, mode, entry)
-        if program is not None:
-            return program
-    if not state.config.use_inductor:
+        compiled = _block_program(gm, state, records, mode, entry)
+    if compiled is None and not state.config.use_inductor:
         compiled = gm.forward
         entry["compile_seconds"] = t_pass
-    else:
-        from torch._inductor.compile_fx import compile_fx
+    elif compiled is None:
+        from torch._inductor.compile_fx import compile_fx  # Inductor's import costs seconds: only when used
 
-        patches = None
-        if mode and mode != "default":
-            patches = torch._inductor.list_mode_options(mode)
+        patches = torch._inductor.list_mode_options(mode) if mode and mode != "default" else None
         t1 = time.perf_counter()
         compiled = compile_fx(gm, example_inputs, config_patches=patches) if patches else compile_fx(gm, example_inputs)
         entry["compile_seconds"] = t_pass + time.perf_counter() - t1
+    checked = []
 
     def run(*args):
-        return compiled(*args)
+        out = compiled(*args)
+        if not checked:
+            checked.append(True)
+            _check_first_call(state, graph)
+        if kept_clock:
+            out = out[:-1]
+        return out
 
     run._omni_state = state  # keeps the state (looked up by id in the site ops) alive with the graph
     return run
+
+
+def _output_count(gm: fx.GraphModule) -> int:
+    out = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+    (value,) = out.args
+    return len(value) if isinstance(value, (tuple, list)) else 1
+
+
+class _ShapeSpecialized:
+    """The runner of a graph Dynamo traced with symbolic sizes: one static-shape copy per set of input shapes
+    (and symbolic-int values), rewritten and compiled on its first call (``_compile``)."""
+
+    def __init__(self, gm: fx.GraphModule, state: OmniState, mode: Optional[str]):
+        self.gm, self.state, self.mode = gm, state, mode
+        self.compiled: dict = {}
+        self.scalars = _scalar_inputs(gm)
+        self._omni_state = state
+
+    def __call__(self, *args):
+        key = tuple(tuple(a.shape) if isinstance(a, torch.Tensor) else a for a in args)
+        key += tuple(float(args[i]) for i in self.scalars)
+        fn = self.compiled.get(key)
+        if fn is None:
+            fn = self.compiled[key] = _compile(_specialize(self.gm, args), list(args), self.state, self.mode)
+            self.state.compiles[-1]["specialized"] = key
+        return fn(*args)
+
+
+def _specialize(gm: fx.GraphModule, args) -> fx.GraphModule:
+    """A copy of ``gm`` whose nodes' example values have the concrete sizes of ``args`` (the passes read
+    shapes from them), found by running the graph once on ``args`` (fake propagation cannot follow the
+    ``.item()`` calls models make on constant tensors) and keeping a storage-free fake of each value. The
+    graph itself still computes its sizes at run time, which now agree."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils._pytree import tree_map
+
+    graph = fx.Graph()
+    graph.output(graph.graph_copy(gm.graph, {}))
+    copy = fx.GraphModule(gm, graph)
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+
+    def fake(v):
+        return mode.from_tensor(v, static_shapes=True) if isinstance(v, torch.Tensor) else v
+
+    class Recorder(fx.Interpreter):
+        def run_node(self, n):
+            out = super().run_node(n)
+            if n.op != "output":
+                n.meta["example_value"] = tree_map(fake, out)
+            return out
+
+    with torch.no_grad():
+        Recorder(copy).run(*args)
+    return copy
+
+
+def _check_first_call(state: OmniState, graph: int) -> None:
+    """After a graph's first call: warn when none of its attention sites can run sparse, naming each site
+    and why (``state.sites`` and ``state.report()`` say the same)."""
+    records = [r for r in state.sites if r.plan.graph == graph]
+    if not records or state.config.policy == "dense" or not state.config.attention:  # dense by the user's choice
+        return
+    if any(r.rewritten and not r.runtime_reason for r in records):
+        return
+    reasons = "; ".join(f"{r.name}: {r.reason or r.runtime_reason}" for r in records[:8])
+    more = f" (and {len(records) - 8} more)" if len(records) > 8 else ""
+    hint = f" {runtime.NO_CLOCK_HINT}" if any(r.runtime_reason == runtime.NO_CLOCK for r in records) else ""
+    state.warn_once(("no sparse site", graph),
+                    f"flashomni: none of the {len(records)} attention sites of this graph can run sparse, so it "
+                    f"runs dense: {reasons}{more}.{hint}")
 
 
 def _block_program(gm: fx.GraphModule, state: OmniState, records: list, mode: Optional[str], entry: dict):
     """Block caching on: split ``gm`` at block borders and return the runner of its regions
     (``omni_compile.block_cache``), each region compiled with Inductor on its first run (or run as FX with
     ``use_inductor=False``); None when the graph has no blocks or no step clock (it is then compiled whole)."""
-
     t0 = time.perf_counter()
     cfg = state.config
     patches = torch._inductor.list_mode_options(mode) if mode and mode != "default" else None
@@ -222,4 +374,3 @@ def _block_program(gm: fx.GraphModule, state: OmniState, records: list, mode: Op
     # with Inductor each region adds its compile time on its first run (BlockProgram._run)
     entry["compile_seconds"] = entry["pass_seconds"] + entry["split_seconds"]
     return program
-

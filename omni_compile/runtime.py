@@ -88,14 +88,16 @@ def step_clock(timestep: torch.Tensor, state: int) -> torch.Tensor:
     filled on the device (a host-to-device copy from pageable memory would wait for the GPU as well)."""
     st = get_state(state)
     cfg = st.config
-    gen = st.clock.generation
-    if cfg.steps is None:
-        pos = st.clock.tick(float(timestep.reshape(-1)[0]) if timestep.numel() else 0.0)
+    if st._hook_tick:  # an attached model's forward hook placed this call already (OmniState.attach)
+        st._hook_tick = False
+    elif cfg.steps is None:
+        st.tick(timestep)
     else:
+        gen = st.clock.generation
         pos = st.clock.tick_counted(cfg.steps, cfg.streams)
         _check_timestep_later(st.clock, pos, timestep)
-    if pos.generation != gen:
-        st.new_generation()
+        if pos.generation != gen:
+            st.new_generation()
     return torch.zeros(3, dtype=torch.int64, device=timestep.device)
 
 
@@ -125,6 +127,13 @@ def _(timestep, state):
 
 # ---- where a site stands -------------------------------------------------------------------------
 
+NO_CLOCK = ("no timestep reached the runtime (no compiled graph takes the model's timestep input), so steps "
+            "and CFG streams cannot be told apart: sites run dense")
+NO_CLOCK_HINT = ("Where only parts of the model are compiled (diffusers' compile_repeated_blocks), call "
+                 "state.attach(model) so the model's calls place the steps (docs/runtime.md, \"Graphs, modules and shapes\").")
+SHARED = ("one compiled site runs several modules and no weight tells them apart, so their caches would mix: "
+          "dense")
+
 
 def stream_for(state, site: SiteRecord, batch: int, seq_q: int) -> Optional[SiteStream]:
     """The site's stream state for the current model call, with this step's action decided (once per
@@ -133,6 +142,8 @@ def stream_for(state, site: SiteRecord, batch: int, seq_q: int) -> Optional[Site
     cfg, policy = site_policy(state, site)
     if policy.name == "dense" or site.site_id in state.passive_sites:
         return None  # passive: inside a block that block caching skips on every dispatch step
+    if site.shared:
+        return None
     fell = _policy_fallbacks(state).get(site.site_id)
     if fell is not None:
         site.runtime_reason = fell
@@ -140,8 +151,7 @@ def stream_for(state, site: SiteRecord, batch: int, seq_q: int) -> Optional[Site
         return None
     pos = state.clock.position
     if pos is None:
-        site.runtime_reason = ("no timestep reached the runtime (no compiled graph takes a 'timestep' input), "
-                               "so steps and CFG streams cannot be told apart: dense")
+        site.runtime_reason = NO_CLOCK
         return None
     return place_stream(site.streams, (pos.stream, batch, seq_q), SiteStream, pos, cfg,
                         ready=lambda ss: ss.symbols is not None)
@@ -170,20 +180,19 @@ def _cache_estimate(state, site: SiteRecord, batch: int, heads: int, seq_q: int,
     return (D + 1) * batch * heads * seq_q * head_dim * itemsize + batch * heads * seq_q
 
 
-def _layout(state, site: SiteRecord, device, kv_segments=None, seq_kv=None):
+def _layout(state, plan, device, kv_segments=None, seq_kv=None):
     """``(q_text [nQ], kv_text [nK], text query blocks, text key blocks)`` of a site, cached.
     ``kv_segments`` / ``seq_kv`` describe the keys actually attended when a key-padding mask dropped some
     (see :func:`omni_compile.masks.kept_keys`)."""
-
-    kv_segments = site.kv_segments if kv_segments is None else kv_segments
-    seq_kv = site.seq_kv if seq_kv is None else seq_kv
+    kv_segments = plan.kv_segments if kv_segments is None else kv_segments
+    seq_kv = plan.seq_kv if seq_kv is None else seq_kv
     cache = state.__dict__.setdefault("_layouts", {})
-    key = (site.site_id, str(device), state.config.block_q, state.config.block_kv, seq_kv, tuple(kv_segments))
+    key = (plan.plan_id, str(device), state.config.block_q, state.config.block_kv, seq_kv, tuple(kv_segments))
     hit = cache.get(key)
     if hit is None:
         cfg = state.config
         # built on the host, so the text-block counts are read there, before the masks go to the device
-        q_text = block_text_mask(site.segments, site.seq_q, cfg.block_q)
+        q_text = block_text_mask(plan.segments, plan.seq_q, cfg.block_q)
         kv_text = block_text_mask(kv_segments, seq_kv, cfg.block_kv)
         hit = cache[key] = (q_text.to(device), kv_text.to(device), int(q_text.sum()), int(kv_text.sum()))
     return hit
@@ -208,14 +217,14 @@ def site_policy(state, site: SiteRecord):
     """``(effective OmniConfig, policy object)`` of a site: ``config.for_site(site.name)`` (per-site
     overrides) and its resolved policy, computed once per site and config (cached on the state)."""
     cache = state.__dict__.setdefault("_site_policies", {})
-    hit = cache.get(site.site_id)
+    hit = cache.get((site.site_id, site.name))
     if hit is None or hit[0] is not state.config:
 
         if hit is not None and hit[0] is not state.config:
             cache.clear()
             _policy_fallbacks(state).clear()
         cfg = state.config.for_site(site.name)
-        hit = cache[site.site_id] = (state.config, cfg, resolve_policy(cfg.policy))
+        hit = cache[(site.site_id, site.name)] = (state.config, cfg, resolve_policy(cfg.policy))
     return hit[1], hit[2]
 
 
@@ -273,7 +282,7 @@ def make_symbols(state, site: SiteRecord, q, k, scale, step: int, timestep: floa
     cfg, policy = site_policy(state, site)
     B, H, Sq, _ = q.shape
     Skv = k.shape[2]
-    q_text, kv_text, n_text, n_text_kv = _layout(state, site, q.device, kv_segments,
+    q_text, kv_text, n_text, n_text_kv = _layout(state, site.plan, q.device, kv_segments,
                                                  Skv if kv_segments is not None else None)
     scores = square = None
     if policy.needs_scores:
@@ -342,8 +351,16 @@ def _dense_linear(state, x, weight, bias, head_dim, row_offset, seq_q, kind):
 
 
 def run_attention(state, site: SiteRecord, q, k, v, mask, scale):
-
     site.calls += 1
+    ticks = state.clock.ticks
+    if ticks and site.last_tick == ticks and site.key[1] is None and not site.shared:
+        # a second attention call in one model call: several modules run this site and no weight tells them
+        # apart, so their caches would mix
+        site.shared = True
+        site.runtime_reason = SHARED
+        site.streams.clear()
+        state.warn_once(("shared", site.name), f"flashomni: site {site.name}: {SHARED}")
+    site.last_tick = ticks
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     B, H, Sq, D = q.shape
     Skv = k.shape[2]
@@ -440,7 +457,7 @@ def _run_attention_dense(state, site: SiteRecord, q, k, v, mask, scale):
     return out
 
 
-@site_op("site_attention(Tensor q, Tensor k, Tensor v, Tensor? mask, int state, int site, float? scale, Tensor? clock=None) -> Tensor")
+@site_op("site_attention(Tensor q, Tensor k, Tensor v, Tensor? mask, int state, int site, float? scale, Tensor? clock=None, Tensor? ident=None) -> Tensor")
 def site_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -450,12 +467,20 @@ def site_attention(
     site: int,
     scale: Optional[float],
     clock: Optional[torch.Tensor] = None,
+    ident: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Attention of one rewritten site: the step's action and the stream's symbols decide the work done.
     The output is laid out heads-inner (``[B, S, H, D]`` in memory), as the fake kernel says: the model
-    reads it back as ``out.transpose(1, 2).flatten(2)``, which is then a view, not a copy."""
+    reads it back as ``out.transpose(1, 2).flatten(2)``, which is then a view, not a copy. ``site`` is the
+    plan id; ``ident`` the weight that tells the module running it apart (``site_record``)."""
     st = get_state(state)
-    return _heads_inner(run_attention(st, st.site(site), q, k, v, mask, scale))
+    return _heads_inner(run_attention(st, site_record(st, site, ident), q, k, v, mask, scale))
+
+
+def site_record(st, plan_id: int, ident: Optional[torch.Tensor]) -> SiteRecord:
+    """The module running plan ``plan_id`` in this call: one record per identity weight (its storage), so
+    a graph that several modules run (regional compilation) keeps their caches apart."""
+    return st.instance(st.plans[plan_id], None if ident is None else ident.data_ptr())
 
 
 def _heads_inner(out: torch.Tensor) -> torch.Tensor:
@@ -470,7 +495,7 @@ def _heads_inner(out: torch.Tensor) -> torch.Tensor:
 
 
 @site_attention.register_fake
-def _(q, k, v, mask, state, site, scale, clock=None):
+def _(q, k, v, mask, state, site, scale, clock=None, ident=None):
 
     B, H, Sq, _ = q.shape
     return heads_inner_empty(B, H, Sq, v.shape[-1], q)
@@ -479,7 +504,7 @@ def _(q, k, v, mask, state, site, scale, clock=None):
 # ---- GEMM-Q -------------------------------------------------------------------------------------
 
 
-@site_op("site_linear_q(Tensor x, Tensor weight, Tensor? bias, int state, int site, int row_offset, int seq_q, int head_dim, Tensor? clock=None) -> Tensor")
+@site_op("site_linear_q(Tensor x, Tensor weight, Tensor? bias, int state, int site, int row_offset, int seq_q, int head_dim, Tensor? clock=None, Tensor? ident=None) -> Tensor")
 def site_linear_q(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -490,11 +515,11 @@ def site_linear_q(
     seq_q: int,
     head_dim: int,
     clock: Optional[torch.Tensor] = None,
+    ident: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """q projection of a site: on dispatch steps skips the (query block, head) tiles its symbols reuse."""
-
     st = get_state(state)
-    rec = st.site(site)
+    rec = site_record(st, site, ident)
     rec.linear_q_calls += 1
     ss = stream_for(st, rec, x.shape[0], seq_q)
     if ss is not None and ss.action == DISPATCH:
@@ -506,14 +531,14 @@ def site_linear_q(
 
 
 @site_linear_q.register_fake
-def _(x, weight, bias, state, site, row_offset, seq_q, head_dim, clock=None):
+def _(x, weight, bias, state, site, row_offset, seq_q, head_dim, clock=None, ident=None):
     return x.new_empty(x.shape[0], x.shape[1], weight.shape[0])
 
 
 # ---- GEMM-O -------------------------------------------------------------------------------------
 
 
-@site_op("site_linear_o(Tensor a, Tensor weight, Tensor? bias, int state, int site, int row_offset, int col_offset, int seq_q, int head_dim, Tensor? clock=None) -> Tensor")
+@site_op("site_linear_o(Tensor a, Tensor weight, Tensor? bias, int state, int site, int row_offset, int col_offset, int seq_q, int head_dim, Tensor? clock=None, Tensor? ident=None) -> Tensor")
 def site_linear_o(
     a: torch.Tensor,
     weight: torch.Tensor,
@@ -525,13 +550,13 @@ def site_linear_o(
     seq_q: int,
     head_dim: int,
     clock: Optional[torch.Tensor] = None,
+    ident: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Output projection of a site over its heads (columns ``col_offset:col_offset+H*D`` of ``weight``):
     on dispatch steps reduces over computed heads only and adds the forecast cache bias of reused ones."""
-
     st = get_state(state)
     cfg = st.config
-    rec = st.site(site)
+    rec = site_record(st, site, ident)
     rec.linear_o_calls += 1
     width = a.shape[-1]
     w = weight if (col_offset == 0 and weight.shape[1] == width) else weight[:, col_offset:col_offset + width]
@@ -582,5 +607,5 @@ def _keep_a(ss: SiteStream, key, factors) -> None:
 
 
 @site_linear_o.register_fake
-def _(a, weight, bias, state, site, row_offset, col_offset, seq_q, head_dim, clock=None):
+def _(a, weight, bias, state, site, row_offset, col_offset, seq_q, head_dim, clock=None, ident=None):
     return a.new_empty(a.shape[0], a.shape[1], weight.shape[0])

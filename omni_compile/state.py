@@ -1,28 +1,39 @@
 """``OmniState``: the attention sites of compiled graphs and everything they carry across steps.
 
 A state is made by the user (``OmniState(OmniConfig(...))`` passed as ``options={"state": state}``) or by
-the backend (reachable with :func:`omni_compile.last_state`). The rewritten graphs name a state and a
-site by integer ids (``state_id``, ``site_id``); the site ops look both up here at run time, so symbols,
-caches and step counters live in Python/device memory owned by the state, never as graph constants —
-one compiled graph serves every denoising step without recompiling.
+the backend (one default state per set of options, shared by every graph compiled with them, reachable
+with :func:`omni_compile.last_state`). The rewritten graphs name a state and a site plan by integer ids
+(``state_id``, ``plan_id``); the site ops look both up here at run time, so symbols, caches and step
+counters live in Python/device memory owned by the state, never as graph constants — one compiled graph
+serves every denoising step without recompiling.
 
-Site records are keyed by name (module path): compiling the same model again (a recompile, a graph
-break) reuses the record and its id.
+Two kinds of site objects:
+
+* a :class:`SitePlan` is what the passes found for one attention call of one compiled graph (kind,
+  token segments, GEMM-Q / GEMM-O, shapes). Every compile adds its own plans: graphs of the same model
+  for other resolutions, batch sizes or after a recompile never overwrite each other's;
+* a :class:`SiteRecord` is one attention *module* at run time (what ``state.sites`` lists): its streams,
+  caches and counters, and the plan of the graph that ran it last. A module is known by its site name and
+  the storage of its q projection's weight, which the ops receive as an argument: graphs that share code
+  between modules (regional compilation, where every transformer block runs one compiled graph) still
+  give each module its own record, and two models on one state keep their caches apart.
 """
 
 from __future__ import annotations
 
 import itertools
 import threading
+import warnings
 import weakref
 from dataclasses import dataclass, field
 from typing import Optional
+
+import torch
 
 from .config import OmniConfig
 from .ops import Symbols
 from .report import Report, build_report
 from .schedule import StepClock
-
 
 _IDS = itertools.count(1)
 _STATES: "weakref.WeakValueDictionary[int, OmniState]" = weakref.WeakValueDictionary()
@@ -30,12 +41,21 @@ _LAST: Optional["OmniState"] = None
 _LOCK = threading.Lock()
 
 
+#: Argument names a model's timestep goes by (:meth:`OmniState.attach`).
+TIMESTEP_NAMES = ("timestep", "timesteps", "t", "sigma", "sigmas")
+
+
+class FlashOmniWarning(UserWarning):
+    """What the backend warns about: sites that cannot run sparse, settings that match nothing. Filter
+    them with ``warnings.filterwarnings("ignore", category=omni_compile.FlashOmniWarning)``."""
+
+
 @dataclass
-class SiteRecord:
-    """One attention site: what the passes found and did, and its run-time state."""
+class SitePlan:
+    """What the passes found for one attention call of one compiled graph (static: it never changes)."""
 
     name: str
-    """Module path of the attention module (``transformer_blocks.3.attn``)."""
+    """Module path of the attention module (``transformer_blocks.3.attn``), relative to the compiled module."""
     kind: str = "self"
     """``"joint"`` (text+vision in one sequence), ``"self"`` or ``"cross"`` (keys from other tokens)."""
     rewritten: bool = False
@@ -62,32 +82,64 @@ class SiteRecord:
     """``(module path, row_offset, rows, col_offset)`` of each output projection found."""
     out_features: dict = field(default_factory=dict)
     """``(row_offset, col_offset) -> (rows, out_features)`` of each GEMM-O projection (cache sizing)."""
-    site_id: int = -1
-    # ---- run-time state ----
-    calls: int = 0
-    """Attention calls run through the site op."""
-    linear_q_calls: int = 0
-    linear_o_calls: int = 0
-    fallbacks: int = 0
-    """Calls that fell back to dense PyTorch attention (mask the ops cannot express)."""
-    symbols: object = None
-    """Symbols of the latest attention call (``omni_compile.ops.Symbols``)."""
-    streams: dict = field(default_factory=dict)
-    """Run-time state per stream: ``(stream, batch, seq_q) -> SiteStream`` (see ``omni_compile.runtime``)."""
-    runtime_reason: Optional[str] = None
-    """Why the runtime ran this site dense although the policy is sparse (None when it did not)."""
     token_layout: Optional[tuple] = None
     """``(frames, height, width)`` of the vision tokens as the passes inferred it from a conv patch
     embedding (None when the model does not show it; ``OmniConfig.token_layout`` then supplies it)."""
-
-    def adopt(self, old: "SiteRecord") -> None:
-        """Take over the run-time state of the record this one replaces (a recompile of the same site)."""
-        for f in ("calls", "linear_q_calls", "linear_o_calls", "fallbacks", "symbols", "streams", "runtime_reason"):
-            setattr(self, f, getattr(old, f))
+    identity: Optional[str] = None
+    """The projection whose weight tells modules apart at run time (``"…to_q"``); None: the site name alone."""
+    plan_id: int = -1
+    graph: int = -1
+    """Index of the compile (``OmniState.compiles``) that made this plan."""
 
     @property
     def text_tokens(self) -> int:
         return sum(b - a for m, a, b in self.segments if m == "text")
+
+
+class SiteRecord:
+    """One attention module at run time: its :class:`SitePlan` (the latest graph's; every static field of
+    the plan reads through, e.g. ``record.kind``) and its run-time state."""
+
+    def __init__(self, name: str, plan: SitePlan, key: tuple, site_id: int):
+        self.name = name
+        """Module path (the plan's name, or the module's path in the model given to
+        :meth:`OmniState.attach`; ``name[k]`` for the k-th module a shared graph ran)."""
+        self.plan = plan
+        self.key = key
+        """``(plan name, storage of the identity weight)``: how the state finds this module."""
+        self.site_id = site_id
+        """Index in ``OmniState.sites``."""
+        self.calls = 0
+        """Attention calls run through the site op."""
+        self.linear_q_calls = 0
+        self.linear_o_calls = 0
+        self.fallbacks = 0
+        """Calls that fell back to dense PyTorch attention (mask the ops cannot express)."""
+        self.symbols = None
+        """Symbols of the latest attention call (``omni_compile.ops.Symbols``)."""
+        self.streams: dict = {}
+        """Run-time state per stream: ``(stream, batch, seq_q) -> SiteStream`` (see ``omni_compile.runtime``)."""
+        self.runtime_reason: Optional[str] = None
+        """Why the runtime ran this site dense although the policy is sparse (None when it did not)."""
+        self.last_tick = -1
+        """The clock tick of this module's latest attention call (a second call in one tick means two modules
+        share it, which the runtime then runs dense)."""
+        self.shared = False
+        """Several modules run this record (no identity weight tells them apart): it runs dense."""
+
+    def __getattr__(self, attr):
+        # the plan's static fields (kind, segments, gemm_o, ...) read through
+        if attr.startswith("__") or attr == "plan":
+            raise AttributeError(attr)
+        return getattr(self.plan, attr)
+
+    def reset(self) -> None:
+        self.calls = self.linear_q_calls = self.linear_o_calls = self.fallbacks = 0
+        self.symbols = None
+        self.streams = {}
+        self.runtime_reason = None
+        self.last_tick = -1
+        self.shared = False
 
     def __repr__(self) -> str:
         flags = []
@@ -96,6 +148,8 @@ class SiteRecord:
         if self.gemm_o:
             flags.append("GEMM-O")
         status = ("rewritten " + "+".join(flags)) if self.rewritten else f"dense ({self.reason})"
+        if self.rewritten and self.runtime_reason:
+            status += f", at run time: {self.runtime_reason}"
         return f"<site {self.site_id} {self.name} {self.kind}: {status}>"
 
 
@@ -187,7 +241,6 @@ class OmniState:
     """Sites, symbols and caches of one compiled model (see the module docstring)."""
 
     def __init__(self, config: Optional[OmniConfig] = None):
-
         if config is None:
             config = OmniConfig()
         if not isinstance(config, OmniConfig):
@@ -196,7 +249,10 @@ class OmniState:
         self.config = config
         self.id = next(_IDS)
         self.sites: list = []
-        self._by_name: dict = {}
+        """One :class:`SiteRecord` per attention module seen (compiled, or first run)."""
+        self._by_key: dict = {}
+        self.plans: list = []
+        """Every :class:`SitePlan` of every compiled graph, by ``plan_id``."""
         self.compiles: list = []
         """One dict per backend call: sites found/rewritten, pass and compile seconds."""
         self._dense_symbols: dict = {}
@@ -211,34 +267,108 @@ class OmniState:
         self.passive_sites: frozenset = frozenset()
         """Ids of the sites that run dense in the current model call whatever the step (set by the block
         runner around a block that block caching skips on every dispatch step)."""
+        self._names: dict = {}
+        """Weight storage -> module path, from :meth:`attach` (names the modules of shared graphs)."""
+        self._hook_tick = False
+        """An attached model's forward hook placed the current call (the graphs' own clocks then skip it)."""
+        self._warned: set = set()
         _STATES[self.id] = self
 
     # ---- sites ----------------------------------------------------------------------------------
-    def register(self, record: SiteRecord) -> SiteRecord:
-        """Add a site (or refresh the record of the same name, keeping its run-time state) and return the
-        stored record."""
-        return _register(self.sites, self._by_name, record, "site_id")
+    def register(self, plan: SitePlan) -> SitePlan:
+        """Add a compiled graph's site plan; returns it with its ``plan_id``."""
+        plan.plan_id = len(self.plans)
+        self.plans.append(plan)
+        return plan
+
+    def instance(self, plan: SitePlan, storage: Optional[int] = None) -> SiteRecord:
+        """The module that runs ``plan`` with identity weight at ``storage`` (its data pointer; None: the plan
+        has no identity weight, and its name alone tells modules apart), made on first sight."""
+        key = (plan.name, storage)
+        rec = self._by_key.get(key)
+        if rec is None:
+            name = self._names.get(storage) or plan.name
+            taken = sum(1 for r in self.sites if r.key[0] == plan.name)
+            if taken and name == plan.name:
+                name = f"{plan.name}[{taken}]"
+            rec = SiteRecord(name, plan, key, len(self.sites))
+            self.sites.append(rec)
+            self._by_key[key] = rec
+        rec.plan = plan
+        return rec
 
     def site(self, key) -> SiteRecord:
         """A site by id (int) or name (str)."""
         if isinstance(key, int):
             return self.sites[key]
-        return self._by_name[key]
+        for rec in self.sites:
+            if rec.name == key:
+                return rec
+        raise KeyError(key)
 
     def reset(self) -> None:
         """Forget run-time state (symbols, caches, counters, the clock, the history): the next call starts
         a new generation from a dense step. The sites found at compile time stay."""
         for s in self.sites:
-            s.calls = s.linear_q_calls = s.linear_o_calls = s.fallbacks = 0
-            s.symbols = None
-            s.streams = {}
-            s.runtime_reason = None
+            s.reset()
         self._dense_symbols.clear()
         self.passive_sites = frozenset()
         self.clock.reset()
         self.history = []
+        self._hook_tick = False
         for b in self.blocks:
             b.reset()
+
+    # ---- the clock ------------------------------------------------------------------------------
+    def attach(self, model):
+        """Place every call of ``model`` in the denoising loop from its ``timestep`` argument, and name the
+        modules of graphs it runs by their paths in ``model``: what a model whose blocks alone are compiled
+        needs (diffusers' ``compile_repeated_blocks``: no compiled graph sees the timestep, and one graph runs
+        every block). A forward pre-hook reads the timestep on the host (one device sync per call, as the
+        graphs' own clock does). Returns the hook's handle (``handle.remove()`` detaches)."""
+        import inspect
+
+        from torch import nn
+
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"OmniState.attach needs an nn.Module, got {type(model).__name__}")
+        params = list(inspect.signature(model.forward).parameters)
+        names = [n for n in TIMESTEP_NAMES if n in params]
+        if not names:
+            raise ValueError(f"OmniState.attach: {type(model).__name__}.forward takes none of {TIMESTEP_NAMES}; "
+                             f"its arguments are {params}")
+        arg, pos = names[0], params.index(names[0])
+        for mod_name, mod in model.named_modules():
+            for leaf, p in mod.named_parameters(recurse=False):
+                if leaf == "weight":
+                    self._names[p.data_ptr()] = mod_name.rsplit(".", 1)[0] if "." in mod_name else mod_name
+        for rec in self.sites:  # modules already seen take their paths
+            path = self._names.get(rec.key[1])
+            if path:
+                rec.name = path
+
+        def tick(module, args, kwargs):
+            t = kwargs.get(arg, args[pos] if pos < len(args) else None)
+            if t is not None:
+                self.tick(t)
+                self._hook_tick = True
+
+        return model.register_forward_pre_hook(tick, with_kwargs=True)
+
+    def tick(self, timestep) -> None:
+        """Place a model call from its timestep (a tensor or number; the first value counts)."""
+        gen = self.clock.generation
+        if isinstance(timestep, torch.Tensor):
+            timestep = float(timestep.reshape(-1)[0]) if timestep.numel() else 0.0
+        pos = self.clock.tick(float(timestep))
+        if pos.generation != gen:
+            self.new_generation()
+
+    def warn_once(self, key, message: str) -> None:
+        """One :class:`FlashOmniWarning` per ``key`` and state."""
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(message, FlashOmniWarning, stacklevel=3)
 
     def configure(self, **changes) -> "OmniState":
         """Change the config without recompiling: ``state.configure(policy="topk", interval=3)``. The
@@ -273,6 +403,7 @@ class OmniState:
         without bound."""
         for s in self.sites:
             s.streams = {}
+            s.last_tick = -1
         for b in self.blocks:
             b.streams = {}
         if self.history:

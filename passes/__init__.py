@@ -11,11 +11,12 @@ This package knows no sparsity strategy and no runtime: the ops to rewrite into 
 
 from .classify import classify, text_length, timestep_input, token_grid
 from .find_sites import SKIP_COUNTS, AttentionSite, find_sites
-from .rewrite import SiteOps, insert_clock, rewrite_attention, rewrite_linear_o, rewrite_linear_q
+from .rewrite import (SiteOps, identity_weight, insert_clock, keep_alive, rewrite_attention, rewrite_linear_o,
+                      rewrite_linear_q)
 from .walk import OutProjection, Projection, SiteWalk, walk_kv, walk_out, walk_q
 
 __all__ = [
     "AttentionSite", "find_sites", "SKIP_COUNTS", "Projection", "OutProjection", "SiteWalk", "walk_q",
-    "walk_kv", "walk_out", "classify", "text_length", "timestep_input", "token_grid", "SiteOps", "insert_clock", "rewrite_attention", "rewrite_linear_q",
-    "rewrite_linear_o",
+    "walk_kv", "walk_out", "classify", "text_length", "timestep_input", "token_grid", "SiteOps", "identity_weight",
+    "insert_clock", "keep_alive", "rewrite_attention", "rewrite_linear_q", "rewrite_linear_o",
 ]

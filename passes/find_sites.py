@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 from torch import fx
 
-from ._fx import is_sdpa, module_path, sdpa_args, static_shape, tensor_meta
+from ._fx import example, is_sdpa, module_path, sdpa_args, static_shape, tensor_meta
 
 log = logging.getLogger("omni_compile.passes")
 
@@ -82,7 +82,7 @@ def find_sites(gm: fx.GraphModule) -> list:
         names[name] += 1
         if names[name] > 1:  # one module running attention twice: keep names unique
             name = f"{name}#{names[name] - 1}"
-        scale = a.get("scale")
+        scale = _number(a.get("scale"))
         site = AttentionSite(node, name, a["query"], a["key"], a["value"], a.get("attn_mask"),
                              scale if isinstance(scale, (int, float)) else None)
         site.reject = _check(site, a)
@@ -93,10 +93,21 @@ def find_sites(gm: fx.GraphModule) -> list:
     return sites
 
 
+def _number(v):
+    """``v``, or the plain number a graph node holds (a value the graph reads back, e.g. ``p.item()``, whose
+    example value the backend made concrete); the node itself when its value is not known."""
+    if isinstance(v, fx.Node):
+        ev = example(v)
+        if isinstance(ev, (bool, int, float)):
+            return ev
+    return v
+
+
 def _check(site: AttentionSite, a: dict) -> Optional[str]:
     for k in ("query", "key", "value"):
         if not isinstance(a[k], fx.Node):
             return f"{k} is not a graph tensor"
+    a = {k: (v if k in ("query", "key", "value", "attn_mask") else _number(v)) for k, v in a.items()}
     if a.get("dropout_p") not in (0, 0.0, None):
         return f"dropout_p={a['dropout_p']} (dropout is not supported)"
     if a.get("is_causal") not in (False, None):

@@ -37,7 +37,8 @@ def tiny_flux(side: int = 16, text: int = 32, layers: int = 2, single_layers: in
               head_dim: int = 32, channels: int = 16, seed: int = 0, device="cpu", dtype=torch.float32):
     """A small FLUX transformer and a ``make_inputs(latents, timestep, cond)`` for it.
 
-    ``side × side`` image tokens (patch size 1), ``text`` text tokens first (as in FLUX). ``cond`` picks
+    ``side × side`` image tokens (patch size 1; ``make_inputs`` takes square latents of any side), ``text``
+    text tokens first (as in FLUX). ``cond`` picks
     the prompt: 0 = "cond", 1 = "uncond" (two fixed random prompt embeddings).
     """
     from diffusers import FluxTransformer2DModel
@@ -54,12 +55,13 @@ def tiny_flux(side: int = 16, text: int = 32, layers: int = 2, single_layers: in
     g = torch.Generator().manual_seed(seed + 1)
     prompts = [torch.randn(1, text, 64, generator=g) for _ in range(2)]
     pooled = [torch.randn(1, 32, generator=g) for _ in range(2)]
-    ids = torch.zeros(side * side, 3)
-    ids[:, 1] = torch.arange(side * side) // side
-    ids[:, 2] = torch.arange(side * side) % side
 
     def make_inputs(latents: torch.Tensor, timestep: torch.Tensor, cond=(0,)):
-        B = latents.shape[0]
+        B, n = latents.shape[0], latents.shape[1]
+        s = int(round(n ** 0.5))  # square latents of any side (another resolution)
+        ids = torch.zeros(n, 3)
+        ids[:, 1] = torch.arange(n) // s
+        ids[:, 2] = torch.arange(n) % s
         enc = torch.cat([prompts[c] for c in cond]).to(device=device, dtype=dtype)
         pool = torch.cat([pooled[c] for c in cond]).to(device=device, dtype=dtype)
         reps = B // len(cond)

@@ -422,8 +422,8 @@ def _site_layout(segs, seq, block_q, block_kv, site_id=0):
     from omni_compile.runtime import _layout
 
     state = SimpleNamespace(config=SimpleNamespace(block_q=block_q, block_kv=block_kv))
-    site = SimpleNamespace(site_id=site_id, segments=segs, seq_q=seq, kv_segments=segs, seq_kv=seq)
-    return _layout(state, site, torch.device("cpu"))
+    plan = SimpleNamespace(plan_id=site_id, segments=segs, seq_q=seq, kv_segments=segs, seq_kv=seq)
+    return _layout(state, plan, torch.device("cpu"))
 
 
 def test_runtime_text_block_counts():
