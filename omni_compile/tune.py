@@ -172,6 +172,8 @@ def trace(state, generation: Optional[int] = None) -> Trace:
     sites = [s for s in state.sites if s.rewritten]
     index = {s.site_id: i for i, s in enumerate(sites)}
     steps = max(r.step for r in recs) + 1
+    if state.clock.generation == gen:  # the latest generation: its last call, also when no site ran then
+        steps = max(steps, state.clock.step + 1)
     block_of = {}
     for b in getattr(state, "blocks", []) or []:
         if b.cacheable:
@@ -179,7 +181,6 @@ def trace(state, generation: Optional[int] = None) -> Trace:
                 block_of[sid] = b.order
     work = [0] * len(sites)
     acc: Dict[Tuple[int, int], List[tuple]] = {}
-    acts: Dict[int, Dict[str, int]] = {}
     memo: dict = {}
     streams = {r.stream for r in recs}
     for r in recs:
@@ -187,8 +188,6 @@ def trace(state, generation: Optional[int] = None) -> Trace:
         if i is None:
             continue
         work[i] = max(work[i], r.work)
-        acts.setdefault(r.step, {}).setdefault(r.action, 0)
-        acts[r.step][r.action] += 1
         if r.action == DISPATCH:
             key = id(r.symbols)
             fig = memo.get(key)
@@ -200,10 +199,9 @@ def trace(state, generation: Optional[int] = None) -> Trace:
         else:
             d, u, rv, sv = 1.0, 0.0, 0.0, 0.0
         acc.setdefault((r.step, i), []).append((d, u, rv, sv))
-    actions = []
-    for s in range(steps):
-        a = acts.get(s, {})
-        actions.append(max(a, key=a.get) if a else DISPATCH)  # no site ran: every block was cached
+    # the schedule's actions: sites of policy "dense" record every step as dense, and a step on which every
+    # block was cached records nothing
+    actions = schedule(steps, cfg.warmup, cfg.interval, cfg.final_dense if cfg.steps else 0)
     cells = []
     n_streams = max(len(streams), 1)
     for s in range(steps):

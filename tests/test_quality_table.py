@@ -110,7 +110,9 @@ def test_replay_config_of_table_rows():
     assert cfg["block_cache"] == FixedBlocks(0.25) and cfg["interval"] == 3 and cfg["warmup"] == 2
     fixed = replay_config(dict(row, config=dict(row["config"], policy="Fixed(reuse=0.3, skip=0.5, seed=0)",
                                                 block_cache="FixedBlocks(fraction=0.5)")), steps=16)
-    assert not isinstance(fixed["policy"], Replay) and fixed["block_cache"] == FixedBlocks(0.5)
+    # content-blind policies run as themselves; every block rule as the traced share of cached block-steps
+    assert not isinstance(fixed["policy"], Replay) and fixed["block_cache"] == FixedBlocks(0.25)
+    assert replay_config(dict(row, cached_share=0.0), steps=16)["block_cache"] is None
     final = replay_config(dict(row, config=dict(row["config"], final_dense=2)), steps=16)
     assert final["final_dense"] == 2 and final["steps"] == 16
     OmniConfig(**final)

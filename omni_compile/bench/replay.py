@@ -9,8 +9,8 @@ blocks and whether the site's block ran. :class:`Replay` is a policy that, on ea
 site, draws content-blind bits at the figures of the traced site at the same depth in the traced update
 cycle at the same point of the loop; :func:`replay_config` turns a table row into the ``OmniConfig``
 fields of its replay, block caching included (as ``FixedBlocks`` at the traced share of cached
-block-steps: blocks of FLUX.1 and HunyuanVideo cost within 5 % of each other, so the same share is the
-same work, whichever blocks are picked).
+block-steps, whatever the rule: blocks of FLUX.1 and HunyuanVideo cost within 5 % of each other, so the
+same share is the same work, whichever blocks are picked).
 """
 
 from __future__ import annotations
@@ -110,8 +110,7 @@ def replay_config(row: dict, steps: int, fields=("interval", "warmup", "taylor_o
     """``OmniConfig`` fields that replay a quality-table ``row`` on a ``steps``-step loop: its schedule
     fields; its policy itself when it reads nothing of the content (``dense``, ``fixed``, ``broadcast``),
     else a :class:`Replay` of its trace (bind the site count with :meth:`Replay.bound` after compiling);
-    block caching as ``FixedBlocks`` at the traced share of cached block-steps (the fixed rule itself when
-    the row used it)."""
+    block caching as ``FixedBlocks`` at the traced share of cached block-steps."""
     cfg = row.get("config") or {}
     env = _env()
 
@@ -126,12 +125,9 @@ def replay_config(row: dict, steps: int, fields=("interval", "warmup", "taylor_o
     else:
         out["policy"] = Replay(trace, steps, needs_scores=pol.needs_scores, needs_features=pol.needs_features,
                                source=row["setting"])
-    bc = value(cfg.get("block_cache"))
-    if isinstance(bc, FixedBlocks) or bc is None:
-        out["block_cache"] = bc
-    else:
-        share = float(row.get("cached_share", 0.0))
-        out["block_cache"] = FixedBlocks(round(share, 3)) if share > 0 else None
+    share = float(row.get("cached_share", 0.0))
+    # the traced share, also for FixedBlocks: on the zoo model's 5 blocks FixedBlocks(0.5) caches 2 (0.4)
+    out["block_cache"] = FixedBlocks(round(share, 3)) if value(cfg.get("block_cache")) is not None and share > 0 else None
     if out.get("final_dense"):
         out["steps"] = steps
     OmniConfig(**out)  # validate
