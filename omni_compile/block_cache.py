@@ -344,7 +344,9 @@ class BlockProgram:
     def _observe_dense(self, step: int) -> bool:
         cfg = self.state.config
         window = max(cfg.taylor_order, 1 if isinstance(cfg.block_cache, ResidualChange) else 0)
-        return window > 0 and step >= cfg.warmup - 1 - window
+        # the last warm-up steps only: the final dense steps (OmniConfig.final_dense) come after the last
+        # update, with no dispatch step left to forecast for
+        return window > 0 and cfg.warmup - 1 - window <= step < cfg.warmup - 1
 
     def _observe(self, rec: BlockRecord, bs: BlockStream, blk, env: dict, update: bool) -> None:
         st, cfg = self.state, self.state.config

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import omni_compile
-from omni_compile import FixedBlocks, OmniConfig
+from omni_compile import FixedBlocks, OmniConfig, ResidualChange
 from omni_compile.policies import FlashOmni, Fixed, PolicyFallback
 from omni_compile.schedule import step_action
 from omni_compile.tune import (Axis, Budget, SiteStep, Trace, WorkModel, config_of, nearest_point, psnr, trace)
@@ -41,6 +41,19 @@ def test_final_dense_steps_run_dense_in_the_loop():
     acts = {r.step: r.action for r in st.history}
     assert [acts[s] for s in range(8)] == ["dense", "update", "dispatch", "dispatch", "update", "dispatch", "dense",
                                            "dense"]
+    # nothing is observed for a forecast on the final dense steps: the caches are the last update's
+    updates = {ss.update_step for s in st.sites for ss in s.streams.values()}
+    assert updates == {4}
+
+
+def test_final_dense_steps_keep_the_last_updates_block_residuals():
+    model, make_inputs, x = tiny_flux_case(single_layers=2)
+    st = make_state(policy="dense", block_cache=ResidualChange(1e9), steps=8, final_dense=2)
+    denoise(compile_with(model, st), make_inputs, x, 8)
+    for b in st.blocks:
+        (bs,) = b.streams.values()
+        # cached on every dispatch step (2, 3, 5); steps 6 and 7 ran dense and observed nothing
+        assert bs.obs_step == bs.update_step == 4 and bs.skipped == bs.counts["dispatch"] == 3 and bs.counts["dense"] == 3
 
 
 def test_ramp_scales_both_thresholds_by_the_loop_progress():
