@@ -423,14 +423,18 @@ class BlockProgram:
 
     def _release_site_caches(self, rec: BlockRecord, stream: int) -> None:
         """A block cached until its next update does not run its sites on the dispatch steps in between, so
-        their caches for this stream would only hold memory (HunyuanVideo-size: ~0.6 GB per site at Taylor
-        order 1). Symbols stay (the ``"sq"`` rule reads them); the next update rebuilds the caches, from
-        order 0 since the previous observation is gone."""
+        the caches those steps would read only hold memory: the GEMM-O cache-bias terms and the reused-row
+        masks go (HunyuanVideo size: 0.4 of ~0.6 GB per site at Taylor order 1); the next update rebuilds
+        them. The features the next update differences against stay (the GEMM-O input's factors, the
+        attention output's factors), so a block that runs again forecasts at full order: dropping them made
+        those sites forecast at order 0 for an interval, which on the zoo model took SSIM from 0.89 to 0.69
+        with ``ResidualChange(0.07)`` over FlashOmni sites (docs/design.md, "Block caching"). Symbols stay
+        (the ``"sq"`` rule reads them)."""
         for sid in rec.site_ids:
             for key, ss in self.state.sites[sid].streams.items():
                 if key[0] == stream:
-                    ss.out_factors = ss.out_step = ss.reuse_rows = None
-                    ss.a_factors, ss.a_step, ss.bias_terms = {}, {}, {}
+                    ss.reuse_rows = None
+                    ss.bias_terms = {}
 
 
 def build_program(gm: fx.GraphModule, state, records: list, compile_region, entry: dict, ops=None):
