@@ -445,22 +445,24 @@ class Axis:
             raise ValueError(f"Axis {self.field!r} has no values")
 
 
-def default_space(block_rules: Sequence = ("fixed",)) -> Tuple[Axis, ...]:
-    """The default search space: the update interval, the warm-up, the FlashOmni thresholds, whole-block
-    caching (``block_rules``: ``"fixed"`` evenly spaced shares, ``"change"`` residual-change thresholds) and
-    the final dense steps."""
+def default_space(block_rules: Sequence = ("change",)) -> Tuple[Axis, ...]:
+    """The default search space: the update interval, the warm-up, the attention sites' policy (dense, then
+    FlashOmni from mild to aggressive thresholds), whole-block caching (``block_rules``: ``"change"``
+    residual-change thresholds, ``"fixed"`` evenly spaced shares) and the final dense steps."""
     from .block_cache import FixedBlocks, ResidualChange
+    from .policies import FlashOmni
 
     blocks: list = [None]
     for rule in block_rules:
         if rule == "fixed":
             blocks += [FixedBlocks(f) for f in (0.2, 0.4, 0.6, 0.8)]
         elif rule == "change":
-            blocks += [ResidualChange(t) for t in (0.05, 0.1, 0.15, 0.2, 0.3)]
+            blocks += [ResidualChange(t) for t in (0.05, 0.07, 0.1, 0.15, 0.2, 0.3)]
         else:
             raise ValueError(f"default_space: block rule {rule!r} is not 'fixed' or 'change'")
-    return (Axis("interval", (1, 2, 3, 4, 5, 6, 8)), Axis("warmup", (10, 8, 6, 4, 2)),
-            Axis("tau_q", (0.0, 0.3, 0.5, 0.7, 0.9)), Axis("tau_kv", (0.0, 0.05, 0.1, 0.2, 0.3)),
+    sites = ("dense", FlashOmni(tau_q=0.3, tau_kv=0.02), FlashOmni(tau_q=0.5, tau_kv=0.05),
+             FlashOmni(tau_q=0.8, tau_kv=0.15))
+    return (Axis("interval", (1, 2, 3, 4, 5, 6, 8, 10)), Axis("warmup", (10, 8, 6, 4, 3, 2)), Axis("policy", sites),
             Axis("block_cache", tuple(blocks)), Axis("final_dense", (2, 1, 0)))
 
 
@@ -485,6 +487,11 @@ def nearest_point(base, space: Sequence[Axis]) -> Tuple[int, ...]:
     out = []
     for a in space:
         cur = getattr(pol, a.field, None) if a.field in ("tau_q", "tau_kv") else getattr(base, a.field, None)
+        if a.field == "policy":
+            cur = pol
+            idx = next((i for i, v in enumerate(a.values) if resolve_policy(v) == pol), None)
+            out.append(0 if idx is None else idx)
+            continue
         idx = next((i for i, v in enumerate(a.values) if v == cur), None)
         if idx is None and isinstance(cur, (int, float)):
             nums = [(abs(v - cur), i) for i, v in enumerate(a.values) if isinstance(v, (int, float))]
@@ -718,17 +725,21 @@ def tune(model, generate: Callable, inputs: Sequence, budget: Budget, *, base=No
         dense_cost = float(cost.dense(steps))
     trials: List[Trial] = []
     seen: Dict[Tuple[int, ...], int] = {}
+    by_config: Dict[str, int] = {}
 
     def evaluate(point) -> Trial:
         if point in seen:
             return trials[seen[point]]
         cfg = config_of(base, space, point)
+        if repr(cfg) in by_config:  # another point of the same setting (a knob the setting does not read)
+            seen[point] = by_config[repr(cfg)]
+            return trials[seen[point]]
         t0 = time.perf_counter()
         outs, c, traces = run(cfg)
         got = budget.measure(outs, refs)
         t = Trial(point, cfg, got, c, budget.holds(got), time.perf_counter() - t0,
                   Trace.mean(traces).attention_work())
-        seen[point] = len(trials)
+        seen[point] = by_config[repr(cfg)] = len(trials)
         trials.append(t)
         log(f"tune: {'in ' if t.holds else 'out'} {dense_cost / c:5.2f}x {got} [{describe(cfg)}] {t.seconds:.0f} s")
         return t

@@ -150,6 +150,12 @@ def test_search_space_points_and_configs():
     assert p == (1, 1, 0)
     cfg = config_of(base, space, (2, 2, 1))
     assert cfg.interval == 5 and cfg.policy == FlashOmni(tau_q=0.9, tau_kv=0.05) and cfg.block_cache == FixedBlocks(0.5)
+    sites = (Axis("policy", ("dense", FlashOmni(tau_q=0.3), FlashOmni())), Axis("tau_q", (0.0, 0.9)))
+    assert nearest_point(OmniConfig(policy="flashomni"), sites) == (2, 1)  # tau_q 0.5: nearer 0.9 than 0
+    assert nearest_point(OmniConfig(policy="dense"), sites) == (0, 0)
+    # thresholds move a FlashOmni policy and leave the dense one as it is (the search runs such twins once)
+    assert config_of(OmniConfig(), sites, (0, 1)).policy == "dense"
+    assert config_of(OmniConfig(), sites, (1, 1)).policy == FlashOmni(tau_q=0.9)
 
 
 def test_budget_measures_and_scores():

@@ -78,7 +78,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=None, help="zoo model: sampling steps (default 28)")
     p.add_argument("--target", default=None, help="module:function returning (model, generate, inputs)")
     p.add_argument("--cost", default="measured", choices=("measured", "flux", "hunyuan"))
-    p.add_argument("--blocks", default="fixed", help="block-caching rules the search may use: fixed, change, both, none")
+    p.add_argument("--blocks", default="change", help="block-caching rules the search may use: change, fixed, both, none")
     p.add_argument("--max-trials", type=int, default=40)
     args = p.parse_args(argv)
     if args.psnr is None and args.ssim is None:
