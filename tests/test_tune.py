@@ -154,7 +154,7 @@ def test_search_space_points_and_configs():
     assert nearest_point(OmniConfig(policy="flashomni"), sites) == (2, 1)  # tau_q 0.5: nearer 0.9 than 0
     assert nearest_point(OmniConfig(policy="dense"), sites) == (0, 0)
     # thresholds move a FlashOmni policy and leave the dense one as it is (the search runs such twins once)
-    assert config_of(OmniConfig(), sites, (0, 1)).policy == "dense"
+    assert config_of(OmniConfig(), sites, (0, 1)).policy.name == "dense"
     assert config_of(OmniConfig(), sites, (1, 1)).policy == FlashOmni(tau_q=0.9)
 
 
