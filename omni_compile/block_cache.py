@@ -5,7 +5,8 @@ Rules (one small frozen dataclass each, validated at construction):
 
 * :class:`FixedBlocks` ``(fraction)``: evenly spaced blocks, blind to content (controlled work);
 * :class:`ComputedShare` ``(s_q)``: the paper's S_q fallback, blocks whose attention sites compute little;
-* :class:`ResidualChange` ``(threshold)``: blocks whose residual barely changes between updates.
+* :class:`ResidualChange` ``(threshold)``: blocks whose residual barely changes between updates (the
+  default rule of ``OmniConfig``).
 
 When ``OmniConfig.block_cache`` is set the backend (after the attention-site passes) splits
 Dynamo's graph into regions — prologue, one region per transformer block, glue, epilogue
@@ -96,9 +97,11 @@ class ResidualChange:
     ``mean|r_new − r_old| / mean|r_old|`` per step between its last two observations, is at most
     ``threshold`` (first-block / TeaCache spirit). Costs one host read per update call."""
 
-    threshold: float = 0.05
+    threshold: float = 0.1
     """Largest relative change per step for a block to be cached, a finite number, 0 or more; higher caches
-    more blocks (faster, staler)."""
+    more blocks (faster, staler). On the learned zoo model (28 steps) the blocks change by 0.057–0.10 per
+    step between the updates of steps 7–22 and by 0.12–0.36 at the last: 0.1 caches 95 % of the dispatch
+    steps' block-steps; 0.05 caches none. Fewer steps mean larger changes per step, so less caching."""
 
     name = "change"
 
