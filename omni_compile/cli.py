@@ -4,6 +4,7 @@
     omni-compile bench     # the ops against cuDNN / FlexAttention / cuBLAS on a GPU (omni_compile.bench.kernels)
     omni-compile e2e       # full-size denoising loops against Inductor on a GPU (omni_compile.bench.e2e)
     omni-compile quality   # quality of each setting on the learned model (omni_compile.bench.quality)
+    omni-compile tune      # the fastest setting within a quality budget (omni_compile.tune; omni_compile.bench.tuning)
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ COMMANDS = {
     "bench": "omni_compile.bench.kernels",
     "e2e": "omni_compile.bench.e2e",
     "quality": "omni_compile.bench.quality",
+    "tune": "omni_compile.bench.tuning",
 }
 
 

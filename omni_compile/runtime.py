@@ -132,8 +132,9 @@ def stream_for(state, site: SiteRecord, batch: int, seq_q: int) -> Optional[Site
 
 
 def _observe_on_dense_step(cfg, step: int) -> bool:
-    """Warm-up steps whose features the first update's differences need (the last ``taylor_order``)."""
-    return cfg.taylor_order > 0 and step >= cfg.warmup - 1 - cfg.taylor_order
+    """Warm-up steps whose features the first update's differences need (the last ``taylor_order``; not
+    the final dense steps, after which nothing is forecast)."""
+    return cfg.taylor_order > 0 and cfg.warmup - 1 - cfg.taylor_order <= step < cfg.warmup - 1
 
 
 def _fits(state, ss: SiteStream, extra: int) -> bool:

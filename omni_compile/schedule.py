@@ -31,9 +31,10 @@ Reading the timestep's value is one host sync per model call (``Tensor.item``); 
 host without blocking (:meth:`StepClock.check`), and a loop that does not match ``steps``/``streams``
 raises a ``RuntimeError`` — at most a few calls late, but never silently.
 
-**The schedule.** :func:`step_action` maps a step index to ``"dense"`` (warm-up), ``"update"`` or
-``"dispatch"`` from ``warmup`` and ``interval`` alone, so it can move to the device unchanged (an integer
-step tensor compared with two constants).
+**The schedule.** :func:`step_action` maps a step index to ``"dense"`` (warm-up, and the final dense
+steps), ``"update"`` or ``"dispatch"`` from ``warmup``, ``interval`` and, for the final dense steps, the
+loop's length alone, so it can move to the device unchanged (an integer step tensor compared with a few
+constants).
 """
 
 from __future__ import annotations
@@ -54,11 +55,13 @@ class Position:
     timestep: float
 
 
-def step_action(step: int, warmup: int, interval: int) -> str:
-    """``"dense"`` for ``step < warmup - 1``; ``"update"`` at ``warmup - 1 + k * interval``; else
-    ``"dispatch"``. (Paper, W=8, N=5: dense 0–6, updates 7, 12, 17, …, dispatch in between.)"""
+def step_action(step: int, warmup: int, interval: int, steps: Optional[int] = None, final_dense: int = 0) -> str:
+    """``"dense"`` for ``step < warmup - 1`` and for the last ``final_dense`` of ``steps`` steps;
+    ``"update"`` at ``warmup - 1 + k * interval``; else ``"dispatch"``. (Paper, W=8, N=5: dense 0–6, updates
+    7, 12, 17, …, dispatch in between; with 50 steps and one final dense step, step 49 dense.) The final
+    dense steps need the loop's length: without ``steps`` there are none."""
     first = warmup - 1
-    if step < first:
+    if step < first or (final_dense and steps is not None and step >= steps - final_dense):
         return DENSE
     return UPDATE if (step - first) % interval == 0 else DISPATCH
 
@@ -77,7 +80,7 @@ def place_stream(streams: dict, key, make, pos: Position, config, ready) -> obje
         st.generation, st.step = pos.generation, -1
     if st.step != pos.step:
         st.step = pos.step
-        act = step_action(pos.step, config.warmup, config.interval)
+        act = step_action(pos.step, config.warmup, config.interval, config.steps, config.final_dense)
         if act == DISPATCH and not ready(st):
             act = UPDATE
         st.action = act

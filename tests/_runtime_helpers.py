@@ -16,8 +16,10 @@ BLOCK = 16
 
 
 def make_state(**kw) -> OmniState:
-    """An FX-run (no Inductor) state with blocks of 16, warm-up 2 and interval 3, overridden by ``kw``."""
-    base = dict(use_inductor=False, block_q=BLOCK, block_kv=BLOCK, warmup=2, interval=3)
+    """An FX-run (no Inductor) state with blocks of 16, warm-up 2 and interval 3, and the graph kept whole
+    (``block_cache=None``: the site runtime alone; block-caching tests pass their rule), overridden by
+    ``kw``."""
+    base = dict(use_inductor=False, block_q=BLOCK, block_kv=BLOCK, warmup=2, interval=3, block_cache=None)
     return OmniState(OmniConfig(**{**base, **kw}))
 
 

@@ -86,7 +86,9 @@ def test_summary_log_line(caplog):
         torch.compile(model, backend="flashomni", options={"use_inductor": False, "block_q": 16})(**make_inputs(0))
     lines = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO and r.getMessage().startswith("flashomni:")]
     # Wan normalises q over all heads of a token (RMSNorm across heads): GEMM-Q holds where every head reuses
-    assert lines == ["flashomni: 4 attention sites, 4 rewritten (2 self, 2 cross); GEMM-Q 4, GEMM-O 4"]
+    # and the default block caching (ResidualChange) splits the graph at its 2 blocks
+    assert lines == ["flashomni: 4 attention sites, 4 rewritten (2 self, 2 cross); GEMM-Q 4, GEMM-O 4",
+                     "flashomni: 2 blocks (2 cacheable), 4 regions"]
     assert omni_compile.last_state().summary() == lines[0][len("flashomni: "):]
 
 

@@ -308,6 +308,20 @@ def test_change_policy(flux, threshold, cached):
     assert st.block_host_reads == 2
 
 
+def test_a_block_cached_by_an_adaptive_rule_keeps_what_its_sites_difference_against(flux):
+    """Blocks the change rule caches drop their sites' cache-bias terms (only dispatch steps read them) and
+    keep the GEMM-O input's factors, so a block that runs again forecasts at full order: at the second
+    update its sites difference against the first (delta 3), not against nothing."""
+    model, make_inputs, lat = flux
+    st = _state(policy=Fixed(reuse=0.5, skip=0.0), warmup=2, interval=3, block_cache=ResidualChange(1e9))
+    denoise(_compile(model, st), make_inputs, lat, 6)  # dense 0, update 1, dispatch 2 3, update 4, dispatch 5
+    sites = [sid for b in st.blocks if b.skipped_calls for sid in b.site_ids]
+    assert len(sites) == 3
+    for sid in sites:
+        (ss,) = st.sites[sid].streams.values()
+        assert ss.bias_terms == {} and ss.a_factors and set(ss.a_step.values()) == {4}
+
+
 def test_block_cache_none_keeps_the_graph_whole(flux):
     model, make_inputs, lat = flux
     st = _state()

@@ -10,7 +10,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from omni_compile import OmniConfig
+from omni_compile import ResidualChange, OmniConfig
 from omni_compile import taylor
 from omni_compile.ops import Symbols, cache_bias_for
 from omni_compile.policies import POLICIES, Fixed, FlashOmni, PolicyInput, fixed, flashomni
@@ -304,8 +304,8 @@ def test_override_patterns_that_match_no_site_are_reported():
     assert unmatched_override_patterns(cfg, sites) == never
 
 
-def test_config_defaults_are_the_paper_settings():
+def test_config_defaults_are_the_paper_settings_with_adaptive_block_caching():
     c = OmniConfig()
-    assert (c.policy, c.interval, c.warmup, c.block_cache) == ("flashomni", 5, 8, None)
+    assert (c.policy, c.interval, c.warmup, c.block_cache, c.final_dense) == ("flashomni", 5, 8, ResidualChange(0.1), 0)
     assert POLICIES["flashomni"] == FlashOmni(tau_q=0.5, tau_kv=0.05)  # the paper's thresholds
     assert c.max_cache_bytes is None and OmniConfig(max_cache_mb=1).max_cache_bytes == 2**20

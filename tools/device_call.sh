@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # One device call (on the device machine, from the repo root, with .whl/ carried):
 #   bash tools/device_call.sh "quality demo e2e:flux:--steps~50~--configs~dense,aggressive (~ = space) bench:PARTS:SEQS gputests py:SCRIPT.py:ARGS"
+#   speedtable:flux / speedtable:hunyuan: the quality-and-speed table's rows timed at that size as recorded-density
+#   replays (omni_compile.bench.table --run; one 10-minute call each), the merged table in $OUT/table/speed_quality.md
 # Each item runs in order with its output under $OUT; a short summary is printed last.
 # .whl/ (git-ignored) is filled on a machine with the package registry, for the device's Python 3.12:
 #   python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
@@ -29,6 +31,8 @@ for item in $1; do
                 ${a:+-k "${a//\~/ }"} > "$OUT/gpu_tests.log" 2>&1; rc=$?; tail -3 "$OUT/gpu_tests.log" ;;
     e2e) python3 -m omni_compile.bench.e2e --out "$OUT" --model "$a" ${b//\~/ } > "$OUT/e2e_$a.log" 2>&1; rc=$?
          grep -v "^ \|Warning\|warn" "$OUT/e2e_$a.log" | tail -30 ;;
+    speedtable) python3 -m omni_compile.bench.table --run "$a" --out "$OUT/table" ${b//\~/ } > "$OUT/speedtable_$a.log" 2>&1; rc=$?
+                grep -v "^ \|Warning\|warn" "$OUT/speedtable_$a.log" | tail -40 ;;
     hostlaunch) python3 tools/host_launch.py --out "$OUT/host" > "$OUT/host_launch.log" 2>&1; rc=$?
                 tail -14 "$OUT/host_launch.log" ;;
     host) python3 tools/profile_host.py --out "$OUT/host" --model "$a" ${b//\~/ } > "$OUT/host_$a.log" 2>&1; rc=$?

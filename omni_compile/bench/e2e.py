@@ -87,13 +87,26 @@ TRITON_LAUNCH = "@triton"
 CUDA_GRAPHS = "+cg"
 
 
+#: ``r:<setting>`` rows: the quality table's rows by setting name (``--replay FILE``), and the loop's length
+REPLAY: dict = {"rows": {}, "steps": 50}
+
+
 def setting(name: str, model: str, layouts=None) -> dict:
-    """Config changes of a benchmark setting: a name of :data:`SETTINGS`, or ``s:<strategy>`` for a
-    shipped policy strategy (``omni_compile.bench.presets``) at the model's token grid; either with
-    :data:`TRITON_LAUNCH` appended (same config, kernels launched through Triton's own path) or
-    :data:`CUDA_GRAPHS` (same config on a compile with CUDA graphs)."""
+    """Config changes of a benchmark setting: a name of :data:`SETTINGS`, ``s:<strategy>`` for a shipped
+    policy strategy (``omni_compile.bench.presets``) at the model's token grid, or ``r:<setting>`` for the
+    recorded-density replay of a row of the learned model's quality table (``--replay``,
+    :mod:`omni_compile.bench.replay`: its schedule, and its policy's figures per site and update as
+    content-blind bits); any of them with :data:`TRITON_LAUNCH` appended (same config, kernels launched
+    through Triton's own path) or :data:`CUDA_GRAPHS` (same config on a compile with CUDA graphs)."""
     for suffix in (TRITON_LAUNCH, CUDA_GRAPHS, TRITON_LAUNCH):
         name = name[: -len(suffix)] if name.endswith(suffix) else name
+    if name.startswith("r:"):
+        from .replay import replay_config
+
+        row = REPLAY["rows"].get(name[2:])
+        if row is None:
+            raise ValueError(f"{name}: no row {name[2:]!r} in the --replay file (rows: {sorted(REPLAY['rows'])})")
+        return replay_config(row, REPLAY["steps"])
     if name.startswith("s:"):
         from .presets import strategy_policy
 
@@ -270,10 +283,10 @@ def _sync():
         torch.cuda.synchronize()
 
 
-def actions(steps: int, warmup: int, interval: int) -> List[str]:
+def actions(steps: int, warmup: int, interval: int, final_dense: int = 0) -> List[str]:
     from omni_compile.schedule import step_action
 
-    return [step_action(i, warmup, interval) for i in range(steps)]
+    return [step_action(i, warmup, interval, steps, final_dense) for i in range(steps)]
 
 
 def loop_total(times: List[float], acts: List[str], steps: int, all_acts: List[str]) -> tuple:
@@ -477,6 +490,13 @@ def main(argv=None) -> int:
     ap.add_argument("--profile", default="aggressive,blocks_aggressive",
                     help="settings whose dispatch and update steps are profiled (device time per kernel class, "
                          "host time in the site ops, host syncs and copies per step)")
+    ap.add_argument("--replay", metavar="QUALITY_JSON", default=None,
+                    help="the learned model's quality table (omni_compile.bench.quality's quality.json): settings "
+                         "r:<setting> replay its rows' recorded densities")
+    ap.add_argument("--baseline-steps", type=int, default=None,
+                    help="run the inductor and dense rows (every step dense: the per-step median projects exactly) "
+                         "for only this many steps")
+    ap.add_argument("--no-pipelined", action="store_true", help="skip the second, pipelined loop of each row")
     ap.add_argument("--cpu-smoke", action="store_true",
                     help="narrow model (2 heads of 16), fp32, CPU, no Inductor: checks the driver only")
     ap.add_argument("--replot", metavar="E2E_JSON", default=None,
@@ -508,6 +528,10 @@ def main(argv=None) -> int:
         return 2
     from omni_compile import OmniConfig, OmniState
 
+    if args.replay:
+        from .replay import load_rows
+
+        REPLAY.update(rows=load_rows(args.replay), steps=args.steps)
     rank, world = parallel.init(args.cp)
     lead = rank == 0  # the rank that writes: every rank runs the same loop
     if lead:
@@ -526,7 +550,8 @@ def main(argv=None) -> int:
         parallel.enable(model, args.cp, world)
     res = dict(model=args.model, steps=args.steps, max_steps=args.max_steps, interval=args.interval,
                warmup=args.warmup, device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", torch=torch.__version__,
-               triton=__import__("triton").__version__, tokens=None, rows=[], clock=args.clock, cp=args.cp, world=world)
+               triton=__import__("triton").__version__, tokens=None, rows=[], clock=args.clock, cp=args.cp, world=world,
+               replay=args.replay)
     print(f"built {args.model} in {time.perf_counter() - t0:.1f} s; "
           f"{sum(p.numel() for p in model.parameters()) / 1e9:.2f} B params", flush=True)
     all_acts = actions(args.steps, args.warmup, args.interval)
@@ -534,9 +559,13 @@ def main(argv=None) -> int:
 
     def record(name, fn, state=None, compile_s=None):
         trace: dict = {}
-        x, times = run_loop(fn, latent, inputs, args.steps, args.max_steps, trace=trace)
-        acts = all_acts[: len(times)] if state is not None else ["dense"] * len(times)
-        total, projected = loop_total(times, acts, args.steps, all_acts if state is not None else ["dense"] * args.steps)
+        dense_only = state is None or name in ("dense", "split_dense")
+        max_steps = args.baseline_steps if dense_only and args.baseline_steps else args.max_steps
+        x, times = run_loop(fn, latent, inputs, args.steps, max_steps, trace=trace)
+        row_acts = all_acts if state is None else actions(args.steps, state.config.warmup, state.config.interval,
+                                                          state.config.final_dense)
+        acts = row_acts[: len(times)] if state is not None else ["dense"] * len(times)
+        total, projected = loop_total(times, acts, args.steps, row_acts if state is not None else ["dense"] * args.steps)
         per = {a: statistics.median([t for t, b in zip(times, acts) if b == a]) * 1000 for a in set(acts)}
         host = {a: statistics.median([t for t, b in zip(trace["host"], acts) if b == a]) * 1000 for a in set(acts)}
         row = dict(name=name, total_s=total, projected=projected, step_ms=per, compile_s=compile_s,
@@ -545,20 +574,22 @@ def main(argv=None) -> int:
                    device_allocs=trace["device_allocs"])
         if state is not None:
             row.update(dispatch_figures(state))
+            row["acts"] = row_acts
             row["memory_mb"] = state.memory_bytes() / 2**20
             row["memory_mb_per_rank"] = parallel.gather(row["memory_mb"], world)  # each rank's own caches
-            if name in args.profile.split(","):
-                row["profile"] = profile_actions(fn, latent, inputs, args.steps, len(times), args.warmup,
-                                                 args.interval, args.out if lead else None, f"{args.model}_{name}")
+            if name in args.profile.split(",") and state.config.final_dense == 0:
+                row["profile"] = profile_actions(fn, latent, inputs, args.steps, len(times), state.config.warmup,
+                                                 state.config.interval, args.out if lead else None,
+                                                 f"{args.model}_{name.replace(':', '_')}")
                 for act, p in row["profile"].items():
                     print(f"    profiled {act}: wall {p['wall_ms']:.1f} ms, device {p['device_ms']}, "
                           f"host in site ops {p['host_ms']}", flush=True)
-        if not projected:
+        if not projected and not args.no_pipelined:
             # the whole loop again without a sync per step (a new generation: reset() for the counted clock)
             if state is not None:
                 state.reset()
             xp, row["pipelined_s"], gpu_ms = run_loop_pipelined(fn, latent, inputs, args.steps)
-            pacts = all_acts if state is not None else ["dense"] * args.steps
+            pacts = row_acts if state is not None else ["dense"] * args.steps
             row["pipelined_gpu_ms"] = gpu_ms
             if gpu_ms:
                 row["pipelined_step_ms"] = {a: statistics.median([t for t, b in zip(gpu_ms, pacts) if b == a])
@@ -577,8 +608,8 @@ def main(argv=None) -> int:
         prof_i = res.get("profile_inductor")
         prof_o = res.get("profile_flashomni_dense") or res.get("profile_split_dense")
         dense_row = next((r for r in res["rows"] if r["name"] == "dense"), None)
-        n_disp = all_acts.count("dispatch")
         for r in res["rows"]:
+            n_disp = r.get("acts", all_acts).count("dispatch")
             if base:
                 r["speedup"] = base["total_s"] / r["total_s"]
                 r["err_vs_inductor"] = rel_l2(r["final"], base["final"])
@@ -658,7 +689,7 @@ def main(argv=None) -> int:
                    or n == "split_dense"]
     omni = None
     if any(n not in split_names and not n.endswith(CUDA_GRAPHS) for n in names):
-        state = OmniState(OmniConfig(policy="dense", interval=args.interval, warmup=args.warmup,
+        state = OmniState(OmniConfig(policy="dense", interval=args.interval, warmup=args.warmup, block_cache=None,
                                       use_inductor=not args.cpu_smoke, **smoke_blocks))
         omni = torch.compile(model, backend="flashomni", options={"state": state})
         t1 = time.perf_counter()
@@ -679,6 +710,14 @@ def main(argv=None) -> int:
         from omni_compile.ops import _launch
 
         changes = {**defaults, **setting(name, args.model, layouts)}
+        from .replay import Replay
+
+        if isinstance(changes["policy"], Replay):
+            changes["policy"] = changes["policy"].bound(len(state.sites))
+        # the row's own schedule (a replayed row), else the command line's
+        sched = dict(warmup=changes.pop("warmup", args.warmup), interval=changes.pop("interval", args.interval))
+        changes.pop("steps", None)
+        profiled = name in args.profile.split(",")
         tritons_own = name.endswith(TRITON_LAUNCH)
         try:
             with _launch.launch_cache(False) if tritons_own else contextlib.nullcontext():
@@ -687,10 +726,14 @@ def main(argv=None) -> int:
                 # Taylor differences, and GEMM-O specialises on how many cache-bias terms it sums (a 1.2-1.4 s
                 # compile inside the timed FLUX loops of 2026-11-23, when this warm-up stopped after one
                 # dispatch)
-                configure(state, **changes, warmup=1, interval=2, **clock(4))
+                configure(state, **dict(changes, final_dense=0), warmup=1, interval=2, **clock(4))
                 run_loop(omni, latent, inputs, 4)
-                configure(state, **changes, warmup=args.warmup, interval=args.interval,
-                          **clock(args.steps + 2 * args.interval + 2))  # profile_actions runs past the loop
+                if changes.get("final_dense"):  # the final dense steps need the loop's own length
+                    profiled = False
+                    configure(state, **changes, **sched, steps=args.steps)
+                else:  # profile_actions runs past the loop
+                    configure(state, **changes, **sched,
+                              **clock(args.steps + (2 * sched["interval"] + 2 if profiled else 0)))
                 row = record(name, omni, state, compile_s=compile_s)
         except Exception as e:  # one broken setting must not lose the others' numbers
             import traceback
@@ -700,6 +743,11 @@ def main(argv=None) -> int:
             res.setdefault("failed", {})[name] = f"{type(e).__name__}: {e}"
             return None
         row["launch_cache"] = not tritons_own
+        if isinstance(changes["policy"], Replay):
+            row["what"] = (f"recorded-density replay of {changes['policy'].source!r}"
+                           + (f", block_cache={changes['block_cache']!r}" if changes.get("block_cache") else "")
+                           + f", interval {sched['interval']}, warm-up {sched['warmup']}"
+                           + (f", final dense {changes['final_dense']}" if changes.get("final_dense") else ""))
         write(partial=True)
         return row
 
@@ -844,6 +892,9 @@ def markdown(res: dict) -> str:
                  "(per-step times); *pipelined s* runs the same loop again with one sync at the end, as a pipeline "
                  f"does (not for projected rows); flashomni clock: {res.get('clock', 'timestep')}.")
     lines.append("")
+    for r in res["rows"]:
+        if r.get("what"):
+            lines.append(f"- {r['name']}: {r['what']}")
     for r in res["rows"]:
         if r.get("host_step_ms"):
             lines.append(f"- {r['name']}: the host had queued a step after (median ms) "

@@ -46,6 +46,7 @@ def strategy_config(name: str, token_layout: Optional[Tuple[int, ...]] = None, b
     """``OmniConfig`` for strategy ``name`` with blocks of ``block`` rows, ``token_layout`` (frames, height,
     width of the vision tokens; needed by ``window`` where the passes cannot infer it, e.g. FLUX) and any
     further ``OmniConfig`` fields (``interval``, ``warmup``, ``use_inductor`` …)."""
+    fields.setdefault("block_cache", None)  # a strategy is compared on its attention sites alone
     return OmniConfig(policy=strategy_policy(name, token_layout), block_q=block, block_kv=block,
                       token_layout=tuple(token_layout) if token_layout is not None else None, **fields)
 

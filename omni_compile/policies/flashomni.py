@@ -33,7 +33,7 @@ from omni_compile.ops import Symbols
 from omni_compile.ops.flashomni_policy import MODES, flashomni_decision, flashomni_mode
 from omni_compile.ops.flashomni_policy import flashomni_symbols as fused
 
-from .base import BasePolicy, Bits, PolicyInput, _check_fraction, runs_own_call
+from .base import BasePolicy, Bits, PolicyFallback, PolicyInput, _check_fraction, runs_own_call
 
 
 def flashomni(inp: PolicyInput, config=None, tau_q: float = 0.5, tau_kv: float = 0.05) -> Bits:
@@ -61,7 +61,7 @@ def fused_symbols(inp: PolicyInput, mode: int, tau_q: float, tau_kv: float, allo
                                 (reuse, skip), (idx, cnt))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class FlashOmni(BasePolicy):
     """The paper's policy: ``OmniConfig(policy=FlashOmni(tau_q=0.5, tau_kv=0.05))``; ``policy="flashomni"``
     is this with its defaults."""
@@ -76,6 +76,14 @@ class FlashOmni(BasePolicy):
     estimated mass. Higher skips more (faster, less exact); 0 turns skipping off. The paper uses 0.05
     (HunyuanVideo), its FLUX prototype 0.15. Number from 0 to less than 1."""
 
+    ramp: float = 0.0
+    """Threshold ramp: both thresholds are scaled by ``((step + 1) / steps) ** ramp`` at the update of step
+    ``step`` of a ``steps``-step loop, so early updates (where features still move fast) reuse and skip
+    less and late ones up to the full thresholds. The paper ramps its thresholds up with an unpublished
+    formula; its prototypes scale by ``(t / 50) ** 2`` (``ramp=2``). 0 (default): no ramp. Needs the loop's
+    length, ``OmniConfig.steps`` (the counted clock); without it the site runs dense, saying why. Number from
+    0 to 8."""
+
     name = "flashomni"
     needs_scores = True
 
@@ -84,13 +92,30 @@ class FlashOmni(BasePolicy):
         _check_fraction("FlashOmni", "tau_kv", self.tau_kv)
         if self.tau_kv >= 1:
             raise ValueError(f"FlashOmni.tau_kv must be a number from 0 to less than 1, got {self.tau_kv!r}")
+        r = self.ramp
+        if not isinstance(r, (int, float)) or isinstance(r, bool) or not 0 <= r <= 8:
+            raise ValueError(f"FlashOmni.ramp must be a number from 0 to 8, got {r!r}")
+
+    def __repr__(self) -> str:
+        ramp = f", ramp={self.ramp!r}" if self.ramp else ""
+        return f"FlashOmni(tau_q={self.tau_q!r}, tau_kv={self.tau_kv!r}{ramp})"
+
+    def thresholds(self, inp: PolicyInput, config) -> tuple:
+        """``(tau_q, tau_kv)`` at this update: the knobs, scaled by the ramp when there is one."""
+        if not self.ramp:
+            return float(self.tau_q), float(self.tau_kv)
+        steps = getattr(config, "steps", None)
+        if steps is None:
+            raise PolicyFallback("FlashOmni(ramp=...) needs the loop's length: set OmniConfig.steps")
+        f = min(1.0, (inp.step + 1) / steps) ** float(self.ramp)
+        return float(self.tau_q) * f, float(self.tau_kv) * f
 
     def __call__(self, inp: PolicyInput, config) -> Bits:
-        return flashomni(inp, config, float(self.tau_q), float(self.tau_kv))
+        return flashomni(inp, config, *self.thresholds(inp, config))
 
     def symbols(self, inp: PolicyInput, config, allow_reuse: bool = True):
         """The fused path (:func:`flashomni_symbols`); None for a subclass that overrides ``__call__``,
         whose bits the fused kernels do not make."""
         if not runs_own_call(self, FlashOmni):
             return None
-        return flashomni_symbols(inp, allow_reuse, float(self.tau_q), float(self.tau_kv))
+        return flashomni_symbols(inp, allow_reuse, *self.thresholds(inp, config))
