@@ -483,7 +483,8 @@ def _block_program(gm: fx.GraphModule, state: OmniState, records: list, mode: Op
             "context parallelism: a block-cache rule that reads each rank's own data (ComputedShare, "
             "ResidualChange) may cache a block on one rank and run it on another, whose collectives would then "
             "wait forever; FixedBlocks decides alike on every rank")
-        log.info("flashomni: block caching off for this graph: %s", entry["blocks_reason"])
+        state.warn_once("blocks_cp", f"flashomni: block caching is off for this graph: {entry['blocks_reason']} "
+                        "(OmniConfig(block_cache=FixedBlocks(f)) caches under context parallelism)")
         return None
     program = build_program(gm, state, records, compile_region, entry, ops=_site_ops())
     entry["split_seconds"] = time.perf_counter() - t0

@@ -472,7 +472,10 @@ class OmniState:
         if fixed and self.compiles:
             raise ValueError(f"OmniState.configure: {fixed} are fixed when the graph is compiled; compile again "
                              "(torch._dynamo.reset()) to change them")
-        if new.block_cache is not None and self.compiles and not any(e.get("regions") for e in self.compiles):
+        # a graph compiled with a rule was split, or refused with the reason (blocks_reason): switching rules is
+        # harmless either way; one compiled without a rule was never split, so a rule cannot take effect
+        if (new.block_cache is not None and self.compiles
+                and not any(e.get("regions") or e.get("blocks_reason") for e in self.compiles)):
             raise ValueError("OmniState.configure: block caching needs a graph split at block borders, which is "
                              "decided at compile time; compile with OmniConfig(block_cache=...) set (switching it "
                              "to None afterwards is allowed: every block then runs)")

@@ -33,7 +33,7 @@ import _tiny_families as TF
 
 #: the loop's scheduler positions (1 = noise), exact in bf16 and after ``* 1000``
 SIGMAS = [1 - k / 8 for k in range(6)]
-LOOP = dict(warmup=2, interval=3)
+LOOP = dict(warmup=2, interval=3, block_cache=None)  # the attention sites alone: block caching has its own tests
 
 
 @dataclass

@@ -212,7 +212,8 @@ def single_loops(family: str, policies: list, config: tuple = ()) -> list:
 def _config(config: tuple):
     from omni_compile import OmniConfig
 
-    base = dict(policy="dense", use_inductor=False, block_q=BLOCK, block_kv=BLOCK, warmup=WARMUP, interval=INTERVAL)
+    base = dict(policy="dense", use_inductor=False, block_q=BLOCK, block_kv=BLOCK, warmup=WARMUP, interval=INTERVAL,
+                block_cache=None)
     return OmniConfig(**{**base, **dict(config)})
 
 

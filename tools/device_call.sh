@@ -23,7 +23,8 @@ for item in $1; do
   IFS=: read -r what a b <<< "$item"
   t0=$(date +%s)
   case $what in
-    quality) python3 -m omni_compile.bench.quality --out "$OUT/zoo" --device cuda $a > "$OUT/quality.log" 2>&1; rc=$?
+    quality) timeout "${QUALITY_S:-420}" python3 -m omni_compile.bench.quality --out "$OUT/zoo" --device cuda ${a//\~/ } \
+               > "$OUT/quality.log" 2>&1; rc=$?
              tail -25 "$OUT/quality.log" ;;
     demo) python3 -m omni_compile.zoo.demo --out "$OUT/demo.png" > "$OUT/demo.log" 2>&1; rc=$?; tail -8 "$OUT/demo.log" ;;
     # the ops' kernels on the GPU, and the CUDA-graph loop (the rest of test_graphs.py is CPU-only and quick)
@@ -39,6 +40,8 @@ for item in $1; do
           tail -14 "$OUT/host_$a.log" ;;
     bench) python3 -m omni_compile.bench --out "$OUT/bench" --parts "$a" --seqs "$b" > "$OUT/bench.log" 2> "$OUT/bench_stderr.log"; rc=$?
            grep -v '^  ' "$OUT/bench.log" | tail -60 ;;
+    tune) timeout "${TUNE_S:-240}" python3 -m omni_compile.bench.tuning --out "$OUT/tune" ${a//\~/ } > "$OUT/tune.log" 2>&1; rc=$?
+          tail -25 "$OUT/tune.log" ;;
     py) python3 "tools/$a" ${b//\~/ } > "$OUT/py_$a.log" 2>&1; rc=$?; tail -60 "$OUT/py_$a.log" ;;
     *) echo "unknown item $what"; rc=2 ;;
   esac
