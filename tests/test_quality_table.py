@@ -59,6 +59,11 @@ def test_settings_from_the_command_line():
     assert fields["block_cache"] == ResidualChange(0.2) and fields["interval"] == 5 and fields["warmup"] == 8
     with pytest.raises(ValueError, match="unknown setting"):
         zq.parse_setting("nonesuch")
+    # a named or custom setting measures what it names (no block caching unless it says so); "default" is
+    # OmniConfig() itself, whatever its defaults are
+    assert zq.parse_setting("t=interval=3")[1]["block_cache"] is None
+    assert zq.parse_setting("default") == ("default", {})
+    assert "ResidualChange" in zq.describe({}) and "flashomni" in zq.describe({})
 
 
 def _two_cycle_trace() -> Trace:

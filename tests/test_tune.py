@@ -209,3 +209,31 @@ def test_tuner_finds_a_faster_setting_inside_the_budget():
     # the report names the front and draws it
     assert rep.front()[0].cost == min(t.cost for t in rep.trials)
     assert "B" in rep.plot() and "budget" in rep.format() and rep.to_dict()["best_index"] == rep.best_index
+
+
+@pytest.mark.parametrize("final_dense", [0, 2])
+def test_final_dense_steps_compute_the_dense_model_on_the_loop_state(final_dense):
+    """On each of the last ``final_dense`` steps the compiled model's output is the dense model's on that
+    step's input (a sparse loop's latents), with the block caching of the default config on; a step that
+    dispatches differs from it (the control: ``final_dense=0`` leaves the last step a dispatch step)."""
+    steps = 7  # warm-up 2, interval 3: dense 0, updates 1 and 4, dispatch 2, 3, 5 and 6
+    model, make_inputs, lat = tiny_flux_case(single_layers=2)
+    state = make_state(policy=Fixed(reuse=0.5, skip=0.5), block_cache=ResidualChange(10.0), steps=steps,
+                       final_dense=final_dense)
+    torch._dynamo.reset()
+    compiled = compile_with(model, state)
+    seen = []
+
+    def spy(**kw):
+        out = compiled(**kw)
+        with torch.no_grad():
+            seen.append((out[0], model(**kw)[0]))
+        return out
+
+    denoise(spy, make_inputs, lat, steps)
+    gaps = [(a - b).abs().max().item() / b.abs().max().item() for a, b in seen]
+    assert len(gaps) == steps
+    for s in range(steps - final_dense, steps):
+        assert gaps[s] < 1e-5, (s, gaps)
+    if final_dense == 0:
+        assert gaps[-1] > 1e-3, gaps  # a dispatch step: reused tiles, skipped keys and cached blocks

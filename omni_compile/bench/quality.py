@@ -351,6 +351,11 @@ def describe(config: Optional[dict]) -> str:
     """A setting's fields in a table cell (what differs from the table's base)."""
     if config is None:
         return "dense (eager, reference)"
+    if not config:  # "default": OmniConfig() as it comes
+        from omni_compile.config import OmniConfig
+
+        c = OmniConfig()
+        return f"the defaults: `{c.policy!r}`, `{c.block_cache!r}`"
     if config.get("policy") == "dense" and config.get("block_cache") is None:
         return 'backend, policy="dense"'
     parts = [f"`{config['policy']!r}`" if config.get("policy") != "dense" else "sites dense"]
