@@ -120,6 +120,9 @@ def test_replay_config_of_table_rows():
     assert replay_config(dict(row, cached_share=0.0), steps=16)["block_cache"] is None
     final = replay_config(dict(row, config=dict(row["config"], final_dense=2)), steps=16)
     assert final["final_dense"] == 2 and final["steps"] == 16
+    # the "default" row (config {}: OmniConfig() as it comes) replays the default policy and block caching
+    default = replay_config(dict(row, setting="default", config={}), steps=16)
+    assert isinstance(default["policy"], Replay) and default["block_cache"] == FixedBlocks(0.25)
     OmniConfig(**final)
 
 

@@ -28,7 +28,7 @@ for item in $1; do
              tail -25 "$OUT/quality.log" ;;
     demo) python3 -m omni_compile.zoo.demo --out "$OUT/demo.png" > "$OUT/demo.log" 2>&1; rc=$?; tail -8 "$OUT/demo.log" ;;
     # the ops' kernels on the GPU, and the CUDA-graph loop (the rest of test_graphs.py is CPU-only and quick)
-    gputests) timeout 300 python3 -m pytest -q --maxfail=3 --durations=5 tests/test_ops_gpu.py tests/test_graphs.py \
+    gputests) timeout "${GPUTESTS_S:-300}" python3 -m pytest -q --maxfail=3 --durations=5 tests/test_ops_gpu.py tests/test_graphs.py \
                 ${a:+-k "${a//\~/ }"} > "$OUT/gpu_tests.log" 2>&1; rc=$?; tail -3 "$OUT/gpu_tests.log" ;;
     e2e) python3 -m omni_compile.bench.e2e --out "$OUT" --model "$a" ${b//\~/ } > "$OUT/e2e_$a.log" 2>&1; rc=$?
          grep -v "^ \|Warning\|warn" "$OUT/e2e_$a.log" | tail -30 ;;

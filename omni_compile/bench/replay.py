@@ -112,6 +112,9 @@ def replay_config(row: dict, steps: int, fields=("interval", "warmup", "taylor_o
     else a :class:`Replay` of its trace (bind the site count with :meth:`Replay.bound` after compiling);
     block caching as ``FixedBlocks`` at the traced share of cached block-steps."""
     cfg = row.get("config") or {}
+    if row.get("config") is not None and not cfg:  # the "default" row: OmniConfig() as it comes
+        base = OmniConfig()
+        cfg = dict(policy=base.policy, block_cache=repr(base.block_cache))
     env = _env()
 
     def value(v):
