@@ -173,12 +173,19 @@ class GraphRunner:
     def _key(self, pos, args):
         """What a capture is valid for, or None when this call cannot be captured."""
         st, cfg = self.state, self.state.config
-        if pos is None or cfg.overrides and any("interval" in f for f in cfg.overrides.values()):
+        if pos is None:
             return None
-        if step_action(pos.step, cfg.warmup, cfg.interval) != DISPATCH:
+        if cfg.overrides and any("interval" in f for f in cfg.overrides.values()):
+            st.warn_once(("graphs_interval", self.graph), "flashomni: CUDA graphs: per-site intervals "
+                         "(OmniConfig.overrides) make the sites' actions differ within a step, so this graph's "
+                         "steps run without CUDA graphs")
+            return None
+        if step_action(pos.step, cfg.warmup, cfg.interval, cfg.steps, cfg.final_dense) != DISPATCH:
             return None
         sites = [s for s in st.sites if s.plan.graph == self.graph]
         if any(s.mask for s in sites):  # the mask is read on the host every call
+            st.warn_once(("graphs_mask", self.graph), "flashomni: CUDA graphs: this graph's attention sites "
+                         "read an attention mask on the host at every call, so its steps run without CUDA graphs")
             return None
         shapes = tuple((tuple(a.shape), a.dtype, a.device) if isinstance(a, torch.Tensor) else a for a in args)
         return (pos.generation, pos.stream, last_update(pos.step, cfg.warmup, cfg.interval), id(cfg), shapes)

@@ -410,7 +410,8 @@ class OmniState:
             pos = self.clock.tick_counted(cfg.steps, cfg.streams)
             if isinstance(timestep, torch.Tensor):
                 _check_timestep_later(self.clock, pos, timestep,
-                                      drain=step_action(pos.step, cfg.warmup, cfg.interval) != DISPATCH)
+                                      drain=step_action(pos.step, cfg.warmup, cfg.interval, cfg.steps,
+                                                        cfg.final_dense) != DISPATCH)
         if pos.generation != gen:
             self.new_generation()
         if self.clock.ticks == 2:  # every graph of the model has run once: warn about what matched nothing

@@ -14,7 +14,7 @@ import torch
 
 import omni_compile.backend as backend
 import omni_compile.graphs as graphs
-from omni_compile import FixedBlocks
+from omni_compile import FixedBlocks, ResidualChange
 from omni_compile.policies import Fixed
 from omni_compile.schedule import step_action
 
@@ -76,7 +76,9 @@ def _actions(state):
     dict(policy=Fixed(reuse=0.5, skip=0.25), taylor_order=2),
     dict(policy="flashomni", taylor_order=1),
     dict(policy=Fixed(reuse=0.5, skip=0.5), taylor_order=1, block_cache=FixedBlocks(0.5)),
-], ids=["fixed", "order2", "flashomni", "blocks"])
+    dict(policy="flashomni", taylor_order=1, block_cache=ResidualChange(10.0)),
+    dict(policy=Fixed(reuse=0.5, skip=0.5), taylor_order=1, final_dense=2),
+], ids=["fixed", "order2", "flashomni", "blocks", "adaptive-blocks", "final-dense"])
 def test_replayed_dispatch_steps_equal_the_ordinary_loop(flux, monkeypatch, kw):
     """12 steps, warm-up 2, interval 5: per update, one ordinary dispatch step, one captured, two replayed.
     The loop, the step history and every counter equal the loop without graphs."""
@@ -87,7 +89,9 @@ def test_replayed_dispatch_steps_equal_the_ordinary_loop(flux, monkeypatch, kw):
     torch._dynamo.reset()
     st = make_state(**base)
     out, runners = _graph_loop(model, make_inputs, lat, st, 12, monkeypatch)
-    assert runners and sum(r.captures for r in runners) >= 2 and sum(r.replays for r in runners) >= 4
+    # the final dense steps (10, 11) end the second cycle early: 7 ordinary, 8 captured, 9 replayed
+    replays = 3 if kw.get("final_dense") else 4
+    assert runners and sum(r.captures for r in runners) >= 2 and sum(r.replays for r in runners) >= replays
     torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
     assert _actions(st) == _actions(ref_state)
     for a, b in zip(st.sites, ref_state.sites):
