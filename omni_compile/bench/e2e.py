@@ -687,20 +687,39 @@ def main(argv=None) -> int:
     names = args.configs.split(",")
     split_names = [n for n in names if setting(n, args.model, layouts).get("block_cache") is not None
                    or n == "split_dense"]
-    omni = None
-    if any(n not in split_names and not n.endswith(CUDA_GRAPHS) for n in names):
-        state = OmniState(OmniConfig(policy="dense", interval=args.interval, warmup=args.warmup, block_cache=None,
+    omni = state = None
+
+    def cached_blocks(row, blocks_ms, prof):
+        cached = [b.name for b in state.blocks if b.skipped_calls > 0]
+        row["blocks_cached"] = len(cached)
+        row["blocks"] = len(state.blocks)
+        row["cached_share"] = sum(blocks_ms.get(n, 0.0) for n in cached) / max(prof["total"], 1e-9)
+        write(partial=True)
+
+    def compile_omni(cuda_graphs: bool, split: bool):
+        """A flashomni compile of ``model`` for a group of settings: block caching splits the graph and CUDA
+        graphs wrap it at compile time, so each combination gets its own compile."""
+        nonlocal omni, state
+        omni = None
+        torch._dynamo.reset()
+        state = OmniState(OmniConfig(policy="dense", interval=args.interval, warmup=args.warmup,
+                                      block_cache=FixedBlocks(0.5) if split else None, cuda_graphs=cuda_graphs,
                                       use_inductor=not args.cpu_smoke, **smoke_blocks))
         omni = torch.compile(model, backend="flashomni", options={"state": state})
         t1 = time.perf_counter()
-        omni(**first)
+        omni(**first)  # a dense step: every region runs (and compiles)
         _sync()
         c = time.perf_counter() - t1
-        print(f"flashomni compile {c:.1f} s: {state.summary()}", flush=True)
+        print(f"flashomni compile{' with CUDA graphs' if cuda_graphs else ''}"
+              f"{f', split at {len(state.blocks)} blocks' if split else ''}: {c:.1f} s: {state.summary()}", flush=True)
+        res.setdefault("sites", state.summary())
         state.reset()
+        return c
+
+    if any(n not in split_names and not n.endswith(CUDA_GRAPHS) for n in names):
+        c = compile_omni(False, False)
         res["profile_flashomni_dense"] = profile_step(omni, first)
         state.reset()
-        res["sites"] = state.summary()
     defaults = dict(policy="dense", block_cache=None, token_layout=None)
 
     def clock(steps):
@@ -750,33 +769,6 @@ def main(argv=None) -> int:
                            + (f", final dense {changes['final_dense']}" if changes.get("final_dense") else ""))
         write(partial=True)
         return row
-
-    def cached_blocks(row, blocks_ms, prof):
-        cached = [b.name for b in state.blocks if b.skipped_calls > 0]
-        row["blocks_cached"] = len(cached)
-        row["blocks"] = len(state.blocks)
-        row["cached_share"] = sum(blocks_ms.get(n, 0.0) for n in cached) / max(prof["total"], 1e-9)
-        write(partial=True)
-
-    def compile_omni(cuda_graphs: bool, split: bool):
-        """A flashomni compile of ``model`` for a group of settings: block caching splits the graph and CUDA
-        graphs wrap it at compile time, so each combination gets its own compile."""
-        nonlocal omni, state
-        omni = None
-        torch._dynamo.reset()
-        state = OmniState(OmniConfig(policy="dense", interval=args.interval, warmup=args.warmup,
-                                      block_cache=FixedBlocks(0.5) if split else None, cuda_graphs=cuda_graphs,
-                                      use_inductor=not args.cpu_smoke, **smoke_blocks))
-        omni = torch.compile(model, backend="flashomni", options={"state": state})
-        t1 = time.perf_counter()
-        omni(**first)  # a dense step: every region runs (and compiles)
-        _sync()
-        c = time.perf_counter() - t1
-        print(f"flashomni compile{' with CUDA graphs' if cuda_graphs else ''}"
-              f"{f', split at {len(state.blocks)} blocks' if split else ''}: {c:.1f} s", flush=True)
-        res.setdefault("sites", state.summary())
-        state.reset()
-        return c
 
     for name in [n for n in names if n not in split_names and not n.endswith(CUDA_GRAPHS)]:
         run_setting(name, c if name == names[0] else None)
