@@ -49,8 +49,9 @@ class OmniConfig:
     (output − input per residual stream) stored on the last update. The rule that sets the bits, per block
     and CFG stream on every update: ``ResidualChange(threshold)`` (default, ``ResidualChange(0.1)``: blocks
     whose residual changed by at most 10 % per step between their last two observations, first-block /
-    TeaCache spirit; on the learned zoo model it caches 95 % of the block-steps of dispatch steps and keeps
-    43 dB and SSIM 0.987 against the dense images, docs/benchmarks.md); ``FixedBlocks(fraction)`` (evenly
+    TeaCache spirit; with the default policy on the learned zoo model it caches 96 % of the block-steps of
+    dispatch steps and keeps 39.8 dB and SSIM 0.982 against the dense images, docs/benchmarks.md);
+    ``FixedBlocks(fraction)`` (evenly
     spaced blocks, blind to content: controlled work for benchmarks); ``ComputedShare(s_q)`` (the paper's
     S_q fallback: blocks whose attention sites compute little); None (the graph is not split, only the
     attention sites are sparse). The names ``"fixed"``, ``"sq"`` and ``"change"`` select those with their

@@ -19,6 +19,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
+from .schedule import step_action
+
 
 @dataclass
 class Report:
@@ -30,7 +32,8 @@ class Report:
     cached dispatch steps (skipped, over all CFG streams), cache bytes."""
 
     def density(self) -> float:
-        """Work-weighted attention density over every recorded step."""
+        """Work-weighted attention density over every step (the attention of a block that block caching
+        skipped counts as work not done)."""
         w = sum(s["work"] for s in self.steps)
         return sum(s["density"] * s["work"] for s in self.steps) / w if w else 1.0
 
@@ -53,9 +56,10 @@ class Report:
                 + (f"  ({s['note']})" if s.get("note") else "")
             )
         lines.append("")
-        lines.append("gen step stream action     density  reused")
+        lines.append("gen step stream action     density  reused  in cached blocks")
         for s in self.steps[:max_steps]:
-            lines.append(f"{s['generation']:3d} {s['step']:4d} {s['stream']:6d} {s['action']:9s}  {s['density']:7.3f}  {s['reused']:6.3f}")
+            lines.append(f"{s['generation']:3d} {s['step']:4d} {s['stream']:6d} {s['action']:9s}  {s['density']:7.3f}  "
+                         f"{s['reused']:6.3f}  {s.get('cached', 0.0):6.3f}")
         if len(self.steps) > max_steps:
             lines.append(f"... {len(self.steps) - max_steps} more steps")
         if self.blocks:
@@ -109,15 +113,34 @@ def build_report(state) -> Report:
             "reason": b.reason, "runs": b.region_calls, "cached_steps": b.skipped_calls,
             "cache_bytes": sum(bs.memory_bytes() for bs in b.streams.values()),
         })
+    # Sites inside a block that block caching skipped record nothing on that step: their attention work is
+    # the step's full work (the most any step of that stream recorded) less what was recorded, done at
+    # density 0; a step on which every block was cached records nothing at all and still counts.
+    full: Dict[tuple, int] = {}
+    for (g, _, stream), rows in per_step.items():
+        full[(g, stream)] = max(full.get((g, stream), 0), sum(x[2] for x in rows))
+    if getattr(state, "blocks", None):
+        cfg = state.config
+        for g, stream in list(full):
+            last = max(k[1] for k in per_step if k[0] == g)
+            if state.clock.generation == g:
+                last = max(last, state.clock.step)
+            for step in range(last + 1):
+                per_step.setdefault((g, step, stream), [])
     for key in sorted(per_step):
         rows = per_step[key]
         w = sum(x[2] for x in rows)
+        total = max(full.get((key[0], key[2]), 0), w)
         acts = {x[3] for x in rows}
-        action = acts.pop() if len(acts) == 1 else "mixed"
+        if not rows:
+            action = step_action(key[1], cfg.warmup, cfg.interval, cfg.steps, cfg.final_dense)
+        else:
+            action = acts.pop() if len(acts) == 1 else "mixed"
         rep.steps.append({
-            "generation": key[0], "step": key[1], "stream": key[2], "action": action, "work": w,
-            "density": sum(x[0] * x[2] for x in rows) / w if w else 1.0,
-            "reused": sum(x[1] * x[2] for x in rows) / w if w else 0.0,
+            "generation": key[0], "step": key[1], "stream": key[2], "action": action, "work": total,
+            "density": sum(x[0] * x[2] for x in rows) / total if total else 1.0,
+            "reused": sum(x[1] * x[2] for x in rows) / total if total else 0.0,
             "sites": len(rows),
+            "cached": (total - w) / total if total else 0.0,
         })
     return rep

@@ -163,8 +163,8 @@ def test_finalize_equals_the_old_formula(seq, text, bq, bkv, kind, with_scores, 
 
 
 def test_fixed_loop_output_unchanged_by_the_host_work_cuts():
-    """The loop's output with the session-9 formulas equals the one computed with the old finalize and kv
-    mask patched back in (bit for bit: only boolean identities changed)."""
+    """The loop's output with the boolean-identity formulas of finalize and the kv mask equals the one computed
+    with the reference formulas patched back in (bit for bit: only boolean identities changed)."""
     import omni_compile.policies.base as base
     from omni_compile.ops import symbols as sy
 
