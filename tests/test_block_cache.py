@@ -394,3 +394,19 @@ def test_sites_of_cached_blocks_build_nothing(flux, monkeypatch):
     x2 = denoise(_compile(model, st2), make_inputs, lat, 5)
     assert any(st2.sites[sid].streams for b in st2.blocks if b.skipped_calls > 0 for sid in b.site_ids)
     assert torch.equal(x, x2)
+
+
+def test_report_counts_the_attention_of_cached_blocks_as_work_not_done():
+    """Every block cached on every dispatch step: those steps record no attention call, yet the report lists
+    every step of the loop, the dispatch steps at density 0 with all their work in cached blocks, and the
+    loop's density is the share of steps that ran (dense and update steps)."""
+    model, make_inputs, lat = tiny_flux_case(single_layers=2)
+    st = _state(policy="flashomni", block_cache=ResidualChange(10.0), steps=12)
+    denoise(_compile(model, st), make_inputs, lat, 12)
+    rep = st.report()
+    assert [s["step"] for s in rep.steps] == list(range(12))
+    full = [s for s in rep.steps if s["action"] != "dispatch"]
+    cached = [s for s in rep.steps if s["action"] == "dispatch"]
+    assert len(cached) == 7 and all(s["density"] == 0.0 and s["cached"] == 1.0 and s["sites"] == 0 for s in cached)
+    assert all(s["density"] == 1.0 and s["cached"] == 0.0 for s in full)
+    assert rep.density() == pytest.approx(len(full) / 12)
