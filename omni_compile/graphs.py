@@ -29,7 +29,7 @@ from typing import Callable, Optional
 
 import torch
 
-from .schedule import DISPATCH, step_action
+from .schedule import DISPATCH, config_action
 
 
 def cuda_capture(fn: Callable, args: list):
@@ -180,7 +180,7 @@ class GraphRunner:
                          "(OmniConfig.overrides) make the sites' actions differ within a step, so this graph's "
                          "steps run without CUDA graphs")
             return None
-        if step_action(pos.step, cfg.warmup, cfg.interval, cfg.steps, cfg.final_dense) != DISPATCH:
+        if config_action(cfg, pos.step) != DISPATCH:
             return None
         sites = [s for s in st.sites if s.plan.graph == self.graph]
         if any(s.mask for s in sites):  # the mask is read on the host every call

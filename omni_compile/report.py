@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
-from .schedule import step_action
+from .schedule import config_action
 
 
 @dataclass
@@ -120,7 +120,6 @@ def build_report(state) -> Report:
     for (g, _, stream), rows in per_step.items():
         full[(g, stream)] = max(full.get((g, stream), 0), sum(x[2] for x in rows))
     if getattr(state, "blocks", None):
-        cfg = state.config
         for g, stream in list(full):
             last = max(k[1] for k in per_step if k[0] == g)
             if state.clock.generation == g:
@@ -133,7 +132,7 @@ def build_report(state) -> Report:
         total = max(full.get((key[0], key[2]), 0), w)
         acts = {x[3] for x in rows}
         if not rows:
-            action = step_action(key[1], cfg.warmup, cfg.interval, cfg.steps, cfg.final_dense)
+            action = config_action(state.config, key[1])
         else:
             action = acts.pop() if len(acts) == 1 else "mixed"
         rep.steps.append({

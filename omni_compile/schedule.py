@@ -66,6 +66,12 @@ def step_action(step: int, warmup: int, interval: int, steps: Optional[int] = No
     return UPDATE if (step - first) % interval == 0 else DISPATCH
 
 
+def config_action(config, step: int) -> str:
+    """:func:`step_action` of ``step`` under ``config``'s schedule (``warmup``, ``interval``, and the final
+    dense steps when ``steps`` is set): the one place the runtime, the CUDA-graph runner and the report ask."""
+    return step_action(step, config.warmup, config.interval, config.steps, config.final_dense)
+
+
 def place_stream(streams: dict, key, make, pos: Position, config, ready) -> object:
     """The run-time state ``streams[key]`` (made with ``make(key)`` if new) placed at ``pos``: cleared when a
     new generation began, and on the first call of a step given that step's action — ``"dispatch"`` turned
@@ -80,7 +86,7 @@ def place_stream(streams: dict, key, make, pos: Position, config, ready) -> obje
         st.generation, st.step = pos.generation, -1
     if st.step != pos.step:
         st.step = pos.step
-        act = step_action(pos.step, config.warmup, config.interval, config.steps, config.final_dense)
+        act = config_action(config, pos.step)
         if act == DISPATCH and not ready(st):
             act = UPDATE
         st.action = act

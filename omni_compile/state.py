@@ -35,7 +35,7 @@ from .config import OmniConfig, unmatched_override_patterns
 from .ops import Symbols
 from .passes.classify import TIMESTEP_NAMES
 from .report import Report, build_report
-from .schedule import DISPATCH, StepClock, step_action
+from .schedule import DISPATCH, StepClock, config_action
 
 _IDS = itertools.count(1)
 _STATES: "weakref.WeakValueDictionary[int, OmniState]" = weakref.WeakValueDictionary()
@@ -410,8 +410,7 @@ class OmniState:
             pos = self.clock.tick_counted(cfg.steps, cfg.streams)
             if isinstance(timestep, torch.Tensor):
                 _check_timestep_later(self.clock, pos, timestep,
-                                      drain=step_action(pos.step, cfg.warmup, cfg.interval, cfg.steps,
-                                                        cfg.final_dense) != DISPATCH)
+                                      drain=config_action(cfg, pos.step) != DISPATCH)
         if pos.generation != gen:
             self.new_generation()
         if self.clock.ticks == 2:  # every graph of the model has run once: warn about what matched nothing

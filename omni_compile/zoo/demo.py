@@ -31,7 +31,7 @@ import torch
 import omni_compile
 
 from omni_compile.bench.quality import psnr, ssim
-from omni_compile.schedule import step_action
+from omni_compile.schedule import config_action
 
 
 class _Progress:
@@ -170,7 +170,7 @@ def main(argv=None):
     zsampler.sample(omni, zoo.text_encoder, captions, **{**kw, "num_inference_steps": warm})
     print(f"flashomni compile + {warm}-step warm-up: {time.perf_counter() - t0:.1f} s; {state.summary()}")
     state.reset()
-    timer = _StepTimer(_Progress(steps, "flashomni"), lambda i: step_action(i, config.warmup, config.interval))
+    timer = _StepTimer(_Progress(steps, "flashomni"), lambda i: config_action(config, i))
     out = zsampler.sample(omni, zoo.text_encoder, captions, on_step=timer, **kw)
     t_omni = timer.finish()
 
