@@ -59,6 +59,7 @@ import torch
 
 from omni_compile import FixedBlocks
 from omni_compile.policies import Fixed
+from omni_compile.tune import schedule
 
 from . import parallel
 
@@ -283,10 +284,8 @@ def _sync():
         torch.cuda.synchronize()
 
 
-def actions(steps: int, warmup: int, interval: int, final_dense: int = 0) -> List[str]:
-    from omni_compile.schedule import step_action
-
-    return [step_action(i, warmup, interval, steps, final_dense) for i in range(steps)]
+#: the action of every step of a loop: ``actions(steps, warmup, interval, final_dense=0)``
+actions = schedule
 
 
 def loop_total(times: List[float], acts: List[str], steps: int, all_acts: List[str]) -> tuple:
